@@ -1,0 +1,1 @@
+"""absl flag definitions shared by every entrypoint in launch/."""

@@ -1,0 +1,124 @@
+"""Every flag, defined once, grouped as the path of a batch: model, data,
+distribution, training, checkpointing, monitoring.
+
+Each flag is named after the resnet_dist.config.Config field it sets;
+config_from_flags() builds the Config, so no flag goes unread.
+"""
+
+import dataclasses
+import sys
+
+from absl import flags
+
+from resnet_dist import models, optim
+from resnet_dist import strategy as strategy_lib
+from resnet_dist.config import DTYPES, Config
+
+_DEFAULTS = Config()
+
+# Model
+flags.DEFINE_enum("model", _DEFAULTS.model, models.list_models(), "The ResNet to train.")
+flags.DEFINE_enum("resnet_variant", _DEFAULTS.resnet_variant, models.VARIANTS,
+                  "ImageNet ResNets: v1.5 (stride on the 3x3 conv), v1 (stride on "
+                  "the first 1x1), d (ResNet-D). CIFAR ResNets ignore it.")
+flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Input height and width (>= 32).",
+                     lower_bound=32)
+flags.DEFINE_bool("zero_init_residual", _DEFAULTS.zero_init_residual,
+                  "Start the last BN gamma of each residual block at zero.")
+flags.DEFINE_bool("sync_bn", _DEFAULTS.sync_bn,
+                  "BatchNorm statistics over the global batch (all replicas).")
+
+# Data
+flags.DEFINE_string("dataset", _DEFAULTS.dataset,
+                    "digits (embedded), synthetic, or tfds:NAME (e.g. tfds:cifar10).")
+flags.DEFINE_string("data_dir", _DEFAULTS.data_dir,
+                    "Where datasets live; empty: $TFDS_DATA_DIR or ~/tensorflow_datasets.")
+flags.DEFINE_bool("download", _DEFAULTS.download,
+                  "Allow TFDS to download and prepare a missing dataset.")
+flags.DEFINE_integer("num_classes", _DEFAULTS.num_classes,
+                     "Classes of --dataset=synthetic (real datasets know theirs).", lower_bound=2)
+
+# Distribution
+flags.DEFINE_enum("strategy", _DEFAULTS.strategy, strategy_lib.STRATEGIES,
+                  "auto: a TPU if attached, else mirrored over GPUs, else over "
+                  "--num_cpu_devices logical CPU devices.")
+flags.DEFINE_integer("num_gpus", _DEFAULTS.num_gpus,
+                     "GPUs for mirrored; default all visible.", lower_bound=0)
+flags.DEFINE_integer("num_cpu_devices", _DEFAULTS.num_cpu_devices,
+                     "Logical CPU devices for mirrored when there is no GPU.", lower_bound=1)
+flags.DEFINE_string("tpu", _DEFAULTS.tpu, "local, a Cloud TPU name, or grpc://HOST:PORT.")
+flags.DEFINE_string("tpu_zone", _DEFAULTS.tpu_zone, "Zone of a named Cloud TPU.")
+flags.DEFINE_string("gcp_project", _DEFAULTS.gcp_project, "Project of a named Cloud TPU.")
+flags.DEFINE_integer("collective_timeout_seconds", _DEFAULTS.collective_timeout_seconds,
+                     "multi_worker_mirrored: a collective that waits longer on a dead "
+                     "peer ends the run with an error.", lower_bound=1)
+
+# Training
+flags.DEFINE_integer("global_batch_size", _DEFAULTS.global_batch_size,
+                     "Examples per step over all replicas.", lower_bound=1)
+flags.DEFINE_float("train_epochs", _DEFAULTS.train_epochs, "Epochs to train.", lower_bound=0)
+flags.DEFINE_integer("train_steps", _DEFAULTS.train_steps,
+                     "Steps to train; > 0 overrides --train_epochs.", lower_bound=0)
+flags.DEFINE_integer("steps_per_loop", _DEFAULTS.steps_per_loop,
+                     "Steps run inside one tf.function call.", lower_bound=1)
+flags.DEFINE_float("epochs_between_evals", _DEFAULTS.epochs_between_evals,
+                   "Evaluate every this many epochs; 0: at the end only.", lower_bound=0)
+flags.DEFINE_bool("skip_eval", _DEFAULTS.skip_eval, "Never evaluate.")
+flags.DEFINE_enum("dtype", _DEFAULTS.dtype, list(DTYPES),
+                  "fp32; bf16 (mixed_bfloat16); fp16 (mixed_float16, dynamic loss scaling).")
+flags.DEFINE_bool("enable_xla", _DEFAULTS.enable_xla, "Compile the replica step with XLA.")
+flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, optim.OPTIMIZERS,
+                  "sgd (momentum) or lars (large batches).")
+flags.DEFINE_float("base_learning_rate", _DEFAULTS.base_learning_rate,
+                   "Learning rate per 256 examples; scaled by global_batch_size / 256.")
+flags.DEFINE_enum("lr_schedule", _DEFAULTS.lr_schedule, optim.SCHEDULES,
+                  "piecewise (x0.1 at epochs 30, 60, 80) or cosine.")
+flags.DEFINE_float("warmup_epochs", _DEFAULTS.warmup_epochs, "Linear warmup length.",
+                   lower_bound=0)
+flags.DEFINE_float("momentum", _DEFAULTS.momentum, "Momentum.", lower_bound=0)
+flags.DEFINE_bool("nesterov", _DEFAULTS.nesterov, "Nesterov momentum.")
+flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay,
+                   "L2 decay of conv and dense kernels.", lower_bound=0)
+flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing, "Label smoothing.",
+                   lower_bound=0, upper_bound=1)
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of initialisation, data order and augmentation.")
+flags.DEFINE_bool("deterministic", _DEFAULTS.deterministic,
+                  "Deterministic kernels: bit-identical reruns, somewhat slower.")
+
+# Checkpointing
+flags.DEFINE_string("model_dir", _DEFAULTS.model_dir,
+                    "Checkpoints, summaries and summary.json; an existing run resumes. "
+                    "Empty: runs/MODEL-DATASET-TIMESTAMP.")
+flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
+                     "Save every this many steps; 0: at evaluations and at the end.",
+                     lower_bound=0)
+flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints,
+                     "Checkpoints kept.", lower_bound=1)
+
+# Monitoring
+flags.DEFINE_integer("log_every_steps", _DEFAULTS.log_every_steps,
+                     "Print a progress line every this many steps.", lower_bound=1)
+
+
+def _check_dataset(value):
+  return value in ("digits", "synthetic") or (value.startswith("tfds:") and len(value) > 5)
+
+
+flags.register_validator("dataset", _check_dataset,
+                         message="--dataset must be digits, synthetic or tfds:NAME")
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags():
+  """The Config the parsed flags describe."""
+  return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
+
+
+def parse_flags(argv):
+  """absl's parser, with any flag error as one line on stderr and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

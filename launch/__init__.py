@@ -1,0 +1,1 @@
+"""Entrypoints (train, evaluate, export) and launch scripts."""

@@ -1,0 +1,39 @@
+"""ResNet models by name, in torchvision's words: list_models, get_model, count_macs."""
+
+from resnet_dist.models.layers import BatchNorm
+from resnet_dist.models.macs import graph_macs
+from resnet_dist.models.resnet import SPECS, VARIANTS, ResidualBlock, build_resnet
+
+
+def list_models():
+  """Names accepted by get_model, shallowest first within each family."""
+  return sorted(SPECS, key=lambda n: (SPECS[n].cifar, int(n[len("resnet"):])))
+
+
+def get_model(name, num_classes=1000, **options):
+  """Builds model `name` (see list_models) returning float32 logits.
+
+  options: variant ("v1.5" default, "v1", "d"; ImageNet models), sync_bn,
+  zero_init_residual, image_size (None: any size >= 32), dtype (a Keras dtype
+  policy name such as "mixed_bfloat16").
+  """
+  if name not in SPECS:
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(list_models())}")
+  return build_resnet(name, num_classes=num_classes, **options)
+
+
+def count_macs(name_or_model, image_size=224, **options):
+  """Multiply-adds of one forward pass of one image_size x image_size image."""
+  model = name_or_model
+  if isinstance(name_or_model, str):
+    model = get_model(name_or_model, **options)
+  return graph_macs(model, image_size)
+
+
+def weight_decay_variables(model):
+  """The variables L2 decay applies to: conv and dense kernels, not BN, not biases."""
+  return [v for v in model.trainable_variables if v.name == "kernel"]
+
+
+__all__ = ["BatchNorm", "ResidualBlock", "VARIANTS", "count_macs", "get_model",
+           "list_models", "weight_decay_variables"]

@@ -1,0 +1,150 @@
+"""Learning-rate schedules and the optimisers (momentum SGD, LARS), with loss scaling.
+
+The optimisers are small on purpose. The replica step all-reduces the
+gradients itself, once; apply() then updates every replica's copy of each
+variable locally, with no further communication. Their slot variables are
+created at construction inside strategy.scope(), so nothing is built lazily
+while a tf.function is being traced (Keras 3's optimizers fail there under
+tf.distribute, ../shared/FACTS.md).
+
+Both use TensorFlow's momentum form (learning rate inside the velocity):
+    v <- momentum * v + lr * g ;  w <- w - v      (Nesterov: w <- w - (momentum * v + lr * g))
+where g includes weight decay, weight_decay * w, for the variables it applies to.
+Adding it to the all-reduced gradient gives N replicas exactly the single
+device's update, with no scaling by the replica count.
+"""
+
+import math
+
+import tensorflow as tf
+
+from resnet_dist.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "lars")
+SCHEDULES = ("piecewise", "cosine")
+PIECEWISE_EPOCHS = (30, 60, 80)  # x0.1 at each, Goyal et al. 2017 / Model Garden.
+
+
+class LearningRate:
+  """lr(step): linear warmup, then piecewise or cosine decay. A function of the step.
+
+  peak = base_learning_rate * global_batch_size / 256. Piecewise multiplies by
+  0.1 at each boundary epoch; cosine decays from the end of warmup to 0 at
+  total_steps.
+  """
+
+  def __init__(self, base_learning_rate, global_batch_size, steps_per_epoch,
+               total_steps, warmup_epochs=0.0, schedule="piecewise",
+               boundary_epochs=PIECEWISE_EPOCHS):
+    if schedule not in SCHEDULES:
+      raise ConfigError(f"unknown --lr_schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    self.peak = base_learning_rate * global_batch_size / 256.0
+    self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    self.total_steps = total_steps
+    self.schedule = schedule
+    self.boundaries = [int(round(e * steps_per_epoch)) for e in boundary_epochs]
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    if self.schedule == "piecewise":
+      decay = tf.constant(1.0)
+      for boundary in self.boundaries:
+        decay = tf.where(step >= boundary, decay * 0.1, decay)
+    else:
+      span = max(self.total_steps - self.warmup_steps, 1)
+      progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+      decay = 0.5 * (1.0 + tf.cos(math.pi * progress))
+    lr = self.peak * decay
+    if self.warmup_steps:
+      lr = tf.where(step < self.warmup_steps, self.peak * step / self.warmup_steps, lr)
+    return lr
+
+  def value_at(self, step):
+    """The schedule as a Python float, for tests and logs."""
+    return float(self(tf.constant(step)))
+
+
+def _plain(variable):
+  """The tf.Variable behind a Keras 3 variable (strategy-aware)."""
+  return getattr(variable, "value", variable) if hasattr(variable, "path") else variable
+
+
+class Optimizer(tf.Module):
+  """Momentum SGD (optionally Nesterov) or LARS over a fixed list of variables.
+
+  decay_variables: the variables weight decay applies to (conv and dense
+  kernels). LARS also adapts only these; the others (BN parameters, biases)
+  get the plain momentum update, as in the MLPerf reference.
+  """
+
+  def __init__(self, variables, decay_variables, kind="sgd", momentum=0.9,
+               nesterov=False, weight_decay=0.0, lars_eta=0.001, name="optimizer"):
+    super().__init__(name=name)
+    if kind not in OPTIMIZERS:
+      raise ConfigError(f"unknown --optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")
+    self.kind = kind
+    self.momentum = momentum
+    self.nesterov = nesterov
+    self.weight_decay = weight_decay
+    self.lars_eta = lars_eta
+    self.variables_ = [_plain(v) for v in variables]
+    decay_ids = {id(_plain(v)) for v in decay_variables}
+    self.decays = [id(v) in decay_ids for v in self.variables_]
+    self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+    self.velocities = [
+        tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                    name=v.name.split(":")[0].replace("/", "_") + "_velocity")
+        for v in self.variables_]
+
+  def _update(self, variable, velocity, grad, lr, decays, apply):
+    """One variable, on one device. apply: a bool tensor; False leaves all state as is."""
+    if decays and self.weight_decay:
+      grad = grad + self.weight_decay * variable
+    scaled_lr = lr
+    if self.kind == "lars" and decays:
+      w_norm, g_norm = tf.norm(variable), tf.norm(grad)
+      trust = tf.where((w_norm > 0) & (g_norm > 0), self.lars_eta * w_norm / g_norm, 1.0)
+      scaled_lr = lr * trust
+    new_velocity = self.momentum * velocity + scaled_lr * grad
+    step = self.momentum * new_velocity + scaled_lr * grad if self.nesterov else new_velocity
+    if apply is not None:
+      new_velocity = tf.where(apply, new_velocity, velocity)
+      step = tf.where(apply, step, tf.zeros_like(step))
+    return tf.group(velocity.assign(new_velocity), variable.assign_sub(step))
+
+  def apply(self, grads, lr, apply=None):
+    """Applies all-reduced grads on every replica; call in replica context.
+
+    apply: None, or a scalar bool tensor (False skips the step everywhere,
+    e.g. a non-finite fp16 gradient), identical on all replicas because it is
+    computed from all-reduced values.
+    """
+    def update_all(strategy, grads):
+      for variable, velocity, grad, decays in zip(
+          self.variables_, self.velocities, grads, self.decays):
+        strategy.extended.update(
+            variable, self._update, args=(velocity, grad, lr, decays, apply), group=False)
+      strategy.extended.update(self.iterations, lambda v: v.assign_add(1), group=False)
+
+    tf.distribute.get_replica_context().merge_call(update_all, args=(grads,))
+
+
+class DynamicLossScale(tf.Module):
+  """fp16 loss scaling: halve and skip on non-finite gradients, double after
+  growth_interval finite steps in a row (the usual 2**15 start, 2000 steps)."""
+
+  def __init__(self, initial=2.0**15, growth_interval=2000):
+    super().__init__(name="loss_scale")
+    self.growth_interval = growth_interval
+    self.scale = tf.Variable(initial, dtype=tf.float32, trainable=False, name="scale",
+                             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps",
+                                  aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+  def update(self, finite):
+    """Call in replica context with the same `finite` on every replica."""
+    grow = finite & (self.good_steps + 1 >= self.growth_interval)
+    new_scale = tf.where(finite, tf.where(grow, self.scale * 2.0, self.scale),
+                         tf.maximum(self.scale * 0.5, 1.0))
+    new_good = tf.where(finite & ~grow, self.good_steps + 1, tf.zeros_like(self.good_steps))
+    return tf.group(self.scale.assign(new_scale), self.good_steps.assign(new_good))

@@ -1,0 +1,153 @@
+"""Every tf.distribute difference lives here; the step and the loop never branch on it.
+
+create_strategy() turns --strategy and its companions into a tf.distribute
+strategy; the helpers answer the questions the loop has (who writes files,
+which devices) without looking at the strategy's type.
+"""
+
+import glob
+import json
+import os
+import socket
+from urllib.parse import urlparse
+
+import tensorflow as tf
+
+from resnet_dist.errors import ConfigError
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+
+
+def _split_cpu(num_devices):
+  """Splits the host CPU into logical devices; must run before any op."""
+  cpus = tf.config.list_physical_devices("CPU")
+  current = tf.config.get_logical_device_configuration(cpus[0])
+  if current and len(current) == num_devices:
+    return
+  tf.config.set_logical_device_configuration(
+      cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices)
+
+
+def _tpu_attached():
+  # A TPU VM exposes its chips as /dev/accel* (v2-v4) or through vfio (v5+).
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+              or os.environ.get("TPU_NAME"))
+
+
+def _check_tpu_reachable(tpu):
+  """Fails within seconds, naming the problem, where no TPU can be reached."""
+  if tpu in ("", "local"):
+    if not _tpu_attached():
+      raise ConfigError("--strategy=tpu: no TPU is attached to this machine "
+                        "(no /dev/accel* or /dev/vfio device); pass --tpu=NAME or "
+                        "--tpu=grpc://HOST:PORT for a remote TPU")
+    return
+  if tpu.startswith("grpc://"):
+    address = urlparse(tpu)
+    try:
+      socket.create_connection((address.hostname, address.port or 8470), timeout=5).close()
+    except OSError as e:
+      raise ConfigError(f"--tpu={tpu}: cannot connect ({e.strerror or e})") from None
+    return
+  # A named Cloud TPU node is resolved through the GCE metadata server and the
+  # Cloud TPU API (cloud-tpu-client); without the metadata server that hangs.
+  try:
+    socket.create_connection(("metadata.google.internal", 80), timeout=3).close()
+  except OSError:
+    raise ConfigError(f"--tpu={tpu}: cannot resolve a named TPU off Google Cloud "
+                      "(metadata.google.internal is unreachable)") from None
+
+
+def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
+                    tpu_zone=None, gcp_project=None, collective_timeout_seconds=300):
+  """Returns the tf.distribute strategy for --strategy=kind.
+
+  auto: a TPU if one is attached, else mirrored over all GPUs, else mirrored
+  over num_cpu_devices logical CPU devices.
+  """
+  if kind not in STRATEGIES:
+    raise ConfigError(f"unknown strategy {kind!r}; choose from {', '.join(STRATEGIES)}")
+  if kind == "auto":
+    if _tpu_attached():
+      kind = "tpu"
+    else:
+      kind = "mirrored"
+  if kind == "tpu":
+    _check_tpu_reachable(tpu)
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=tpu or "local", zone=tpu_zone, project=gcp_project)
+    if tpu not in ("", "local"):
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+  if kind == "multi_worker_mirrored":
+    if "TF_CONFIG" not in os.environ:
+      raise ConfigError("--strategy=multi_worker_mirrored needs TF_CONFIG "
+                        "(launch with `python -m launch.multi_worker`)")
+    try:
+      json.loads(os.environ["TF_CONFIG"])
+    except ValueError:
+      raise ConfigError("TF_CONFIG is not valid JSON") from None
+    options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=collective_timeout_seconds)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+  gpus = tf.config.list_physical_devices("GPU")
+  if num_gpus is not None and num_gpus > len(gpus):
+    raise ConfigError(f"--num_gpus={num_gpus} but {len(gpus)} GPU(s) are visible")
+  if kind == "one_device":
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+  if gpus and num_gpus != 0:
+    devices = [f"/gpu:{i}" for i in range(num_gpus or len(gpus))]
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.NcclAllReduce())
+  if num_cpu_devices < 1:
+    raise ConfigError("--num_cpu_devices must be at least 1")
+  _split_cpu(num_cpu_devices)
+  return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_cpu_devices)])
+
+
+def task_info(strategy):
+  """(task_type, task_id) of this process; ("chief", 0) outside a cluster."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.task_type:
+    return "chief", 0
+  return resolver.task_type, resolver.task_id or 0
+
+
+def is_chief(strategy):
+  """Only the chief prints progress and writes summaries and real checkpoints."""
+  task_type, task_id = task_info(strategy)
+  if task_type in ("chief", None):
+    return True
+  # A cluster without a "chief" job makes worker 0 the chief.
+  cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+  return task_type == "worker" and task_id == 0 and "chief" not in cluster
+
+
+def kind_of(strategy):
+  """The --strategy name of a strategy object, for logs and summary.json."""
+  return {
+      "OneDeviceStrategy": "one_device",
+      "MirroredStrategy": "mirrored",
+      "MultiWorkerMirroredStrategy": "multi_worker_mirrored",
+      "CollectiveAllReduceStrategy": "multi_worker_mirrored",
+      "TPUStrategy": "tpu",
+      "TPUStrategyV2": "tpu",
+  }.get(type(strategy).__name__, type(strategy).__name__)
+
+
+def replica_devices(strategy):
+  return list(strategy.extended.worker_devices)
+
+
+def check_xla(strategy):
+  """XLA compiles the replica step on one device, on GPUs and on TPU.
+
+  MirroredStrategy over several logical CPU devices fails under jit_compile
+  with "tf.Variable on a different device" (a known XLA limitation), so that
+  combination is refused up front rather than at the first step.
+  """
+  devices = replica_devices(strategy)
+  if len(devices) > 1 and all("CPU" in d.upper() for d in devices):
+    raise ConfigError("--enable_xla needs one device, GPUs or a TPU; it does not "
+                      "work across several logical CPU devices")

@@ -1,0 +1,343 @@
+"""The training path: replica step -> host loop -> checkpoints and summaries.
+
+run(config) builds everything inside the strategy's scope, resumes from
+model_dir if a checkpoint is there, trains, evaluates, and returns (and
+writes) the run's summary.
+"""
+
+import datetime
+import json
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from resnet_dist import data, models, optim
+from resnet_dist import strategy as strategy_lib
+from resnet_dist.config import Config
+from resnet_dist.errors import ConfigError
+
+SUMMARY_FILE = "summary.json"
+
+
+def log(message, chief=True):
+  if chief:
+    print(message, flush=True)
+
+
+def cross_entropy(labels, logits, num_classes, label_smoothing=0.0):
+  """Per-example softmax cross-entropy from logits, with label smoothing."""
+  targets = tf.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
+
+
+class Metrics(tf.Module):
+  """Weighted sums that every replica adds to; reading them sums across replicas."""
+
+  NAMES = ("loss", "top1", "top5", "count")
+
+  def __init__(self, name):
+    super().__init__(name=name)
+    self.sums = {
+        key: tf.Variable(0.0, trainable=False, name=key,
+                         synchronization=tf.VariableSynchronization.ON_READ,
+                         aggregation=tf.VariableAggregation.SUM)
+        for key in self.NAMES}
+
+  def update(self, labels, logits, per_example_loss, weights):
+    labels = tf.cast(labels, tf.int32)
+    logits = tf.cast(logits, tf.float32)
+    top1 = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)
+    top5 = tf.cast(tf.math.in_top_k(labels, logits, min(5, logits.shape[-1])), tf.float32)
+    for key, values in (("loss", per_example_loss), ("top1", top1), ("top5", top5),
+                        ("count", tf.ones_like(top1))):
+      self.sums[key].assign_add(tf.reduce_sum(values * weights))
+
+  def result(self):
+    values = {k: float(v.read_value()) for k, v in self.sums.items()}
+    count = max(values.pop("count"), 1.0)
+    return {**{k: v / count for k, v in values.items()}, "count": count}
+
+  def reset(self):
+    for v in self.sums.values():
+      v.assign(0.0)
+
+
+class Trainer:
+  """Model, optimizer and step functions of one run, built in the strategy's scope."""
+
+  def __init__(self, config: Config, strategy, source, steps_per_epoch, total_steps):
+    self.config = config
+    self.strategy = strategy
+    self.source = source
+    self.num_classes = source.num_classes
+    self.steps_per_epoch = steps_per_epoch
+    self.total_steps = total_steps
+    self.schedule = optim.LearningRate(
+        config.base_learning_rate, config.global_batch_size, steps_per_epoch,
+        total_steps, config.warmup_epochs, config.lr_schedule)
+    with strategy.scope():
+      self.model = models.get_model(
+          config.model, num_classes=self.num_classes, variant=config.resnet_variant,
+          sync_bn=config.sync_bn, zero_init_residual=config.zero_init_residual,
+          image_size=config.image_size, dtype=config.policy)
+      self.variables = self.model.trainable_variables
+      self.optimizer = optim.Optimizer(
+          self.variables, models.weight_decay_variables(self.model), config.optimizer,
+          config.momentum, config.nesterov, config.weight_decay)
+      self.loss_scale = optim.DynamicLossScale() if config.dtype == "fp16" else None
+      self.train_metrics = Metrics("train_metrics")
+      self.eval_metrics = Metrics("eval_metrics")
+      self.grad_norm_sum = tf.Variable(
+          0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+          aggregation=tf.VariableAggregation.MEAN)
+    step = self.replica_step
+    if config.enable_xla:
+      strategy_lib.check_xla(strategy)
+      step = tf.function(step, jit_compile=True)
+    self._compiled_step = step
+
+  @property
+  def step(self):
+    return self.optimizer.iterations
+
+  def replica_step(self, images, labels):
+    """Forward, backward, all-reduce, update: one replica's part of one step."""
+    config = self.config
+    with tf.GradientTape() as tape:
+      logits = self.model(images, training=True)
+      per_example = cross_entropy(labels, logits, self.num_classes, config.label_smoothing)
+      loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.global_batch_size)
+      if self.loss_scale is not None:
+        loss = loss * self.loss_scale.scale
+    grads = tape.gradient(loss, self.variables)
+    context = tf.distribute.get_replica_context()
+    if context.num_replicas_in_sync > 1:
+      grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    apply = None
+    if self.loss_scale is not None:
+      grads = [g / self.loss_scale.scale for g in grads]
+      apply = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+      self.loss_scale.update(apply)
+    lr = self.schedule(self.optimizer.iterations)
+    self.optimizer.apply(grads, lr, apply)
+    self.grad_norm_sum.assign_add(tf.linalg.global_norm(grads))
+    self.train_metrics.update(labels, logits, per_example, tf.ones_like(per_example))
+
+  def eval_step(self, images, labels, weights):
+    logits = self.model(images, training=False)
+    per_example = cross_entropy(labels, logits, self.num_classes)
+    self.eval_metrics.update(labels, logits, per_example, weights)
+
+  @tf.function
+  def train_loop(self, iterator, num_steps):
+    """num_steps steps in one tf.function: neither TPUs nor small models wait on Python."""
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._compiled_step, args=next(iterator))
+
+  @tf.function
+  def eval_loop(self, iterator, num_steps):
+    for _ in tf.range(num_steps):
+      self.strategy.run(self.eval_step, args=next(iterator))
+
+
+def _resolve_model_dir(config):
+  if config.model_dir:
+    return config.model_dir
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  name = config.dataset.replace(":", "-").replace("/", "-")
+  return os.path.join("runs", f"{config.model}-{name}-{stamp}")
+
+
+def _check_writable(model_dir):
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    probe = os.path.join(model_dir, ".write_test")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise ConfigError(f"--model_dir={model_dir} is not writable ({e})") from None
+
+
+def _checkpoint_dir(strategy, model_dir):
+  """The chief writes the real checkpoint; other workers write to a scratch dir."""
+  if strategy_lib.is_chief(strategy):
+    return os.path.join(model_dir, "checkpoints")
+  task_type, task_id = strategy_lib.task_info(strategy)
+  return os.path.join(model_dir, "scratch", f"{task_type}_{task_id}")
+
+
+def validate(config):
+  """Checks the settings that need no TensorFlow work; raises ConfigError."""
+  if config.model not in models.list_models():
+    raise ConfigError(f"unknown model {config.model!r}; choose from {', '.join(models.list_models())}")
+  if config.resnet_variant not in models.VARIANTS:
+    raise ConfigError(f"unknown --resnet_variant {config.resnet_variant!r}")
+  if config.image_size < 32:
+    raise ConfigError(f"--image_size={config.image_size} is below the minimum of 32")
+  if config.global_batch_size < 1:
+    raise ConfigError("--global_batch_size must be positive")
+  if config.train_steps <= 0 and config.train_epochs <= 0:
+    raise ConfigError("set --train_steps or --train_epochs to a positive value")
+  if config.steps_per_loop < 1:
+    raise ConfigError("--steps_per_loop must be at least 1")
+
+
+def run(config: Config, strategy=None):
+  """Trains (or resumes) a run; returns the summary written to model_dir/summary.json."""
+  validate(config)
+  if strategy is None:
+    strategy = strategy_lib.create_strategy(
+        config.strategy, config.num_gpus, config.num_cpu_devices, config.tpu,
+        config.tpu_zone, config.gcp_project, config.collective_timeout_seconds)
+  chief = strategy_lib.is_chief(strategy)
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  keras.utils.set_random_seed(config.seed)
+
+  data.check_batch_divides(config.global_batch_size, strategy.num_replicas_in_sync)
+  source = data.get_source(config.dataset, config.data_dir or data.default_data_dir(),
+                           config.download, config.num_classes, config.image_size)
+  train_size = source.split(source.train_split).num_examples
+  eval_size = source.split(source.eval_split).num_examples
+  steps_per_epoch = max(train_size // config.global_batch_size, 1)
+  total_steps = config.train_steps or math.ceil(config.train_epochs * steps_per_epoch)
+  model_dir = _resolve_model_dir(config)
+  if chief:
+    _check_writable(model_dir)
+
+  trainer = Trainer(config, strategy, source, steps_per_epoch, total_steps)
+  checkpoint = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                                   **({"loss_scale": trainer.loss_scale} if trainer.loss_scale else {}))
+  manager = tf.train.CheckpointManager(
+      checkpoint, _checkpoint_dir(strategy, model_dir), max_to_keep=config.keep_checkpoints)
+  if manager.latest_checkpoint:
+    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+  start_step = int(trainer.step.numpy())
+
+  num_params = sum(int(tf.size(v)) for v in trainer.variables)
+  devices = strategy_lib.replica_devices(strategy)
+  log(f"strategy {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s) "
+      f"on {', '.join(devices)}\n"
+      f"model {config.model} ({config.resnet_variant}), {num_params:,} trainable parameters, "
+      f"dtype {config.dtype}\n"
+      f"dataset {config.dataset}: {train_size} train / {eval_size} eval examples, "
+      f"{source.num_classes} classes, image {config.image_size}x{config.image_size}\n"
+      f"global batch {config.global_batch_size} "
+      f"({config.global_batch_size // strategy.num_replicas_in_sync} per replica), "
+      f"{total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs)\n"
+      f"model_dir {model_dir}", chief)
+  if start_step:
+    log(f"resuming from step {start_step} ({manager.latest_checkpoint})", chief)
+
+  input_config = data.InputConfig(config.global_batch_size, config.image_size,
+                                  tf.dtypes.as_dtype(trainer.model.compute_dtype), config.seed)
+  train_iterator = iter(strategy.distribute_datasets_from_function(
+      data.train_dataset_fn(source, source.train_split, input_config, start_step)))
+
+  writer = (tf.summary.create_file_writer(os.path.join(model_dir, "train")) if chief
+            else tf.summary.create_noop_writer())
+  eval_every = (round(config.epochs_between_evals * steps_per_epoch)
+                if config.epochs_between_evals > 0 else 0)
+
+  def evaluate():
+    trainer.eval_metrics.reset()
+    dataset = strategy.distribute_datasets_from_function(
+        data.eval_dataset_fn(source, source.eval_split, input_config))
+    trainer.eval_loop(iter(dataset), tf.constant(data.eval_steps(eval_size, config.global_batch_size)))
+    result = trainer.eval_metrics.result()
+    log(f"eval at step {int(trainer.step.numpy())}: loss {result['loss']:.4f} "
+        f"top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} "
+        f"over {int(result['count'])} examples", chief)
+    return result
+
+  step = start_step
+  throughput = []
+  last = {"loss": float("nan"), "top1": float("nan")}
+  eval_result = None
+  while step < total_steps:
+    boundaries = [total_steps, (step // config.steps_per_loop + 1) * config.steps_per_loop]
+    if eval_every:
+      boundaries.append((step // eval_every + 1) * eval_every)
+    if config.checkpoint_every_steps:
+      boundaries.append((step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps)
+    num_steps = min(boundaries) - step
+    trainer.train_metrics.reset()
+    trainer.grad_norm_sum.assign(0.0)
+    began = time.perf_counter()
+    trainer.train_loop(train_iterator, tf.constant(num_steps))
+    last = trainer.train_metrics.result()
+    elapsed = time.perf_counter() - began
+    previous, step = step, int(trainer.step.numpy())
+    examples_per_second = num_steps * config.global_batch_size / elapsed
+    if previous != start_step:  # the first loop includes tracing
+      throughput.append(examples_per_second)
+    lr = trainer.schedule.value_at(step - 1)
+    with writer.as_default(step=step):
+      tf.summary.scalar("loss", last["loss"])
+      tf.summary.scalar("top1", last["top1"])
+      tf.summary.scalar("top5", last["top5"])
+      tf.summary.scalar("learning_rate", lr)
+      tf.summary.scalar("examples_per_second", examples_per_second)
+      tf.summary.scalar("step_time_ms", 1000 * elapsed / num_steps)
+      tf.summary.scalar("gradient_norm", float(trainer.grad_norm_sum.read_value()) / num_steps)
+      if trainer.loss_scale is not None:
+        tf.summary.scalar("loss_scale", trainer.loss_scale.scale.read_value())
+    if not math.isfinite(last["loss"]):
+      raise FloatingPointError(f"non-finite training loss at step {step}; "
+                               f"the last good checkpoint is {manager.latest_checkpoint}")
+    if step // config.log_every_steps != previous // config.log_every_steps or step == total_steps:
+      remaining = (total_steps - step) * config.global_batch_size / max(examples_per_second, 1e-9)
+      log(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.1f} "
+          f"loss {last['loss']:.4f} top-1 {last['top1']:.3f} lr {lr:.4g} "
+          f"{examples_per_second:.0f} images/s ETA {datetime.timedelta(seconds=round(remaining))}",
+          chief)
+    at_eval = eval_every and step % eval_every == 0
+    at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+    if at_eval or at_checkpoint or step == total_steps:
+      manager.save(checkpoint_number=step)
+    if at_eval and not config.skip_eval and step < total_steps:
+      eval_result = _write_eval(evaluate(), model_dir, step, chief)
+  if not config.skip_eval and (eval_result is None or eval_result["step"] != step):
+    eval_result = _write_eval(evaluate(), model_dir, step, chief)
+  writer.flush()
+
+  summary = {
+      "global_step": step,
+      "train_loss": last["loss"],
+      "train_top1": last["top1"],
+      "eval_loss": eval_result["loss"] if eval_result else None,
+      "eval_top1": eval_result["top1"] if eval_result else None,
+      "eval_top5": eval_result["top5"] if eval_result else None,
+      "eval_examples": int(eval_result["count"]) if eval_result else 0,
+      "examples_per_second": (sum(throughput) / len(throughput)) if throughput else None,
+      "strategy": strategy_lib.kind_of(strategy),
+      "num_replicas": strategy.num_replicas_in_sync,
+      "model": config.model,
+      "resnet_variant": config.resnet_variant,
+      "dataset": config.dataset,
+      "dtype": config.dtype,
+      "global_batch_size": config.global_batch_size,
+      "trainable_parameters": num_params,
+      "model_dir": model_dir,
+  }
+  if chief:
+    with tf.io.gfile.GFile(os.path.join(model_dir, SUMMARY_FILE), "w") as f:
+      json.dump(summary, f, indent=2)
+    log(f"done: {step} steps, eval top-1 {summary['eval_top1']}, "
+        f"checkpoints in {manager.directory}\n"
+        f"look at the run: tensorboard --logdir {model_dir}", chief)
+  return summary
+
+
+def _write_eval(result, model_dir, step, chief):
+  if chief:
+    with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default(step=step):
+      for key in ("loss", "top1", "top5"):
+        tf.summary.scalar(key, result[key])
+  return {**result, "step": step}

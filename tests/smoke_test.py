@@ -1,0 +1,3 @@
+import sys
+import tensorflow as tf
+print(sys.executable, tf.__version__)
