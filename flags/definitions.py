@@ -115,10 +115,21 @@ def config_from_flags():
   return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
 
 
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
 def parse_flags(argv):
-  """absl's parser, with any flag error as one line on stderr and exit status 2."""
+  """absl's parser, with any flag error as one line on stderr and exit status 2.
+
+  absl exits with status 1 after printing help; asking for help is no error
+  (`bazel run` would report it as one), so that exit becomes 0.
+  """
   try:
     return FLAGS(argv)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except SystemExit:
+    if any(arg.lstrip("-").split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
+      sys.exit(0)
+    raise

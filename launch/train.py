@@ -7,10 +7,13 @@ training); 3 a non-finite loss (the last good checkpoint is kept).
 import sys
 
 from absl import app
+from absl import flags
 
 from flags import definitions
 from resnet_dist import train
 from resnet_dist.errors import ConfigError
+
+flags.adopt_module_key_flags(definitions)  # --helpshort lists them
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3

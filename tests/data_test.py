@@ -1,0 +1,139 @@
+"""The input pipeline: the embedded dataset, sharding, exact evaluation, exact resume."""
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import absltest, parameterized
+
+from resnet_dist import data
+from resnet_dist.data import digits, sources
+from resnet_dist.errors import ConfigError
+
+
+def numbered_source(n, size=32, num_classes=10):
+  """Image i is filled with the value i % 256 and labelled i: examples are traceable."""
+  images = np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None],
+                           (n, size, size, 3)).copy()
+  split = sources._in_memory_split(images, np.arange(n, dtype=np.int64))
+  return sources.Source(name="numbered", num_classes=num_classes, train_split="train",
+                        eval_split="test", image_size=size, augment="none",
+                        mean=(0.0,) * 3, std=(1.0,) * 3, load_split=lambda _: split)
+
+
+def context(num_pipelines, pipeline_id, num_replicas):
+  return tf.distribute.InputContext(num_input_pipelines=num_pipelines,
+                                    input_pipeline_id=pipeline_id,
+                                    num_replicas_in_sync=num_replicas)
+
+
+def labels_of(dataset, batches):
+  return [batch[1].numpy().tolist() for batch in dataset.take(batches)]
+
+
+class DigitsTest(absltest.TestCase):
+
+  def test_split_is_stratified_fixed_and_disjoint(self):
+    from sklearn.datasets import load_digits
+    labels = load_digits().target
+    train, test = digits.stratified_split(labels)
+    self.assertEqual(len(train) + len(test), 1797)
+    self.assertEmpty(np.intersect1d(train, test))
+    for label in range(10):
+      share = np.mean(labels[test] == label) / np.mean(labels == label)
+      self.assertAlmostEqual(share, 1.0, delta=0.02)
+    again_train, again_test = digits.stratified_split(labels)
+    np.testing.assert_array_equal(test, again_test)
+
+  def test_tfds_builder_serves_real_images(self):
+    source = data.get_source("digits", self.create_tempdir().full_path)
+    self.assertEqual(source.num_classes, 10)
+    train, test = source.split("train"), source.split("test")
+    self.assertEqual(train.num_examples + test.num_examples, 1797)
+    self.assertEqual(test.num_examples, 359)
+    image, label = train.fetch(tf.constant(0, tf.int64))
+    self.assertEqual(image.shape, (8, 8, 1))
+    self.assertEqual(image.dtype, tf.uint8)
+    self.assertGreater(int(tf.reduce_max(image)), 200)  # real strokes, scaled to 0..255
+
+  def test_bad_dataset_names_fail_clearly(self):
+    with self.assertRaisesRegex(ConfigError, "unknown dataset 'nope'"):
+      data.get_source("nope")
+    with self.assertRaisesRegex(ConfigError, "unknown TFDS dataset 'no_such_set'"):
+      data.get_source("tfds:no_such_set", self.create_tempdir().full_path)
+    with self.assertRaisesRegex(ConfigError, "not in --data_dir.*--download"):
+      data.get_source("tfds:mnist", self.create_tempdir().full_path)
+
+
+class PipelineTest(parameterized.TestCase):
+
+  @parameterized.parameters(1, 2, 3)
+  def test_pipelines_partition_every_global_batch(self, num_pipelines):
+    n, global_batch = 60, 12
+    source = numbered_source(n)
+    config = data.InputConfig(global_batch, 32, seed=3)
+    single = labels_of(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)), 15)
+    replicas = num_pipelines * 2  # each pipeline feeds two replicas
+    per_pipeline = [labels_of(data.train_dataset_fn(source, "train", config)(
+        context(num_pipelines, i, replicas)), 15 * 2) for i in range(num_pipelines)]
+    for step in range(15):
+      union = []
+      for batches in per_pipeline:
+        union += batches[2 * step] + batches[2 * step + 1]
+      self.assertCountEqual(union, single[step], f"step {step}")
+    # Across 5 epochs' worth of steps, every example is seen 3 times, none more.
+    seen = np.bincount(np.concatenate(single), minlength=n)
+    np.testing.assert_array_equal(seen, np.full(n, 3))
+
+  def test_epochs_are_different_permutations(self):
+    source = numbered_source(24)
+    ds = data.train_dataset_fn(source, "train", data.InputConfig(24, 32))(context(1, 0, 1))
+    first, second = labels_of(ds, 2)
+    self.assertCountEqual(first, range(24))
+    self.assertCountEqual(second, range(24))
+    self.assertNotEqual(first, second)
+
+  def test_resume_continues_the_same_stream(self):
+    source = numbered_source(50)
+    config = data.InputConfig(8, 32, seed=7)
+    full = labels_of(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)), 20)
+    resumed = labels_of(data.train_dataset_fn(source, "train", config, start_step=13)(
+        context(1, 0, 1)), 7)
+    self.assertEqual(resumed, full[13:])
+
+  def test_augmentation_depends_on_stream_position_not_on_pipeline(self):
+    source = data.get_source("digits", self.create_tempdir().full_path)
+    config = data.InputConfig(16, 32, seed=1)
+    one = next(iter(data.train_dataset_fn(source, "train", config)(context(1, 0, 2))))
+    two = next(iter(data.train_dataset_fn(source, "train", config)(context(2, 0, 2))))
+    np.testing.assert_array_equal(one[0].numpy(), two[0].numpy())
+    self.assertEqual(one[0].shape, (8, 32, 32, 3))
+
+  def test_eval_counts_every_example_exactly_once_with_two_replicas(self):
+    n = 37  # odd, and not a multiple of the global batch
+    source = numbered_source(n)
+    config = data.InputConfig(8, 32)
+    steps = data.eval_steps(n, 8)
+    counts = np.zeros(n)
+    for pipeline in range(2):
+      ds = data.eval_dataset_fn(source, "test", config)(context(2, pipeline, 2))
+      batches = list(ds)
+      self.assertLen(batches, steps)  # every pipeline runs the same number of steps
+      for images, labels, weights in batches:
+        self.assertEqual(images.shape, (4, 32, 32, 3))  # static, even on the last batch
+        for label, weight in zip(labels.numpy(), weights.numpy()):
+          counts[label] += weight
+    np.testing.assert_array_equal(counts, np.ones(n))
+
+  def test_batch_must_divide_among_replicas(self):
+    with self.assertRaisesRegex(ConfigError, "--global_batch_size=10 does not divide among 4"):
+      data.check_batch_divides(10, 4)
+
+  @parameterized.parameters(tf.float32, tf.bfloat16, tf.float16)
+  def test_images_leave_in_the_compute_dtype(self, dtype):
+    source = numbered_source(16)
+    batch = next(iter(data.eval_dataset_fn(source, "test", data.InputConfig(8, 32, dtype))(
+        context(1, 0, 1))))
+    self.assertEqual(batch[0].dtype, dtype)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,3 +1,0 @@
-import sys
-import tensorflow as tf
-print(sys.executable, tf.__version__)
