@@ -9,6 +9,8 @@ import datetime
 import json
 import math
 import os
+import signal
+import threading
 import time
 
 import keras
@@ -20,6 +22,32 @@ from resnet_dist.config import Config
 from resnet_dist.errors import ConfigError
 
 SUMMARY_FILE = "summary.json"
+RUN_FILE = "run.json"  # what a model_dir's checkpoints hold; checked on resume
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved at the step boundary that followed."""
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a request the host loop honours at its next boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def log(message, chief=True):
@@ -164,12 +192,51 @@ def _check_writable(model_dir):
     raise ConfigError(f"--model_dir={model_dir} is not writable ({e})") from None
 
 
-def _checkpoint_dir(strategy, model_dir):
-  """The chief writes the real checkpoint; other workers write to a scratch dir."""
+def _checkpoint_managers(checkpoint, strategy, model_dir, keep):
+  """(restore manager, save manager).
+
+  Every worker restores from the chief's checkpoints. Saving is collective, so
+  all workers save, but only the chief into model_dir/checkpoints; the others
+  write to a scratch dir of their own.
+  """
+  real = tf.train.CheckpointManager(
+      checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=keep)
   if strategy_lib.is_chief(strategy):
-    return os.path.join(model_dir, "checkpoints")
+    return real, real
   task_type, task_id = strategy_lib.task_info(strategy)
-  return os.path.join(model_dir, "scratch", f"{task_type}_{task_id}")
+  scratch = tf.train.CheckpointManager(
+      checkpoint, os.path.join(model_dir, "scratch", f"{task_type}_{task_id}"), max_to_keep=1)
+  return real, scratch
+
+
+def _check_same_model(model_dir, config, num_classes, chief):
+  """A model_dir resumes only the model it was made for; says what differs."""
+  path = os.path.join(model_dir, RUN_FILE)
+  this = {"model": config.model, "resnet_variant": config.resnet_variant,
+          "num_classes": num_classes}
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      saved = json.load(f)
+    differs = [f"{k} {saved.get(k)} there, {v} here" for k, v in this.items()
+               if saved.get(k) != v]
+    if differs:
+      raise ConfigError(f"--model_dir={model_dir} holds checkpoints of another model "
+                        f"({'; '.join(differs)}); use a new --model_dir")
+  elif chief:
+    with tf.io.gfile.GFile(path, "w") as f:
+      json.dump(this, f)
+
+
+def _restore_latest(checkpoint, manager, chief):
+  """Restores the newest readable checkpoint; a corrupt one is skipped with a warning."""
+  for path in reversed(manager.checkpoints):
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+      return path
+    except (tf.errors.OpError, ValueError, AssertionError) as e:
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      log(f"warning: cannot read checkpoint {path} ({reason}); trying the one before", chief)
+  return None
 
 
 def validate(config):
@@ -210,134 +277,158 @@ def run(config: Config, strategy=None):
   model_dir = _resolve_model_dir(config)
   if chief:
     _check_writable(model_dir)
+  _check_same_model(model_dir, config, source.num_classes, chief)
 
   trainer = Trainer(config, strategy, source, steps_per_epoch, total_steps)
   checkpoint = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
                                    **({"loss_scale": trainer.loss_scale} if trainer.loss_scale else {}))
-  manager = tf.train.CheckpointManager(
-      checkpoint, _checkpoint_dir(strategy, model_dir), max_to_keep=config.keep_checkpoints)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+  restore_manager, manager = _checkpoint_managers(
+      checkpoint, strategy, model_dir, config.keep_checkpoints)
+  restored = _restore_latest(checkpoint, restore_manager, chief)
   start_step = int(trainer.step.numpy())
 
   num_params = sum(int(tf.size(v)) for v in trainer.variables)
-  devices = strategy_lib.replica_devices(strategy)
-  log(f"strategy {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s) "
-      f"on {', '.join(devices)}\n"
-      f"model {config.model} ({config.resnet_variant}), {num_params:,} trainable parameters, "
-      f"dtype {config.dtype}\n"
-      f"dataset {config.dataset}: {train_size} train / {eval_size} eval examples, "
-      f"{source.num_classes} classes, image {config.image_size}x{config.image_size}\n"
-      f"global batch {config.global_batch_size} "
-      f"({config.global_batch_size // strategy.num_replicas_in_sync} per replica), "
-      f"{total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs)\n"
-      f"model_dir {model_dir}", chief)
+  log(_describe_run(config, strategy, source, train_size, eval_size, num_params,
+                    steps_per_epoch, total_steps, model_dir), chief)
   if start_step:
-    log(f"resuming from step {start_step} ({manager.latest_checkpoint})", chief)
+    log(f"resuming from step {start_step} ({restored})", chief)
 
   input_config = data.InputConfig(config.global_batch_size, config.image_size,
                                   tf.dtypes.as_dtype(trainer.model.compute_dtype), config.seed)
+  input_options = strategy_lib.input_options(strategy)
   train_iterator = iter(strategy.distribute_datasets_from_function(
-      data.train_dataset_fn(source, source.train_split, input_config, start_step)))
+      data.train_dataset_fn(source, source.train_split, input_config, start_step),
+      options=input_options))
 
-  writer = (tf.summary.create_file_writer(os.path.join(model_dir, "train")) if chief
-            else tf.summary.create_noop_writer())
+  writer, eval_writer = (
+      (tf.summary.create_file_writer(os.path.join(model_dir, "train")),
+       tf.summary.create_file_writer(os.path.join(model_dir, "eval"))) if chief
+      else (tf.summary.create_noop_writer(), tf.summary.create_noop_writer()))
   eval_every = (round(config.epochs_between_evals * steps_per_epoch)
                 if config.epochs_between_evals > 0 else 0)
 
   def evaluate():
     trainer.eval_metrics.reset()
     dataset = strategy.distribute_datasets_from_function(
-        data.eval_dataset_fn(source, source.eval_split, input_config))
+        data.eval_dataset_fn(source, source.eval_split, input_config), options=input_options)
     trainer.eval_loop(iter(dataset), tf.constant(data.eval_steps(eval_size, config.global_batch_size)))
-    result = trainer.eval_metrics.result()
-    log(f"eval at step {int(trainer.step.numpy())}: loss {result['loss']:.4f} "
+    result = {**trainer.eval_metrics.result(), "step": int(trainer.step.numpy())}
+    log(f"eval at step {result['step']}: loss {result['loss']:.4f} "
         f"top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} "
         f"over {int(result['count'])} examples", chief)
-    return result
-
-  step = start_step
-  throughput = []
-  last = {"loss": float("nan"), "top1": float("nan")}
-  eval_result = None
-  while step < total_steps:
-    boundaries = [total_steps, (step // config.steps_per_loop + 1) * config.steps_per_loop]
-    if eval_every:
-      boundaries.append((step // eval_every + 1) * eval_every)
-    if config.checkpoint_every_steps:
-      boundaries.append((step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps)
-    num_steps = min(boundaries) - step
-    trainer.train_metrics.reset()
-    trainer.grad_norm_sum.assign(0.0)
-    began = time.perf_counter()
-    trainer.train_loop(train_iterator, tf.constant(num_steps))
-    last = trainer.train_metrics.result()
-    elapsed = time.perf_counter() - began
-    previous, step = step, int(trainer.step.numpy())
-    examples_per_second = num_steps * config.global_batch_size / elapsed
-    if previous != start_step:  # the first loop includes tracing
-      throughput.append(examples_per_second)
-    lr = trainer.schedule.value_at(step - 1)
-    with writer.as_default(step=step):
-      tf.summary.scalar("loss", last["loss"])
-      tf.summary.scalar("top1", last["top1"])
-      tf.summary.scalar("top5", last["top5"])
-      tf.summary.scalar("learning_rate", lr)
-      tf.summary.scalar("examples_per_second", examples_per_second)
-      tf.summary.scalar("step_time_ms", 1000 * elapsed / num_steps)
-      tf.summary.scalar("gradient_norm", float(trainer.grad_norm_sum.read_value()) / num_steps)
-      if trainer.loss_scale is not None:
-        tf.summary.scalar("loss_scale", trainer.loss_scale.scale.read_value())
-    if not math.isfinite(last["loss"]):
-      raise FloatingPointError(f"non-finite training loss at step {step}; "
-                               f"the last good checkpoint is {manager.latest_checkpoint}")
-    if step // config.log_every_steps != previous // config.log_every_steps or step == total_steps:
-      remaining = (total_steps - step) * config.global_batch_size / max(examples_per_second, 1e-9)
-      log(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.1f} "
-          f"loss {last['loss']:.4f} top-1 {last['top1']:.3f} lr {lr:.4g} "
-          f"{examples_per_second:.0f} images/s ETA {datetime.timedelta(seconds=round(remaining))}",
-          chief)
-    at_eval = eval_every and step % eval_every == 0
-    at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-    if at_eval or at_checkpoint or step == total_steps:
-      manager.save(checkpoint_number=step)
-    if at_eval and not config.skip_eval and step < total_steps:
-      eval_result = _write_eval(evaluate(), model_dir, step, chief)
-  if not config.skip_eval and (eval_result is None or eval_result["step"] != step):
-    eval_result = _write_eval(evaluate(), model_dir, step, chief)
-  writer.flush()
-
-  summary = {
-      "global_step": step,
-      "train_loss": last["loss"],
-      "train_top1": last["top1"],
-      "eval_loss": eval_result["loss"] if eval_result else None,
-      "eval_top1": eval_result["top1"] if eval_result else None,
-      "eval_top5": eval_result["top5"] if eval_result else None,
-      "eval_examples": int(eval_result["count"]) if eval_result else 0,
-      "examples_per_second": (sum(throughput) / len(throughput)) if throughput else None,
-      "strategy": strategy_lib.kind_of(strategy),
-      "num_replicas": strategy.num_replicas_in_sync,
-      "model": config.model,
-      "resnet_variant": config.resnet_variant,
-      "dataset": config.dataset,
-      "dtype": config.dtype,
-      "global_batch_size": config.global_batch_size,
-      "trainable_parameters": num_params,
-      "model_dir": model_dir,
-  }
-  if chief:
-    with tf.io.gfile.GFile(os.path.join(model_dir, SUMMARY_FILE), "w") as f:
-      json.dump(summary, f, indent=2)
-    log(f"done: {step} steps, eval top-1 {summary['eval_top1']}, "
-        f"checkpoints in {manager.directory}\n"
-        f"look at the run: tensorboard --logdir {model_dir}", chief)
-  return summary
-
-
-def _write_eval(result, model_dir, step, chief):
-  if chief:
-    with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default(step=step):
+    with eval_writer.as_default(step=result["step"]):
       for key in ("loss", "top1", "top5"):
         tf.summary.scalar(key, result[key])
-  return {**result, "step": step}
+    return result
+
+  with _SigtermFlag() as sigterm:
+    step = start_step
+    throughput = []
+    last = {"loss": float("nan"), "top1": float("nan")}
+    eval_result = None
+    while step < total_steps:
+      num_steps = _next_stop(step, total_steps, config.steps_per_loop, eval_every,
+                             config.checkpoint_every_steps) - step
+      trainer.train_metrics.reset()
+      trainer.grad_norm_sum.assign(0.0)
+      began = time.perf_counter()
+      trainer.train_loop(train_iterator, tf.constant(num_steps))
+      last = trainer.train_metrics.result()
+      elapsed = time.perf_counter() - began
+      previous, step = step, int(trainer.step.numpy())
+      examples_per_second = num_steps * config.global_batch_size / elapsed
+      if previous != start_step:  # the first loop includes tracing
+        throughput.append(examples_per_second)
+      lr = trainer.schedule.value_at(step - 1)
+      _write_train_summaries(writer, step, trainer, last, lr, examples_per_second,
+                             elapsed / num_steps, num_steps)
+      if not math.isfinite(last["loss"]):
+        raise FloatingPointError(f"non-finite training loss at step {step}; "
+                                 f"the last good checkpoint is {manager.latest_checkpoint}")
+      if step // config.log_every_steps != previous // config.log_every_steps or step == total_steps:
+        remaining = (total_steps - step) * config.global_batch_size / max(examples_per_second, 1e-9)
+        log(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.1f} "
+            f"loss {last['loss']:.4f} top-1 {last['top1']:.3f} lr {lr:.4g} "
+            f"{examples_per_second:.0f} images/s ETA {datetime.timedelta(seconds=round(remaining))}",
+            chief)
+      at_eval = eval_every and step % eval_every == 0
+      at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+      if at_eval or at_checkpoint or step == total_steps or sigterm.requested:
+        manager.save(checkpoint_number=step)
+      if sigterm.requested and step < total_steps:
+        log(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", chief)
+        raise Preempted(step)
+      if at_eval and not config.skip_eval and step < total_steps:
+        eval_result = evaluate()
+    if not config.skip_eval and (eval_result is None or eval_result["step"] != step):
+      eval_result = evaluate()
+    writer.flush()
+    eval_writer.flush()
+
+    summary = {
+        "global_step": step,
+        "train_loss": last["loss"],
+        "train_top1": last["top1"],
+        "eval_loss": eval_result["loss"] if eval_result else None,
+        "eval_top1": eval_result["top1"] if eval_result else None,
+        "eval_top5": eval_result["top5"] if eval_result else None,
+        "eval_examples": int(eval_result["count"]) if eval_result else 0,
+        "examples_per_second": (sum(throughput) / len(throughput)) if throughput else None,
+        "strategy": strategy_lib.kind_of(strategy),
+        "num_replicas": strategy.num_replicas_in_sync,
+        "model": config.model,
+        "resnet_variant": config.resnet_variant,
+        "dataset": config.dataset,
+        "dtype": config.dtype,
+        "global_batch_size": config.global_batch_size,
+        "trainable_parameters": num_params,
+        "model_dir": model_dir,
+    }
+    if chief:
+      with tf.io.gfile.GFile(os.path.join(model_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+      log(f"done: {step} steps, eval top-1 {summary['eval_top1']}, "
+          f"checkpoints in {manager.directory}\n"
+          f"look at the run: tensorboard --logdir {model_dir}", chief)
+    return summary
+
+
+def _describe_run(config, strategy, source, train_size, eval_size, num_params,
+                  steps_per_epoch, total_steps, model_dir):
+  """The block printed at start: what runs where, on what, for how long."""
+  per_replica = config.global_batch_size // strategy.num_replicas_in_sync
+  return (
+      f"strategy {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s) "
+      f"on {', '.join(strategy_lib.replica_devices(strategy))}\n"
+      f"model {config.model} ({config.resnet_variant}), {num_params:,} trainable parameters, "
+      f"dtype {config.dtype}\n"
+      f"dataset {config.dataset}: {train_size} train / {eval_size} eval examples, "
+      f"{source.num_classes} classes, image {config.image_size}x{config.image_size}\n"
+      f"global batch {config.global_batch_size} ({per_replica} per replica), "
+      f"{total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs)\n"
+      f"model_dir {model_dir}")
+
+
+def _next_stop(step, total_steps, steps_per_loop, eval_every, checkpoint_every):
+  """The step at which the host loop next returns to Python: the first of the
+  end, the loop length, an evaluation or a checkpoint."""
+  stops = [total_steps, (step // steps_per_loop + 1) * steps_per_loop]
+  for every in (eval_every, checkpoint_every):
+    if every:
+      stops.append((step // every + 1) * every)
+  return min(stops)
+
+
+def _write_train_summaries(writer, step, trainer, metrics, lr, examples_per_second,
+                           step_seconds, num_steps):
+  """One point per host loop: never per step inside the loop."""
+  with writer.as_default(step=step):
+    tf.summary.scalar("loss", metrics["loss"])
+    tf.summary.scalar("top1", metrics["top1"])
+    tf.summary.scalar("top5", metrics["top5"])
+    tf.summary.scalar("learning_rate", lr)
+    tf.summary.scalar("examples_per_second", examples_per_second)
+    tf.summary.scalar("step_time_ms", 1000 * step_seconds)
+    tf.summary.scalar("gradient_norm", float(trainer.grad_norm_sum.read_value()) / num_steps)
+    if trainer.loss_scale is not None:
+      tf.summary.scalar("loss_scale", trainer.loss_scale.scale.read_value())

@@ -6,6 +6,7 @@ resuming at any step free and exact (pipeline.py).
 """
 
 import dataclasses
+import fcntl
 import os
 from typing import Callable
 
@@ -69,12 +70,22 @@ def _tfds_builder(name, data_dir, download):
   if not builder.is_prepared():
     # digits is generated from scikit-learn's own files: preparing it downloads nothing.
     if name == "digits" or download:
-      builder.download_and_prepare()
+      _prepare_once(builder)
     else:
       raise ConfigError(
           f"TFDS dataset {name!r} is not in --data_dir={builder.data_dir_root}; "
           "pass --download to fetch and prepare it, or point --data_dir at a prepared copy")
   return builder
+
+
+def _prepare_once(builder):
+  """Prepares a TFDS dataset; local worker processes racing to do it take turns."""
+  root = builder.data_dir_root
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f".{builder.name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not builder.is_prepared():
+      builder.download_and_prepare()
 
 
 def tfds_source(name, data_dir=None, download=False):

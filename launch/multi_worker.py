@@ -1,0 +1,97 @@
+"""Run a multi-worker training on this machine, or print TF_CONFIG for a cluster.
+
+  python -m launch.multi_worker --num_workers=2 -- --flagfile=launch/configs/digits.cfg
+  python -m launch.multi_worker --print_tf_config --hosts=10.0.0.1:2222,10.0.0.2:2222
+
+Local mode starts one `launch.train --strategy=multi_worker_mirrored` process
+per worker on free ports of 127.0.0.1, prefixes each output line with the
+worker's index, and when any worker fails ends the others and exits with that
+worker's status.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+from absl import app
+from absl import flags
+
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Local worker processes.", lower_bound=1)
+_PRINT_TF_CONFIG = flags.DEFINE_bool(
+    "print_tf_config", False, "Print the TF_CONFIG of every host of --hosts and exit.")
+_HOSTS = flags.DEFINE_list("hosts", [], "HOST:PORT of every worker, the chief first.")
+
+
+def tf_config(hosts, index):
+  return {"cluster": {"worker": list(hosts)}, "task": {"type": "worker", "index": index}}
+
+
+def free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def _relay(stream, prefix, out):
+  for line in iter(stream.readline, ""):
+    out.write(f"{prefix}{line}")
+    out.flush()
+
+
+def run_local(num_workers, train_args, python=sys.executable):
+  """Runs the workers to the end; returns 0, or the first failing worker's status."""
+  hosts = [f"127.0.0.1:{port}" for port in free_ports(num_workers)]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workers, relays = [], []
+  for index in range(num_workers):
+    env = {**os.environ, "TF_CONFIG": json.dumps(tf_config(hosts, index)),
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(
+        [python, "-m", "launch.train", "--strategy=multi_worker_mirrored", *train_args],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    workers.append(process)
+    relay = threading.Thread(target=_relay, args=(process.stdout, f"[worker {index}] ", sys.stdout))
+    relay.start()
+    relays.append(relay)
+  status = 0
+  remaining = set(range(num_workers))
+  while remaining:
+    pid, code = os.wait()
+    index = next((i for i in remaining if workers[i].pid == pid), None)
+    if index is None:
+      continue
+    remaining.discard(index)
+    workers[index].returncode = os.waitstatus_to_exitcode(code)
+    if workers[index].returncode != 0 and status == 0:
+      status = workers[index].returncode if workers[index].returncode > 0 else 1
+      print(f"[launcher] worker {index} failed with status {workers[index].returncode}; "
+            "ending the others", file=sys.stderr, flush=True)
+      for other in remaining:
+        os.killpg(workers[other].pid, signal.SIGTERM)
+  for relay in relays:
+    relay.join()
+  return status
+
+
+def main(argv):
+  if _PRINT_TF_CONFIG.value:
+    if not _HOSTS.value:
+      print("error: --print_tf_config needs --hosts=HOST:PORT,...", file=sys.stderr)
+      return 2
+    for index, host in enumerate(_HOSTS.value):
+      print(f"{host}: TF_CONFIG='{json.dumps(tf_config(_HOSTS.value, index))}'")
+    return 0
+  return run_local(_NUM_WORKERS.value, argv[1:])
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,141 @@
+"""Checkpoints: exact resume after SIGKILL and SIGTERM, and the fault paths."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import absltest, parameterized
+
+from resnet_dist.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--model=resnet20", "--dataset=digits", "--global_batch_size=32",
+          "--train_steps=16", "--steps_per_loop=2", "--checkpoint_every_steps=4",
+          "--deterministic", "--seed=5", "--skip_eval", "--base_learning_rate=0.4",
+          "--keep_checkpoints=10"]
+
+
+def variables(model_dir, number=None):
+  directory = os.path.join(model_dir, "checkpoints")
+  path = os.path.join(directory, f"ckpt-{number}") if number else tf.train.latest_checkpoint(directory)
+  reader = tf.train.load_checkpoint(path)
+  return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+          if "OPTIMIZER_SLOT" not in k and not k.startswith("_CHECKPOINTABLE")}
+
+
+def saved_steps(model_dir):
+  return sorted(int(p.split("ckpt-")[1].split(".")[0])
+                for p in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index")))
+
+
+class CheckpointTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "data")
+    sources.tfds_source("digits", cls.data_dir)
+    cls.env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cls.reference = {}
+
+  def command(self, model_dir, *extra):
+    return [sys.executable, "-m", "launch.train", *COMMON, f"--model_dir={model_dir}",
+            f"--data_dir={self.data_dir}", *extra]
+
+  def train(self, model_dir, *extra):
+    return subprocess.run(self.command(model_dir, *extra), cwd=ROOT, env=self.env,
+                          capture_output=True, text=True, timeout=600)
+
+  def start_and_signal_after_first_checkpoint(self, model_dir, sig, *extra):
+    process = subprocess.Popen(self.command(model_dir, *extra), cwd=ROOT, env=self.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not saved_steps(model_dir) and process.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+  def uninterrupted(self, strategy_flags):
+    key = tuple(strategy_flags)
+    if key not in self.reference:
+      model_dir = self.create_tempdir().full_path
+      result = self.train(model_dir, *strategy_flags)
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      self.reference[key] = variables(model_dir)
+    return self.reference[key]
+
+  def assert_bit_identical(self, a, b):
+    self.assertEqual(sorted(a), sorted(b))
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+  @parameterized.named_parameters(
+      ("one_device", ["--strategy=one_device"]),
+      ("mirrored", ["--strategy=mirrored", "--num_cpu_devices=2"]))
+  def test_sigkill_then_resume_is_bit_exact(self, strategy_flags):
+    model_dir = self.create_tempdir().full_path
+    code, _, _ = self.start_and_signal_after_first_checkpoint(
+        model_dir, signal.SIGKILL, *strategy_flags)
+    self.assertEqual(code, -signal.SIGKILL)
+    killed_at = saved_steps(model_dir)[-1]
+    self.assertLess(killed_at, 16, "the run finished before the kill; nothing was tested")
+    result = self.train(model_dir, *strategy_flags)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn(f"resuming from step {killed_at}", result.stdout)
+    self.assert_bit_identical(self.uninterrupted(strategy_flags), variables(model_dir))
+
+  def test_sigterm_saves_then_resumes_exactly(self):
+    model_dir = self.create_tempdir().full_path
+    code, out, _ = self.start_and_signal_after_first_checkpoint(
+        model_dir, signal.SIGTERM, "--strategy=one_device")
+    self.assertEqual(code, 75)
+    self.assertIn("SIGTERM: saved a checkpoint at step", out)
+    stopped_at = saved_steps(model_dir)[-1]
+    self.assertLess(stopped_at, 16)
+    result = self.train(model_dir, "--strategy=one_device")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn(f"resuming from step {stopped_at}", result.stdout)
+    self.assert_bit_identical(self.uninterrupted(["--strategy=one_device"]), variables(model_dir))
+
+  def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(self):
+    model_dir = self.create_tempdir().full_path
+    result = self.train(model_dir, "--strategy=one_device", "--base_learning_rate=1e7",
+                        "--checkpoint_every_steps=1", "--steps_per_loop=1", "--train_steps=40")
+    self.assertEqual(result.returncode, 3, result.stderr[-3000:])
+    self.assertRegex(result.stderr, r"error: non-finite training loss at step (\d+)")
+    bad_step = int(result.stderr.split("at step ")[1].split(";")[0])
+    self.assertTrue(all(step < bad_step for step in saved_steps(model_dir)))
+    for value in variables(model_dir).values():
+      if value.dtype == np.float32:
+        self.assertTrue(np.all(np.isfinite(value)))
+
+  def test_truncated_latest_checkpoint_falls_back_to_the_previous(self):
+    model_dir = self.create_tempdir().full_path
+    self.assertEqual(self.train(model_dir, "--strategy=one_device", "--train_steps=8").returncode, 0)
+    self.assertEqual(saved_steps(model_dir), [4, 8])
+    data_file = glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-8.data-*"))[0]
+    with open(data_file, "r+b") as f:
+      f.truncate(os.path.getsize(data_file) // 2)
+    result = self.train(model_dir, "--strategy=one_device", "--train_steps=12")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("warning: cannot read checkpoint", result.stdout)
+    self.assertIn("resuming from step 4", result.stdout)
+
+  def test_checkpoint_of_another_model_is_a_one_line_error(self):
+    model_dir = self.create_tempdir().full_path
+    self.assertEqual(self.train(model_dir, "--strategy=one_device", "--train_steps=2").returncode, 0)
+    result = self.train(model_dir, "--strategy=one_device", "--model=resnet32")
+    self.assertEqual(result.returncode, 2)
+    self.assertRegex(result.stderr.strip().splitlines()[-1],
+                     r"^error: --model_dir=.* holds checkpoints of another model "
+                     r"\(model resnet20 there, resnet32 here\)")
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,132 @@
+"""Schedules, optimisers, mixed precision and XLA in the replica step."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import absltest, parameterized
+
+from resnet_dist import data, optim, train
+from resnet_dist.config import Config
+from resnet_dist.data import sources
+
+
+class LearningRateTest(absltest.TestCase):
+
+  def test_piecewise_with_warmup_hits_the_published_values(self):
+    # Goyal et al. 2017: 0.1 x batch/256, 5 warmup epochs, x0.1 at 30, 60, 80.
+    steps_per_epoch = 1251  # ImageNet at global batch 1024
+    lr = optim.LearningRate(0.1, 1024, steps_per_epoch, 90 * steps_per_epoch,
+                            warmup_epochs=5, schedule="piecewise")
+    self.assertAlmostEqual(lr.value_at(0), 0.0)
+    self.assertAlmostEqual(lr.value_at(5 * steps_per_epoch // 2), 0.2, places=3)
+    self.assertAlmostEqual(lr.value_at(5 * steps_per_epoch), 0.4, places=6)
+    self.assertAlmostEqual(lr.value_at(30 * steps_per_epoch - 1), 0.4, places=6)
+    self.assertAlmostEqual(lr.value_at(30 * steps_per_epoch), 0.04, places=6)
+    self.assertAlmostEqual(lr.value_at(60 * steps_per_epoch), 0.004, places=7)
+    self.assertAlmostEqual(lr.value_at(80 * steps_per_epoch), 0.0004, places=8)
+
+  def test_cosine_decays_from_the_end_of_warmup_to_zero(self):
+    lr = optim.LearningRate(0.1, 256, 100, 1000, warmup_epochs=1, schedule="cosine")
+    self.assertAlmostEqual(lr.value_at(100), 0.1, places=6)
+    self.assertAlmostEqual(lr.value_at(550), 0.05, places=6)
+    self.assertAlmostEqual(lr.value_at(1000), 0.0, places=6)
+
+
+class OptimizerTest(absltest.TestCase):
+
+  def test_momentum_and_decay_match_the_formula(self):
+    w = tf.Variable([1.0, -2.0])
+    opt = optim.Optimizer([w], [w], momentum=0.9, weight_decay=0.1)
+    g = tf.constant([0.5, 0.5])
+    opt.apply([g], 0.1)
+    v1 = 0.1 * (g.numpy() + 0.1 * np.array([1.0, -2.0]))
+    np.testing.assert_allclose(w.numpy(), [1.0, -2.0] - v1, rtol=1e-6)
+    w_before = w.numpy()
+    opt.apply([g], 0.1)
+    v2 = 0.9 * v1 + 0.1 * (g.numpy() + 0.1 * w_before)
+    np.testing.assert_allclose(w.numpy(), w_before - v2, rtol=1e-6)
+    self.assertEqual(int(opt.iterations.numpy()), 2)
+
+  def test_lars_scales_decayed_variables_by_the_trust_ratio_only(self):
+    kernel, bias = tf.Variable([3.0, 4.0]), tf.Variable([3.0, 4.0])
+    opt = optim.Optimizer([kernel, bias], [kernel], kind="lars", momentum=0.0,
+                          weight_decay=0.0, lars_eta=0.001)
+    g = tf.constant([0.6, 0.8])  # norm 1; the weights' norm is 5
+    opt.apply([g, g], 1.0)
+    np.testing.assert_allclose(kernel.numpy(), [3.0, 4.0] - 0.005 * g.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(bias.numpy(), [3.0, 4.0] - g.numpy(), rtol=1e-6)
+
+  def test_a_skipped_step_changes_nothing(self):
+    w = tf.Variable([1.0])
+    opt = optim.Optimizer([w], [], momentum=0.9)
+    opt.apply([tf.constant([1.0])], 0.1, apply=tf.constant(False))
+    self.assertEqual(float(w.numpy()[0]), 1.0)
+    self.assertEqual(float(opt.velocities[0].numpy()[0]), 0.0)
+
+
+def make_trainer(dtype="fp32", enable_xla=False, batch=16):
+  strategy = tf.distribute.get_strategy()
+  config = Config(dtype=dtype, enable_xla=enable_xla, global_batch_size=batch,
+                  base_learning_rate=0.8, weight_decay=1e-4)
+  source = sources.synthetic_source(10, 32, num_examples=64)
+  keras.utils.set_random_seed(0)
+  trainer = train.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
+  input_config = data.InputConfig(batch, 32, tf.dtypes.as_dtype(trainer.model.compute_dtype))
+  dataset = data.train_dataset_fn(source, "train", input_config)(
+      tf.distribute.InputContext())
+  return trainer, iter(strategy.experimental_distribute_dataset(dataset))
+
+
+class PrecisionTest(parameterized.TestCase):
+
+  @parameterized.parameters("bf16", "fp16")
+  def test_mixed_precision_lowers_the_loss(self, dtype):
+    trainer, iterator = make_trainer(dtype)
+    trainer.train_loop(iterator, tf.constant(4))
+    first = trainer.train_metrics.result()["loss"]
+    for _ in range(5):
+      trainer.train_metrics.reset()
+      trainer.train_loop(iterator, tf.constant(4))
+    self.assertLess(trainer.train_metrics.result()["loss"], first * 0.7)
+
+  def test_fp16_overflow_skips_the_step_and_halves_the_scale(self):
+    trainer, iterator = make_trainer("fp16")
+    trainer.train_loop(iterator, tf.constant(1))
+    weights = [v.numpy().copy() for v in trainer.variables]
+    scale = float(trainer.loss_scale.scale.numpy())
+    step = int(trainer.step.numpy())
+    images, labels = next(iterator)
+    poisoned = tf.tensor_scatter_nd_update(
+        images, [[0, 0, 0, 0]], tf.constant([np.inf], images.dtype))
+    tf.function(lambda x, y: trainer.strategy.run(trainer.replica_step, args=(x, y)))(
+        poisoned, labels)
+    self.assertEqual(float(trainer.loss_scale.scale.numpy()), scale / 2)
+    self.assertEqual(int(trainer.step.numpy()), step + 1)  # counted, not applied
+    for before, v in zip(weights, trainer.variables):
+      np.testing.assert_array_equal(before, v.numpy())
+    trainer.train_loop(iterator, tf.constant(1))
+    self.assertTrue(any(not np.array_equal(b, v.numpy())
+                        for b, v in zip(weights, trainer.variables)))
+
+
+class XlaTest(absltest.TestCase):
+
+  def test_compiled_replica_step_matches_the_uncompiled_one(self):
+    # Same initial weights and batches; XLA may fuse and reorder float sums,
+    # so the weights agree to float32 rounding over a few steps, not bit for bit.
+    plain, plain_iterator = make_trainer(enable_xla=False)
+    compiled, compiled_iterator = make_trainer(enable_xla=True)
+    for a, b in zip(plain.variables, compiled.variables):
+      np.testing.assert_array_equal(a.numpy(), b.numpy())
+    plain.train_loop(plain_iterator, tf.constant(3))
+    compiled.train_loop(compiled_iterator, tf.constant(3))
+    worst = max(float(np.max(np.abs(a.numpy() - b.numpy())))
+                for a, b in zip(plain.variables, compiled.variables))
+    self.assertLess(worst, 1e-4)
+    moved = max(float(np.max(np.abs(a.numpy() - b)))
+                for a, b in zip(plain.variables, [v.numpy() for v in make_trainer()[0].variables]))
+    self.assertGreater(moved, 1e-3)  # the steps really changed the weights
+
+
+if __name__ == "__main__":
+  absltest.main()
