@@ -64,7 +64,7 @@ class LearningRate:
     return float(self(tf.constant(step)))
 
 
-def _plain(variable):
+def plain_variable(variable):
   """The tf.Variable behind a Keras 3 variable (strategy-aware)."""
   return getattr(variable, "value", variable) if hasattr(variable, "path") else variable
 
@@ -87,8 +87,8 @@ class Optimizer(tf.Module):
     self.nesterov = nesterov
     self.weight_decay = weight_decay
     self.lars_eta = lars_eta
-    self.variables_ = [_plain(v) for v in variables]
-    decay_ids = {id(_plain(v)) for v in decay_variables}
+    self.variables_ = [plain_variable(v) for v in variables]
+    decay_ids = {id(plain_variable(v)) for v in decay_variables}
     self.decays = [id(v) in decay_ids for v in self.variables_]
     self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
     self.velocities = [

@@ -162,6 +162,11 @@ class Trainer:
     self.eval_metrics.update(labels, logits, per_example, weights)
 
   @tf.function
+  def weights_finite(self):
+    """Checked before every save, so a checkpoint never holds inf or NaN weights."""
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.model.variables])
+
+  @tf.function
   def train_loop(self, iterator, num_steps):
     """num_steps steps in one tf.function: neither TPUs nor small models wait on Python."""
     for _ in tf.range(num_steps):
@@ -171,6 +176,17 @@ class Trainer:
   def eval_loop(self, iterator, num_steps):
     for _ in tf.range(num_steps):
       self.strategy.run(self.eval_step, args=next(iterator))
+
+
+def model_state(model):
+  """Every model variable by its Keras path, for tf.train.Checkpoint.
+
+  Checkpointing the keras.Model object itself misses the layers a block keeps
+  in Python lists, BatchNorm moving statistics among them; naming each
+  variable explicitly saves all of them, under readable keys such as
+  model/layer1.0/bn1/moving_mean.
+  """
+  return {v.path: optim.plain_variable(v) for v in model.variables}
 
 
 def _resolve_model_dir(config):
@@ -233,7 +249,8 @@ def _restore_latest(checkpoint, manager, chief):
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
       return path
-    except (tf.errors.OpError, ValueError, AssertionError) as e:
+    except Exception as e:  # pylint: disable=broad-except
+      # A truncated file surfaces as OpError, IndexError or ValueError, by where it is cut.
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       log(f"warning: cannot read checkpoint {path} ({reason}); trying the one before", chief)
   return None
@@ -280,7 +297,7 @@ def run(config: Config, strategy=None):
   _check_same_model(model_dir, config, source.num_classes, chief)
 
   trainer = Trainer(config, strategy, source, steps_per_epoch, total_steps)
-  checkpoint = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+  checkpoint = tf.train.Checkpoint(model=model_state(trainer.model), optimizer=trainer.optimizer,
                                    **({"loss_scale": trainer.loss_scale} if trainer.loss_scale else {}))
   restore_manager, manager = _checkpoint_managers(
       checkpoint, strategy, model_dir, config.keep_checkpoints)
@@ -354,6 +371,9 @@ def run(config: Config, strategy=None):
       at_eval = eval_every and step % eval_every == 0
       at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
       if at_eval or at_checkpoint or step == total_steps or sigterm.requested:
+        if not bool(trainer.weights_finite()):
+          raise FloatingPointError(f"non-finite weights at step {step}; "
+                                   f"the last good checkpoint is {manager.latest_checkpoint}")
         manager.save(checkpoint_number=step)
       if sigterm.requested and step < total_steps:
         log(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", chief)

@@ -7,6 +7,7 @@ With --sync_bn, a fixed seed and --deterministic, the same global batches
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -41,7 +42,7 @@ class StrategyEquivalenceTest(absltest.TestCase):
         ("one_device", "launch.train", ["--strategy=one_device"]),
         ("mirrored", "launch.train", ["--strategy=mirrored", "--num_cpu_devices=2"]),
         ("multi_worker", "launch.multi_worker", ["--num_workers=2", "--"])):
-      model_dir = os.path.join(absltest.get_default_test_tmpdir(), name)
+      model_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=absltest.get_default_test_tmpdir())
       result = subprocess.run(
           [sys.executable, "-m", module, *args, *COMMON, f"--model_dir={model_dir}",
            f"--data_dir={cls.data_dir}"],

@@ -172,6 +172,19 @@ class BehaviourTest(parameterized.TestCase):
       if policy != "float32":
         self.assertEqual(model.get_layer("conv1").compute_dtype, policy[len("mixed_"):])
 
+  def test_initial_weights_are_distinct_per_layer_and_fixed_by_the_seed(self):
+    keras.utils.set_random_seed(7)
+    first = models.get_model("resnet20", num_classes=10)
+    a, b = (first.get_layer("layer1.0").branch[i].kernel.numpy() for i in (0, 3))
+    self.assertEqual(a.shape, b.shape)
+    self.assertFalse(np.array_equal(a, b))  # same shape, different draws
+    keras.utils.set_random_seed(7)
+    again = models.get_model("resnet20", num_classes=10)
+    for v, w in zip(first.variables, again.variables):
+      np.testing.assert_array_equal(v.numpy(), w.numpy())
+    # He normal, fan out: std sqrt(2 / (3 * 3 * 16)).
+    self.assertAlmostEqual(float(np.std(a)), np.sqrt(2 / 144), delta=0.02)
+
   def test_no_variable_is_created_after_the_first_call(self):
     model = models.get_model("resnet18", num_classes=10)
     before = [v.path for v in model.variables]

@@ -14,7 +14,7 @@ TARGET_TOP1 = 0.97
 class DefaultRunTest(absltest.TestCase):
 
   def test_default_recipe_reaches_its_accuracy_target(self):
-    model_dir = os.path.join(absltest.get_default_test_tmpdir(), "digits")
+    model_dir = self.create_tempdir().full_path  # fresh: a finished run would only resume
     env = {**os.environ, "PYTHONPATH": ROOT}
     # The same command as `make train`, in a model_dir of the test's own.
     result = subprocess.run(

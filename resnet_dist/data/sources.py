@@ -47,9 +47,13 @@ class Source:
   mean: tuple = IMAGENET_MEAN
   std: tuple = IMAGENET_STD
   load_split: Callable = None   # split name -> Split
+  _loaded: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def split(self, name):
-    return self.load_split(name)
+    """The split, loaded once: every evaluation reuses it."""
+    if name not in self._loaded:
+      self._loaded[name] = self.load_split(name)
+    return self._loaded[name]
 
 
 def _in_memory_split(images, labels):

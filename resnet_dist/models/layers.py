@@ -3,9 +3,16 @@
 import keras
 import tensorflow as tf
 
-# He et al. 2015 / torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-HE_NORMAL_FAN_OUT = keras.initializers.VarianceScaling(
-    scale=2.0, mode="fan_out", distribution="untruncated_normal")
+def he_normal_fan_out():
+  """He et al. 2015 / torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+
+  A new instance per layer: a Keras 3 initializer without a seed fixes one
+  when it is constructed and reuses it, so one shared instance would give
+  every conv of the same shape identical weights, and a module-level one would
+  differ between processes whatever keras.utils.set_random_seed says.
+  """
+  return keras.initializers.VarianceScaling(
+      scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
 def conv(filters, kernel_size, stride=1, name=None, dtype=None):
@@ -23,7 +30,7 @@ def conv(filters, kernel_size, stride=1, name=None, dtype=None):
     padding = "same"
   layers.append(keras.layers.Conv2D(
       filters, kernel_size, strides=stride, padding=padding, use_bias=False,
-      kernel_initializer=HE_NORMAL_FAN_OUT, name=name, dtype=dtype))
+      kernel_initializer=he_normal_fan_out(), name=name, dtype=dtype))
   return layers
 
 
