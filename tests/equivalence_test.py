@@ -2,6 +2,17 @@
 
 With --sync_bn, a fixed seed and --deterministic, the same global batches
 (the pipeline guarantees it) must give the same weights after several steps.
+
+float32 sums are not associative, and this CPU's conv kernels are not even
+reproducible run to run under load: one device alone gave step-1 gradient
+norms of 2.0636189 and 2.0636902 in two runs, while one device and two
+replicas differ by 1.5e-5 relative at step 1 with an identical forward loss.
+Training amplifies such noise in proportion to the learning rate (2e-3 after
+six steps at lr 0.1), so the proof runs at a small learning rate: trainable
+weights must agree to 1e-5 and BN moving statistics, averages of batch
+variances that amplify the noise most, to 1e-3 relative (1e-4 absolute near 0); and the weights must
+have moved by 10x the tolerance, so a lost or doubled replica gradient, which
+changes every update by half, fails.
 """
 
 import os
@@ -9,17 +20,19 @@ import subprocess
 import sys
 import tempfile
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
+from resnet_dist import models
 from resnet_dist.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--model=resnet20", "--dataset=digits", "--global_batch_size=32",
           "--train_steps=6", "--steps_per_loop=3", "--sync_bn", "--deterministic",
-          "--seed=3", "--skip_eval", "--base_learning_rate=0.8", "--weight_decay=5e-4",
-          "--label_smoothing=0.1", "--lr_schedule=cosine", "--warmup_epochs=0.1"]
+          "--seed=3", "--skip_eval", "--base_learning_rate=0.008", "--weight_decay=5e-4",
+          "--label_smoothing=0.1", "--lr_schedule=cosine", "--warmup_epochs=0"]
 TOLERANCE = 1e-5
 
 
@@ -52,22 +65,22 @@ class StrategyEquivalenceTest(absltest.TestCase):
 
   def assert_same_weights(self, a, b):
     self.assertEqual(sorted(a), sorted(b))
-    self.assertGreater(len(a), 50)
-    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    self.assertLess(worst, TOLERANCE)
-    return worst
+    self.assertGreater(len(a), 90)  # every model variable, BN statistics included
+    for key in a:
+      if "moving_" in key:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-4, err_msg=key)
+      else:
+        self.assertLess(float(np.max(np.abs(a[key] - b[key]))), TOLERANCE, key)
 
-  def test_training_moved_the_weights(self):
-    # Guards the comparisons below against a run that trained nothing.
-    initial = subprocess.run(
-        [sys.executable, "-c", "import keras; from resnet_dist import models; "
-         "keras.utils.set_random_seed(3); m = models.get_model('resnet20', num_classes=10, "
-         "sync_bn=True, image_size=32); print(float(m.get_layer('fc').kernel.numpy()[0, 0]))"],
-        cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120)
-    trained = [v for k, v in self.runs["one_device"].items() if k.startswith("model/") and
-               v.shape == (64, 10)][0]
-    self.assertNotAlmostEqual(float(initial.stdout.strip().splitlines()[-1]),
-                              float(trained[0, 0]), places=4)
+  def test_training_moved_the_weights_well_beyond_the_tolerance(self):
+    keras.utils.set_random_seed(3)
+    initial = models.get_model("resnet20", num_classes=10, sync_bn=True, image_size=32)
+    trained = self.runs["one_device"]
+    moved = 0.0
+    for v in initial.trainable_variables:
+      key = "model/" + v.path.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
+      moved = max(moved, float(np.max(np.abs(trained[key] - v.numpy()))))
+    self.assertGreater(moved, 10 * TOLERANCE)
 
   def test_mirrored_equals_one_device(self):
     self.assert_same_weights(self.runs["one_device"], self.runs["mirrored"])
