@@ -40,6 +40,18 @@ def free_ports(count):
   return ports
 
 
+_KILL_GRACE_SECONDS = 30
+
+
+def _kill_all(processes):
+  for process in processes:
+    if process.returncode is None:
+      try:
+        os.killpg(process.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+
+
 def _relay(stream, prefix, out):
   for line in iter(stream.readline, ""):
     out.write(f"{prefix}{line}")
@@ -77,6 +89,12 @@ def run_local(num_workers, train_args, python=sys.executable):
             "ending the others", file=sys.stderr, flush=True)
       for other in remaining:
         os.killpg(workers[other].pid, signal.SIGTERM)
+      # A worker blocked in a collective on its dead peer only honours SIGTERM
+      # at its next step boundary; after a grace period it is killed.
+      killer = threading.Timer(_KILL_GRACE_SECONDS, _kill_all,
+                               args=([workers[i] for i in remaining],))
+      killer.daemon = True
+      killer.start()
   for relay in relays:
     relay.join()
   return status
