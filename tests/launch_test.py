@@ -42,6 +42,15 @@ class BadInputTest(absltest.TestCase):
     result = run_train(f"--model_dir={blocker}/run", "--data_dir=" + self.create_tempdir().full_path)
     self.assert_one_line_error(result, r"--model_dir=.* is not writable")
 
+  def test_tpu_strategy_without_a_tpu_fails_fast_and_clearly(self):
+    data_dir = self.create_tempdir().full_path
+    for tpu, pattern in (("", r"no TPU is attached"),
+                         ("grpc://127.0.0.1:9", r"--tpu=grpc://127.0.0.1:9: cannot connect")):
+      result = run_train("--strategy=tpu", f"--tpu={tpu}", f"--data_dir={data_dir}",
+                         f"--model_dir={data_dir}/run", timeout=120)
+      self.assert_one_line_error(result, pattern)
+      self.assertFalse(os.path.exists(f"{data_dir}/run"))  # nothing written
+
   def test_helpshort_lists_the_flags(self):
     result = run_train("--helpshort")
     self.assertEqual(result.returncode, 0, result.stderr)
