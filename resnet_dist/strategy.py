@@ -152,6 +152,10 @@ def replica_devices(strategy):
     return [tf.config.list_logical_devices()[0].name]
 
 
+def _all_on_cpu(strategy):
+  return all("CPU" in d.upper() for d in replica_devices(strategy))
+
+
 def input_options(strategy):
   """How distributed datasets feed the replicas.
 
@@ -161,8 +165,7 @@ def input_options(strategy):
   run tf.data autotuning, whose optimisation thread the destructor waits for),
   and once kept a finished run from exiting at all.
   """
-  on_cpu = all("CPU" in d.upper() for d in replica_devices(strategy))
-  return tf.distribute.InputOptions(experimental_fetch_to_device=not on_cpu)
+  return tf.distribute.InputOptions(experimental_fetch_to_device=not _all_on_cpu(strategy))
 
 
 def check_xla(strategy):
@@ -174,7 +177,6 @@ def check_xla(strategy):
   """
   if strategy.num_replicas_in_sync == 1:
     return
-  devices = replica_devices(strategy)
-  if all("CPU" in d.upper() for d in devices):
+  if _all_on_cpu(strategy):
     raise ConfigError("--enable_xla needs one device, GPUs or a TPU; it does not "
                       "work across several logical CPU devices")

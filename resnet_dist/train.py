@@ -382,35 +382,35 @@ def run(config: Config, strategy=None):
         eval_result = evaluate()
     if not config.skip_eval and (eval_result is None or eval_result["step"] != step):
       eval_result = evaluate()
-    writer.flush()
-    eval_writer.flush()
+  writer.flush()
+  eval_writer.flush()
 
-    summary = {
-        "global_step": step,
-        "train_loss": last["loss"],
-        "train_top1": last["top1"],
-        "eval_loss": eval_result["loss"] if eval_result else None,
-        "eval_top1": eval_result["top1"] if eval_result else None,
-        "eval_top5": eval_result["top5"] if eval_result else None,
-        "eval_examples": int(eval_result["count"]) if eval_result else 0,
-        "examples_per_second": (sum(throughput) / len(throughput)) if throughput else None,
-        "strategy": strategy_lib.kind_of(strategy),
-        "num_replicas": strategy.num_replicas_in_sync,
-        "model": config.model,
-        "resnet_variant": config.resnet_variant,
-        "dataset": config.dataset,
-        "dtype": config.dtype,
-        "global_batch_size": config.global_batch_size,
-        "trainable_parameters": num_params,
-        "model_dir": model_dir,
-    }
-    if chief:
-      with tf.io.gfile.GFile(os.path.join(model_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
-      log(f"done: {step} steps, eval top-1 {summary['eval_top1']}, "
-          f"checkpoints in {manager.directory}\n"
-          f"look at the run: tensorboard --logdir {model_dir}", chief)
-    return summary
+  summary = {
+      "global_step": step,
+      "train_loss": last["loss"],
+      "train_top1": last["top1"],
+      "eval_loss": eval_result["loss"] if eval_result else None,
+      "eval_top1": eval_result["top1"] if eval_result else None,
+      "eval_top5": eval_result["top5"] if eval_result else None,
+      "eval_examples": int(eval_result["count"]) if eval_result else 0,
+      "examples_per_second": (sum(throughput) / len(throughput)) if throughput else None,
+      "strategy": strategy_lib.kind_of(strategy),
+      "num_replicas": strategy.num_replicas_in_sync,
+      "model": config.model,
+      "resnet_variant": config.resnet_variant,
+      "dataset": config.dataset,
+      "dtype": config.dtype,
+      "global_batch_size": config.global_batch_size,
+      "trainable_parameters": num_params,
+      "model_dir": model_dir,
+  }
+  if chief:
+    with tf.io.gfile.GFile(os.path.join(model_dir, SUMMARY_FILE), "w") as f:
+      json.dump(summary, f, indent=2)
+    log(f"done: {step} steps, eval top-1 {summary['eval_top1']}, "
+        f"checkpoints in {manager.directory}\n"
+        f"look at the run: tensorboard --logdir {model_dir}", chief)
+  return summary
 
 
 def _describe_run(config, strategy, source, train_size, eval_size, num_params,
