@@ -10,7 +10,7 @@ import sys
 
 from absl import flags
 
-from resnet_dist import models, optim
+from resnet_dist import data, models, optim
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import DTYPES, Config
 
@@ -29,14 +29,25 @@ flags.DEFINE_bool("sync_bn", _DEFAULTS.sync_bn,
                   "BatchNorm statistics over the global batch (all replicas).")
 
 # Data
-flags.DEFINE_string("dataset", _DEFAULTS.dataset,
-                    "digits (embedded), synthetic, or tfds:NAME (e.g. tfds:cifar10).")
+flags.DEFINE_string("dataset", _DEFAULTS.dataset, data.DATASETS_HELP + ".")
 flags.DEFINE_string("data_dir", _DEFAULTS.data_dir,
-                    "Where datasets live; empty: $TFDS_DATA_DIR or ~/tensorflow_datasets.")
+                    "Where datasets live (local or gs://): ImageNet's TFRecords, or TFDS's "
+                    "directory (empty: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
 flags.DEFINE_bool("download", _DEFAULTS.download,
                   "Allow TFDS to download and prepare a missing dataset.")
 flags.DEFINE_integer("num_classes", _DEFAULTS.num_classes,
-                     "Classes of --dataset=synthetic (real datasets know theirs).", lower_bound=2)
+                     "Classes of --dataset=synthetic or imagenet (the others know theirs).",
+                     lower_bound=2)
+flags.DEFINE_integer("shuffle_buffer", _DEFAULTS.shuffle_buffer,
+                     "Records in each input pipeline's shuffle buffer (TFRecord datasets).",
+                     lower_bound=1)
+flags.DEFINE_bool("cache_data", _DEFAULTS.cache_data,
+                  "Read a TFRecord dataset into memory once at start (each worker holds all of "
+                  "it): a fresh permutation every epoch and the same global batches on "
+                  "any number of replicas.")
+flags.DEFINE_bool("strict_data", _DEFAULTS.strict_data,
+                  "Stop at the first undecodable image, naming its file, instead of "
+                  "skipping and counting it.")
 
 # Distribution
 flags.DEFINE_enum("strategy", _DEFAULTS.strategy, strategy_lib.STRATEGIES,
@@ -100,12 +111,8 @@ flags.DEFINE_integer("log_every_steps", _DEFAULTS.log_every_steps,
                      "Print a progress line every this many steps.", lower_bound=1)
 
 
-def _check_dataset(value):
-  return value in ("digits", "synthetic") or (value.startswith("tfds:") and len(value) > 5)
-
-
-flags.register_validator("dataset", _check_dataset,
-                         message="--dataset must be digits, synthetic or tfds:NAME")
+flags.register_validator("dataset", data.is_dataset_name,
+                         message="--dataset must be " + data.DATASETS_HELP)
 
 FLAGS = flags.FLAGS
 

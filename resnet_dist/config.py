@@ -22,7 +22,10 @@ class Config:
   dataset: str = "digits"
   data_dir: str = ""
   download: bool = False
-  num_classes: int = 1000           # used by --dataset=synthetic only
+  num_classes: int = 1000           # synthetic and imagenet; others know theirs
+  shuffle_buffer: int = 10000       # records; TFRecord datasets
+  cache_data: bool = False
+  strict_data: bool = False
   # Distribution
   strategy: str = "auto"
   num_gpus: Optional[int] = None

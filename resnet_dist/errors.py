@@ -6,3 +6,8 @@ class ConfigError(ValueError):
 
   Entrypoints print it as one line and exit with status 2.
   """
+
+
+class DataError(ConfigError):
+  """Bad data met during the run: an undecodable image under --strict_data, or
+  a label outside the model's classes."""

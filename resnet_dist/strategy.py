@@ -145,6 +145,17 @@ def kind_of(strategy):
   }.get(type(strategy).__name__, type(strategy).__name__)
 
 
+def num_input_pipelines(strategy):
+  """Input pipelines the strategy builds: one per worker (TPU: per host)."""
+  kind = kind_of(strategy)
+  if kind == "tpu":
+    return strategy.extended.num_hosts
+  if kind == "multi_worker_mirrored":
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return max(1, sum(len(cluster.get(job, ())) for job in ("chief", "worker")))
+  return 1
+
+
 def replica_devices(strategy):
   try:
     return list(strategy.extended.worker_devices)

@@ -5,10 +5,12 @@ model_dir if a checkpoint is there, trains, evaluates, and returns (and
 writes) the run's summary.
 """
 
+import contextlib
 import datetime
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -19,10 +21,11 @@ import tensorflow as tf
 from resnet_dist import data, models, optim
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
-from resnet_dist.errors import ConfigError
+from resnet_dist.errors import ConfigError, DataError
 
 SUMMARY_FILE = "summary.json"
 RUN_FILE = "run.json"  # what a model_dir's checkpoints hold; checked on resume
+CLASSES_FILE = "classes.json"  # label id -> class name
 
 
 class Preempted(Exception):
@@ -123,6 +126,10 @@ class Trainer:
       self.grad_norm_sum = tf.Variable(
           0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
           aggregation=tf.VariableAggregation.MEAN)
+      # Records the input skipped as undecodable, over the whole run (checkpointed).
+      self.skipped_records = tf.Variable(
+          0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+          aggregation=tf.VariableAggregation.SUM)
     step = self.replica_step
     if config.enable_xla:
       strategy_lib.check_xla(strategy)
@@ -133,9 +140,16 @@ class Trainer:
   def step(self):
     return self.optimizer.iterations
 
-  def replica_step(self, images, labels):
-    """Forward, backward, all-reduce, update: one replica's part of one step."""
+  def _normalize(self, images):
+    return data.normalize(images, self.source.mean, self.source.std, self.model.compute_dtype)
+
+  def replica_step(self, images, labels, skipped):
+    """Forward, backward, all-reduce, update: one replica's part of one step.
+
+    skipped: per example, the bad records the input skipped just before it.
+    """
     config = self.config
+    images = self._normalize(images)
     with tf.GradientTape() as tape:
       logits = self.model(images, training=True)
       per_example = cross_entropy(labels, logits, self.num_classes, config.label_smoothing)
@@ -154,10 +168,11 @@ class Trainer:
     lr = self.schedule(self.optimizer.iterations)
     self.optimizer.apply(grads, lr, apply)
     self.grad_norm_sum.assign_add(tf.linalg.global_norm(grads))
+    self.skipped_records.assign_add(tf.cast(tf.reduce_sum(skipped), tf.float32))
     self.train_metrics.update(labels, logits, per_example, tf.ones_like(per_example))
 
   def eval_step(self, images, labels, weights):
-    logits = self.model(images, training=False)
+    logits = self.model(self._normalize(images), training=False)
     per_example = cross_entropy(labels, logits, self.num_classes)
     self.eval_metrics.update(labels, logits, per_example, weights)
 
@@ -285,19 +300,24 @@ def run(config: Config, strategy=None):
   keras.utils.set_random_seed(config.seed)
 
   data.check_batch_divides(config.global_batch_size, strategy.num_replicas_in_sync)
-  source = data.get_source(config.dataset, config.data_dir or data.default_data_dir(),
-                           config.download, config.num_classes, config.image_size)
+  source = data.get_source(config.dataset, config.data_dir, config.download,
+                           config.num_classes, config.image_size, config.cache_data)
   train_size = source.split(source.train_split).num_examples
-  eval_size = source.split(source.eval_split).num_examples
+  eval_split = source.split(source.eval_split)
+  eval_size = eval_split.num_examples
+  eval_steps = data.eval_steps(eval_split, config.global_batch_size,
+                               strategy_lib.num_input_pipelines(strategy))
   steps_per_epoch = max(train_size // config.global_batch_size, 1)
   total_steps = config.train_steps or math.ceil(config.train_epochs * steps_per_epoch)
   model_dir = _resolve_model_dir(config)
   if chief:
     _check_writable(model_dir)
   _check_same_model(model_dir, config, source.num_classes, chief)
+  _save_class_names(model_dir, source, chief)
 
   trainer = Trainer(config, strategy, source, steps_per_epoch, total_steps)
   checkpoint = tf.train.Checkpoint(model=model_state(trainer.model), optimizer=trainer.optimizer,
+                                   skipped_records=trainer.skipped_records,
                                    **({"loss_scale": trainer.loss_scale} if trainer.loss_scale else {}))
   restore_manager, manager = _checkpoint_managers(
       checkpoint, strategy, model_dir, config.keep_checkpoints)
@@ -310,8 +330,8 @@ def run(config: Config, strategy=None):
   if start_step:
     log(f"resuming from step {start_step} ({restored})", chief)
 
-  input_config = data.InputConfig(config.global_batch_size, config.image_size,
-                                  tf.dtypes.as_dtype(trainer.model.compute_dtype), config.seed)
+  input_config = data.InputConfig(config.global_batch_size, config.image_size, config.seed,
+                                  config.shuffle_buffer, config.strict_data)
   input_options = strategy_lib.input_options(strategy)
   train_iterator = iter(strategy.distribute_datasets_from_function(
       data.train_dataset_fn(source, source.train_split, input_config, start_step),
@@ -328,11 +348,14 @@ def run(config: Config, strategy=None):
     trainer.eval_metrics.reset()
     dataset = strategy.distribute_datasets_from_function(
         data.eval_dataset_fn(source, source.eval_split, input_config), options=input_options)
-    trainer.eval_loop(iter(dataset), tf.constant(data.eval_steps(eval_size, config.global_batch_size)))
+    with _data_errors(source.num_classes):
+      trainer.eval_loop(iter(dataset), tf.constant(eval_steps))
     result = {**trainer.eval_metrics.result(), "step": int(trainer.step.numpy())}
     log(f"eval at step {result['step']}: loss {result['loss']:.4f} "
         f"top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} "
-        f"over {int(result['count'])} examples", chief)
+        f"over {int(result['count'])} examples"
+        + (f" ({eval_size - int(result['count'])} undecodable, skipped)"
+           if int(result["count"]) < eval_size else ""), chief)
     with eval_writer.as_default(step=result["step"]):
       for key in ("loss", "top1", "top5"):
         tf.summary.scalar(key, result[key])
@@ -349,7 +372,8 @@ def run(config: Config, strategy=None):
       trainer.train_metrics.reset()
       trainer.grad_norm_sum.assign(0.0)
       began = time.perf_counter()
-      trainer.train_loop(train_iterator, tf.constant(num_steps))
+      with _data_errors(source.num_classes):
+        trainer.train_loop(train_iterator, tf.constant(num_steps))
       last = trainer.train_metrics.result()
       elapsed = time.perf_counter() - began
       previous, step = step, int(trainer.step.numpy())
@@ -393,6 +417,8 @@ def run(config: Config, strategy=None):
       "eval_top1": eval_result["top1"] if eval_result else None,
       "eval_top5": eval_result["top5"] if eval_result else None,
       "eval_examples": int(eval_result["count"]) if eval_result else 0,
+      "eval_split_examples": eval_size,
+      "skipped_train_records": round(float(trainer.skipped_records.read_value())),
       "examples_per_second": (sum(throughput) / len(throughput)) if throughput else None,
       "strategy": strategy_lib.kind_of(strategy),
       "num_replicas": strategy.num_replicas_in_sync,
@@ -411,6 +437,40 @@ def run(config: Config, strategy=None):
         f"checkpoints in {manager.directory}\n"
         f"look at the run: tensorboard --logdir {model_dir}", chief)
   return summary
+
+
+@contextlib.contextmanager
+def _data_errors(num_classes):
+  """The input pipeline's checks (data.BAD_IMAGE, data.BAD_LABEL) as one-line DataErrors."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError as e:
+    # tf.debugging.Assert prints its data as "[marker] [value] ... [record name]".
+    for marker in (data.BAD_IMAGE, data.BAD_LABEL):
+      if marker in e.message:
+        fields = re.findall(r"\[(.*?)\]", e.message[e.message.index(marker) - 1:].splitlines()[0])
+        if marker == data.BAD_IMAGE:
+          raise DataError(f"undecodable image: {fields[-1]} (--strict_data stops at "
+                          "such images; without it they are skipped and counted)") from None
+        raise DataError(f"label {fields[1]} is outside 0..{num_classes - 1}: "
+                        f"{fields[-1]}") from None
+    decoder = re.search(r"Invalid (JPEG|PNG) data[^\n\[]*", e.message)
+    if decoder:  # complete-looking but corrupt inside: the decoder does not name the file
+      raise DataError(f"undecodable image ({decoder.group(0).strip()}); --strict_data stops "
+                      "at such images, without it they are skipped and counted") from None
+    raise
+
+
+def _save_class_names(model_dir, source, chief):
+  """Label id -> class name, logged (image folders) and kept in model_dir/classes.json."""
+  if not (chief and source.class_names):
+    return
+  with tf.io.gfile.GFile(os.path.join(model_dir, CLASSES_FILE), "w") as f:
+    json.dump(list(source.class_names), f, indent=0)
+  if source.name.startswith("folder:"):
+    shown = ", ".join(f"{i}={name}" for i, name in enumerate(source.class_names[:20]))
+    more = f", ... ({len(source.class_names)} in all)" if len(source.class_names) > 20 else ""
+    log(f"label ids: {shown}{more} (saved in {CLASSES_FILE})")
 
 
 def _describe_run(config, strategy, source, train_size, eval_size, num_params,
@@ -450,5 +510,6 @@ def _write_train_summaries(writer, step, trainer, metrics, lr, examples_per_seco
     tf.summary.scalar("examples_per_second", examples_per_second)
     tf.summary.scalar("step_time_ms", 1000 * step_seconds)
     tf.summary.scalar("gradient_norm", float(trainer.grad_norm_sum.read_value()) / num_steps)
+    tf.summary.scalar("skipped_records", trainer.skipped_records.read_value())
     if trainer.loss_scale is not None:
       tf.summary.scalar("loss_scale", trainer.loss_scale.scale.read_value())

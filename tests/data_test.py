@@ -9,12 +9,12 @@ from resnet_dist.data import digits, sources
 from resnet_dist.errors import ConfigError
 
 
-def numbered_source(n, size=32, num_classes=10):
+def numbered_source(n, size=32):
   """Image i is filled with the value i % 256 and labelled i: examples are traceable."""
   images = np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None],
                            (n, size, size, 3)).copy()
   split = sources._in_memory_split(images, np.arange(n, dtype=np.int64))
-  return sources.Source(name="numbered", num_classes=num_classes, train_split="train",
+  return sources.Source(name="numbered", num_classes=n, train_split="train",
                         eval_split="test", image_size=size, augment="none",
                         mean=(0.0,) * 3, std=(1.0,) * 3, load_split=lambda _: split)
 
@@ -49,7 +49,7 @@ class DigitsTest(absltest.TestCase):
     train, test = source.split("train"), source.split("test")
     self.assertEqual(train.num_examples + test.num_examples, 1797)
     self.assertEqual(test.num_examples, 359)
-    image, label = train.fetch(tf.constant(0, tf.int64))
+    image, label, _ = train.fetch(tf.constant(0, tf.int64))
     self.assertEqual(image.shape, (8, 8, 1))
     self.assertEqual(image.dtype, tf.uint8)
     self.assertGreater(int(tf.reduce_max(image)), 200)  # real strokes, scaled to 0..255
@@ -111,7 +111,7 @@ class PipelineTest(parameterized.TestCase):
     n = 37  # odd, and not a multiple of the global batch
     source = numbered_source(n)
     config = data.InputConfig(8, 32)
-    steps = data.eval_steps(n, 8)
+    steps = data.eval_steps(source.split("test"), 8)
     counts = np.zeros(n)
     for pipeline in range(2):
       ds = data.eval_dataset_fn(source, "test", config)(context(2, pipeline, 2))
@@ -127,12 +127,16 @@ class PipelineTest(parameterized.TestCase):
     with self.assertRaisesRegex(ConfigError, "--global_batch_size=10 does not divide among 4"):
       data.check_batch_divides(10, 4)
 
-  @parameterized.parameters(tf.float32, tf.bfloat16, tf.float16)
-  def test_images_leave_in_the_compute_dtype(self, dtype):
+  def test_images_leave_as_uint8_and_normalize_on_the_device(self):
     source = numbered_source(16)
-    batch = next(iter(data.eval_dataset_fn(source, "test", data.InputConfig(8, 32, dtype))(
-        context(1, 0, 1))))
-    self.assertEqual(batch[0].dtype, dtype)
+    images = next(iter(data.eval_dataset_fn(source, "test", data.InputConfig(8, 32))(
+        context(1, 0, 1))))[0]
+    self.assertEqual(images.dtype, tf.uint8)
+    for dtype in (tf.float32, tf.bfloat16, tf.float16):
+      normalized = data.normalize(images, (2.0, 3.0, 4.0), (2.0, 4.0, 8.0), dtype)
+      self.assertEqual(normalized.dtype, dtype)
+      expected = (images.numpy()[..., 2].astype(np.float32) - 4.0) / 8.0
+      np.testing.assert_allclose(tf.cast(normalized[..., 2], tf.float32), expected, rtol=1e-2)
 
 
 if __name__ == "__main__":

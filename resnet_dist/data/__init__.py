@@ -1,8 +1,12 @@
-"""Input: sources (digits, synthetic, tfds:NAME) and the sharded tf.data pipeline."""
+"""Input: sources (digits, synthetic, imagenet, tfds:NAME, folder:PATH) and the
+sharded tf.data pipeline."""
 
-from resnet_dist.data.pipeline import (InputConfig, check_batch_divides, eval_dataset_fn,
-                                       eval_steps, train_dataset_fn)
-from resnet_dist.data.sources import Source, default_data_dir, get_source
+from resnet_dist.data.pipeline import (BAD_IMAGE, BAD_LABEL, InputConfig, check_batch_divides,
+                                       eval_dataset_fn, eval_steps, train_dataset_fn)
+from resnet_dist.data.preprocess import normalize
+from resnet_dist.data.sources import (DATASETS_HELP, Source, default_data_dir, get_source,
+                                      is_dataset_name)
 
-__all__ = ["InputConfig", "Source", "check_batch_divides", "default_data_dir",
-           "eval_dataset_fn", "eval_steps", "get_source", "train_dataset_fn"]
+__all__ = ["BAD_IMAGE", "BAD_LABEL", "DATASETS_HELP", "InputConfig", "Source",
+           "check_batch_divides", "default_data_dir", "eval_dataset_fn", "eval_steps",
+           "get_source", "is_dataset_name", "normalize", "train_dataset_fn"]

@@ -1,53 +1,58 @@
 """Sharded tf.data input for tf.distribute, exact for training and evaluation.
 
-Training: one global order of example indices, an independent permutation per
-epoch seeded by (seed, epoch), is cut into global batches of global_batch_size.
-Each global batch is cut into one chunk per replica; an input pipeline keeps the
-chunks of the replicas it feeds, fetches and augments only those examples, and
-batches them at the per-replica size. So the global batch of step s is the same
-set of examples for 1 device, N replicas or N workers, and resuming at step s
-just starts the index stream at element s * global_batch_size.
+Every dataset_fn here is given to strategy.distribute_datasets_from_function
+and builds the input of one input pipeline (one per worker or TPU host), which
+feeds the replicas of that pipeline batches of global_batch_size / replicas.
 
-Augmentation is stateless, seeded by (seed, position in the global stream):
-an example is augmented the same way whichever replica or restart sees it.
+Indexed splits (in memory, image folders): one global order of example
+indices, a permutation per epoch seeded by (seed, epoch), is cut into global
+batches and each global batch into one chunk per replica; a pipeline keeps the
+chunks of its replicas. So the global batch of step s holds the same examples
+for 1 device, N replicas or N workers, and resuming at step s starts the index
+stream at s * global_batch_size.
 
-Evaluation: the split is padded to whole global batches with examples of
-weight 0, so every example counts exactly once and the last batch keeps its
-static shape (TPUs need it).
+Record splits (TFRecord files): each pipeline reads its own files (file-level
+sharding) when there are at least as many files as pipelines, and every
+pipeline-th record otherwise (example-level). Its stream is its shard once per
+epoch: files in an order seeded by (seed, epoch, pipeline), interleaved, then a
+shuffle buffer seeded the same way. Resuming at step s skips whole epochs by
+the known record counts and the rest of the position as raw records, unparsed.
+
+Bad images: a JPEG or PNG cut short, or one the decoder rejects, is skipped
+and counted (the third element of every training batch is the number of
+records skipped just before each example), or, with strict, stops the run
+naming the file. A label outside 0..num_classes-1 always stops the run.
+
+Evaluation: each pipeline's examples, then zero-weight padding up to the same
+number of whole batches on every pipeline, so every example counts exactly
+once and every batch keeps its static shape (TPUs need it).
 """
 
 import dataclasses
+import functools
 import math
 import os
 
 import tensorflow as tf
 
+from resnet_dist.data import preprocess as preprocess_lib
+from resnet_dist.data.splits import RecordSplit
 from resnet_dist.errors import ConfigError
 
 _AUGMENT_SALT = 0x5EED
-
-
-def _finish(ds, per_replica_batch, load):
-  """Parallel load, batch and prefetch with fixed parallelism.
-
-  tf.data autotuning is off on purpose: in TensorFlow 2.21 an iterator's
-  destructor waits for autotuning's optimisation thread, which sleeps up to a
-  minute (measured 50 s at the end of a run); the fixed settings below keep
-  the cores busy on the pipelines here.
-  """
-  ds = ds.map(load, num_parallel_calls=os.cpu_count() or 1, deterministic=True)
-  ds = ds.batch(per_replica_batch, drop_remainder=True).prefetch(2)
-  options = tf.data.Options()
-  options.autotune.enabled = False
-  return ds.with_options(options)
+BAD_IMAGE = "resnet_dist: undecodable image"
+BAD_LABEL = "resnet_dist: label out of range"
+_CYCLE_LENGTH = 16      # files read at once by one pipeline
+_GCS_READ_BUFFER = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
   global_batch_size: int
   image_size: int
-  dtype: tf.DType = tf.float32
   seed: int = 0
+  shuffle_buffer: int = 10000     # records; record splits only
+  strict: bool = False            # stop at a bad image instead of skipping it
 
 
 def check_batch_divides(global_batch_size, num_replicas):
@@ -57,24 +62,75 @@ def check_batch_divides(global_batch_size, num_replicas):
         f"{num_replicas} replicas")
 
 
-def _preprocess(source, image, label, position, config, training):
-  """uint8 image -> normalised, augmented image of config.image_size in config.dtype."""
-  image = tf.cast(image, tf.float32)
-  if image.shape[-1] == 1:
-    image = tf.image.grayscale_to_rgb(image)
-  size = config.image_size
-  if image.shape[0] != size or image.shape[1] != size:
-    image = tf.image.resize(image, [size, size], method="bilinear")
-  if training and source.augment != "none":
-    seed = tf.stack([tf.cast(config.seed + _AUGMENT_SALT, tf.int64), position])
-    pad = max(size // 8, 1)  # 4 pixels at 32x32, as He et al. 2015.
-    image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-    image = tf.image.stateless_random_crop(image, [size, size, 3], seed=seed)
-    if source.augment == "crop_flip":
-      image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
-  image = (image - tf.constant(source.mean)) / tf.constant(source.std)
-  return tf.cast(image, config.dtype), label
+def _finish(ds, per_replica_batch):
+  """Batch and prefetch, with tf.data autotuning off.
 
+  Autotuning is off on purpose: in TensorFlow 2.21 an iterator's destructor
+  waits for autotuning's optimisation thread, which sleeps up to a minute
+  (measured 50 s at the end of a run). Parallelism is set explicitly instead.
+  """
+  ds = ds.batch(per_replica_batch, drop_remainder=True).prefetch(2)
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options)
+
+
+def _parallelism():
+  return os.cpu_count() or 1
+
+
+def _pipeline_batch(context, config):
+  per_replica = context.get_per_replica_batch_size(config.global_batch_size)
+  return per_replica, per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
+
+
+# --- Decoding, shared by both kinds of split ---------------------------------
+
+def _load(ds, load, source, split, config, training, first_position=0):
+  """(position, seed position, key) -> (position, image, label), in one parallel map.
+
+  load(key) -> (image, label, record name) fetches or parses the example.
+  position counts this pipeline's examples from first_position (also across
+  restarts); a gap between consecutive positions is a record skipped.
+  """
+  def load_and_preprocess(position, seed_position, key):
+    image, label, name = load(key)
+    if split.encoded:
+      # Outside strict mode ignore_errors() below drops the example, as it does
+      # any the decoder rejects; in strict mode the error names the record.
+      check = tf.debugging.Assert(preprocess_lib.looks_complete(image), [BAD_IMAGE, name])
+      with tf.control_dependencies([check]):
+        image = tf.identity(image)
+    seed = tf.stack([tf.constant(config.seed + _AUGMENT_SALT, tf.int64), seed_position])
+    image = preprocess_lib.preprocess(image, source.augment, config.image_size, training, seed,
+                                      split.encoded)
+    return position, image, label, name
+
+  ds = ds.map(load_and_preprocess, num_parallel_calls=_parallelism(), deterministic=True)
+  if split.encoded and not config.strict:
+    ds = ds.ignore_errors()
+
+  def check_label(previous, element):
+    """Also counts the records skipped just before each example."""
+    position, image, label, name = element
+    ok = (label >= 0) & (label < source.num_classes)
+    with tf.control_dependencies([tf.debugging.Assert(ok, [BAD_LABEL, label, name])]):
+      skipped = tf.cast(position - previous - 1, tf.int32)
+    return position, (image, label, skipped)
+
+  return ds.scan(tf.constant(first_position - 1, tf.int64), check_label)
+
+
+def _pad_to(ds, num_examples, config):
+  """Real examples with weight 1, then zero-weight padding: exactly num_examples."""
+  size = config.image_size
+  ds = ds.map(lambda image, label, skipped: (image, label, tf.constant(1.0)))
+  padding = tf.data.Dataset.from_tensors(
+      (tf.zeros([size, size, 3], tf.uint8), tf.constant(0, tf.int64), tf.constant(0.0)))
+  return ds.concatenate(padding.repeat()).take(num_examples)
+
+
+# --- Indexed splits ----------------------------------------------------------
 
 def _epoch_indices(num_examples, seed, epoch):
   """(index, global position) pairs of one epoch, in that epoch's order."""
@@ -93,48 +149,171 @@ def _keep_own_chunks(ds, context, per_replica_batch):
   return ds.unbatch()
 
 
-def train_dataset_fn(source, split, config, start_step=0):
-  """A dataset_fn for strategy.distribute_datasets_from_function, from start_step."""
-  data = source.split(split)
-  n = data.num_examples
+def _indexed_train(source, split, config, start_step, context):
+  per_replica, pipeline_batch = _pipeline_batch(context, config)
+  n = split.num_examples
+  start = start_step * config.global_batch_size
+  first_epoch, offset = start // n, start % n
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
+      lambda epoch: _epoch_indices(n, config.seed, epoch)).skip(offset)
+  ds = _keep_own_chunks(ds, context, per_replica)
+  first_position = start_step * pipeline_batch
+  ds = ds.enumerate(first_position).map(
+      lambda position, index_and_position: (position, index_and_position[1],
+                                            index_and_position[0]))
+  ds = _load(ds, split.fetch, source, split, config, True, first_position)
+  return _finish(ds, per_replica)
+
+
+def _indexed_eval(source, split, config, context):
+  per_replica, pipeline_batch = _pipeline_batch(context, config)
+  n = split.num_examples
+  steps = math.ceil(n / config.global_batch_size)
+  ds = _keep_own_chunks(tf.data.Dataset.range(steps * config.global_batch_size),
+                        context, per_replica)
+  ds = ds.filter(lambda position: position < n)
+  ds = ds.enumerate().map(lambda position, index: (position, index, index))
+  ds = _pad_to(_load(ds, split.fetch, source, split, config, False), steps * pipeline_batch,
+               config)
+  return _finish(ds, per_replica)
+
+
+# --- Record splits -----------------------------------------------------------
+
+def shard_of(split, num_pipelines, pipeline_id):
+  """(files, records of this pipeline, example-level?) for one input pipeline."""
+  if len(split.files) >= num_pipelines:
+    return split.files[pipeline_id::num_pipelines], sum(split.counts[pipeline_id::num_pipelines]), False
+  return split.files, len(range(pipeline_id, split.num_examples, num_pipelines)), True
+
+
+def _read(files, num_files, remote, num_pipelines, pipeline_id, example_level):
+  """(record, name) of a vector of files in that order, interleaved deterministically."""
+  buffer = _GCS_READ_BUFFER if remote else None
+
+  def records(path):
+    ds = tf.data.TFRecordDataset(path, buffer_size=buffer).enumerate()
+    return ds.map(lambda i, record: (record, tf.strings.join(
+        ["record ", tf.strings.as_string(i), " of ", path])))
+
+  cycle = min(_CYCLE_LENGTH, num_files)
+  ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+      records, cycle_length=cycle, block_length=1, num_parallel_calls=cycle,
+      deterministic=True)
+  if example_level:
+    ds = ds.shard(num_pipelines, pipeline_id)
+  return ds
+
+
+def _parser(split):
+  def load(record_and_name):
+    record, name = record_and_name
+    return split.parse(record) + (name,)
+  return load
+
+
+def _remote(files):
+  return any(f.startswith("gs://") for f in files)
+
+
+def _record_seed(config, epoch, pipeline_id):
+  return tf.stack([tf.constant(config.seed, tf.int64), epoch * 1000003 + pipeline_id])
+
+
+def _record_train(source, split, config, start_step, context):
+  per_replica, pipeline_batch = _pipeline_batch(context, config)
+  p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
+  files, count, example_level = shard_of(split, num_pipelines, p)
+  if count < pipeline_batch:
+    raise ConfigError(f"input pipeline {p} has {count} training examples, fewer than "
+                      f"its {pipeline_batch} per step")
+  read = functools.partial(_read, num_files=len(files), remote=_remote(files),
+                           num_pipelines=num_pipelines, pipeline_id=p,
+                           example_level=example_level)
+  files = tf.constant(files)
+
+  def epoch_records(epoch):
+    # The file order is the same on every pipeline, as example-level sharding needs.
+    ds = read(tf.random.experimental.stateless_shuffle(
+        files, seed=tf.stack([tf.constant(config.seed, tf.int64), epoch])))
+    seed = _record_seed(config, epoch, p)
+    shuffle_seed = tf.random.stateless_uniform([], seed=seed, minval=None, maxval=None,
+                                               dtype=tf.int64)
+    # shuffle() pairs its op seed with the graph seed, and fails on a tensor op
+    # seed when the graph seed is 0 (tf.random.set_seed(0)); this graph's own
+    # seed makes the order depend on shuffle_seed alone.
+    tf.compat.v1.get_default_graph().seed = 1
+    return ds.shuffle(config.shuffle_buffer, seed=shuffle_seed)
+
+  first_position = start_step * pipeline_batch
+  first_epoch, offset = divmod(first_position, count)
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_records).skip(offset)
+
+  ds = ds.enumerate(first_position).map(
+      lambda position, record: (position, position * num_pipelines + p, record))
+  ds = _load(ds, _parser(split), source, split, config, True, first_position)
+  return _finish(ds, per_replica)
+
+
+def _record_eval(source, split, config, context):
+  per_replica, pipeline_batch = _pipeline_batch(context, config)
+  p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
+  files, _, example_level = shard_of(split, num_pipelines, p)
+  ds = _read(tf.constant(files), len(files), _remote(files), num_pipelines, p, example_level)
+
+  ds = ds.enumerate().map(lambda position, record: (position, position, record))
+  steps = eval_steps(split, config.global_batch_size, num_pipelines)
+  ds = _pad_to(_load(ds, _parser(split), source, split, config, False),
+               steps * pipeline_batch, config)
+  return _finish(ds, per_replica)
+
+
+# --- Synthetic ---------------------------------------------------------------
+
+def _synthetic_train(source, config, context):
+  """One random batch per pipeline, repeated: no input work at all."""
+  per_replica, _ = _pipeline_batch(context, config)
+  seed = tf.constant([config.seed, context.input_pipeline_id], tf.int64)
+  size = config.image_size
+  images = tf.random.stateless_uniform([per_replica, size, size, 3], seed=seed, maxval=256,
+                                       dtype=tf.int32)
+  labels = tf.random.stateless_uniform([per_replica], seed=seed + 1, maxval=source.num_classes,
+                                       dtype=tf.int64)
+  batch = (tf.cast(images, tf.uint8), labels, tf.zeros([per_replica], tf.int32))
+  return tf.data.Dataset.from_tensors(batch).repeat()
+
+
+# --- The dataset_fns ---------------------------------------------------------
+
+def train_dataset_fn(source, split_name, config, start_step=0):
+  """A dataset_fn yielding (images, labels, skipped) from start_step on."""
+  split = source.split(split_name)
 
   def dataset_fn(context):
-    per_replica_batch = context.get_per_replica_batch_size(config.global_batch_size)
-    start = start_step * config.global_batch_size
-    first_epoch, offset = start // n, start % n
-    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
-        lambda epoch: _epoch_indices(n, config.seed, epoch)).skip(offset)
-    ds = _keep_own_chunks(ds, context, per_replica_batch)
-
-    def load(index, position):
-      image, label = data.fetch(index)
-      return _preprocess(source, image, label, position, config, training=True)
-
-    return _finish(ds, per_replica_batch, load)
+    if source.name == "synthetic":
+      return _synthetic_train(source, config, context)
+    if isinstance(split, RecordSplit):
+      return _record_train(source, split, config, start_step, context)
+    return _indexed_train(source, split, config, start_step, context)
 
   return dataset_fn
 
 
-def eval_steps(num_examples, global_batch_size):
-  return math.ceil(num_examples / global_batch_size)
+def eval_steps(split, global_batch_size, num_pipelines=1):
+  """Steps that cover the split exactly once on every pipeline."""
+  if isinstance(split, RecordSplit):
+    most = max(shard_of(split, num_pipelines, p)[1] for p in range(num_pipelines))
+    return math.ceil(most / (global_batch_size // num_pipelines))
+  return math.ceil(split.num_examples / global_batch_size)
 
 
-def eval_dataset_fn(source, split, config):
-  """Yields (images, labels, weights); weights are 0 on the padding."""
-  data = source.split(split)
-  n = data.num_examples
-  total = eval_steps(n, config.global_batch_size) * config.global_batch_size
+def eval_dataset_fn(source, split_name, config):
+  """A dataset_fn yielding (images, labels, weights); weights are 0 on the padding."""
+  split = source.split(split_name)
 
   def dataset_fn(context):
-    per_replica_batch = context.get_per_replica_batch_size(config.global_batch_size)
-    ds = tf.data.Dataset.range(total)
-    ds = _keep_own_chunks(ds, context, per_replica_batch)
-
-    def load(position):
-      image, label = data.fetch(tf.minimum(position, n - 1))
-      image, label = _preprocess(source, image, label, position, config, training=False)
-      return image, label, tf.cast(position < n, tf.float32)
-
-    return _finish(ds, per_replica_batch, load)
+    if isinstance(split, RecordSplit):
+      return _record_eval(source, split, config, context)
+    return _indexed_eval(source, split, config, context)
 
   return dataset_fn

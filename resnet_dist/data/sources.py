@@ -1,18 +1,27 @@
-"""Where examples come from: each source gives random access to a split by index.
+"""Where examples come from.
 
-Random access lets every input pipeline draw its slice of one global order,
-which makes N pipelines see exactly the batches one pipeline sees, and makes
-resuming at any step free and exact (pipeline.py).
+A split is one of two kinds:
+  IndexedSplit  random access by index (in-memory arrays, image folders). Every
+                input pipeline draws its slice of one global order, so N
+                pipelines see exactly the batches one pipeline sees, and
+                resuming at any step is free and exact (pipeline.py).
+  RecordSplit   TFRecord files streamed in order (ImageNet, large TFDS
+                datasets), sharded by file, with the record count of each file
+                known up front, so evaluation is exact and resuming skips
+                straight to the right epoch.
 """
 
 import dataclasses
 import fcntl
 import os
+import tempfile
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
+from resnet_dist.data import folder, records
+from resnet_dist.data.splits import IndexedSplit, RecordSplit
 from resnet_dist.errors import ConfigError
 
 # Per-channel statistics on the 0..255 scale.
@@ -24,43 +33,42 @@ MAX_IN_MEMORY_BYTES = 4 << 30
 
 
 @dataclasses.dataclass
-class Split:
-  """num_examples examples; fetch(index) -> (uint8 image [H, W, C], int64 label)."""
-  num_examples: int
-  fetch: Callable
-
-
-@dataclasses.dataclass
 class Source:
   """A dataset the pipeline can read.
 
-  augment: "crop_flip" (pad 4, random crop, flip: CIFAR), "crop" (no flip:
-  digits, where a mirrored 2 is not a 2), or "none". mean/std normalise the
-  0..255 pixels. image_size is the size the source's images naturally have.
+  augment: a preprocess.AUGMENTS style. mean/std normalise the 0..255
+  pixels. image_size is the size the source's images naturally have (0:
+  they vary). class_names: label id -> name, when the source names its classes.
   """
   name: str
   num_classes: int
   train_split: str
   eval_split: str
   image_size: int
-  augment: str = "crop_flip"
+  augment: str = "pad_crop_flip"
   mean: tuple = IMAGENET_MEAN
   std: tuple = IMAGENET_STD
-  load_split: Callable = None   # split name -> Split
+  load_split: Callable = None   # split name -> IndexedSplit or RecordSplit
+  class_names: tuple = ()
   _loaded: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  cache: bool = False  # hold a TFRecord split in memory (--cache_data)
 
   def split(self, name):
     """The split, loaded once: every evaluation reuses it."""
     if name not in self._loaded:
-      self._loaded[name] = self.load_split(name)
+      split = self.load_split(name)
+      if self.cache and isinstance(split, RecordSplit):
+        split = records.held_in_memory(split)
+      self._loaded[name] = split
     return self._loaded[name]
 
 
 def _in_memory_split(images, labels):
   images = tf.constant(images)
   labels = tf.constant(labels, tf.int64)
-  return Split(int(labels.shape[0]),
-               lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+  return IndexedSplit(int(labels.shape[0]),
+                      lambda i: (tf.gather(images, i), tf.gather(labels, i), tf.constant("")))
 
 
 def _tfds_builder(name, data_dir, download):
@@ -83,17 +91,31 @@ def _tfds_builder(name, data_dir, download):
 
 
 def _prepare_once(builder):
-  """Prepares a TFDS dataset; local worker processes racing to do it take turns."""
-  root = builder.data_dir_root
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f".{builder.name}.lock"), "w") as lock:
+  """Prepares a TFDS dataset; local worker processes racing to do it take turns.
+
+  The lock lives in the local temp dir: data_dir may be on GCS or read-only.
+  """
+  lock_path = os.path.join(tempfile.gettempdir(), f"resnet_dist-prepare-{builder.name}.lock")
+  with open(lock_path, "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not builder.is_prepared():
       builder.download_and_prepare()
 
 
+def _check_labels(labels, num_classes, where):
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ConfigError(f"{where} has label {int(bad[0])}, outside 0..{num_classes - 1}")
+
+
+def _style(image_size):
+  """Augmentation for a source's native image size (0: sizes vary)."""
+  return "pad_crop_flip" if 0 < image_size <= 64 else "inception"
+
+
 def tfds_source(name, data_dir=None, download=False):
-  """Any TFDS image-classification dataset small enough to hold in memory."""
+  """Any TFDS image-classification dataset: held in memory when its images share
+  one size and the split fits in MAX_IN_MEMORY_BYTES, streamed otherwise."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = _tfds_builder(name, data_dir, download)
   info = builder.info
@@ -102,52 +124,92 @@ def tfds_source(name, data_dir=None, download=False):
   train_split = "train" if "train" in splits else splits[0]
   eval_split = next((s for s in ("test", "validation") if s in splits), train_split)
   shape = info.features[image_key].shape
-  if None in shape[:2]:
-    raise ConfigError(f"TFDS dataset {name!r} has images of varying size; "
-                      "it needs a streaming source, not an in-memory one")
+  image_size = 0 if None in shape[:2] or shape[0] != shape[1] else shape[0]
+  num_classes = info.features[label_key].num_classes
 
   def load_split(split):
     if split not in info.splits:
       raise ConfigError(f"{name!r} has no split {split!r}; it has {', '.join(splits)}")
     if info.splits[split].num_examples == 0:
       raise ConfigError(f"split {split!r} of {name!r} is empty")
-    if info.splits[split].num_bytes > MAX_IN_MEMORY_BYTES:
-      raise ConfigError(f"split {split!r} of {name!r} is too large to hold in memory")
+    if image_size == 0 or info.splits[split].num_bytes > MAX_IN_MEMORY_BYTES:
+      return records.tfds_split(builder, split, image_key, label_key)
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    return _in_memory_split(arrays[image_key], arrays[label_key].astype(np.int64))
+    labels = arrays[label_key].astype(np.int64)
+    _check_labels(labels, num_classes, f"split {split!r} of {name!r}")
+    return _in_memory_split(arrays[image_key], labels)
 
   digits = name == "digits"
   return Source(
-      name=name, num_classes=info.features[label_key].num_classes,
-      train_split=train_split, eval_split=eval_split, image_size=shape[0],
-      augment="crop" if digits else "crop_flip",
+      name=name, num_classes=num_classes,
+      train_split=train_split, eval_split=eval_split, image_size=image_size,
+      augment="pad_crop" if digits else _style(image_size),
       # digits: a foreground stroke on a zero background; mid-range statistics.
       mean=(64.0,) * 3 if digits else IMAGENET_MEAN,
       std=(96.0,) * 3 if digits else IMAGENET_STD,
-      load_split=load_split)
+      load_split=load_split, class_names=tuple(info.features[label_key].names))
+
+
+def imagenet_source(data_dir, num_classes=1000):
+  """ImageNet TFRecords in the standard layout (records.IMAGENET_SPLITS)."""
+  return Source(name="imagenet", num_classes=num_classes, train_split="train",
+                eval_split="validation", image_size=0, augment="inception",
+                load_split=lambda split: records.imagenet_split(data_dir, split))
+
+
+def folder_source(root, image_size):
+  names, train_split, eval_split, load_split = folder.folder_splits(root)
+  return Source(name=f"folder:{root}", num_classes=len(names), train_split=train_split,
+                eval_split=eval_split, image_size=0, augment=_style(image_size),
+                load_split=load_split, class_names=tuple(names))
 
 
 def synthetic_source(num_classes, image_size, num_examples=1024):
-  """Random uint8 images and labels, the same for every run: throughput work."""
-  rng = np.random.RandomState(0)
-  images = rng.randint(0, 256, (num_examples, image_size, image_size, 3), dtype=np.uint8)
-  labels = rng.randint(0, num_classes, (num_examples,)).astype(np.int64)
-  split = _in_memory_split(images, labels)
+  """Random images and labels made once per input pipeline and repeated
+  (pipeline.py): the step's speed without any input work. Evaluation reads
+  num_examples images made from their index."""
+  def fetch(index):
+    seed = tf.stack([index, tf.constant(0x5E, tf.int64)])
+    image = tf.random.stateless_uniform([image_size, image_size, 3], seed=seed, maxval=256,
+                                        dtype=tf.int32)
+    label = tf.random.stateless_uniform([], seed=seed + 1, maxval=num_classes, dtype=tf.int64)
+    return tf.cast(image, tf.uint8), label, tf.constant("")
+
+  split = IndexedSplit(num_examples, fetch)
   return Source(name="synthetic", num_classes=num_classes, train_split="train",
                 eval_split="validation", image_size=image_size, augment="none",
                 load_split=lambda _: split)
 
 
-def get_source(dataset, data_dir=None, download=False, num_classes=1000, image_size=224):
-  """Resolves a --dataset value: digits, synthetic, tfds:NAME."""
+DATASETS_HELP = ("digits (embedded), synthetic, imagenet (TFRecords in --data_dir), "
+                 "tfds:NAME (e.g. tfds:cifar10) or folder:PATH (PATH/<split>/<class>/*.jpg)")
+
+
+def is_dataset_name(dataset):
+  return (dataset in ("digits", "synthetic", "imagenet")
+          or any(dataset.startswith(p) and len(dataset) > len(p) for p in ("tfds:", "folder:")))
+
+
+def get_source(dataset, data_dir=None, download=False, num_classes=1000, image_size=224,
+               cache=False):
+  """Resolves a --dataset value (DATASETS_HELP)."""
+  source = _source(dataset, data_dir, download, num_classes, image_size)
+  source.cache = cache
+  return source
+
+
+def _source(dataset, data_dir, download, num_classes, image_size):
+  if not is_dataset_name(dataset):
+    raise ConfigError(f"unknown dataset {dataset!r}; use {DATASETS_HELP}")
   if dataset == "synthetic":
     return synthetic_source(num_classes, image_size)
   if dataset == "digits":
-    return tfds_source("digits", data_dir)
-  if dataset.startswith("tfds:") and dataset[len("tfds:"):]:
-    return tfds_source(dataset[len("tfds:"):], data_dir, download)
-  raise ConfigError(
-      f"unknown dataset {dataset!r}; use digits, synthetic or tfds:NAME")
+    return tfds_source("digits", data_dir or default_data_dir())
+  if dataset == "imagenet":
+    return imagenet_source(data_dir, num_classes)
+  if dataset.startswith("folder:"):
+    return folder_source(dataset[len("folder:"):], image_size)
+  return tfds_source(dataset[len("tfds:"):], data_dir or default_data_dir(), download)
 
 
 def default_data_dir():

@@ -1,0 +1,82 @@
+"""folder:PATH, the user's own images: PATH/<split>/<class name>/*.jpg|jpeg|png.
+
+Class names, sorted, are the label ids; every split uses the training split's
+classes. Files are read by index, so sharding and resume are exact as for
+in-memory data.
+"""
+
+import os
+
+import tensorflow as tf
+
+from resnet_dist.data.splits import IndexedSplit
+from resnet_dist.errors import ConfigError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+EVAL_SPLITS = ("validation", "val", "test")
+
+
+def _split_dirs(root):
+  if not tf.io.gfile.isdir(root):
+    raise ConfigError(f"image folder {root} does not exist")
+  splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
+                  if tf.io.gfile.isdir(os.path.join(root, d)))
+  if "train" not in splits:
+    raise ConfigError(f"image folder {root} has no train/ directory (it has: "
+                      f"{', '.join(splits) or 'nothing'})")
+  return splits
+
+
+def class_names(root):
+  """Sorted class directories of root/train; at least two."""
+  train = os.path.join(root, "train")
+  names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(train)
+                 if tf.io.gfile.isdir(os.path.join(train, d)))
+  if len(names) < 2:
+    raise ConfigError(f"image folder {train} has {len(names)} class directories; "
+                      "classification needs at least 2")
+  return names
+
+
+def list_split(root, split, names):
+  """(paths, labels) of one split, in a fixed order."""
+  directory = os.path.join(root, split)
+  paths, labels = [], []
+  unknown = sorted(set(d.rstrip("/") for d in tf.io.gfile.listdir(directory)
+                       if tf.io.gfile.isdir(os.path.join(directory, d))) - set(names))
+  if unknown:
+    raise ConfigError(f"{directory} has classes not in train/: {', '.join(unknown)}")
+  for label, name in enumerate(names):
+    class_dir = os.path.join(directory, name)
+    if not tf.io.gfile.isdir(class_dir):
+      continue
+    for filename in sorted(tf.io.gfile.listdir(class_dir)):
+      if filename.lower().endswith(EXTENSIONS):
+        paths.append(os.path.join(class_dir, filename))
+        labels.append(label)
+  if not paths:
+    raise ConfigError(f"split {split!r} of image folder {root} has no "
+                      f"{'/'.join(EXTENSIONS)} images")
+  return paths, labels
+
+
+def folder_splits(root):
+  """(class names, train split name, eval split name, split name -> IndexedSplit loader)."""
+  splits = _split_dirs(root)
+  names = class_names(root)
+  eval_split = next((s for s in EVAL_SPLITS if s in splits), "train")
+
+  def load_split(split):
+    if split not in splits:
+      raise ConfigError(f"image folder {root} has no split {split!r}")
+    paths, labels = list_split(root, split, names)
+    paths = tf.constant(paths)
+    labels = tf.constant(labels, tf.int64)
+
+    def fetch(index):
+      path = tf.gather(paths, index)
+      return tf.io.read_file(path), tf.gather(labels, index), path
+
+    return IndexedSplit(int(labels.shape[0]), fetch, encoded=True)
+
+  return names, "train", eval_split, load_split

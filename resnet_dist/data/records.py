@@ -1,0 +1,123 @@
+"""TFRecord sources: ImageNet in the standard layout, and TFDS datasets too large
+or too varied in image size to hold in memory.
+"""
+
+import concurrent.futures
+import struct
+
+import tensorflow as tf
+
+from resnet_dist.data.splits import IndexedSplit, RecordSplit
+from resnet_dist.errors import ConfigError
+
+# The layout written by tensorflow/tpu's imagenet_to_gcs.py.
+IMAGENET_SPLITS = {"train": "train-*-of-*", "validation": "validation-*-of-*"}
+_IMAGENET_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def count_records(path):
+  """Records in one TFRecord file, read from the 12-byte record headers alone."""
+  size = tf.io.gfile.stat(path).length
+  count = position = 0
+  with tf.io.gfile.GFile(path, "rb") as f:
+    while position < size:
+      f.seek(position)
+      header = f.read(12)  # uint64 data length, uint32 masked CRC of the length
+      if len(header) < 12:
+        break
+      (length,) = struct.unpack("<Q", header[:8])
+      position += 12 + length + 4  # header, data, CRC of the data
+      count += 1
+  if position != size:
+    raise ConfigError(f"truncated TFRecord file {path} (record {count} is cut short)")
+  return count
+
+
+def count_all(files):
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    return list(pool.map(count_records, files))
+
+
+def _glob(data_dir, pattern, what):
+  if not tf.io.gfile.isdir(data_dir):
+    raise ConfigError(f"--data_dir={data_dir} does not exist")
+  files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{pattern}"))
+  if not files:
+    raise ConfigError(f"no {what} files {pattern} in --data_dir={data_dir}")
+  return files
+
+
+def imagenet_split(data_dir, split):
+  """One split of ImageNet TFRecords; labels 1..1000 in the files become 0..999."""
+  if not data_dir:
+    raise ConfigError("--dataset=imagenet needs --data_dir, the directory of its TFRecords")
+  files = _glob(data_dir, IMAGENET_SPLITS[split], f"ImageNet {split}")
+  counts = count_all(files)
+  if not sum(counts):
+    raise ConfigError(f"the ImageNet {split} split in {data_dir} is empty")
+
+  def parse(record):
+    features = tf.io.parse_single_example(record, _IMAGENET_FEATURES)
+    return features["image/encoded"], features["image/class/label"] - 1
+
+  return RecordSplit(files, counts, parse)
+
+
+def tfds_split(builder, split, image_key, label_key):
+  """A prepared TFDS split read as TFRecords, images left encoded for fused decoding."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+    raise ConfigError(f"TFDS dataset {builder.name!r} is stored as "
+                      f"{builder.info.file_format.value}; only tfrecord can be streamed")
+  info = builder.info.splits[split]
+  decoders = {image_key: tfds.decode.SkipDecoding()}
+
+  def parse(record):
+    example = builder.info.features.deserialize_example(record, decoders=decoders)
+    return example[image_key], tf.cast(example[label_key], tf.int64)
+
+  return RecordSplit([str(p) for p in info.filepaths], list(info.shard_lengths), parse)
+
+
+def held_in_memory(split):
+  """A RecordSplit read once into memory, served by index (--cache_data).
+
+  Indexed, it gets what in-memory data has: a fresh permutation of the whole
+  split every epoch, the same global batches on any number of replicas, and
+  exact resume. Each worker holds the whole split.
+  """
+  serialized, names = [], []
+  for path in split.files:
+    for i, record in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+      serialized.append(record)
+      names.append(f"record {i} of {path}")
+  serialized, names = tf.constant(serialized), tf.constant(names)
+
+  def fetch(index):
+    image, label = split.parse(tf.gather(serialized, index))
+    return image, label, tf.gather(names, index)
+
+  return IndexedSplit(len(names), fetch, encoded=True)
+
+
+def write_imagenet_records(directory, split, encoded_images, labels, num_files):
+  """Writes encoded images with 0-based labels as split-0000i-of-0000n TFRecords
+  in the standard layout (labels stored 1-based). Returns the file paths.
+
+  For tests and benchmarks, and for converting small datasets of one's own.
+  """
+  tf.io.gfile.makedirs(directory)
+  paths = [f"{directory}/{split}-{i:05d}-of-{num_files:05d}" for i in range(num_files)]
+  writers = [tf.io.TFRecordWriter(p) for p in paths]
+  for i, (image, label) in enumerate(zip(encoded_images, labels)):
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label + 1])),
+    }))
+    writers[i % num_files].write(example.SerializeToString())
+  for writer in writers:
+    writer.close()
+  return paths

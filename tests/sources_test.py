@@ -1,0 +1,293 @@
+"""Real datasets built on the fly: ImageNet TFRecords, image folders, TFDS.
+
+Nothing is downloaded: the JPEGs and PNGs are encoded here, the TFRecords are
+written in the standard layout, TFDS datasets are the embedded digits or
+tfds.testing.mock_data.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl.testing import absltest, parameterized
+
+from resnet_dist import data
+from resnet_dist.data import preprocess, records, sources
+from resnet_dist.errors import ConfigError
+
+
+def context(num_pipelines, pipeline_id, num_replicas):
+  return tf.distribute.InputContext(num_input_pipelines=num_pipelines,
+                                    input_pipeline_id=pipeline_id,
+                                    num_replicas_in_sync=num_replicas)
+
+
+def jpeg(value, height=40, width=52):
+  """A JPEG whose pixels are all `value`: its label can be read off the image."""
+  return tf.io.encode_jpeg(np.full((height, width, 3), value, np.uint8), quality=100).numpy()
+
+
+def numbered_records(directory, n, num_files, split="train"):
+  """n JPEGs, example i has label i and pixels of value 2 * i (n <= 128)."""
+  images = [jpeg(2 * i, 40 + i % 5, 52 - i % 3) for i in range(n)]
+  return records.write_imagenet_records(directory, split, images, list(range(n)), num_files)
+
+
+def labels_from_pixels(images):
+  """Label i <- pixel value 2i (JPEG rounding stays well within 1)."""
+  return np.round(images.numpy().reshape(images.shape[0], -1).mean(1) / 2).astype(int)
+
+
+class ImagenetRecordsTest(parameterized.TestCase):
+
+  def test_labels_become_zero_based_and_images_are_uint8(self):
+    directory = self.create_tempdir().full_path
+    numbered_records(directory, 12, 2, "validation")
+    with tf.io.gfile.GFile(f"{directory}/validation-00000-of-00002", "rb") as f:
+      first = tf.train.Example.FromString(next(iter(
+          tf.data.TFRecordDataset(f.name).as_numpy_iterator())))
+    self.assertEqual(first.features.feature["image/class/label"].int64_list.value[0], 1)
+    source = data.get_source("imagenet", directory, num_classes=100)
+    ds = data.eval_dataset_fn(source, "validation", data.InputConfig(4, 32))(context(1, 0, 1))
+    labels, pixels = [], []
+    for images, batch_labels, weights in ds:
+      self.assertEqual(images.shape, (4, 32, 32, 3))
+      self.assertEqual(images.dtype, tf.uint8)
+      labels += batch_labels.numpy()[weights.numpy() > 0].tolist()
+      pixels += labels_from_pixels(images)[weights.numpy() > 0].tolist()
+    self.assertCountEqual(labels, range(12))   # 0-based: record label 1 is class 0
+    self.assertEqual(labels, pixels)           # each label stays with its own image
+
+  @parameterized.parameters(1, 2, 3)
+  def test_pipelines_partition_the_records(self, num_pipelines):
+    # 2 files: file-level sharding for 1 and 2 pipelines, example-level for 3.
+    directory = self.create_tempdir().full_path
+    n = 26
+    numbered_records(directory, n, 2)
+    source = data.get_source("imagenet", directory, num_classes=100)
+    split = source.split("train")
+    seen = []
+    for p in range(num_pipelines):
+      _, count, example_level = data.pipeline.shard_of(split, num_pipelines, p)
+      self.assertEqual(example_level, num_pipelines > 2)
+      # One replica per pipeline, per-replica batch 1: one epoch is `count` batches.
+      config = data.InputConfig(num_pipelines, 32, shuffle_buffer=8)
+      ds = data.train_dataset_fn(source, "train", config)(context(num_pipelines, p, num_pipelines))
+      epoch = [int(b[1][0]) for b in ds.take(count)]
+      self.assertLen(set(epoch), count)       # no example twice within the epoch
+      seen += epoch
+    self.assertCountEqual(seen, range(n))     # together: the dataset, no overlap
+
+  def test_eval_is_exact_with_two_replicas_and_an_odd_count(self):
+    directory = self.create_tempdir().full_path
+    n = 37
+    numbered_records(directory, n, 3, "validation")
+    source = data.get_source("imagenet", directory, num_classes=100)
+    split = source.split("validation")
+    steps = data.eval_steps(split, 8, num_pipelines=2)
+    counts = np.zeros(n)
+    for p in range(2):
+      batches = list(data.eval_dataset_fn(source, "validation", data.InputConfig(8, 32))(
+          context(2, p, 2)))
+      self.assertLen(batches, steps)
+      for _, labels, weights in batches:
+        np.add.at(counts, labels.numpy(), weights.numpy())
+    np.testing.assert_array_equal(counts, np.ones(n))
+
+  def test_resume_skips_to_the_same_records(self):
+    directory = self.create_tempdir().full_path
+    numbered_records(directory, 20, 3)
+    source = data.get_source("imagenet", directory, num_classes=100)
+    config = data.InputConfig(4, 32, seed=5, shuffle_buffer=6)
+    full = [b[1].numpy().tolist() for b in
+            data.train_dataset_fn(source, "train", config)(context(1, 0, 1)).take(14)]
+    resumed = [b[1].numpy().tolist() for b in
+               data.train_dataset_fn(source, "train", config, start_step=9)(
+                   context(1, 0, 1)).take(5)]
+    self.assertEqual(resumed, full[9:])      # crosses into the second epoch
+    self.assertNotEqual(full[:5], full[5:10])  # epochs are shuffled differently
+
+  def test_cache_data_serves_the_same_examples_by_index(self):
+    directory = self.create_tempdir().full_path
+    numbered_records(directory, 10, 2)
+    source = data.get_source("imagenet", directory, num_classes=100, cache=True)
+    split = source.split("train")
+    self.assertIsInstance(split, sources.IndexedSplit)
+    ds = data.train_dataset_fn(source, "train", data.InputConfig(10, 32))(context(1, 0, 1))
+    self.assertCountEqual(next(iter(ds))[1].numpy(), range(10))
+
+  def test_record_counts_come_from_headers_and_truncation_is_named(self):
+    directory = self.create_tempdir().full_path
+    paths = numbered_records(directory, 7, 2)
+    self.assertEqual([records.count_records(p) for p in paths], [4, 3])
+    with open(paths[1], "r+b") as f:
+      f.truncate(os.path.getsize(paths[1]) - 10)
+    with self.assertRaisesRegex(ConfigError, "truncated TFRecord file .*train-00001"):
+      records.count_records(paths[1])
+
+  def test_missing_or_empty_data_fails_clearly(self):
+    with self.assertRaisesRegex(ConfigError, "--data_dir=/no/such/dir does not exist"):
+      data.get_source("imagenet", "/no/such/dir").split("train")
+    with self.assertRaisesRegex(ConfigError, "needs --data_dir"):
+      data.get_source("imagenet", "").split("train")
+    directory = self.create_tempdir().full_path
+    with self.assertRaisesRegex(ConfigError, "no ImageNet train files train-"):
+      data.get_source("imagenet", directory).split("train")
+    records.write_imagenet_records(directory, "train", [], [], 1)
+    with self.assertRaisesRegex(ConfigError, "split in .* is empty"):
+      data.get_source("imagenet", directory).split("train")
+
+
+class BadImagesTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.directory = self.create_tempdir().full_path
+    images = [jpeg(2 * i) for i in range(10)]
+    images[3] = images[3][:len(images[3]) // 2]                  # truncated
+    images[6] = images[6][:200] + b"\x00" * 300 + images[6][-2:]  # garbage inside
+    records.write_imagenet_records(self.directory, "train", images, list(range(10)), 1)
+    records.write_imagenet_records(self.directory, "validation", images, list(range(10)), 1)
+    self.source = data.get_source("imagenet", self.directory, num_classes=10)
+
+  def test_bad_images_are_skipped_and_counted(self):
+    config = data.InputConfig(4, 32, shuffle_buffer=1)
+    batches = list(data.train_dataset_fn(self.source, "train", config)(
+        context(1, 0, 1)).take(4))   # 16 good examples: two epochs of 8
+    labels = np.concatenate([b[1].numpy() for b in batches])
+    skipped = sum(int(tf.reduce_sum(b[2])) for b in batches)
+    self.assertNotIn(3, labels)
+    self.assertNotIn(6, labels)
+    self.assertEqual(skipped, 4)  # two bad records in each of two epochs
+    counted = sum(float(tf.reduce_sum(b[2])) for b in
+                  data.eval_dataset_fn(self.source, "validation", config)(context(1, 0, 1)))
+    self.assertEqual(counted, 8)  # the eval weights: 8 good examples of 10
+
+  def test_strict_data_stops_naming_the_file(self):
+    config = data.InputConfig(4, 32, shuffle_buffer=1, strict=True)
+    ds = data.train_dataset_fn(self.source, "train", config)(context(1, 0, 1))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                "undecodable image.*record 3 of .*train-00000-of-00001"):
+      list(ds.take(3))
+
+  def test_labels_outside_the_classes_stop_the_run(self):
+    records.write_imagenet_records(self.directory, "validation", [jpeg(1)], [12], 1)
+    source = data.get_source("imagenet", self.directory, num_classes=10)
+    ds = data.eval_dataset_fn(source, "validation", data.InputConfig(4, 32))(context(1, 0, 1))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, data.BAD_LABEL + r"\] \[12\]"):
+      list(ds)
+
+
+PIXELS = {"ant": 40, "moth": 80, "zebra": 0, "only": 10}
+
+
+def write_folder(root, classes, per_class, split="train", ext="jpg"):
+  for name in classes:
+    os.makedirs(os.path.join(root, split, name), exist_ok=True)
+    for i in range(per_class):
+      pixels = np.full((20 + i, 30, 3), PIXELS[name], np.uint8)
+      encoded = (tf.io.encode_png(pixels) if ext == "png" else tf.io.encode_jpeg(pixels)).numpy()
+      with open(os.path.join(root, split, name, f"{i}.{ext}"), "wb") as f:
+        f.write(encoded)
+
+
+class FolderTest(absltest.TestCase):
+
+  def test_sorted_class_names_are_the_labels(self):
+    root = self.create_tempdir().full_path
+    write_folder(root, ["zebra", "ant", "moth"], 3)
+    write_folder(root, ["ant", "moth", "zebra"], 2, split="val", ext="png")
+    source = data.get_source("folder:" + root, image_size=32)
+    self.assertEqual(source.class_names, ("ant", "moth", "zebra"))
+    self.assertEqual((source.train_split, source.eval_split), ("train", "val"))
+    self.assertEqual(source.split("train").num_examples, 9)
+    for split in ("train", "val"):
+      ds = data.eval_dataset_fn(source, split, data.InputConfig(3, 32))(context(1, 0, 1))
+      for images, labels, _ in ds:
+        for image, label in zip(images.numpy(), labels.numpy()):
+          self.assertAlmostEqual(image.mean(), PIXELS[source.class_names[label]], delta=2)
+
+  def test_bad_folders_fail_clearly(self):
+    root = self.create_tempdir().full_path
+    with self.assertRaisesRegex(ConfigError, "has no train/ directory"):
+      data.get_source("folder:" + root)
+    write_folder(root, ["only"], 2)
+    with self.assertRaisesRegex(ConfigError, "1 class directories; classification needs at least 2"):
+      data.get_source("folder:" + root)
+    with self.assertRaisesRegex(ConfigError, "image folder /no/where does not exist"):
+      data.get_source("folder:/no/where")
+
+
+class TfdsTest(absltest.TestCase):
+
+  def test_large_or_varied_datasets_stream_the_same_examples(self):
+    data_dir = self.create_tempdir().full_path
+    in_memory = data.get_source("digits", data_dir)
+    streamed = data.get_source("digits", data_dir)
+    original = sources.MAX_IN_MEMORY_BYTES
+    sources.MAX_IN_MEMORY_BYTES = 0
+    try:
+      split = streamed.split("test")
+    finally:
+      sources.MAX_IN_MEMORY_BYTES = original
+    self.assertIsInstance(split, sources.RecordSplit)
+    self.assertEqual(split.num_examples, 359)
+    config = data.InputConfig(359, 32)
+    a = next(iter(data.eval_dataset_fn(in_memory, "test", config)(context(1, 0, 1))))
+    b = next(iter(data.eval_dataset_fn(streamed, "test", config)(context(1, 0, 1))))
+    np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())  # PNG decoding == arrays
+    np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+
+  def test_mock_tfds_dataset_in_memory(self):
+    # mock_data needs the dataset's metadata; this TFDS wheel ships none, so write it.
+    data_dir = self.create_tempdir().full_path
+    builder = tfds.builder("cifar10", data_dir=data_dir)
+    template = tfds.core.ShardedFileTemplate(data_dir=builder.data_dir, dataset_name="cifar10",
+                                             split="train", filetype_suffix="tfrecord")
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=name, shard_lengths=[24], num_bytes=0,
+                            filename_template=template.replace(split=name))
+        for name in ("train", "test")]))
+    os.makedirs(builder.data_dir)
+    builder.info.write_to_directory(builder.data_dir)
+    with tfds.testing.mock_data(num_examples=24, data_dir=data_dir):
+      source = data.get_source("tfds:cifar10", data_dir)
+      self.assertEqual(source.num_classes, 10)
+      self.assertEqual(source.augment, "pad_crop_flip")
+      ds = data.train_dataset_fn(source, "train", data.InputConfig(8, 32))(context(1, 0, 1))
+      images, labels, skipped = next(iter(ds))
+    self.assertEqual(images.shape, (8, 32, 32, 3))
+    self.assertTrue(np.all((labels.numpy() >= 0) & (labels.numpy() < 10)))
+    self.assertEqual(int(tf.reduce_sum(skipped)), 0)
+
+  def test_never_downloads_unless_asked(self):
+    with self.assertRaisesRegex(ConfigError, "not in --data_dir.*--download"):
+      data.get_source("tfds:mnist", self.create_tempdir().full_path)
+
+
+class PreprocessTest(absltest.TestCase):
+
+  def test_inception_crop_and_centre_crop(self):
+    # Left half 0, right half 200: the centre crop keeps 87.5% of the shorter side.
+    pixels = np.zeros((300, 400, 3), np.uint8)
+    pixels[:, 200:] = 200
+    encoded = tf.io.encode_png(pixels)
+    seed = tf.constant([1, 2], tf.int64)
+    centre = preprocess.preprocess(encoded, "inception", 64, False, seed, True)
+    self.assertEqual(centre.shape, (64, 64, 3))
+    self.assertAlmostEqual(float(tf.reduce_mean(tf.cast(centre, tf.float32))), 100, delta=3)
+    crops = [preprocess.preprocess(encoded, "inception", 64, True,
+                                   tf.constant([i, 3], tf.int64), True) for i in range(20)]
+    means = [float(tf.reduce_mean(tf.cast(c, tf.float32))) for c in crops]
+    self.assertGreater(np.std(means), 10)   # random crops land on different halves
+    again = preprocess.preprocess(encoded, "inception", 64, True, tf.constant([0, 3], tf.int64),
+                                  True)
+    np.testing.assert_array_equal(again.numpy(), crops[0].numpy())  # stateless
+    self.assertTrue(bool(preprocess.looks_complete(tf.io.encode_jpeg(pixels))))
+    self.assertFalse(bool(preprocess.looks_complete(tf.io.encode_jpeg(pixels).numpy()[:-40])))
+    self.assertFalse(bool(preprocess.looks_complete(encoded.numpy()[:-20])))
+
+
+if __name__ == "__main__":
+  absltest.main()
