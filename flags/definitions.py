@@ -109,6 +109,12 @@ flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints,
 # Monitoring
 flags.DEFINE_integer("log_every_steps", _DEFAULTS.log_every_steps,
                      "Print a progress line every this many steps.", lower_bound=1)
+flags.DEFINE_string("profile_steps", _DEFAULTS.profile_steps,
+                    "START,END: trace steps START to END-1 with tf.profiler into "
+                    "model_dir/plugins/profile (TensorBoard's Profile tab).")
+flags.DEFINE_float("peak_tflops", _DEFAULTS.peak_tflops,
+                   "Peak TFLOP/s of all replicas together, for the FLOP utilisation "
+                   "summary; 0: measure a matmul on the replicas at start.", lower_bound=0)
 
 
 flags.register_validator("dataset", data.is_dataset_name,

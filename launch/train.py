@@ -16,7 +16,7 @@ from absl import flags
 from absl import logging
 
 from flags import definitions
-from resnet_dist import train
+from resnet_dist import checkpoints, train
 from resnet_dist.errors import ConfigError
 
 flags.adopt_module_key_flags(definitions)  # --helpshort lists them
@@ -39,7 +39,7 @@ def main(argv):
   except FloatingPointError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_NONFINITE
-  except train.Preempted:
+  except checkpoints.Preempted:
     return EXIT_PREEMPTED
   return 0
 

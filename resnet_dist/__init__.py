@@ -6,5 +6,7 @@ The path of a batch, one module each:
   strategy.py  -> every tf.distribute difference, in one place
   optim.py     -> learning-rate schedules, SGD and LARS
   train.py     -> replica step, eval step and the host loop
-  checkpoint.py, summaries.py -> what a run leaves behind
+  checkpoints.py -> model_dir: checkpoints, resume, preemption
+  monitor.py   -> console, TensorBoard summaries, profiling
+  perf.py      -> the hardware's measured peak, for FLOP utilisation
 """

@@ -59,6 +59,8 @@ class Config:
   keep_checkpoints: int = 3
   # Monitoring
   log_every_steps: int = 10
+  profile_steps: str = ""           # "START,END": trace steps START..END-1
+  peak_tflops: float = 0.0          # the hardware's peak, for FLOP utilisation; 0: measure
 
   @property
   def policy(self):

@@ -5,58 +5,19 @@ model_dir if a checkpoint is there, trains, evaluates, and returns (and
 writes) the run's summary.
 """
 
-import contextlib
-import datetime
+import dataclasses
 import json
 import math
 import os
-import re
-import signal
-import threading
 import time
 
 import keras
 import tensorflow as tf
 
-from resnet_dist import data, models, optim
+from resnet_dist import checkpoints, data, models, monitor, optim, perf
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
-from resnet_dist.errors import ConfigError, DataError
-
-SUMMARY_FILE = "summary.json"
-RUN_FILE = "run.json"  # what a model_dir's checkpoints hold; checked on resume
-CLASSES_FILE = "classes.json"  # label id -> class name
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was saved at the step boundary that followed."""
-
-
-class _SigtermFlag:
-  """Turns SIGTERM into a request the host loop honours at its next boundary."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def log(message, chief=True):
-  if chief:
-    print(message, flush=True)
-
+from resnet_dist.errors import ConfigError
 
 def cross_entropy(labels, logits, num_classes, label_smoothing=0.0):
   """Per-example softmax cross-entropy from logits, with label smoothing."""
@@ -130,6 +91,8 @@ class Trainer:
       self.skipped_records = tf.Variable(
           0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
           aggregation=tf.VariableAggregation.SUM)
+    # Host-side: seconds the train loop waited for input.
+    self.input_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
     step = self.replica_step
     if config.enable_xla:
       strategy_lib.check_xla(strategy)
@@ -183,92 +146,23 @@ class Trainer:
 
   @tf.function
   def train_loop(self, iterator, num_steps):
-    """num_steps steps in one tf.function: neither TPUs nor small models wait on Python."""
+    """num_steps steps in one tf.function: neither TPUs nor small models wait on Python.
+
+    Timestamps around each next(iterator) add up the time the loop waits for
+    input; tf.function runs stateful ops (timestamps, the iterator, variable
+    updates) in program order, so no wait overlaps a step.
+    """
     for _ in tf.range(num_steps):
-      self.strategy.run(self._compiled_step, args=next(iterator))
+      asked = tf.timestamp()
+      batch = next(iterator)
+      with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
+        self.input_seconds.assign_add(tf.timestamp() - asked)
+      self.strategy.run(self._compiled_step, args=batch)
 
   @tf.function
   def eval_loop(self, iterator, num_steps):
     for _ in tf.range(num_steps):
       self.strategy.run(self.eval_step, args=next(iterator))
-
-
-def model_state(model):
-  """Every model variable by its Keras path, for tf.train.Checkpoint.
-
-  Checkpointing the keras.Model object itself misses the layers a block keeps
-  in Python lists, BatchNorm moving statistics among them; naming each
-  variable explicitly saves all of them, under readable keys such as
-  model/layer1.0/bn1/moving_mean.
-  """
-  return {v.path: optim.plain_variable(v) for v in model.variables}
-
-
-def _resolve_model_dir(config):
-  if config.model_dir:
-    return config.model_dir
-  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  name = config.dataset.replace(":", "-").replace("/", "-")
-  return os.path.join("runs", f"{config.model}-{name}-{stamp}")
-
-
-def _check_writable(model_dir):
-  try:
-    tf.io.gfile.makedirs(model_dir)
-    probe = os.path.join(model_dir, ".write_test")
-    with tf.io.gfile.GFile(probe, "w") as f:
-      f.write("ok")
-    tf.io.gfile.remove(probe)
-  except (tf.errors.OpError, OSError) as e:
-    raise ConfigError(f"--model_dir={model_dir} is not writable ({e})") from None
-
-
-def _checkpoint_managers(checkpoint, strategy, model_dir, keep):
-  """(restore manager, save manager).
-
-  Every worker restores from the chief's checkpoints. Saving is collective, so
-  all workers save, but only the chief into model_dir/checkpoints; the others
-  write to a scratch dir of their own.
-  """
-  real = tf.train.CheckpointManager(
-      checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=keep)
-  if strategy_lib.is_chief(strategy):
-    return real, real
-  task_type, task_id = strategy_lib.task_info(strategy)
-  scratch = tf.train.CheckpointManager(
-      checkpoint, os.path.join(model_dir, "scratch", f"{task_type}_{task_id}"), max_to_keep=1)
-  return real, scratch
-
-
-def _check_same_model(model_dir, config, num_classes, chief):
-  """A model_dir resumes only the model it was made for; says what differs."""
-  path = os.path.join(model_dir, RUN_FILE)
-  this = {"model": config.model, "resnet_variant": config.resnet_variant,
-          "num_classes": num_classes}
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      saved = json.load(f)
-    differs = [f"{k} {saved.get(k)} there, {v} here" for k, v in this.items()
-               if saved.get(k) != v]
-    if differs:
-      raise ConfigError(f"--model_dir={model_dir} holds checkpoints of another model "
-                        f"({'; '.join(differs)}); use a new --model_dir")
-  elif chief:
-    with tf.io.gfile.GFile(path, "w") as f:
-      json.dump(this, f)
-
-
-def _restore_latest(checkpoint, manager, chief):
-  """Restores the newest readable checkpoint; a corrupt one is skipped with a warning."""
-  for path in reversed(manager.checkpoints):
-    try:
-      checkpoint.restore(path).assert_existing_objects_matched()
-      return path
-    except Exception as e:  # pylint: disable=broad-except
-      # A truncated file surfaces as OpError, IndexError or ValueError, by where it is cut.
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      log(f"warning: cannot read checkpoint {path} ({reason}); trying the one before", chief)
-  return None
 
 
 def validate(config):
@@ -285,6 +179,20 @@ def validate(config):
     raise ConfigError("set --train_steps or --train_epochs to a positive value")
   if config.steps_per_loop < 1:
     raise ConfigError("--steps_per_loop must be at least 1")
+  parse_profile_steps(config.profile_steps)
+
+
+def parse_profile_steps(value):
+  """"START,END" -> (START, END) with 0 <= START < END; "" -> None."""
+  if not value:
+    return None
+  try:
+    start, end = (int(v) for v in value.split(","))
+  except ValueError:
+    start = end = -1
+  if not 0 <= start < end:
+    raise ConfigError(f"--profile_steps={value} must be START,END with 0 <= START < END")
+  return start, end
 
 
 def run(config: Config, strategy=None):
@@ -299,6 +207,7 @@ def run(config: Config, strategy=None):
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
 
+  # Data: everything about the input that can fail, before any model is built.
   data.check_batch_divides(config.global_batch_size, strategy.num_replicas_in_sync)
   source = data.get_source(config.dataset, config.data_dir, config.download,
                            config.num_classes, config.image_size, config.cache_data)
@@ -309,26 +218,37 @@ def run(config: Config, strategy=None):
                                strategy_lib.num_input_pipelines(strategy))
   steps_per_epoch = max(train_size // config.global_batch_size, 1)
   total_steps = config.train_steps or math.ceil(config.train_epochs * steps_per_epoch)
-  model_dir = _resolve_model_dir(config)
+  model_dir = checkpoints.resolve_model_dir(config)
   if chief:
-    _check_writable(model_dir)
-  _check_same_model(model_dir, config, source.num_classes, chief)
-  _save_class_names(model_dir, source, chief)
+    checkpoints.check_writable(model_dir)
+  checkpoints.check_same_model(model_dir, config, source.num_classes, chief)
+  checkpoints.save_class_names(model_dir, source, chief)
 
+  # Model, optimizer and checkpoint; resume if model_dir has one.
   trainer = Trainer(config, strategy, source, steps_per_epoch, total_steps)
-  checkpoint = tf.train.Checkpoint(model=model_state(trainer.model), optimizer=trainer.optimizer,
-                                   skipped_records=trainer.skipped_records,
-                                   **({"loss_scale": trainer.loss_scale} if trainer.loss_scale else {}))
-  restore_manager, manager = _checkpoint_managers(
-      checkpoint, strategy, model_dir, config.keep_checkpoints)
-  restored = _restore_latest(checkpoint, restore_manager, chief)
+  checkpoint = tf.train.Checkpoint(
+      model=checkpoints.model_state(trainer.model), optimizer=trainer.optimizer,
+      skipped_records=trainer.skipped_records,
+      **({"loss_scale": trainer.loss_scale} if trainer.loss_scale else {}))
+  restore_manager, manager = checkpoints.managers(checkpoint, strategy, model_dir,
+                                                  config.keep_checkpoints)
+  restored = checkpoints.restore_latest(checkpoint, restore_manager, chief)
   start_step = int(trainer.step.numpy())
 
+  # What runs where, once, on the chief.
   num_params = sum(int(tf.size(v)) for v in trainer.variables)
-  log(_describe_run(config, strategy, source, train_size, eval_size, num_params,
-                    steps_per_epoch, total_steps, model_dir), chief)
+  macs = models.count_macs(trainer.model, config.image_size) if chief else 0
+  peak_flops = 0.0
+  if chief:
+    peak_flops = config.peak_tflops * 1e12 or perf.measure_peak_flops(
+        strategy, trainer.model.compute_dtype)
+  monitor.log(monitor.describe_run(config, strategy, source, train_size, eval_size, num_params,
+                                   macs, steps_per_epoch, total_steps, model_dir), chief)
+  if peak_flops:
+    monitor.log(f"peak       {peak_flops / 1e9:.1f} GFLOP/s ({trainer.model.compute_dtype} "
+                f"matmul, {'given' if config.peak_tflops else 'measured'})", chief)
   if start_step:
-    log(f"resuming from step {start_step} ({restored})", chief)
+    monitor.log(f"resuming from step {start_step} ({restored})", chief)
 
   input_config = data.InputConfig(config.global_batch_size, config.image_size, config.seed,
                                   config.shuffle_buffer, config.strict_data)
@@ -336,11 +256,11 @@ def run(config: Config, strategy=None):
   train_iterator = iter(strategy.distribute_datasets_from_function(
       data.train_dataset_fn(source, source.train_split, input_config, start_step),
       options=input_options))
-
-  writer, eval_writer = (
-      (tf.summary.create_file_writer(os.path.join(model_dir, "train")),
-       tf.summary.create_file_writer(os.path.join(model_dir, "eval"))) if chief
-      else (tf.summary.create_noop_writer(), tf.summary.create_noop_writer()))
+  summaries = monitor.Summaries(model_dir, chief)
+  if chief:
+    summaries.start(config, _first_images(source, input_config, start_step), start_step, macs,
+                    peak_flops)
+  profiler = monitor.Profiler(model_dir, parse_profile_steps(config.profile_steps), chief)
   eval_every = (round(config.epochs_between_evals * steps_per_epoch)
                 if config.epochs_between_evals > 0 else 0)
 
@@ -348,50 +268,50 @@ def run(config: Config, strategy=None):
     trainer.eval_metrics.reset()
     dataset = strategy.distribute_datasets_from_function(
         data.eval_dataset_fn(source, source.eval_split, input_config), options=input_options)
-    with _data_errors(source.num_classes):
+    with data.data_errors(source.num_classes):
       trainer.eval_loop(iter(dataset), tf.constant(eval_steps))
     result = {**trainer.eval_metrics.result(), "step": int(trainer.step.numpy())}
-    log(f"eval at step {result['step']}: loss {result['loss']:.4f} "
-        f"top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} "
-        f"over {int(result['count'])} examples"
-        + (f" ({eval_size - int(result['count'])} undecodable, skipped)"
-           if int(result["count"]) < eval_size else ""), chief)
-    with eval_writer.as_default(step=result["step"]):
-      for key in ("loss", "top1", "top5"):
-        tf.summary.scalar(key, result[key])
+    monitor.log(monitor.eval_line(result, eval_size), chief)
+    summaries.write_eval(result)
     return result
 
-  with _SigtermFlag() as sigterm:
+  # The host loop: returns to Python only at loop ends, evaluations, checkpoints
+  # and profile boundaries.
+  flops_per_image = perf.training_flops_per_image(macs)
+  with checkpoints.SigtermFlag() as sigterm:
     step = start_step
-    throughput = []
+    loops = []
     last = {"loss": float("nan"), "top1": float("nan")}
     eval_result = None
     while step < total_steps:
       num_steps = _next_stop(step, total_steps, config.steps_per_loop, eval_every,
-                             config.checkpoint_every_steps) - step
+                             config.checkpoint_every_steps, profiler.stops()) - step
+      profiler.at(step)
       trainer.train_metrics.reset()
       trainer.grad_norm_sum.assign(0.0)
+      trainer.input_seconds.assign(0.0)
       began = time.perf_counter()
-      with _data_errors(source.num_classes):
+      with data.data_errors(source.num_classes):
         trainer.train_loop(train_iterator, tf.constant(num_steps))
       last = trainer.train_metrics.result()
       elapsed = time.perf_counter() - began
       previous, step = step, int(trainer.step.numpy())
-      examples_per_second = num_steps * config.global_batch_size / elapsed
+      stats = monitor.LoopStats(step, num_steps, elapsed, float(trainer.input_seconds.numpy()),
+                                config.global_batch_size, strategy.num_replicas_in_sync,
+                                flops_per_image, peak_flops)
       if previous != start_step:  # the first loop includes tracing
-        throughput.append(examples_per_second)
+        loops.append(stats)
       lr = trainer.schedule.value_at(step - 1)
-      _write_train_summaries(writer, step, trainer, last, lr, examples_per_second,
-                             elapsed / num_steps, num_steps)
+      summaries.write_train(
+          stats, last, lr, float(trainer.grad_norm_sum.read_value()) / num_steps,
+          float(trainer.skipped_records.read_value()),
+          trainer.loss_scale.scale.read_value() if trainer.loss_scale else None)
       if not math.isfinite(last["loss"]):
         raise FloatingPointError(f"non-finite training loss at step {step}; "
                                  f"the last good checkpoint is {manager.latest_checkpoint}")
       if step // config.log_every_steps != previous // config.log_every_steps or step == total_steps:
-        remaining = (total_steps - step) * config.global_batch_size / max(examples_per_second, 1e-9)
-        log(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.1f} "
-            f"loss {last['loss']:.4f} top-1 {last['top1']:.3f} lr {lr:.4g} "
-            f"{examples_per_second:.0f} images/s ETA {datetime.timedelta(seconds=round(remaining))}",
-            chief)
+        monitor.log(monitor.progress_line(step, total_steps, steps_per_epoch, last, lr, stats),
+                    chief)
       at_eval = eval_every and step % eval_every == 0
       at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
       if at_eval or at_checkpoint or step == total_steps or sigterm.requested:
@@ -400,15 +320,18 @@ def run(config: Config, strategy=None):
                                    f"the last good checkpoint is {manager.latest_checkpoint}")
         manager.save(checkpoint_number=step)
       if sigterm.requested and step < total_steps:
-        log(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", chief)
-        raise Preempted(step)
+        profiler.close()
+        monitor.log(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", chief)
+        raise checkpoints.Preempted(step)
       if at_eval and not config.skip_eval and step < total_steps:
         eval_result = evaluate()
+    profiler.at(step)
+    profiler.close()
     if not config.skip_eval and (eval_result is None or eval_result["step"] != step):
       eval_result = evaluate()
-  writer.flush()
-  eval_writer.flush()
+  summaries.flush()
 
+  timed = sum(s.seconds for s in loops)
   summary = {
       "global_step": step,
       "train_loss": last["loss"],
@@ -419,7 +342,14 @@ def run(config: Config, strategy=None):
       "eval_examples": int(eval_result["count"]) if eval_result else 0,
       "eval_split_examples": eval_size,
       "skipped_train_records": round(float(trainer.skipped_records.read_value())),
-      "examples_per_second": (sum(throughput) / len(throughput)) if throughput else None,
+      # Over the timed loops: all but the first, which includes tracing.
+      "examples_per_second": (sum(s.num_steps for s in loops) * config.global_batch_size / timed
+                              if timed else None),
+      "input_wait_fraction": sum(s.input_seconds for s in loops) / timed if timed else None,
+      "flop_utilization": (sum(s.flop_utilization * s.seconds for s in loops) / timed
+                           if timed and peak_flops else None),
+      "gmacs_per_image": macs / 1e9,
+      "peak_gflops": peak_flops / 1e9,
       "strategy": strategy_lib.kind_of(strategy),
       "num_replicas": strategy.num_replicas_in_sync,
       "model": config.model,
@@ -431,85 +361,32 @@ def run(config: Config, strategy=None):
       "model_dir": model_dir,
   }
   if chief:
-    with tf.io.gfile.GFile(os.path.join(model_dir, SUMMARY_FILE), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(model_dir, checkpoints.SUMMARY_FILE), "w") as f:
       json.dump(summary, f, indent=2)
-    log(f"done: {step} steps, eval top-1 {summary['eval_top1']}, "
-        f"checkpoints in {manager.directory}\n"
-        f"look at the run: tensorboard --logdir {model_dir}", chief)
+    monitor.log(
+        f"done: {step} steps, eval top-1 {summary['eval_top1']}, "
+        f"{summary['examples_per_second'] or 0:.0f} images/s\n"
+        f"checkpoints in {manager.directory}, summary in "
+        f"{os.path.join(model_dir, checkpoints.SUMMARY_FILE)}\n"
+        f"look at the run: tensorboard --logdir {model_dir}")
   return summary
 
 
-@contextlib.contextmanager
-def _data_errors(num_classes):
-  """The input pipeline's checks (data.BAD_IMAGE, data.BAD_LABEL) as one-line DataErrors."""
-  try:
-    yield
-  except tf.errors.InvalidArgumentError as e:
-    # tf.debugging.Assert prints its data as "[marker] [value] ... [record name]".
-    for marker in (data.BAD_IMAGE, data.BAD_LABEL):
-      if marker in e.message:
-        fields = re.findall(r"\[(.*?)\]", e.message[e.message.index(marker) - 1:].splitlines()[0])
-        if marker == data.BAD_IMAGE:
-          raise DataError(f"undecodable image: {fields[-1]} (--strict_data stops at "
-                          "such images; without it they are skipped and counted)") from None
-        raise DataError(f"label {fields[1]} is outside 0..{num_classes - 1}: "
-                        f"{fields[-1]}") from None
-    decoder = re.search(r"Invalid (JPEG|PNG) data[^\n\[]*", e.message)
-    if decoder:  # complete-looking but corrupt inside: the decoder does not name the file
-      raise DataError(f"undecodable image ({decoder.group(0).strip()}); --strict_data stops "
-                      "at such images, without it they are skipped and counted") from None
-    raise
+def _first_images(source, input_config, start_step):
+  """A training batch as the model will see it, for TensorBoard (a small
+  shuffle buffer, so a streamed dataset does not fill 10,000 records for it)."""
+  config = dataclasses.replace(input_config, shuffle_buffer=1, strict=False)
+  dataset = data.train_dataset_fn(source, source.train_split, config, start_step)(
+      tf.distribute.InputContext())
+  return next(iter(dataset.take(1)))[0]
 
 
-def _save_class_names(model_dir, source, chief):
-  """Label id -> class name, logged (image folders) and kept in model_dir/classes.json."""
-  if not (chief and source.class_names):
-    return
-  with tf.io.gfile.GFile(os.path.join(model_dir, CLASSES_FILE), "w") as f:
-    json.dump(list(source.class_names), f, indent=0)
-  if source.name.startswith("folder:"):
-    shown = ", ".join(f"{i}={name}" for i, name in enumerate(source.class_names[:20]))
-    more = f", ... ({len(source.class_names)} in all)" if len(source.class_names) > 20 else ""
-    log(f"label ids: {shown}{more} (saved in {CLASSES_FILE})")
-
-
-def _describe_run(config, strategy, source, train_size, eval_size, num_params,
-                  steps_per_epoch, total_steps, model_dir):
-  """The block printed at start: what runs where, on what, for how long."""
-  per_replica = config.global_batch_size // strategy.num_replicas_in_sync
-  return (
-      f"strategy {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s) "
-      f"on {', '.join(strategy_lib.replica_devices(strategy))}\n"
-      f"model {config.model} ({config.resnet_variant}), {num_params:,} trainable parameters, "
-      f"dtype {config.dtype}\n"
-      f"dataset {config.dataset}: {train_size} train / {eval_size} eval examples, "
-      f"{source.num_classes} classes, image {config.image_size}x{config.image_size}\n"
-      f"global batch {config.global_batch_size} ({per_replica} per replica), "
-      f"{total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs)\n"
-      f"model_dir {model_dir}")
-
-
-def _next_stop(step, total_steps, steps_per_loop, eval_every, checkpoint_every):
+def _next_stop(step, total_steps, steps_per_loop, eval_every, checkpoint_every, extra=()):
   """The step at which the host loop next returns to Python: the first of the
-  end, the loop length, an evaluation or a checkpoint."""
+  end, the loop length, an evaluation, a checkpoint or a profile boundary."""
   stops = [total_steps, (step // steps_per_loop + 1) * steps_per_loop]
   for every in (eval_every, checkpoint_every):
     if every:
       stops.append((step // every + 1) * every)
+  stops += [s for s in extra if s > step]
   return min(stops)
-
-
-def _write_train_summaries(writer, step, trainer, metrics, lr, examples_per_second,
-                           step_seconds, num_steps):
-  """One point per host loop: never per step inside the loop."""
-  with writer.as_default(step=step):
-    tf.summary.scalar("loss", metrics["loss"])
-    tf.summary.scalar("top1", metrics["top1"])
-    tf.summary.scalar("top5", metrics["top5"])
-    tf.summary.scalar("learning_rate", lr)
-    tf.summary.scalar("examples_per_second", examples_per_second)
-    tf.summary.scalar("step_time_ms", 1000 * step_seconds)
-    tf.summary.scalar("gradient_norm", float(trainer.grad_norm_sum.read_value()) / num_steps)
-    tf.summary.scalar("skipped_records", trainer.skipped_records.read_value())
-    if trainer.loss_scale is not None:
-      tf.summary.scalar("loss_scale", trainer.loss_scale.scale.read_value())

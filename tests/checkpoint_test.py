@@ -3,18 +3,16 @@
 import glob
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 
-from resnet_dist import models, train
+from resnet_dist import checkpoints, models
 from resnet_dist.data import sources
+from tests import launching
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--model=resnet20", "--dataset=digits", "--global_batch_size=32",
           "--train_steps=16", "--steps_per_loop=2", "--checkpoint_every_steps=4",
           "--deterministic", "--seed=5", "--skip_eval", "--base_learning_rate=0.4",
@@ -47,7 +45,7 @@ class ModelStateTest(absltest.TestCase):
     # Blocks keep their layers in lists, which tf.train.Checkpoint does not
     # follow from a keras.Model: BN moving statistics would go unsaved.
     model = models.get_model("resnet20", num_classes=10)
-    path = tf.train.Checkpoint(model=train.model_state(model)).write(
+    path = tf.train.Checkpoint(model=checkpoints.model_state(model)).write(
         os.path.join(self.create_tempdir().full_path, "ckpt"))
     keys = [k for k in tf.train.load_checkpoint(path).get_variable_to_shape_map()
             if k.startswith("model/")]
@@ -62,20 +60,16 @@ class CheckpointTest(parameterized.TestCase):
     super().setUpClass()
     cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "data")
     sources.tfds_source("digits", cls.data_dir)
-    cls.env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
     cls.reference = {}
 
-  def command(self, model_dir, *extra):
-    return [sys.executable, "-m", "launch.train", *COMMON, f"--model_dir={model_dir}",
-            f"--data_dir={self.data_dir}", *extra]
+  def args(self, model_dir, *extra):
+    return [*COMMON, f"--model_dir={model_dir}", f"--data_dir={self.data_dir}", *extra]
 
   def train(self, model_dir, *extra):
-    return subprocess.run(self.command(model_dir, *extra), cwd=ROOT, env=self.env,
-                          capture_output=True, text=True, timeout=600)
+    return launching.run_train(*self.args(model_dir, *extra))
 
   def start_and_signal_after_first_checkpoint(self, model_dir, sig, *extra):
-    process = subprocess.Popen(self.command(model_dir, *extra), cwd=ROOT, env=self.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = launching.start("launch.train", *self.args(model_dir, *extra))
     deadline = time.time() + 300
     while not registered_step(model_dir) and process.poll() is None and time.time() < deadline:
       time.sleep(0.05)

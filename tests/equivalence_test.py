@@ -16,8 +16,6 @@ changes every update by half, fails.
 """
 
 import os
-import subprocess
-import sys
 import tempfile
 
 import keras
@@ -27,8 +25,8 @@ from absl.testing import absltest
 
 from resnet_dist import models
 from resnet_dist.data import sources
+from tests import launching
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--model=resnet20", "--dataset=digits", "--global_batch_size=32",
           "--train_steps=6", "--steps_per_loop=3", "--sync_bn", "--deterministic",
           "--seed=3", "--skip_eval", "--base_learning_rate=0.008", "--weight_decay=5e-4",
@@ -49,17 +47,14 @@ class StrategyEquivalenceTest(absltest.TestCase):
     super().setUpClass()
     cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "data")
     sources.tfds_source("digits", cls.data_dir)  # prepared once, before any worker starts
-    cls.env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
     cls.runs = {}
     for name, module, args in (
         ("one_device", "launch.train", ["--strategy=one_device"]),
         ("mirrored", "launch.train", ["--strategy=mirrored", "--num_cpu_devices=2"]),
         ("multi_worker", "launch.multi_worker", ["--num_workers=2", "--"])):
       model_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=absltest.get_default_test_tmpdir())
-      result = subprocess.run(
-          [sys.executable, "-m", module, *args, *COMMON, f"--model_dir={model_dir}",
-           f"--data_dir={cls.data_dir}"],
-          cwd=ROOT, env=cls.env, capture_output=True, text=True, timeout=600)
+      result = launching.run(module, *args, *COMMON, f"--model_dir={model_dir}",
+                             f"--data_dir={cls.data_dir}")
       assert result.returncode == 0, f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
       cls.runs[name] = model_weights(model_dir)
 

@@ -2,18 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_train(*args, timeout=600):
-  env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+from tests.launching import run_train
 
 
 class BadInputTest(absltest.TestCase):

@@ -2,12 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
+from tests import launching
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_TOP1 = 0.97
 
 
@@ -15,12 +13,10 @@ class DefaultRunTest(absltest.TestCase):
 
   def test_default_recipe_reaches_its_accuracy_target(self):
     model_dir = self.create_tempdir().full_path  # fresh: a finished run would only resume
-    env = {**os.environ, "PYTHONPATH": ROOT}
     # The same command as `make train`, in a model_dir of the test's own.
-    result = subprocess.run(
-        [sys.executable, "-m", "launch.train", "--flagfile=launch/configs/digits.cfg",
-         f"--model_dir={model_dir}", f"--data_dir={model_dir}/data"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    result = launching.run_train("--flagfile=launch/configs/digits.cfg",
+                                 f"--model_dir={model_dir}", f"--data_dir={model_dir}/data",
+                                 timeout=1500)
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     with open(os.path.join(model_dir, "summary.json")) as f:
       summary = json.load(f)

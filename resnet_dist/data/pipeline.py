@@ -28,16 +28,18 @@ number of whole batches on every pipeline, so every example counts exactly
 once and every batch keeps its static shape (TPUs need it).
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
+import re
 
 import tensorflow as tf
 
 from resnet_dist.data import preprocess as preprocess_lib
 from resnet_dist.data.splits import RecordSplit
-from resnet_dist.errors import ConfigError
+from resnet_dist.errors import ConfigError, DataError
 
 _AUGMENT_SALT = 0x5EED
 BAD_IMAGE = "resnet_dist: undecodable image"
@@ -317,3 +319,25 @@ def eval_dataset_fn(source, split_name, config):
     return _indexed_eval(source, split, config, context)
 
   return dataset_fn
+
+
+@contextlib.contextmanager
+def data_errors(num_classes):
+  """The input pipeline's checks (BAD_IMAGE, BAD_LABEL) as one-line DataErrors."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError as e:
+    # tf.debugging.Assert prints its data as "[marker] [value] ... [record name]".
+    for marker in (BAD_IMAGE, BAD_LABEL):
+      if marker in e.message:
+        fields = re.findall(r"\[(.*?)\]", e.message[e.message.index(marker) - 1:].splitlines()[0])
+        if marker == BAD_IMAGE:
+          raise DataError(f"undecodable image: {fields[-1]} (--strict_data stops at "
+                          "such images; without it they are skipped and counted)") from None
+        raise DataError(f"label {fields[1]} is outside 0..{num_classes - 1}: "
+                        f"{fields[-1]}") from None
+    decoder = re.search(r"Invalid (JPEG|PNG) data[^\n\[]*", e.message)
+    if decoder:  # complete-looking but corrupt inside: the decoder does not name the file
+      raise DataError(f"undecodable image ({decoder.group(0).strip()}); --strict_data stops "
+                      "at such images, without it they are skipped and counted") from None
+    raise

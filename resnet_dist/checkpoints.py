@@ -1,0 +1,138 @@
+"""A run's model_dir: checkpoints, resume, preemption, and what the run was.
+
+model_dir holds checkpoints/ (the chief's), run.json (the model the
+checkpoints are of, checked on resume), classes.json (label id -> name),
+summary.json, and the TensorBoard logs (monitor.py).
+"""
+
+import datetime
+import json
+import os
+import signal
+import threading
+
+import tensorflow as tf
+
+from resnet_dist import optim
+from resnet_dist.monitor import log
+from resnet_dist import strategy as strategy_lib
+from resnet_dist.errors import ConfigError
+
+SUMMARY_FILE = "summary.json"
+RUN_FILE = "run.json"  # what a model_dir's checkpoints hold; checked on resume
+CLASSES_FILE = "classes.json"  # label id -> class name
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved at the step boundary that followed."""
+
+
+class SigtermFlag:
+  """Turns SIGTERM into a request the host loop honours at its next boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def model_state(model):
+  """Every model variable by its Keras path, for tf.train.Checkpoint.
+
+  Checkpointing the keras.Model object itself misses the layers a block keeps
+  in Python lists, BatchNorm moving statistics among them; naming each
+  variable explicitly saves all of them, under readable keys such as
+  model/layer1.0/bn1/moving_mean.
+  """
+  return {v.path: optim.plain_variable(v) for v in model.variables}
+
+
+def resolve_model_dir(config):
+  if config.model_dir:
+    return config.model_dir
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  name = config.dataset.replace(":", "-").replace("/", "-")
+  return os.path.join("runs", f"{config.model}-{name}-{stamp}")
+
+
+def check_writable(model_dir):
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    probe = os.path.join(model_dir, ".write_test")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise ConfigError(f"--model_dir={model_dir} is not writable ({e})") from None
+
+
+def managers(checkpoint, strategy, model_dir, keep):
+  """(restore manager, save manager).
+
+  Every worker restores from the chief's checkpoints. Saving is collective, so
+  all workers save, but only the chief into model_dir/checkpoints; the others
+  write to a scratch dir of their own.
+  """
+  real = tf.train.CheckpointManager(
+      checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=keep)
+  if strategy_lib.is_chief(strategy):
+    return real, real
+  task_type, task_id = strategy_lib.task_info(strategy)
+  scratch = tf.train.CheckpointManager(
+      checkpoint, os.path.join(model_dir, "scratch", f"{task_type}_{task_id}"), max_to_keep=1)
+  return real, scratch
+
+
+def check_same_model(model_dir, config, num_classes, chief):
+  """A model_dir resumes only the model it was made for; says what differs."""
+  path = os.path.join(model_dir, RUN_FILE)
+  this = {"model": config.model, "resnet_variant": config.resnet_variant,
+          "num_classes": num_classes}
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      saved = json.load(f)
+    differs = [f"{k} {saved.get(k)} there, {v} here" for k, v in this.items()
+               if saved.get(k) != v]
+    if differs:
+      raise ConfigError(f"--model_dir={model_dir} holds checkpoints of another model "
+                        f"({'; '.join(differs)}); use a new --model_dir")
+  elif chief:
+    with tf.io.gfile.GFile(path, "w") as f:
+      json.dump(this, f)
+
+
+def restore_latest(checkpoint, manager, chief):
+  """Restores the newest readable checkpoint; a corrupt one is skipped with a warning."""
+  for path in reversed(manager.checkpoints):
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+      return path
+    except Exception as e:  # pylint: disable=broad-except
+      # A truncated file surfaces as OpError, IndexError or ValueError, by where it is cut.
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      log(f"warning: cannot read checkpoint {path} ({reason}); trying the one before", chief)
+  return None
+
+
+def save_class_names(model_dir, source, chief):
+  """Label id -> class name, logged (image folders) and kept in model_dir/classes.json."""
+  if not (chief and source.class_names):
+    return
+  with tf.io.gfile.GFile(os.path.join(model_dir, CLASSES_FILE), "w") as f:
+    json.dump(list(source.class_names), f, indent=0)
+  if source.name.startswith("folder:"):
+    shown = ", ".join(f"{i}={name}" for i, name in enumerate(source.class_names[:20]))
+    more = f", ... ({len(source.class_names)} in all)" if len(source.class_names) > 20 else ""
+    log(f"label ids: {shown}{more} (saved in {CLASSES_FILE})")

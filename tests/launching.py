@@ -1,0 +1,28 @@
+"""Running the entrypoints as users do, from tests: `python -m launch.X ...`."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def command(module, *args):
+  return [sys.executable, "-m", module, *args]
+
+
+def run(module, *args, timeout=600):
+  """Runs launch.<module> to completion; a CompletedProcess with text output."""
+  return subprocess.run(command(module, *args), cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def start(module, *args):
+  """Starts launch.<module>; a Popen with text pipes."""
+  return subprocess.Popen(command(module, *args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def run_train(*args, timeout=600):
+  return run("launch.train", *args, timeout=timeout)

@@ -1,0 +1,142 @@
+"""What a run shows: TensorBoard summaries read back, the console, a profile trace."""
+
+import glob
+import json
+import os
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import absltest
+from tensorboard.backend.event_processing import event_accumulator
+
+from resnet_dist import optim, train
+from resnet_dist.config import Config
+from resnet_dist.data import sources
+from tests import launching
+
+STEPS, BATCH = 12, 32
+RUN = ["--flagfile=launch/configs/digits.cfg", f"--train_steps={STEPS}",
+       f"--global_batch_size={BATCH}", "--steps_per_loop=4", "--log_every_steps=4",
+       "--profile_steps=4,8", "--warmup_epochs=0.5"]
+
+
+def scalars(directory):
+  """tag -> {step: value} of a TensorBoard log directory."""
+  accumulator = event_accumulator.EventAccumulator(
+      directory, size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+
+  def is_scalar(tag):
+    proto = accumulator.Tensors(tag)[0].tensor_proto
+    return not proto.tensor_shape.dim and proto.dtype != tf.string.as_datatype_enum
+
+  values = {tag: {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)}
+            for tag in accumulator.Tags()["tensors"] if is_scalar(tag)}
+  return values, accumulator
+
+
+class RunMonitoringTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model_dir = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+    cls.result = launching.run_train(*RUN, f"--model_dir={cls.model_dir}",
+                                     f"--data_dir={cls.model_dir}/data")
+    assert cls.result.returncode == 0, cls.result.stderr[-3000:]
+    with open(os.path.join(cls.model_dir, "summary.json")) as f:
+      cls.summary = json.load(f)
+    cls.train, cls.train_events = scalars(os.path.join(cls.model_dir, "train"))
+    cls.eval, _ = scalars(os.path.join(cls.model_dir, "eval"))
+
+  def test_train_summaries_once_per_host_loop(self):
+    for tag in ("loss", "top1", "top5", "learning_rate", "gradient_norm",
+                "perf/examples_per_second", "perf/examples_per_second_per_replica",
+                "perf/step_time_ms", "perf/input_wait_fraction", "perf/flop_utilization",
+                "input/skipped_records"):
+      self.assertEqual(sorted(self.train[tag]), [4, 8, 12], tag)  # a point per loop of 4
+    for step in (4, 8, 12):
+      self.assertAlmostEqual(self.train["perf/examples_per_second_per_replica"][step] * 2,
+                             self.train["perf/examples_per_second"][step], places=3)
+      self.assertBetween(self.train["perf/input_wait_fraction"][step], 0.0, 1.0)
+      self.assertBetween(self.train["perf/flop_utilization"][step], 1e-4, 1.0)
+    self.assertAlmostEqual(self.train["model/gmacs_per_image"][0], 0.0408, places=3)
+
+  def test_logged_learning_rate_is_the_schedule(self):
+    # digits: 1,438 training examples -> 44 steps per epoch at batch 32; warmup 0.5 epochs.
+    schedule = optim.LearningRate(0.4, BATCH, 1438 // BATCH, STEPS, 0.5, "cosine")
+    for step, value in self.train["learning_rate"].items():
+      self.assertAlmostEqual(value, schedule.value_at(step - 1), places=6)
+    self.assertGreater(self.train["learning_rate"][12], self.train["learning_rate"][4])
+
+  def test_eval_summaries_match_summary_json(self):
+    self.assertEqual(sorted(self.eval["top1"]), [STEPS])
+    self.assertAlmostEqual(self.eval["top1"][STEPS], self.summary["eval_top1"], places=6)
+    self.assertAlmostEqual(self.eval["loss"][STEPS], self.summary["eval_loss"], places=5)
+    self.assertEqual(self.summary["eval_examples"], 359)
+
+  def test_images_and_hparams_at_start(self):
+    tags = self.train_events.Tags()["tensors"]
+    self.assertIn("input_images", tags)
+    images = self.train_events.Tensors("input_images")[0]
+    self.assertEqual(len(tf.make_ndarray(images.tensor_proto)), 2 + 8)  # width, height, 8 PNGs
+    self.assertIn("_hparams_/session_start_info", tags)
+    hparams = self.train_events.SummaryMetadata("_hparams_/session_start_info")
+    self.assertIn(b"global_batch_size", hparams.plugin_data.content)
+
+  def test_profile_trace_is_written(self):
+    traces = glob.glob(os.path.join(self.model_dir, "plugins", "profile", "*", "*.xplane.pb"))
+    self.assertLen(traces, 1)
+    self.assertGreater(os.path.getsize(traces[0]), 1000)
+
+  def test_console_block_progress_and_end(self):
+    out = self.result.stdout
+    for line in ("strategy   mirrored: 2 replica(s)", f"batch      {BATCH} global, 16 per replica",
+                 "model      resnet20 (v1.5), 269,722 trainable parameters, 0.041 GMACs",
+                 "dataset    digits: 1,438 train / 359 eval examples, 10 classes",
+                 f"model_dir  {self.model_dir}", "GFLOP/s (float32 matmul, measured)"):
+      self.assertIn(line, out)
+    progress = [l for l in out.splitlines() if l.startswith("step ")]
+    self.assertLen(progress, 3)
+    self.assertRegex(progress[-1], r"step 12/12 epoch 0.27 loss \d+\.\d+ top-1 \d\.\d+ lr "
+                                   r"\S+ \d+ images/s \(input wait \d+%\) ETA 0:00:00")
+    self.assertIn(f"tensorboard --logdir {self.model_dir}", out)
+
+
+class InputWaitTest(absltest.TestCase):
+  """The input wait fraction tells a slow pipeline from a fast one."""
+
+  def wait_fraction(self, delay):
+    strategy = tf.distribute.get_strategy()
+    config = Config(global_batch_size=8)
+    source = sources.synthetic_source(10, 32, num_examples=64)
+    keras.utils.set_random_seed(0)
+    trainer = train.Trainer(config, strategy, source, steps_per_epoch=8, total_steps=100)
+    batch = (tf.zeros([8, 32, 32, 3], tf.uint8), tf.zeros([8], tf.int64), tf.zeros([8], tf.int32))
+
+    def slow(*batch):
+      time.sleep(delay)
+      return batch
+
+    dataset = tf.data.Dataset.from_tensors(batch).repeat().map(
+        lambda *b: tf.numpy_function(slow, b, [tf.uint8, tf.int64, tf.int32]))
+    dataset = dataset.map(lambda *b: tuple(tf.ensure_shape(t, s.shape) for t, s in zip(b, batch)))
+    iterator = iter(dataset)
+    trainer.train_loop(iterator, tf.constant(2))  # trace
+    trainer.input_seconds.assign(0.0)
+    began = time.perf_counter()
+    trainer.train_loop(iterator, tf.constant(5))
+    return float(trainer.input_seconds.numpy()) / (time.perf_counter() - began)
+
+  def test_slow_input_shows(self):
+    fast, slow = self.wait_fraction(0.0), self.wait_fraction(0.5)
+    self.assertGreater(slow, 0.6)   # 0.5 s per batch against a step of about 0.05 s
+    self.assertLess(fast, slow / 2)
+    self.assertGreaterEqual(fast, 0.0)
+
+
+if __name__ == "__main__":
+  absltest.main()
