@@ -100,6 +100,10 @@ flags.DEFINE_bool("deterministic", _DEFAULTS.deterministic,
 flags.DEFINE_string("model_dir", _DEFAULTS.model_dir,
                     "Checkpoints, summaries and summary.json; an existing run resumes. "
                     "Empty: runs/MODEL-DATASET-TIMESTAMP.")
+flags.DEFINE_string("init_checkpoint", _DEFAULTS.init_checkpoint,
+                    "Start from another run's weights (its model_dir or a checkpoint); the "
+                    "classifier starts fresh when the number of classes differs. Ignored "
+                    "when model_dir has a checkpoint to resume.")
 flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
                      "Save every this many steps; 0: at evaluations and at the end.",
                      lower_bound=0)

@@ -95,11 +95,14 @@ def managers(checkpoint, strategy, model_dir, keep):
   return real, scratch
 
 
-def check_same_model(model_dir, config, num_classes, chief):
-  """A model_dir resumes only the model it was made for; says what differs."""
+def check_same_model(model_dir, config, source, chief):
+  """A model_dir resumes only the model it was made for; says what differs.
+
+  run.json also records how the model sees its input, for evaluate and export.
+  """
   path = os.path.join(model_dir, RUN_FILE)
   this = {"model": config.model, "resnet_variant": config.resnet_variant,
-          "num_classes": num_classes}
+          "num_classes": source.num_classes}
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
       saved = json.load(f)
@@ -110,7 +113,65 @@ def check_same_model(model_dir, config, num_classes, chief):
                         f"({'; '.join(differs)}); use a new --model_dir")
   elif chief:
     with tf.io.gfile.GFile(path, "w") as f:
-      json.dump(this, f)
+      json.dump({**this, "image_size": config.image_size, "dataset": config.dataset,
+                 "data_dir": config.data_dir, "augment": source.augment,
+                 "mean": list(source.mean), "std": list(source.std)}, f, indent=2)
+
+
+def read_run(model_dir):
+  """run.json of a model_dir: the model and how it sees its input."""
+  path = os.path.join(model_dir, RUN_FILE)
+  if not tf.io.gfile.exists(path):
+    raise ConfigError(f"--model_dir={model_dir} has no {RUN_FILE}: not a training run's directory")
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def find_checkpoint(path):
+  """A checkpoint prefix, or a model_dir (its latest checkpoint)."""
+  if tf.io.gfile.isdir(path):
+    latest = (tf.train.latest_checkpoint(os.path.join(path, "checkpoints"))
+              or tf.train.latest_checkpoint(path))
+    if not latest:
+      raise ConfigError(f"no checkpoint in {path}")
+    return latest
+  if not tf.io.gfile.exists(path + ".index"):
+    raise ConfigError(f"checkpoint {path} does not exist")
+  return path
+
+
+def _key(name):
+  """The key tf.train.Checkpoint gives model_state()[name]."""
+  return "model/" + name.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def restore_model(model, path):
+  """Loads a checkpoint's model weights (nothing else) into model."""
+  tf.train.Checkpoint(model=model_state(model)).restore(path).expect_partial() \
+      .assert_existing_objects_matched()
+
+
+def init_from(model, path):
+  """Starts model from another run's weights (--init_checkpoint).
+
+  The classifier keeps its fresh initialisation when its shape differs (a
+  dataset with another number of classes); any other difference is an error.
+  Returns the names of the variables left fresh.
+  """
+  shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+  state = model_state(model)
+  missing = [name for name in state if _key(name) not in shapes]
+  if missing:
+    raise ConfigError(f"--init_checkpoint={path} is not of this architecture (it has no "
+                      f"{missing[0]})")
+  fresh = [name for name, v in state.items() if shapes[_key(name)] != v.shape.as_list()]
+  other = [name for name in fresh if not name.startswith("fc/")]
+  if other:
+    raise ConfigError(f"--init_checkpoint={path}: {other[0]} has shape "
+                      f"{shapes[_key(other[0])]} there, {state[other[0]].shape.as_list()} here")
+  tf.train.Checkpoint(model={n: v for n, v in state.items() if n not in fresh}).restore(
+      path).expect_partial().assert_existing_objects_matched()
+  return fresh
 
 
 def restore_latest(checkpoint, manager, chief):

@@ -55,6 +55,7 @@ class Config:
   deterministic: bool = False
   # Checkpointing
   model_dir: str = ""
+  init_checkpoint: str = ""         # fine-tune from another run's weights
   checkpoint_every_steps: int = 0   # 0: at evaluations and at the end
   keep_checkpoints: int = 3
   # Monitoring

@@ -195,13 +195,53 @@ def parse_profile_steps(value):
   return start, end
 
 
+def _strategy(config):
+  return strategy_lib.create_strategy(
+      config.strategy, config.num_gpus, config.num_cpu_devices, config.tpu,
+      config.tpu_zone, config.gcp_project, config.collective_timeout_seconds)
+
+
+def _input_config(config):
+  return data.InputConfig(config.global_batch_size, config.image_size, config.seed,
+                          config.shuffle_buffer, config.strict_data)
+
+
+def evaluate_split(trainer, source, split_name, input_config):
+  """Loss, top-1, top-5 and count over a whole split, every example exactly once."""
+  strategy = trainer.strategy
+  split = source.split(split_name)
+  steps = data.eval_steps(split, input_config.global_batch_size,
+                          strategy_lib.num_input_pipelines(strategy))
+  trainer.eval_metrics.reset()
+  dataset = strategy.distribute_datasets_from_function(
+      data.eval_dataset_fn(source, split_name, input_config),
+      options=strategy_lib.input_options(strategy))
+  with data.data_errors(source.num_classes):
+    trainer.eval_loop(iter(dataset), tf.constant(steps))
+  return {**trainer.eval_metrics.result(), "step": int(trainer.step.numpy())}
+
+
+def evaluate(config: Config, checkpoint_path, split_name=None, strategy=None):
+  """Evaluates the model of a checkpoint on a split (default: the eval split)."""
+  validate(config)
+  strategy = strategy or _strategy(config)
+  data.check_batch_divides(config.global_batch_size, strategy.num_replicas_in_sync)
+  source = data.get_source(config.dataset, config.data_dir, config.download,
+                           config.num_classes, config.image_size, config.cache_data)
+  split_name = split_name or source.eval_split
+  size = source.split(split_name).num_examples
+  trainer = Trainer(config, strategy, source, steps_per_epoch=1, total_steps=1)
+  checkpoints.restore_model(trainer.model, checkpoint_path)
+  result = evaluate_split(trainer, source, split_name, _input_config(config))
+  result.update(checkpoint=checkpoint_path, split=split_name, split_examples=size)
+  del result["step"]
+  return result
+
+
 def run(config: Config, strategy=None):
   """Trains (or resumes) a run; returns the summary written to model_dir/summary.json."""
   validate(config)
-  if strategy is None:
-    strategy = strategy_lib.create_strategy(
-        config.strategy, config.num_gpus, config.num_cpu_devices, config.tpu,
-        config.tpu_zone, config.gcp_project, config.collective_timeout_seconds)
+  strategy = strategy or _strategy(config)
   chief = strategy_lib.is_chief(strategy)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
@@ -212,17 +252,15 @@ def run(config: Config, strategy=None):
   source = data.get_source(config.dataset, config.data_dir, config.download,
                            config.num_classes, config.image_size, config.cache_data)
   train_size = source.split(source.train_split).num_examples
-  eval_split = source.split(source.eval_split)
-  eval_size = eval_split.num_examples
-  eval_steps = data.eval_steps(eval_split, config.global_batch_size,
-                               strategy_lib.num_input_pipelines(strategy))
+  eval_size = source.split(source.eval_split).num_examples
   steps_per_epoch = max(train_size // config.global_batch_size, 1)
   total_steps = config.train_steps or math.ceil(config.train_epochs * steps_per_epoch)
   model_dir = checkpoints.resolve_model_dir(config)
   if chief:
     checkpoints.check_writable(model_dir)
-  checkpoints.check_same_model(model_dir, config, source.num_classes, chief)
+  checkpoints.check_same_model(model_dir, config, source, chief)
   checkpoints.save_class_names(model_dir, source, chief)
+  init_path = checkpoints.find_checkpoint(config.init_checkpoint) if config.init_checkpoint else ""
 
   # Model, optimizer and checkpoint; resume if model_dir has one.
   trainer = Trainer(config, strategy, source, steps_per_epoch, total_steps)
@@ -234,6 +272,10 @@ def run(config: Config, strategy=None):
                                                   config.keep_checkpoints)
   restored = checkpoints.restore_latest(checkpoint, restore_manager, chief)
   start_step = int(trainer.step.numpy())
+  if init_path and not restored:
+    fresh = checkpoints.init_from(trainer.model, init_path)
+    monitor.log(f"initial weights from {init_path}"
+                + (f"; a fresh classifier ({', '.join(fresh)})" if fresh else ""), chief)
 
   # What runs where, once, on the chief.
   num_params = sum(int(tf.size(v)) for v in trainer.variables)
@@ -250,12 +292,10 @@ def run(config: Config, strategy=None):
   if start_step:
     monitor.log(f"resuming from step {start_step} ({restored})", chief)
 
-  input_config = data.InputConfig(config.global_batch_size, config.image_size, config.seed,
-                                  config.shuffle_buffer, config.strict_data)
-  input_options = strategy_lib.input_options(strategy)
+  input_config = _input_config(config)
   train_iterator = iter(strategy.distribute_datasets_from_function(
       data.train_dataset_fn(source, source.train_split, input_config, start_step),
-      options=input_options))
+      options=strategy_lib.input_options(strategy)))
   summaries = monitor.Summaries(model_dir, chief)
   if chief:
     summaries.start(config, _first_images(source, input_config, start_step), start_step, macs,
@@ -265,12 +305,7 @@ def run(config: Config, strategy=None):
                 if config.epochs_between_evals > 0 else 0)
 
   def evaluate():
-    trainer.eval_metrics.reset()
-    dataset = strategy.distribute_datasets_from_function(
-        data.eval_dataset_fn(source, source.eval_split, input_config), options=input_options)
-    with data.data_errors(source.num_classes):
-      trainer.eval_loop(iter(dataset), tf.constant(eval_steps))
-    result = {**trainer.eval_metrics.result(), "step": int(trainer.step.numpy())}
+    result = evaluate_split(trainer, source, source.eval_split, input_config)
     monitor.log(monitor.eval_line(result, eval_size), chief)
     summaries.write_eval(result)
     return result
@@ -364,8 +399,8 @@ def run(config: Config, strategy=None):
     with tf.io.gfile.GFile(os.path.join(model_dir, checkpoints.SUMMARY_FILE), "w") as f:
       json.dump(summary, f, indent=2)
     monitor.log(
-        f"done: {step} steps, eval top-1 {summary['eval_top1']}, "
-        f"{summary['examples_per_second'] or 0:.0f} images/s\n"
+        f"done: {step} steps, eval top-1 {summary['eval_top1']}"
+        + (f", {summary['examples_per_second']:.0f} images/s" if timed else "") + "\n"
         f"checkpoints in {manager.directory}, summary in "
         f"{os.path.join(model_dir, checkpoints.SUMMARY_FILE)}\n"
         f"look at the run: tensorboard --logdir {model_dir}")

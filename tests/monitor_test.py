@@ -106,6 +106,16 @@ class RunMonitoringTest(absltest.TestCase):
     self.assertIn(f"tensorboard --logdir {self.model_dir}", out)
 
 
+  def test_evaluate_reproduces_the_final_evaluation(self):
+    result = launching.run("launch.evaluate", f"--model_dir={self.model_dir}")
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    evaluation = json.loads(result.stdout.strip().splitlines()[-1])
+    self.assertEqual(evaluation["count"], 359)
+    self.assertEqual(evaluation["split"], "test")
+    self.assertAlmostEqual(evaluation["top1"], self.summary["eval_top1"], places=6)
+    self.assertAlmostEqual(evaluation["loss"], self.summary["eval_loss"], places=4)
+
+
 class InputWaitTest(absltest.TestCase):
   """The input wait fraction tells a slow pipeline from a fast one."""
 

@@ -1,0 +1,55 @@
+"""Evaluate a run's checkpoint on a split:
+`python -m launch.evaluate --model_dir=runs/X [--checkpoint=...] [--split=...]`.
+
+The model, its input size and the dataset come from the run's run.json unless
+given as flags; every training flag (strategy, batch size, data_dir) applies.
+Prints one line and the result as JSON. Exit status 2 on bad input.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+
+from flags import definitions
+from resnet_dist import checkpoints, train
+from resnet_dist.errors import ConfigError
+
+flags.adopt_module_key_flags(definitions)
+flags.DEFINE_string("checkpoint", "", "A checkpoint of the run; default its latest.")
+flags.DEFINE_string("split", "", "The split to evaluate; default the dataset's eval split.")
+FLAGS = flags.FLAGS
+
+# What run.json knows about the run; a flag given on the command line wins.
+FROM_RUN = ("model", "resnet_variant", "image_size", "dataset", "data_dir", "num_classes")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    if not FLAGS.model_dir:
+      raise ConfigError("--model_dir is required: the run to evaluate")
+    run = checkpoints.read_run(FLAGS.model_dir)
+    for name in FROM_RUN:
+      if not FLAGS[name].present and name in run:
+        FLAGS[name].value = run[name]
+    path = checkpoints.find_checkpoint(FLAGS.checkpoint or FLAGS.model_dir)
+    result = train.evaluate(definitions.config_from_flags(), path, FLAGS.split or None)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"{result['split']}: loss {result['loss']:.4f} top-1 {result['top1']:.4f} "
+        f"top-5 {result['top5']:.4f} over {int(result['count'])} of "
+        f"{result['split_examples']} examples ({path})")
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=definitions.parse_flags)

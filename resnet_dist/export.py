@@ -1,0 +1,58 @@
+"""A trained model as a SavedModel: uint8 images of any size in, class
+probabilities out, with the run's evaluation preprocessing inside.
+
+Signatures:
+  serving_default  images: uint8 [batch, height, width, 3], any height and width
+  encoded          images: string [batch] of JPEG or PNG files' bytes
+Both return probabilities [batch, num_classes] and classes [batch] (int64).
+"""
+
+import tensorflow as tf
+
+from resnet_dist import checkpoints, models
+from resnet_dist.data import preprocess
+
+
+class Classifier(tf.Module):
+  """The model behind the run's evaluation preprocessing."""
+
+  def __init__(self, model, image_size, augment, mean, std):
+    super().__init__(name="classifier")
+    self.model = model
+    self.image_size = image_size
+    self.augment = augment
+    self.mean, self.std = tuple(mean), tuple(std)
+
+  def _classify(self, images, encoded):
+    def one(image):
+      return preprocess.preprocess(image, self.augment, self.image_size, training=False,
+                                   seed=tf.zeros([2], tf.int64), encoded=encoded)
+    batch = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(
+        [self.image_size, self.image_size, 3], tf.uint8))
+    logits = self.model(preprocess.normalize(batch, self.mean, self.std, tf.float32),
+                        training=False)
+    probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
+    return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=-1)}
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+  def serve(self, images):
+    return self._classify(images, encoded=False)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+  def serve_encoded(self, images):
+    return self._classify(images, encoded=True)
+
+
+def load_classifier(model_dir, checkpoint_path=None):
+  """The Classifier of a run's checkpoint (default: its latest), in float32."""
+  run = checkpoints.read_run(model_dir)
+  path = checkpoints.find_checkpoint(checkpoint_path or model_dir)
+  model = models.get_model(run["model"], num_classes=run["num_classes"],
+                           variant=run["resnet_variant"], image_size=run["image_size"])
+  checkpoints.restore_model(model, path)
+  return Classifier(model, run["image_size"], run["augment"], run["mean"], run["std"]), path
+
+
+def save(classifier, export_dir):
+  tf.saved_model.save(classifier, export_dir, signatures={
+      "serving_default": classifier.serve, "encoded": classifier.serve_encoded})
