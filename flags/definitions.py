@@ -83,7 +83,9 @@ flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, optim.OPTIMIZERS,
 flags.DEFINE_float("base_learning_rate", _DEFAULTS.base_learning_rate,
                    "Learning rate per 256 examples; scaled by global_batch_size / 256.")
 flags.DEFINE_enum("lr_schedule", _DEFAULTS.lr_schedule, optim.SCHEDULES,
-                  "piecewise (x0.1 at epochs 30, 60, 80) or cosine.")
+                  "piecewise (x0.1 at --lr_boundary_epochs) or cosine.")
+flags.DEFINE_list("lr_boundary_epochs", _DEFAULTS.lr_boundary_epochs,
+                  "piecewise: epochs at which the learning rate drops x0.1.")
 flags.DEFINE_float("warmup_epochs", _DEFAULTS.warmup_epochs, "Linear warmup length.",
                    lower_bound=0)
 flags.DEFINE_float("momentum", _DEFAULTS.momentum, "Momentum.", lower_bound=0)
@@ -129,7 +131,9 @@ FLAGS = flags.FLAGS
 
 def config_from_flags():
   """The Config the parsed flags describe."""
-  return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
+  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)}
+  values["lr_boundary_epochs"] = ",".join(values["lr_boundary_epochs"])  # a list flag
+  return Config(**values)
 
 
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")

@@ -17,6 +17,7 @@ Prints a markdown table and writes the results as JSON (--output).
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,12 +28,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
-flags.DEFINE_enum("mode", "input", ["input", "train", "e2e"], "What to measure.")
-flags.DEFINE_integer("num_images", 512, "input: distinct JPEGs to generate.")
+flags.DEFINE_enum("mode", "input", ["input", "train", "e2e", "targets"],
+                  "What to measure; targets: the cases behind README's table.")
+flags.DEFINE_integer("num_images", 512, "input, e2e: distinct JPEGs to generate.")
 flags.DEFINE_integer("image_size", 224, "input: output image size.")
 flags.DEFINE_integer("batch_size", 128, "input: batch size.")
-flags.DEFINE_integer("warmup_batches", 5, "Batches (input) or steps (train) before timing.")
+flags.DEFINE_integer("warmup_batches", 5, "input: batches before timing.")
 flags.DEFINE_float("seconds", 10.0, "Time spent measuring each case, at least.")
+flags.DEFINE_list("models", ["resnet50"], "train: models.")
+flags.DEFINE_list("batch_sizes", ["32"], "train: global batch sizes.")
+flags.DEFINE_list("dtypes", ["fp32"], "train: fp32, bf16, fp16.")
+flags.DEFINE_list("strategies", ["one_device"], "train: one_device, mirrored (2 logical CPU "
+                  "devices without GPUs).")
+flags.DEFINE_list("steps_per_loop", ["1"], "train: steps per tf.function call.")
+flags.DEFINE_list("xla", ["false"], "train: compile the replica step with XLA (true/false).")
+flags.DEFINE_bool("peer", True, "train: also time keras.applications.ResNet50 for resnet50 cases.")
+flags.DEFINE_integer("min_steps", 3, "train: timed steps per case, at least.")
+flags.DEFINE_string("case", "", "Internal: run one case (JSON) in this process.")
 flags.DEFINE_string("output", "", "Write the results here as JSON.")
 FLAGS = flags.FLAGS
 
@@ -110,6 +122,180 @@ def input_benchmark():
   return header, results
 
 
+# --- Training throughput: one subprocess per case ---------------------------
+
+PEER_MACS = 3.858e9   # keras.applications.ResNet50 (v1) at 224x224
+CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+
+
+def _timed_loops(run_loop, steps_per_loop, min_steps, seconds):
+  """Seconds per step over whole loops, after one warm-up loop (tracing)."""
+  run_loop(steps_per_loop)
+  steps, began = 0, time.perf_counter()
+  while steps < min_steps or time.perf_counter() - began < seconds:
+    run_loop(steps_per_loop)
+    steps += steps_per_loop
+  return (time.perf_counter() - began) / steps
+
+
+def _train_case(case):
+  """Our training step: Trainer's train_loop over synthetic or JPEG TFRecord input."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from resnet_dist import data, models, perf, train  # pylint: disable=g-import-not-at-top
+  from resnet_dist import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  from resnet_dist.config import Config  # pylint: disable=g-import-not-at-top
+  size = case["image_size"]
+  strategy = strategy_lib.create_strategy(case["strategy"], num_cpu_devices=2)
+  config = Config(model=case["model"], image_size=size, dtype=case["dtype"],
+                  enable_xla=case["xla"], global_batch_size=case["batch"],
+                  steps_per_loop=case["steps_per_loop"], dataset="synthetic", num_classes=1000)
+  if case.get("input") == "jpeg":
+    source = data.get_source("imagenet", case["data_dir"], num_classes=10, image_size=size)
+  else:
+    source = data.get_source("synthetic", num_classes=10 if size <= 64 else 1000,
+                             image_size=size)
+  trainer = train.Trainer(config, strategy, source, steps_per_epoch=100, total_steps=10**6)
+  input_config = data.InputConfig(case["batch"], size, shuffle_buffer=1000)
+  iterator = iter(strategy.distribute_datasets_from_function(
+      data.train_dataset_fn(source, source.train_split, input_config),
+      options=strategy_lib.input_options(strategy)))
+  step_seconds = _timed_loops(lambda n: trainer.train_loop(iterator, tf.constant(n)),
+                              case["steps_per_loop"], FLAGS.min_steps, FLAGS.seconds)
+  macs = models.count_macs(trainer.model, size)
+  peak = perf.measure_peak_flops(strategy, trainer.model.compute_dtype)
+  return step_seconds, macs, peak
+
+
+def _peer_case(case):
+  """keras.applications.ResNet50 trained by a minimal tf.function step."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from resnet_dist import perf  # pylint: disable=g-import-not-at-top
+  from resnet_dist.config import DTYPES  # pylint: disable=g-import-not-at-top
+  keras.mixed_precision.set_global_policy(DTYPES[case["dtype"]])
+  model = keras.applications.ResNet50(weights=None)
+  optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+  images = tf.random.uniform([case["batch"], 224, 224, 3])
+  labels = tf.random.uniform([case["batch"]], maxval=1000, dtype=tf.int64)
+  optimizer.build(model.trainable_variables)
+
+  @tf.function
+  def loop(n):
+    for _ in tf.range(n):
+      with tf.GradientTape() as tape:
+        logits = tf.cast(model(images, training=True), tf.float32)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+      grads = tape.gradient(loss, model.trainable_variables)
+      optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+  step_seconds = _timed_loops(lambda n: loop(tf.constant(n)), case["steps_per_loop"],
+                              FLAGS.min_steps, FLAGS.seconds)
+  peak = perf.measure_peak_flops(tf.distribute.get_strategy(),
+                                 tf.bfloat16 if case["dtype"] == "bf16" else tf.float32)
+  return step_seconds, PEER_MACS, peak
+
+
+def run_case(case):
+  """One case in this process: its row of the table."""
+  from resnet_dist import perf  # pylint: disable=g-import-not-at-top
+  step_seconds, macs, peak = (_peer_case if case["kind"] == "keras_peer" else _train_case)(case)
+  images_per_second = case["batch"] / step_seconds
+  flops = images_per_second * perf.training_flops_per_image(macs)
+  return {**case, "images_per_second": round(images_per_second, 2),
+          "step_ms": round(1000 * step_seconds, 1), "model_gflops": round(flops / 1e9, 1),
+          "peak_gflops": round(peak / 1e9, 1), "utilization": round(flops / peak, 3),
+          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def _in_subprocess(case):
+  """Runs a case in a fresh process: logical devices and peak memory are per process."""
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.benchmark", f"--case={json.dumps(case)}",
+       f"--seconds={FLAGS.seconds}", f"--min_steps={FLAGS.min_steps}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise RuntimeError(f"case {case} failed:\n{result.stderr[-3000:]}")
+  row = json.loads(result.stdout.strip().splitlines()[-1])
+  print(f"  {row['kind']} {row['model']} batch {row['batch']} {row['dtype']} {row['strategy']} "
+        f"steps_per_loop {row['steps_per_loop']}: {row['images_per_second']} images/s",
+        file=sys.stderr, flush=True)
+  return row
+
+
+def _case(model, batch, dtype="fp32", strategy="one_device", steps_per_loop=1, xla=False,
+          kind="resnet_dist", **extra):
+  return {"kind": kind, "model": model, "batch": int(batch), "dtype": dtype,
+          "strategy": strategy, "steps_per_loop": int(steps_per_loop), "xla": xla,
+          "image_size": 32 if model in CIFAR_MODELS else 224, **extra}
+
+
+def train_benchmark():
+  cases = [_case(m, b, d, s, n, x == "true")
+           for m in FLAGS.models for b in FLAGS.batch_sizes for d in FLAGS.dtypes
+           for s in FLAGS.strategies for n in FLAGS.steps_per_loop for x in FLAGS.xla]
+  peers = [dict(c, kind="keras_peer", model="keras ResNet50", strategy="one_device", xla=False)
+           for c in cases if FLAGS.peer and c["model"] == "resnet50"
+           and c["strategy"] == "one_device" and not c["xla"]]
+  rows = [_in_subprocess(c) for c in cases + peers]
+  for row in rows:
+    if row["kind"] == "keras_peer":
+      row["images_per_second_mac_scaled"] = round(row["images_per_second"] * PEER_MACS / 4.089e9, 2)
+  return f"training steps on synthetic data, {os.cpu_count()} cores", rows
+
+
+def _jpeg_records(num_images, size=32):
+  """CIFAR-sized JPEG TFRecords in the standard layout, in a temp dir."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from resnet_dist.data import records  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  images = [tf.io.encode_jpeg(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)).numpy()
+            for _ in range(num_images)]
+  directory = tempfile.mkdtemp(prefix="resnet_dist_e2e_")
+  records.write_imagenet_records(directory, "train", images,
+                                 [i % 10 for i in range(num_images)], 4)
+  return directory
+
+
+def e2e_benchmark():
+  directory = _jpeg_records(FLAGS.num_images * 4)
+  cases = [_case("resnet20", 128, steps_per_loop=10, input=i, data_dir=directory)
+           for i in ("synthetic", "jpeg")]
+  rows = [_in_subprocess(c) for c in cases]
+  rows[1]["ratio_to_synthetic"] = round(rows[1]["images_per_second"]
+                                        / rows[0]["images_per_second"], 3)
+  return "ResNet-20 end to end, 32x32 JPEG TFRecords against synthetic input", rows
+
+
+def targets_benchmark():
+  """The cases behind the targets, each compared within this one run."""
+  directory = _jpeg_records(FLAGS.num_images * 4)
+  cases = [
+      _case("resnet50", 32), _case("resnet50", 32, kind="keras_peer"),
+      _case("resnet50", 32, "bf16"), _case("resnet50", 32, strategy="mirrored"),
+      _case("resnet20", 128, steps_per_loop=1), _case("resnet20", 128, steps_per_loop=50),
+      _case("resnet20", 128, steps_per_loop=10, input="synthetic"),
+      _case("resnet20", 128, steps_per_loop=10, input="jpeg", data_dir=directory)]
+  rows = [_in_subprocess(c) for c in cases]
+  ours, peer, bf16, mirrored, spl1, spl50, synthetic, jpeg = rows
+  peer_scaled = peer["images_per_second"] * PEER_MACS / 4.089e9
+  checks = [
+      ("ResNet-50 fp32 vs keras.applications peer (MAC-scaled)",
+       ours["images_per_second"] / peer_scaled, 1.0),
+      ("ResNet-50 fp32 FLOP/s vs fp32 matmul peak", ours["utilization"], 0.7),
+      ("ResNet-50 bf16 vs fp32 images/s", bf16["images_per_second"] / ours["images_per_second"], 1.3),
+      ("ResNet-50 mirrored (2 logical devices) vs one_device",
+       mirrored["images_per_second"] / ours["images_per_second"], 0.9),
+      ("ResNet-20 steps_per_loop 50 vs 1", spl50["images_per_second"] / spl1["images_per_second"], 1.3),
+      ("ResNet-20 JPEG TFRecords vs synthetic input",
+       jpeg["images_per_second"] / synthetic["images_per_second"], 0.9),
+  ]
+  summary = [{"target": name, "measured": round(value, 3), "required": required,
+              "met": value >= required} for name, value, required in checks]
+  return (f"targets, {os.cpu_count()} cores; rows below", summary + rows)
+
+
 def markdown(results):
   keys = list(dict.fromkeys(k for row in results for k in row))
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -119,7 +305,11 @@ def markdown(results):
 
 def main(argv):
   del argv
-  header, results = {"input": input_benchmark}[FLAGS.mode]()
+  if FLAGS.case:  # a subprocess of train_benchmark: one JSON line out
+    print(json.dumps(run_case(json.loads(FLAGS.case))))
+    return
+  header, results = {"input": input_benchmark, "train": train_benchmark,
+                     "e2e": e2e_benchmark, "targets": targets_benchmark}[FLAGS.mode]()
   print(header)
   print(markdown(results))
   if FLAGS.output:

@@ -67,10 +67,12 @@ def run_local(num_workers, train_args, python=sys.executable):
     env = {**os.environ, "TF_CONFIG": json.dumps(tf_config(hosts, index)),
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
-        [python, "-m", "launch.train", "--strategy=multi_worker_mirrored", *train_args],
+        # Last, so that no --strategy in train_args or a flagfile overrides it.
+        [python, "-m", "launch.train", *train_args, "--strategy=multi_worker_mirrored"],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     workers.append(process)
+    print(f"[launcher] worker {index}: pid {process.pid}, {hosts[index]}", flush=True)
     relay = threading.Thread(target=_relay, args=(process.stdout, f"[worker {index}] ", sys.stdout))
     relay.start()
     relays.append(relay)

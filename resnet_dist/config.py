@@ -46,6 +46,7 @@ class Config:
   optimizer: str = "sgd"
   base_learning_rate: float = 0.1   # per 256 examples
   lr_schedule: str = "cosine"
+  lr_boundary_epochs: str = "30,60,80"  # piecewise: x0.1 at each
   warmup_epochs: float = 0.0
   momentum: float = 0.9
   nesterov: bool = False

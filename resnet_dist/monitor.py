@@ -46,7 +46,9 @@ def progress_line(step, total_steps, steps_per_epoch, metrics, lr, stats):
   remaining = (total_steps - step) * stats.global_batch_size / max(images_per_second, 1e-9)
   return (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
           f"loss {metrics['loss']:.4f} top-1 {metrics['top1']:.3f} lr {lr:.4g} "
-          f"{images_per_second:.0f} images/s (input wait {100 * stats.input_fraction:.0f}%) "
+          f"{images_per_second:.0f} images/s "
+          + (f"(input wait {100 * stats.input_fraction:.0f}%) "
+             if stats.input_fraction is not None else "") +
           f"ETA {datetime.timedelta(seconds=round(remaining))}")
 
 
@@ -64,7 +66,7 @@ class LoopStats:
   step: int
   num_steps: int
   seconds: float            # wall time of the loop
-  input_seconds: float      # of which waiting for the input pipeline
+  input_seconds: float      # of which waiting for the input pipeline; None: not timed
   global_batch_size: int
   num_replicas: int
   flops_per_image: float    # training FLOPs of one image
@@ -76,7 +78,7 @@ class LoopStats:
 
   @property
   def input_fraction(self):
-    return min(self.input_seconds / self.seconds, 1.0)
+    return None if self.input_seconds is None else min(self.input_seconds / self.seconds, 1.0)
 
   @property
   def flop_utilization(self):
@@ -116,7 +118,8 @@ class Summaries:
       tf.summary.scalar("perf/examples_per_second_per_replica",
                         stats.images_per_second / stats.num_replicas)
       tf.summary.scalar("perf/step_time_ms", 1000 * stats.seconds / stats.num_steps)
-      tf.summary.scalar("perf/input_wait_fraction", stats.input_fraction)
+      if stats.input_fraction is not None:
+        tf.summary.scalar("perf/input_wait_fraction", stats.input_fraction)
       if stats.peak_flops:
         tf.summary.scalar("perf/flop_utilization", stats.flop_utilization)
       tf.summary.scalar("input/skipped_records", skipped_records)

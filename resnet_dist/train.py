@@ -71,7 +71,8 @@ class Trainer:
     self.total_steps = total_steps
     self.schedule = optim.LearningRate(
         config.base_learning_rate, config.global_batch_size, steps_per_epoch,
-        total_steps, config.warmup_epochs, config.lr_schedule)
+        total_steps, config.warmup_epochs, config.lr_schedule,
+        parse_boundary_epochs(config.lr_boundary_epochs))
     with strategy.scope():
       self.model = models.get_model(
           config.model, num_classes=self.num_classes, variant=config.resnet_variant,
@@ -92,6 +93,7 @@ class Trainer:
           0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
           aggregation=tf.VariableAggregation.SUM)
     # Host-side: seconds the train loop waited for input.
+    self.times_input = not config.deterministic
     self.input_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
     step = self.replica_step
     if config.enable_xla:
@@ -150,13 +152,17 @@ class Trainer:
 
     Timestamps around each next(iterator) add up the time the loop waits for
     input; tf.function runs stateful ops (timestamps, the iterator, variable
-    updates) in program order, so no wait overlaps a step.
+    updates) in program order, so no wait overlaps a step. TensorFlow refuses
+    timestamps under op determinism, so --deterministic runs go untimed.
     """
     for _ in tf.range(num_steps):
-      asked = tf.timestamp()
-      batch = next(iterator)
-      with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
-        self.input_seconds.assign_add(tf.timestamp() - asked)
+      if self.times_input:
+        asked = tf.timestamp()
+        batch = next(iterator)
+        with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
+          self.input_seconds.assign_add(tf.timestamp() - asked)
+      else:
+        batch = next(iterator)
       self.strategy.run(self._compiled_step, args=batch)
 
   @tf.function
@@ -180,6 +186,18 @@ def validate(config):
   if config.steps_per_loop < 1:
     raise ConfigError("--steps_per_loop must be at least 1")
   parse_profile_steps(config.profile_steps)
+  parse_boundary_epochs(config.lr_boundary_epochs)
+
+
+def parse_boundary_epochs(value):
+  """"30,60,80" -> (30.0, 60.0, 80.0), increasing."""
+  try:
+    epochs = tuple(float(v) for v in value.split(",") if v.strip())
+  except ValueError:
+    epochs = ()
+  if not epochs or list(epochs) != sorted(set(epochs)) or epochs[0] <= 0:
+    raise ConfigError(f"--lr_boundary_epochs={value} must be increasing positive epochs")
+  return epochs
 
 
 def parse_profile_steps(value):
@@ -298,8 +316,9 @@ def run(config: Config, strategy=None):
       options=strategy_lib.input_options(strategy)))
   summaries = monitor.Summaries(model_dir, chief)
   if chief:
-    summaries.start(config, _first_images(source, input_config, start_step), start_step, macs,
-                    peak_flops)
+    with data.data_errors(source.num_classes):
+      images = _first_images(source, input_config, start_step)
+    summaries.start(config, images, start_step, macs, peak_flops)
   profiler = monitor.Profiler(model_dir, parse_profile_steps(config.profile_steps), chief)
   eval_every = (round(config.epochs_between_evals * steps_per_epoch)
                 if config.epochs_between_evals > 0 else 0)
@@ -331,7 +350,9 @@ def run(config: Config, strategy=None):
       last = trainer.train_metrics.result()
       elapsed = time.perf_counter() - began
       previous, step = step, int(trainer.step.numpy())
-      stats = monitor.LoopStats(step, num_steps, elapsed, float(trainer.input_seconds.numpy()),
+      stats = monitor.LoopStats(step, num_steps, elapsed,
+                                float(trainer.input_seconds.numpy()) if trainer.times_input
+                                else None,
                                 config.global_batch_size, strategy.num_replicas_in_sync,
                                 flops_per_image, peak_flops)
       if previous != start_step:  # the first loop includes tracing
@@ -380,7 +401,8 @@ def run(config: Config, strategy=None):
       # Over the timed loops: all but the first, which includes tracing.
       "examples_per_second": (sum(s.num_steps for s in loops) * config.global_batch_size / timed
                               if timed else None),
-      "input_wait_fraction": sum(s.input_seconds for s in loops) / timed if timed else None,
+      "input_wait_fraction": (sum(s.input_seconds for s in loops) / timed
+                              if timed and trainer.times_input else None),
       "flop_utilization": (sum(s.flop_utilization * s.seconds for s in loops) / timed
                            if timed and peak_flops else None),
       "gmacs_per_image": macs / 1e9,

@@ -1,10 +1,19 @@
 """The train entrypoint as users run it: flags, one-line errors, a short real run."""
 
-import json
+import glob
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
+import tensorflow as tf
 from absl.testing import absltest
 
+from resnet_dist.data import records
+from tests import launching
 from tests.launching import run_train
 
 
@@ -50,27 +59,109 @@ class BadInputTest(absltest.TestCase):
       self.assertIn(flag, result.stdout)
 
 
-class ShortRunTest(absltest.TestCase):
+class RecipesTest(absltest.TestCase):
 
-  def test_trains_and_writes_summary(self):
+  def test_every_recipe_parses_and_validates(self):
+    recipes = sorted(glob.glob(os.path.join(launching.ROOT, "launch", "configs", "*.cfg")))
+    self.assertGreaterEqual(len(recipes), 5)
+    script = (
+        "import sys\n"
+        "from flags import definitions\n"
+        "from resnet_dist import train\n"
+        "for path in sys.argv[1:]:\n"
+        "  definitions.FLAGS.unparse_flags()\n"
+        "  definitions.parse_flags(['x', '--flagfile=' + path])\n"
+        "  config = definitions.config_from_flags()\n"
+        "  train.validate(config)\n"
+        "  print(path, config.model, config.global_batch_size, config.strategy)\n")
+    result = subprocess.run([sys.executable, "-c", script, *recipes], env=launching.ENV,
+                            cwd=launching.ROOT, capture_output=True, text=True, timeout=300)
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    self.assertIn("resnet50_imagenet_pod_lars.cfg resnet50 32768 tpu", result.stdout)
+    self.assertIn("resnet20_cifar10.cfg resnet20 128 auto", result.stdout)
+
+
+class TpuVmTest(absltest.TestCase):
+  ARGS = ["--name=r50", "--project=proj", "--zone=europe-west4-a", "--accelerator_type=v3-8",
+          "--runtime_version=tpu-vm-tf-2.21.0-pjrt", "--data_dir=gs://b/imagenet",
+          "--model_dir=gs://b/runs/r50"]
+
+  def tpu_vm(self, *args):
+    return subprocess.run(["bash", os.path.join(launching.ROOT, "launch", "tpu_vm.sh"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+  def test_dry_run_prints_create_copy_install_train_delete(self):
+    result = self.tpu_vm(*self.ARGS, "--dry_run", "--",
+                         "--flagfile=launch/configs/resnet50_imagenet_tpu_v3-8.cfg")
+    self.assertEqual(result.returncode, 0, result.stderr)
+    lines = result.stdout.splitlines()
+    self.assertTrue(all(line.startswith("+ ") for line in lines))
+    self.assertRegex(lines[0], r"^\+ gcloud compute tpus tpu-vm create r50 --project=proj "
+                               r"--zone=europe-west4-a --accelerator-type=v3-8 "
+                               r"--version=tpu-vm-tf-2.21.0-pjrt$")
+    self.assertIn("git -C", lines[1])
+    self.assertRegex(lines[2], r"tpu-vm scp \S+resnet_dist-r50.tar.gz r50:.* --worker=all")
+    self.assertIn("pip\\ install", lines[3])
+    self.assertIn("--worker=all", lines[4])
+    for part in ("python3\\ -m\\ launch.train", "--strategy=tpu", "--tpu=local",
+                 "--data_dir=gs://b/imagenet", "--model_dir=gs://b/runs/r50",
+                 "--flagfile=launch/configs/resnet50_imagenet_tpu_v3-8.cfg"):
+      self.assertIn(part, lines[4])
+    self.assertRegex(lines[5], r"^\+ gcloud compute tpus tpu-vm delete r50 .*--quiet$")
+    self.assertLen(lines, 6)
+
+  def test_keep_leaves_the_tpu_and_bad_arguments_fail_clearly(self):
+    result = self.tpu_vm(*self.ARGS, "--dry_run", "--keep")
+    self.assertNotIn("delete", result.stdout)
+    result = self.tpu_vm(*self.ARGS[:-1], "--model_dir=/local/dir", "--dry_run")
+    self.assertEqual(result.returncode, 2)
+    self.assertEqual(result.stderr.strip(),
+                     "error: --model_dir=/local/dir must be on GCS (gs://...): workers write it")
+    result = self.tpu_vm("--name=x", "--dry_run")
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("--project is required", result.stderr)
+
+
+class MultiWorkerLauncherTest(absltest.TestCase):
+
+  def test_a_dead_worker_ends_the_launch_with_an_error(self):
     model_dir = self.create_tempdir().full_path
-    result = run_train("--flagfile=launch/configs/digits.cfg", "--train_steps=6",
-                       "--steps_per_loop=3", "--log_every_steps=3",
-                       f"--model_dir={model_dir}", f"--data_dir={model_dir}/data")
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    self.assertIn("step 6/6", result.stdout)
-    self.assertIn(f"tensorboard --logdir {model_dir}", result.stdout)
-    with open(os.path.join(model_dir, "summary.json")) as f:
-      summary = json.load(f)
-    for key in ("global_step", "train_loss", "eval_top1", "eval_top5", "eval_examples",
-                "examples_per_second", "strategy", "num_replicas", "model", "dataset"):
-      self.assertIn(key, summary)
-    self.assertEqual(summary["global_step"], 6)
-    self.assertEqual(summary["eval_examples"], 359)
-    self.assertEqual(summary["strategy"], "mirrored")
-    self.assertEqual(summary["num_replicas"], 2)
-    self.assertTrue(os.listdir(os.path.join(model_dir, "train")))
-    self.assertTrue(os.listdir(os.path.join(model_dir, "checkpoints")))
+    launcher = launching.start(
+        "launch.multi_worker", "--num_workers=2", "--", "--flagfile=launch/configs/digits.cfg",
+        "--train_steps=400", "--steps_per_loop=2", "--log_every_steps=2",
+        "--collective_timeout_seconds=30", f"--model_dir={model_dir}",
+        f"--data_dir={model_dir}/data")
+    pids, lines, deadline = {}, [], time.time() + 300
+    for line in launcher.stdout:  # read until worker 0 reports training progress
+      lines.append(line)
+      found = re.match(r"\[launcher\] worker (\d): pid (\d+)", line)
+      if found:
+        pids[int(found.group(1))] = int(found.group(2))
+      if line.startswith("[worker 0] step ") or time.time() > deadline:
+        break
+    self.assertEqual(sorted(pids), [0, 1], "".join(lines))
+    os.kill(pids[1], signal.SIGKILL)
+    began = time.time()
+    _, err = launcher.communicate(timeout=300)
+    self.assertNotEqual(launcher.returncode, 0)
+    self.assertIn("worker 1 failed with status -9; ending the others", err)
+    print(f"launcher exited {time.time() - began:.1f} s after the worker died")
+
+
+class BadDataTest(absltest.TestCase):
+
+  def test_a_label_outside_the_classes_is_one_line_naming_the_record(self):
+    data_dir = self.create_tempdir().full_path
+    jpeg = tf.io.encode_jpeg(np.zeros((40, 40, 3), np.uint8)).numpy()
+    records.write_imagenet_records(data_dir, "train", [jpeg] * 8, [0] * 7 + [12], 1)
+    records.write_imagenet_records(data_dir, "validation", [jpeg] * 4, [0] * 4, 1)
+    result = run_train("--dataset=imagenet", f"--data_dir={data_dir}", "--num_classes=10",
+                       "--model=resnet20", "--global_batch_size=8", "--train_steps=2",
+                       "--strategy=one_device", f"--model_dir={data_dir}/run")
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    self.assertEqual(errors, [f"error: label 12 is outside 0..9: record 7 of "
+                              f"{data_dir}/train-00000-of-00001"])
 
 
 if __name__ == "__main__":

@@ -106,6 +106,16 @@ class RunMonitoringTest(absltest.TestCase):
     self.assertIn(f"tensorboard --logdir {self.model_dir}", out)
 
 
+  def test_summary_json(self):
+    for key in ("global_step", "train_loss", "eval_top1", "eval_top5", "eval_examples",
+                "examples_per_second", "input_wait_fraction", "flop_utilization",
+                "skipped_train_records", "strategy", "num_replicas", "model", "dataset"):
+      self.assertIn(key, self.summary)
+    self.assertEqual(self.summary["global_step"], STEPS)
+    self.assertEqual((self.summary["strategy"], self.summary["num_replicas"]), ("mirrored", 2))
+    self.assertEqual(self.summary["skipped_train_records"], 0)
+    self.assertTrue(os.listdir(os.path.join(self.model_dir, "checkpoints")))
+
   def test_evaluate_reproduces_the_final_evaluation(self):
     result = launching.run("launch.evaluate", f"--model_dir={self.model_dir}")
     self.assertEqual(result.returncode, 0, result.stderr[-2000:])

@@ -83,6 +83,8 @@ def _tfds_builder(name, data_dir, download):
     # digits is generated from scikit-learn's own files: preparing it downloads nothing.
     if name == "digits" or download:
       _prepare_once(builder)
+      # Re-read: a builder made before the data existed has no split info.
+      builder = tfds.builder(name, data_dir=data_dir)
     else:
       raise ConfigError(
           f"TFDS dataset {name!r} is not in --data_dir={builder.data_dir_root}; "
@@ -150,10 +152,12 @@ def tfds_source(name, data_dir=None, download=False):
       load_split=load_split, class_names=tuple(info.features[label_key].names))
 
 
-def imagenet_source(data_dir, num_classes=1000):
-  """ImageNet TFRecords in the standard layout (records.IMAGENET_SPLITS)."""
+def imagenet_source(data_dir, num_classes=1000, image_size=224):
+  """TFRecords in ImageNet's standard layout (records.IMAGENET_SPLITS): ImageNet
+  itself, or a dataset of one's own written so (at --image_size <= 64, the
+  32x32 augmentation applies)."""
   return Source(name="imagenet", num_classes=num_classes, train_split="train",
-                eval_split="validation", image_size=0, augment="inception",
+                eval_split="validation", image_size=0, augment=_style(image_size),
                 load_split=lambda split: records.imagenet_split(data_dir, split))
 
 
@@ -206,7 +210,7 @@ def _source(dataset, data_dir, download, num_classes, image_size):
   if dataset == "digits":
     return tfds_source("digits", data_dir or default_data_dir())
   if dataset == "imagenet":
-    return imagenet_source(data_dir, num_classes)
+    return imagenet_source(data_dir, num_classes, image_size)
   if dataset.startswith("folder:"):
     return folder_source(dataset[len("folder:"):], image_size)
   return tfds_source(dataset[len("tfds:"):], data_dir or default_data_dir(), download)
