@@ -41,6 +41,7 @@ def free_ports(count):
 
 
 _KILL_GRACE_SECONDS = 30
+_PREEMPTED = 75  # launch.train's exit status after a SIGTERM and a save
 
 
 def _kill_all(processes):
@@ -87,8 +88,9 @@ def run_local(num_workers, train_args, python=sys.executable):
     workers[index].returncode = os.waitstatus_to_exitcode(code)
     if workers[index].returncode != 0 and status == 0:
       status = workers[index].returncode if workers[index].returncode > 0 else 1
-      print(f"[launcher] worker {index} failed with status {workers[index].returncode}; "
-            "ending the others", file=sys.stderr, flush=True)
+      what = ("stopped by SIGTERM after saving a checkpoint" if status == _PREEMPTED
+              else f"failed with status {workers[index].returncode}")
+      print(f"[launcher] worker {index} {what}; ending the others", file=sys.stderr, flush=True)
       for other in remaining:
         os.killpg(workers[other].pid, signal.SIGTERM)
       # A worker blocked in a collective on its dead peer only honours SIGTERM

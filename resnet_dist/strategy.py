@@ -156,6 +156,20 @@ def num_input_pipelines(strategy):
   return 1
 
 
+def any_worker(strategy, flag):
+  """True on every worker if flag is true on any (multi_worker_mirrored only).
+
+  Each worker calls it at the same host-loop boundary: a SIGTERM that reaches
+  one worker makes all of them save at the same step and stop together (the
+  role tf.distribute.experimental.PreemptionCheckpointHandler plays).
+  """
+  if kind_of(strategy) != "multi_worker_mirrored":
+    return flag
+  values = strategy.experimental_distribute_values_from_function(
+      lambda _: tf.constant(float(flag)))
+  return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None) > 0)
+
+
 def replica_devices(strategy):
   try:
     return list(strategy.extended.worker_devices)

@@ -368,14 +368,16 @@ def run(config: Config, strategy=None):
       if step // config.log_every_steps != previous // config.log_every_steps or step == total_steps:
         monitor.log(monitor.progress_line(step, total_steps, steps_per_epoch, last, lr, stats),
                     chief)
+      # A SIGTERM to any worker stops them all at this same step.
+      preempted = strategy_lib.any_worker(strategy, sigterm.requested)
       at_eval = eval_every and step % eval_every == 0
       at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-      if at_eval or at_checkpoint or step == total_steps or sigterm.requested:
+      if at_eval or at_checkpoint or step == total_steps or preempted:
         if not bool(trainer.weights_finite()):
           raise FloatingPointError(f"non-finite weights at step {step}; "
                                    f"the last good checkpoint is {manager.latest_checkpoint}")
         manager.save(checkpoint_number=step)
-      if sigterm.requested and step < total_steps:
+      if preempted and step < total_steps:
         profiler.close()
         monitor.log(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", chief)
         raise checkpoints.Preempted(step)
