@@ -14,9 +14,9 @@ import threading
 import tensorflow as tf
 
 from resnet_dist import optim
-from resnet_dist.monitor import log
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.errors import ConfigError
+from resnet_dist.monitor import log
 
 SUMMARY_FILE = "summary.json"
 RUN_FILE = "run.json"  # what a model_dir's checkpoints hold; checked on resume

@@ -301,7 +301,7 @@ def run(config: Config, strategy=None):
   peak_flops = 0.0
   if chief:
     peak_flops = config.peak_tflops * 1e12 or perf.measure_peak_flops(
-        strategy, trainer.model.compute_dtype)
+        strategy, trainer.model.compute_dtype, seconds=0.25)
   monitor.log(monitor.describe_run(config, strategy, source, train_size, eval_size, num_params,
                                    macs, steps_per_epoch, total_steps, model_dir), chief)
   if peak_flops:

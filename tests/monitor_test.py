@@ -7,7 +7,6 @@ import tempfile
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 from tensorboard.backend.event_processing import event_accumulator
