@@ -273,12 +273,12 @@ def run(config: Config, strategy=None):
   eval_size = source.split(source.eval_split).num_examples
   steps_per_epoch = max(train_size // config.global_batch_size, 1)
   total_steps = config.train_steps or math.ceil(config.train_epochs * steps_per_epoch)
+  init_path = checkpoints.find_checkpoint(config.init_checkpoint) if config.init_checkpoint else ""
   model_dir = checkpoints.resolve_model_dir(config)
   if chief:
     checkpoints.check_writable(model_dir)
   checkpoints.check_same_model(model_dir, config, source, chief)
   checkpoints.save_class_names(model_dir, source, chief)
-  init_path = checkpoints.find_checkpoint(config.init_checkpoint) if config.init_checkpoint else ""
 
   # Model, optimizer and checkpoint; resume if model_dir has one.
   trainer = Trainer(config, strategy, source, steps_per_epoch, total_steps)

@@ -49,6 +49,13 @@ class BadInputTest(absltest.TestCase):
       self.assert_one_line_error(result, pattern)
       self.assertFalse(os.path.exists(f"{data_dir}/run"))  # nothing written
 
+  def test_missing_init_checkpoint_fails_before_writing_anything(self):
+    model_dir = os.path.join(self.create_tempdir().full_path, "run")
+    result = run_train("--init_checkpoint=/no/such/run", f"--model_dir={model_dir}",
+                       f"--data_dir={model_dir}-data")
+    self.assert_one_line_error(result, r"checkpoint /no/such/run does not exist")
+    self.assertFalse(os.path.exists(model_dir))
+
   def test_helpshort_lists_the_flags(self):
     result = run_train("--helpshort")
     self.assertEqual(result.returncode, 0, result.stderr)
