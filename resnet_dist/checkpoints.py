@@ -104,8 +104,7 @@ def check_same_model(model_dir, config, source, chief):
   this = {"model": config.model, "resnet_variant": config.resnet_variant,
           "num_classes": source.num_classes}
   if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      saved = json.load(f)
+    saved = read_run(model_dir)
     differs = [f"{k} {saved.get(k)} there, {v} here" for k, v in this.items()
                if saved.get(k) != v]
     if differs:

@@ -317,7 +317,7 @@ def run(config: Config, strategy=None):
   summaries = monitor.Summaries(model_dir, chief)
   if chief:
     with data.data_errors(source.num_classes):
-      images = _first_images(source, input_config, start_step)
+      images = _first_images(source, input_config)
     summaries.start(config, images, start_step, macs, peak_flops)
   profiler = monitor.Profiler(model_dir, parse_profile_steps(config.profile_steps), chief)
   eval_every = (round(config.epochs_between_evals * steps_per_epoch)
@@ -431,11 +431,12 @@ def run(config: Config, strategy=None):
   return summary
 
 
-def _first_images(source, input_config, start_step):
-  """A training batch as the model will see it, for TensorBoard (a small
-  shuffle buffer, so a streamed dataset does not fill 10,000 records for it)."""
+def _first_images(source, input_config):
+  """A training batch as the model sees it, for TensorBoard: the stream's
+  first, so a resumed streamed dataset does not skip up to an epoch of raw
+  records for it, and a small shuffle buffer, so it does not fill 10,000."""
   config = dataclasses.replace(input_config, shuffle_buffer=1, strict=False)
-  dataset = data.train_dataset_fn(source, source.train_split, config, start_step)(
+  dataset = data.train_dataset_fn(source, source.train_split, config)(
       tf.distribute.InputContext())
   return next(iter(dataset.take(1)))[0]
 

@@ -44,25 +44,33 @@ def looks_complete(encoded):
   return tf.where(tf.io.is_jpeg(encoded), jpeg_ok, tf.where(is_png, png_ok, True))
 
 
-def _shape_of(encoded):
-  return tf.cond(tf.io.is_jpeg(encoded),
-                 lambda: tf.io.extract_jpeg_shape(encoded, output_type=tf.int32)[:2],
-                 lambda: tf.shape(_decode(encoded))[:2])
-
-
 def _decode(encoded):
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def _decode_window(encoded, window):
-  """window = [y, x, height, width]: decodes only that window of a JPEG."""
+def _crop(image, window):
+  """window = [y, x, height, width]."""
+  return image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+
+
+def _decode_crop(image, encoded, choose_window):
+  """The window choose_window(shape [height, width]) picks, of an image.
+
+  A JPEG is decoded fused with the crop (only the window is decoded, its
+  shape read from the header); other formats are decoded once, then cropped.
+  """
+  if not encoded:
+    return _crop(image, choose_window(tf.shape(image)[:2]))
+
   def jpeg():
-    return tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+    shape = tf.io.extract_jpeg_shape(image, output_type=tf.int32)[:2]
+    return tf.io.decode_and_crop_jpeg(image, choose_window(shape), channels=3)
 
   def other():
-    return tf.image.crop_to_bounding_box(_decode(encoded), *tf.unstack(window))
+    decoded = _decode(image)
+    return _crop(decoded, choose_window(tf.shape(decoded)[:2]))
 
-  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  return tf.cond(tf.io.is_jpeg(image), jpeg, other)
 
 
 def _centre_window(shape, fraction):
@@ -107,15 +115,11 @@ def preprocess(image, augment, size, training, seed, encoded):
   seed: int64 [2], used only when training.
   """
   if augment == "inception":
-    shape = _shape_of(image) if encoded else tf.shape(image)[:2]
     if training:
-      window = _random_window(shape, seed)
+      image = _decode_crop(image, encoded, lambda shape: _random_window(shape, seed))
     else:
-      window = _centre_window(shape, EVAL_CROP_FRACTION)
-    if encoded:
-      image = _decode_window(image, window)
-    else:
-      image = image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+      image = _decode_crop(image, encoded,
+                           lambda shape: _centre_window(shape, EVAL_CROP_FRACTION))
     if training:  # on the crop, before resizing: fewer bytes to move
       image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
     image = _resized(image, size)
