@@ -8,9 +8,14 @@
       training steps on synthetic on-device data, one subprocess per case
       (logical devices and peak memory are per process), with the model's
       FLOP/s against the machine's measured matmul peak, and a
-      keras.applications ResNet-50 peer.
+      keras.applications ResNet-50 peer timed in turns with its case.
   python -m launch.benchmark --mode=e2e
       ResNet-20 end to end on real 32x32 JPEG TFRecords against synthetic input.
+  python -m launch.benchmark --mode=targets
+      the cases behind the issue's targets, and the ratios.
+
+Training cases are timed in --rounds turns and report the median: on a
+shared machine a slow minute then falls on every compared case alike.
 
 Prints a markdown table and writes the results as JSON (--output).
 """
@@ -18,6 +23,7 @@ Prints a markdown table and writes the results as JSON (--output).
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+
+import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels (oneDNN)
 
 flags.DEFINE_enum("mode", "input", ["input", "train", "e2e", "targets"],
                   "What to measure; targets: the cases behind README's table.")
@@ -43,8 +51,10 @@ flags.DEFINE_list("strategies", ["one_device"], "train: one_device, mirrored (2 
 flags.DEFINE_list("steps_per_loop", ["1"], "train: steps per tf.function call.")
 flags.DEFINE_list("xla", ["false"], "train: compile the replica step with XLA (true/false).")
 flags.DEFINE_bool("peer", True, "train: also time keras.applications.ResNet50 for resnet50 cases.")
-flags.DEFINE_integer("min_steps", 3, "train: timed steps per case, at least.")
-flags.DEFINE_string("case", "", "Internal: run one case (JSON) in this process.")
+flags.DEFINE_integer("min_steps", 1, "train: timed steps per case in each round, at least.")
+flags.DEFINE_integer("rounds", 3, "train, e2e, targets: timed turns per case; a case's step "
+                     "time is the median over its rounds.")
+flags.DEFINE_string("cases", "", "Internal: run these cases (a JSON list) in this process.")
 flags.DEFINE_string("output", "", "Write the results here as JSON.")
 FLAGS = flags.FLAGS
 
@@ -122,15 +132,22 @@ def input_benchmark():
   return header, results
 
 
-# --- Training throughput: one subprocess per case ---------------------------
+# --- Training throughput ------------------------------------------------------
+#
+# A subprocess runs a list of cases that share one strategy. After each case's
+# warm-up loop (tracing) the cases take turns, --rounds times, each timing
+# whole loops for --seconds / --rounds; a case's step time is its median over
+# the rounds. Compared cases that can share a process (ours and the peer,
+# steps_per_loop 1 and 50, synthetic and JPEG input) share one,
+# so a slow spell on this shared machine falls on both; one_device and
+# mirrored need different logical devices, so their processes take turns.
 
 PEER_MACS = 3.858e9   # keras.applications.ResNet50 (v1) at 224x224
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 
 
 def _timed_loops(run_loop, steps_per_loop, min_steps, seconds):
-  """Seconds per step over whole loops, after one warm-up loop (tracing)."""
-  run_loop(steps_per_loop)
+  """Seconds per step over whole loops of steps_per_loop steps."""
   steps, began = 0, time.perf_counter()
   while steps < min_steps or time.perf_counter() - began < seconds:
     run_loop(steps_per_loop)
@@ -138,14 +155,13 @@ def _timed_loops(run_loop, steps_per_loop, min_steps, seconds):
   return (time.perf_counter() - began) / steps
 
 
-def _train_case(case):
+def _ours(case, strategy):
   """Our training step: Trainer's train_loop over synthetic or JPEG TFRecord input."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from resnet_dist import data, models, perf, train  # pylint: disable=g-import-not-at-top
+  from resnet_dist import data, models, train  # pylint: disable=g-import-not-at-top
   from resnet_dist import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   from resnet_dist.config import Config  # pylint: disable=g-import-not-at-top
   size = case["image_size"]
-  strategy = strategy_lib.create_strategy(case["strategy"], num_cpu_devices=2)
   config = Config(model=case["model"], image_size=size, dtype=case["dtype"],
                   enable_xla=case["xla"], global_batch_size=case["batch"],
                   steps_per_loop=case["steps_per_loop"], dataset="synthetic", num_classes=1000)
@@ -159,25 +175,28 @@ def _train_case(case):
   iterator = iter(strategy.distribute_datasets_from_function(
       data.train_dataset_fn(source, source.train_split, input_config),
       options=strategy_lib.input_options(strategy)))
-  step_seconds = _timed_loops(lambda n: trainer.train_loop(iterator, tf.constant(n)),
-                              case["steps_per_loop"], FLAGS.min_steps, FLAGS.seconds)
-  macs = models.count_macs(trainer.model, size)
-  peak = perf.measure_peak_flops(strategy, trainer.model.compute_dtype)
-  return step_seconds, macs, peak
+  return (lambda n: trainer.train_loop(iterator, tf.constant(n)),
+          models.count_macs(trainer.model, size), trainer.model.compute_dtype)
 
 
-def _peer_case(case):
-  """keras.applications.ResNet50 trained by a minimal tf.function step."""
+def _peer(case, strategy):
+  """keras.applications.ResNet50 trained by a minimal tf.function step, on
+  TensorFlow's default device (the peer runs beside one_device cases only)."""
+  del strategy
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from resnet_dist import perf  # pylint: disable=g-import-not-at-top
   from resnet_dist.config import DTYPES  # pylint: disable=g-import-not-at-top
-  keras.mixed_precision.set_global_policy(DTYPES[case["dtype"]])
-  model = keras.applications.ResNet50(weights=None)
-  optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+  policy = keras.mixed_precision.Policy(DTYPES[case["dtype"]])
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy(policy)  # the peer's layers only
+  try:
+    model = keras.applications.ResNet50(weights=None)
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
   images = tf.random.uniform([case["batch"], 224, 224, 3])
   labels = tf.random.uniform([case["batch"]], maxval=1000, dtype=tf.int64)
-  optimizer.build(model.trainable_variables)
 
   @tf.function
   def loop(n):
@@ -188,39 +207,75 @@ def _peer_case(case):
       grads = tape.gradient(loss, model.trainable_variables)
       optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
-  step_seconds = _timed_loops(lambda n: loop(tf.constant(n)), case["steps_per_loop"],
-                              FLAGS.min_steps, FLAGS.seconds)
-  peak = perf.measure_peak_flops(tf.distribute.get_strategy(),
-                                 tf.bfloat16 if case["dtype"] == "bf16" else tf.float32)
-  return step_seconds, PEER_MACS, peak
+  return lambda n: loop(tf.constant(n)), PEER_MACS, policy.compute_dtype
 
 
-def run_case(case):
-  """One case in this process: its row of the table."""
+def run_cases(cases):
+  """The cases of one process (one strategy), alternating: their rows."""
+  import statistics  # pylint: disable=g-import-not-at-top
   from resnet_dist import perf  # pylint: disable=g-import-not-at-top
-  step_seconds, macs, peak = (_peer_case if case["kind"] == "keras_peer" else _train_case)(case)
-  images_per_second = case["batch"] / step_seconds
-  flops = images_per_second * perf.training_flops_per_image(macs)
-  return {**case, "images_per_second": round(images_per_second, 2),
-          "step_ms": round(1000 * step_seconds, 1), "model_gflops": round(flops / 1e9, 1),
-          "peak_gflops": round(peak / 1e9, 1), "utilization": round(flops / peak, 3),
-          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+  from resnet_dist import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  strategy = strategy_lib.create_strategy(cases[0]["strategy"], num_cpu_devices=2)
+  built = [(_peer if case["kind"] == "keras_peer" else _ours)(case, strategy) for case in cases]
+  for (run_loop, _, _), case in zip(built, cases):
+    run_loop(case["steps_per_loop"])  # warm-up: tracing, first allocations
+  times = [[] for _ in cases]
+  for _ in range(FLAGS.rounds):
+    for (run_loop, _, _), case, case_times in zip(built, cases, times):
+      case_times.append(_timed_loops(run_loop, case["steps_per_loop"], FLAGS.min_steps,
+                                     FLAGS.seconds / FLAGS.rounds))
+  peaks = {dtype: perf.measure_peak_flops(strategy, dtype, size=2048, seconds=2.0)
+           for dtype in {dtype for _, _, dtype in built}}
+  rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  rows = []
+  for (_, macs, dtype), case, case_times in zip(built, cases, times):
+    step_seconds = statistics.median(case_times)
+    images_per_second = case["batch"] / step_seconds
+    flops = images_per_second * perf.training_flops_per_image(macs)
+    rows.append({**case, "images_per_second": round(images_per_second, 2),
+                 "step_ms": round(1000 * step_seconds, 1),
+                 "step_ms_range": [round(1000 * min(case_times), 1),
+                                   round(1000 * max(case_times), 1)],
+                 "gmacs_per_image": round(macs / 1e9, 4),
+                 "model_gflops": round(flops / 1e9, 1),
+                 "peak_gflops": round(peaks[dtype] / 1e9, 1),
+                 "utilization": round(flops / peaks[dtype], 3),
+                 "peak_rss_mb": rss, "process_cases": len(cases)})
+  return rows
 
 
-def _in_subprocess(case):
-  """Runs a case in a fresh process: logical devices and peak memory are per process."""
+def _in_subprocess(cases, rounds=None, seconds=None):
+  """Runs cases (one strategy) in a fresh process: logical devices and peak memory are per process."""
   result = subprocess.run(
-      [sys.executable, "-m", "launch.benchmark", f"--case={json.dumps(case)}",
-       f"--seconds={FLAGS.seconds}", f"--min_steps={FLAGS.min_steps}"],
+      [sys.executable, "-m", "launch.benchmark", f"--cases={json.dumps(cases)}",
+       f"--seconds={seconds or FLAGS.seconds}", f"--min_steps={FLAGS.min_steps}",
+       f"--rounds={rounds or FLAGS.rounds}"],
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
       capture_output=True, text=True, check=False)
   if result.returncode:
-    raise RuntimeError(f"case {case} failed:\n{result.stderr[-3000:]}")
-  row = json.loads(result.stdout.strip().splitlines()[-1])
-  print(f"  {row['kind']} {row['model']} batch {row['batch']} {row['dtype']} {row['strategy']} "
-        f"steps_per_loop {row['steps_per_loop']}: {row['images_per_second']} images/s",
-        file=sys.stderr, flush=True)
-  return row
+    raise RuntimeError(f"cases {cases} failed:\n{result.stderr[-3000:]}")
+  rows = json.loads(result.stdout.strip().splitlines()[-1])
+  for row in rows:
+    print(f"  {row['kind']} {row['model']} batch {row['batch']} {row['dtype']} {row['strategy']} "
+          f"steps_per_loop {row['steps_per_loop']}: {row['images_per_second']} images/s",
+          file=sys.stderr, flush=True)
+  return rows
+
+
+def _taking_turns(cases):
+  """Cases that cannot share a process (different strategies): one process
+  per case per round, in turns; each case's rounds merged by their median."""
+  runs = [[] for _ in cases]
+  for _ in range(FLAGS.rounds):
+    for case, case_runs in zip(cases, runs):
+      case_runs.append(_in_subprocess([case], rounds=1, seconds=FLAGS.seconds / FLAGS.rounds)[0])
+  merged = []
+  for case_runs in runs:
+    middle = sorted(case_runs, key=lambda row: row["step_ms"])[len(case_runs) // 2]
+    merged.append({**middle, "step_ms_range": [min(r["step_ms"] for r in case_runs),
+                                               max(r["step_ms"] for r in case_runs)],
+                   "peak_rss_mb": max(r["peak_rss_mb"] for r in case_runs)})
+  return merged
 
 
 def _case(model, batch, dtype="fp32", strategy="one_device", steps_per_loop=1, xla=False,
@@ -234,10 +289,13 @@ def train_benchmark():
   cases = [_case(m, b, d, s, n, x == "true")
            for m in FLAGS.models for b in FLAGS.batch_sizes for d in FLAGS.dtypes
            for s in FLAGS.strategies for n in FLAGS.steps_per_loop for x in FLAGS.xla]
-  peers = [dict(c, kind="keras_peer", model="keras ResNet50", strategy="one_device", xla=False)
-           for c in cases if FLAGS.peer and c["model"] == "resnet50"
-           and c["strategy"] == "one_device" and not c["xla"]]
-  rows = [_in_subprocess(c) for c in cases + peers]
+  rows = []
+  for case in cases:  # each alone in its process, but for the peer it is compared with
+    group = [case]
+    if FLAGS.peer and case["model"] == "resnet50" and case["strategy"] == "one_device" \
+        and not case["xla"]:
+      group.append(dict(case, kind="keras_peer", model="keras ResNet50"))
+    rows += _in_subprocess(group)
   for row in rows:
     if row["kind"] == "keras_peer":
       row["images_per_second_mac_scaled"] = round(row["images_per_second"] * PEER_MACS / 4.089e9, 2)
@@ -260,25 +318,33 @@ def _jpeg_records(num_images, size=32):
 
 def e2e_benchmark():
   directory = _jpeg_records(FLAGS.num_images * 4)
-  cases = [_case("resnet20", 128, steps_per_loop=10, input=i, data_dir=directory)
-           for i in ("synthetic", "jpeg")]
-  rows = [_in_subprocess(c) for c in cases]
+  try:
+    rows = _in_subprocess([_case("resnet20", 128, steps_per_loop=10, input=i, data_dir=directory)
+                           for i in ("synthetic", "jpeg")])
+  finally:
+    shutil.rmtree(directory)
   rows[1]["ratio_to_synthetic"] = round(rows[1]["images_per_second"]
                                         / rows[0]["images_per_second"], 3)
   return "ResNet-20 end to end, 32x32 JPEG TFRecords against synthetic input", rows
 
 
 def targets_benchmark():
-  """The cases behind the targets, each compared within this one run."""
+  """The cases behind the targets; each ratio compares cases measured in turns."""
+  ours, peer = _in_subprocess([_case("resnet50", 32), _case("resnet50", 32, kind="keras_peer")])
+  # Alone and one round: on CPUs without AVX-512 a bf16 step takes minutes
+  # (TensorFlow falls back from oneDNN to emulated bfloat16 kernels).
+  bf16, = _in_subprocess([_case("resnet50", 32, "bf16")], rounds=1)
+  one_device, mirrored = _taking_turns([_case("resnet50", 32),
+                                        _case("resnet50", 32, strategy="mirrored")])
+  spl1, spl50 = _in_subprocess([_case("resnet20", 128, steps_per_loop=1),
+                                _case("resnet20", 128, steps_per_loop=50)])
   directory = _jpeg_records(FLAGS.num_images * 4)
-  cases = [
-      _case("resnet50", 32), _case("resnet50", 32, kind="keras_peer"),
-      _case("resnet50", 32, "bf16"), _case("resnet50", 32, strategy="mirrored"),
-      _case("resnet20", 128, steps_per_loop=1), _case("resnet20", 128, steps_per_loop=50),
-      _case("resnet20", 128, steps_per_loop=10, input="synthetic"),
-      _case("resnet20", 128, steps_per_loop=10, input="jpeg", data_dir=directory)]
-  rows = [_in_subprocess(c) for c in cases]
-  ours, peer, bf16, mirrored, spl1, spl50, synthetic, jpeg = rows
+  try:
+    synthetic, jpeg = _in_subprocess([
+        _case("resnet20", 128, steps_per_loop=10, input=i, data_dir=directory)
+        for i in ("synthetic", "jpeg")])
+  finally:
+    shutil.rmtree(directory)
   peer_scaled = peer["images_per_second"] * PEER_MACS / 4.089e9
   checks = [
       ("ResNet-50 fp32 vs keras.applications peer (MAC-scaled)",
@@ -286,14 +352,15 @@ def targets_benchmark():
       ("ResNet-50 fp32 FLOP/s vs fp32 matmul peak", ours["utilization"], 0.7),
       ("ResNet-50 bf16 vs fp32 images/s", bf16["images_per_second"] / ours["images_per_second"], 1.3),
       ("ResNet-50 mirrored (2 logical devices) vs one_device",
-       mirrored["images_per_second"] / ours["images_per_second"], 0.9),
+       mirrored["images_per_second"] / one_device["images_per_second"], 0.9),
       ("ResNet-20 steps_per_loop 50 vs 1", spl50["images_per_second"] / spl1["images_per_second"], 1.3),
       ("ResNet-20 JPEG TFRecords vs synthetic input",
        jpeg["images_per_second"] / synthetic["images_per_second"], 0.9),
   ]
   summary = [{"target": name, "measured": round(value, 3), "required": required,
               "met": value >= required} for name, value, required in checks]
-  return (f"targets, {os.cpu_count()} cores; rows below", summary + rows)
+  rows = [ours, peer, bf16, one_device, mirrored, spl1, spl50, synthetic, jpeg]
+  return (f"targets, {os.cpu_count()} cores, {FLAGS.rounds} rounds; rows below", summary + rows)
 
 
 def markdown(results):
@@ -305,8 +372,8 @@ def markdown(results):
 
 def main(argv):
   del argv
-  if FLAGS.case:  # a subprocess of train_benchmark: one JSON line out
-    print(json.dumps(run_case(json.loads(FLAGS.case))))
+  if FLAGS.cases:  # a subprocess of the training modes: one JSON line out
+    print(json.dumps(run_cases(json.loads(FLAGS.cases))))
     return
   header, results = {"input": input_benchmark, "train": train_benchmark,
                      "e2e": e2e_benchmark, "targets": targets_benchmark}[FLAGS.mode]()

@@ -12,6 +12,7 @@ import os
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
+from resnet_dist import perf
 from resnet_dist import strategy as strategy_lib
 
 NUM_IMAGES_SHOWN = 8
@@ -32,7 +33,8 @@ def describe_run(config, strategy, source, train_size, eval_size, num_params, ma
       f"batch      {config.global_batch_size} global, {per_replica} per replica",
       f"model      {config.model} ({config.resnet_variant}), {num_params:,} trainable "
       f"parameters, {macs / 1e9:.3f} GMACs per {config.image_size}x{config.image_size} image",
-      f"dtype      {config.dtype}{', XLA' if config.enable_xla else ''}",
+      f"dtype      {config.dtype}{', XLA' if config.enable_xla else ''}; CPU kernels "
+      f"{perf.cpu_kernels()}",
       f"dataset    {config.dataset}: {train_size:,} train / {eval_size:,} eval examples, "
       f"{source.num_classes} classes",
       f"schedule   {total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs of "

@@ -1,8 +1,38 @@
-"""What the hardware can do, measured: the yardstick for FLOP utilisation."""
+"""What the hardware can do: the measured matmul peak (the yardstick for FLOP
+utilisation), which library runs the CPU kernels, whether bf16 is emulated."""
 
 import time
 
 import tensorflow as tf
+
+
+def cpu_kernels():
+  """"oneDNN" or "Eigen": the library behind TensorFlow's CPU convolutions and
+  matmuls in this process (resnet_dist/__init__.py turns oneDNN on for x86)."""
+  from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+  return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
+
+
+def emulated_bf16_warning(dtype, devices, cpu_flags=None):
+  """A warning line when --dtype=bf16 would run emulated on these CPU devices, else "".
+
+  oneDNN's bfloat16 kernels need AVX-512 (or AVX-NE-CONVERT / AMX); without
+  them TensorFlow falls back to emulated kernels ("oneDNN supports
+  DT_BFLOAT16 only on platforms with AVX-512"): ResNet-50 training ran about
+  13x slower than fp32 on an AVX2 AMD EPYC (README, Benchmarks).
+  """
+  if dtype != "bf16" or not all("CPU" in d.upper() for d in devices):
+    return ""
+  if cpu_flags is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpu_flags = set(f.read().split())
+    except OSError:  # not Linux: no way to tell
+      return ""
+  if cpu_flags & {"avx512f", "avx_ne_convert", "amx_bf16"}:
+    return ""
+  return ("warning: --dtype=bf16 on a CPU without AVX-512: TensorFlow emulates bfloat16 "
+          "here, many times slower than --dtype=fp32")
 
 
 def training_flops_per_image(macs):

@@ -92,8 +92,8 @@ class Trainer:
       self.skipped_records = tf.Variable(
           0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
           aggregation=tf.VariableAggregation.SUM)
-    # Host-side: seconds the train loop waited for input.
-    self.times_input = not config.deterministic
+    # Host-side: seconds the train loop waited for input (see train_loop).
+    self.times_input = not config.deterministic and strategy_lib.input_wait_measurable(strategy)
     self.input_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
     step = self.replica_step
     if config.enable_xla:
@@ -153,7 +153,8 @@ class Trainer:
     Timestamps around each next(iterator) add up the time the loop waits for
     input; tf.function runs stateful ops (timestamps, the iterator, variable
     updates) in program order, so no wait overlaps a step. TensorFlow refuses
-    timestamps under op determinism, so --deterministic runs go untimed.
+    timestamps under op determinism, so --deterministic runs go untimed, as
+    do runs over several logical CPU devices (input_wait_measurable).
     """
     for _ in tf.range(num_steps):
       if self.times_input:
@@ -304,6 +305,9 @@ def run(config: Config, strategy=None):
         strategy, trainer.model.compute_dtype, seconds=0.25)
   monitor.log(monitor.describe_run(config, strategy, source, train_size, eval_size, num_params,
                                    macs, steps_per_epoch, total_steps, model_dir), chief)
+  warning = perf.emulated_bf16_warning(config.dtype, strategy_lib.replica_devices(strategy))
+  if warning:
+    monitor.log(warning, chief)
   if peak_flops:
     monitor.log(f"peak       {peak_flops / 1e9:.1f} GFLOP/s ({trainer.model.compute_dtype} "
                 f"matmul, {'given' if config.peak_tflops else 'measured'})", chief)
@@ -409,6 +413,7 @@ def run(config: Config, strategy=None):
                            if timed and peak_flops else None),
       "gmacs_per_image": macs / 1e9,
       "peak_gflops": peak_flops / 1e9,
+      "cpu_kernels": perf.cpu_kernels(),
       "strategy": strategy_lib.kind_of(strategy),
       "num_replicas": strategy.num_replicas_in_sync,
       "model": config.model,

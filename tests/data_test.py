@@ -1,5 +1,6 @@
 """The input pipeline: the embedded dataset, sharding, exact evaluation, exact resume."""
 
+import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest, parameterized

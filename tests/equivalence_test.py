@@ -18,6 +18,7 @@ changes every update by half, fails.
 import os
 import tempfile
 
+import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import keras
 import numpy as np
 import tensorflow as tf

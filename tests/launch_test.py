@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest

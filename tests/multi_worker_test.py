@@ -8,6 +8,7 @@ import re
 import signal
 import time
 
+import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import tensorflow as tf
 from absl.testing import absltest
 

@@ -1,5 +1,6 @@
 """Schedules, optimisers, mixed precision and XLA in the replica step."""
 
+import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import keras
 import numpy as np
 import tensorflow as tf

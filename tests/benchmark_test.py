@@ -1,0 +1,53 @@
+"""The benchmark harness runs its modes end to end on tiny cases (no speed is asserted)."""
+
+import json
+import os
+import tempfile
+
+from absl.testing import absltest
+
+from tests import launching
+
+
+class BenchmarkTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.output = os.path.join(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()), "out.json")
+
+  def run_benchmark(self, *args):
+    result = launching.run("launch.benchmark", f"--output={self.output}", *args)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    with open(self.output) as f:
+      return result.stdout, json.load(f)
+
+  def test_train_mode_rows_in_turns(self):
+    stdout, report = self.run_benchmark(
+        "--mode=train", "--models=resnet20", "--batch_sizes=8", "--steps_per_loop=1,2",
+        "--seconds=0.2", "--rounds=2")
+    rows = report["results"]
+    self.assertEqual([(r["model"], r["steps_per_loop"]) for r in rows],
+                     [("resnet20", 1), ("resnet20", 2)])
+    for row in rows:
+      self.assertGreater(row["images_per_second"], 0)
+      low, high = row["step_ms_range"]
+      self.assertTrue(low <= row["step_ms"] <= high, row)
+      self.assertAlmostEqual(row["images_per_second"], 8000 / row["step_ms"], delta=0.5)
+      self.assertAlmostEqual(row["gmacs_per_image"], 0.041, delta=0.001)  # ResNet-20 at 32x32
+      self.assertAlmostEqual(row["model_gflops"],
+                             row["images_per_second"] * 6 * row["gmacs_per_image"], delta=0.3)
+      self.assertGreater(row["peak_gflops"], 0)
+      self.assertGreater(row["peak_rss_mb"], 100)
+    self.assertIn("| resnet_dist | resnet20 | 8 |", stdout)  # the markdown table
+
+  def test_input_mode_compares_with_the_bare_pipeline(self):
+    _, report = self.run_benchmark("--mode=input", "--num_images=16", "--batch_size=8",
+                                   "--image_size=64", "--warmup_batches=1", "--seconds=0.5")
+    ours, bare = report["results"]
+    self.assertEqual((ours["pipeline"], bare["pipeline"]), ("resnet_dist", "bare tf.data"))
+    self.assertAlmostEqual(ours["ratio_to_bare"],
+                           ours["images_per_second"] / bare["images_per_second"], delta=0.01)
+
+
+if __name__ == "__main__":
+  absltest.main()
