@@ -264,7 +264,8 @@ def _in_subprocess(cases, rounds=None, seconds=None):
 
 def _taking_turns(cases):
   """Cases that cannot share a process (different strategies): one process
-  per case per round, in turns; each case's rounds merged by their median."""
+  per case per round, in turns; each case keeps its middle run (the median
+  for an odd --rounds, the upper middle for an even one)."""
   runs = [[] for _ in cases]
   for _ in range(FLAGS.rounds):
     for case, case_runs in zip(cases, runs):

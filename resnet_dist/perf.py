@@ -13,15 +13,15 @@ def cpu_kernels():
   return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
 
 
-def emulated_bf16_warning(dtype, devices, cpu_flags=None):
-  """A warning line when --dtype=bf16 would run emulated on these CPU devices, else "".
+def emulated_bf16_warning(dtype, on_cpu, cpu_flags=None):
+  """A warning line when --dtype=bf16 would run emulated on CPU replicas, else "".
 
   oneDNN's bfloat16 kernels need AVX-512 (or AVX-NE-CONVERT / AMX); without
   them TensorFlow falls back to emulated kernels ("oneDNN supports
   DT_BFLOAT16 only on platforms with AVX-512"): ResNet-50 training ran about
   13x slower than fp32 on an AVX2 AMD EPYC (README, Benchmarks).
   """
-  if dtype != "bf16" or not all("CPU" in d.upper() for d in devices):
+  if dtype != "bf16" or not on_cpu:
     return ""
   if cpu_flags is None:
     try:

@@ -177,7 +177,8 @@ def replica_devices(strategy):
     return [tf.config.list_logical_devices()[0].name]
 
 
-def _all_on_cpu(strategy):
+def all_on_cpu(strategy):
+  """Whether every replica is a CPU device (logical or not)."""
   return all("CPU" in d.upper() for d in replica_devices(strategy))
 
 
@@ -190,7 +191,7 @@ def input_options(strategy):
   run tf.data autotuning, whose optimisation thread the destructor waits for),
   and once kept a finished run from exiting at all.
   """
-  return tf.distribute.InputOptions(experimental_fetch_to_device=not _all_on_cpu(strategy))
+  return tf.distribute.InputOptions(experimental_fetch_to_device=not all_on_cpu(strategy))
 
 
 def input_wait_measurable(strategy):
@@ -203,7 +204,7 @@ def input_wait_measurable(strategy):
   a third inter-op thread brought that to 1% but cost throughput (within
   this machine's noise, about 10%).
   """
-  return strategy.num_replicas_in_sync == 1 or not _all_on_cpu(strategy)
+  return strategy.num_replicas_in_sync == 1 or not all_on_cpu(strategy)
 
 
 def check_xla(strategy):
@@ -215,6 +216,6 @@ def check_xla(strategy):
   """
   if strategy.num_replicas_in_sync == 1:
     return
-  if _all_on_cpu(strategy):
+  if all_on_cpu(strategy):
     raise ConfigError("--enable_xla needs one device, GPUs or a TPU; it does not "
                       "work across several logical CPU devices")

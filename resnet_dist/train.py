@@ -305,7 +305,7 @@ def run(config: Config, strategy=None):
         strategy, trainer.model.compute_dtype, seconds=0.25)
   monitor.log(monitor.describe_run(config, strategy, source, train_size, eval_size, num_params,
                                    macs, steps_per_epoch, total_steps, model_dir), chief)
-  warning = perf.emulated_bf16_warning(config.dtype, strategy_lib.replica_devices(strategy))
+  warning = perf.emulated_bf16_warning(config.dtype, strategy_lib.all_on_cpu(strategy))
   if warning:
     monitor.log(warning, chief)
   if peak_flops:

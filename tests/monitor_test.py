@@ -42,11 +42,10 @@ def scalars(directory):
 class HardwareNotesTest(absltest.TestCase):
 
   def test_bf16_warning_only_for_emulated_cpus(self):
-    cpu = ["/job:localhost/replica:0/task:0/device:CPU:0"]
-    self.assertIn("without AVX-512", perf.emulated_bf16_warning("bf16", cpu, {"avx2", "fma"}))
-    self.assertEqual(perf.emulated_bf16_warning("bf16", cpu, {"avx2", "avx512f"}), "")
-    self.assertEqual(perf.emulated_bf16_warning("fp32", cpu, {"avx2"}), "")
-    self.assertEqual(perf.emulated_bf16_warning("bf16", ["/device:TPU:0"], {"avx2"}), "")
+    self.assertIn("without AVX-512", perf.emulated_bf16_warning("bf16", True, {"avx2", "fma"}))
+    self.assertEqual(perf.emulated_bf16_warning("bf16", True, {"avx2", "avx512f"}), "")
+    self.assertEqual(perf.emulated_bf16_warning("fp32", True, {"avx2"}), "")
+    self.assertEqual(perf.emulated_bf16_warning("bf16", False, {"avx2"}), "")  # TPU, GPU
 
 
 class RunMonitoringTest(absltest.TestCase):

@@ -15,15 +15,19 @@ from absl.testing import absltest
 from tests import launching
 
 
+def two_workers(model_dir):
+  """launch.multi_worker and its arguments: 2 local workers training digits into model_dir."""
+  return ("launch.multi_worker", "--num_workers=2", "--", "--flagfile=launch/configs/digits.cfg",
+          "--global_batch_size=32", "--steps_per_loop=2", f"--model_dir={model_dir}",
+          f"--data_dir={model_dir}/data")
+
+
 class MultiWorkerLauncherTest(absltest.TestCase):
 
   def start_and_wait_for_progress(self, model_dir, *extra):
     """Starts 2 local workers; returns (launcher, {index: pid}) once worker 0 has trained."""
-    launcher = launching.start(
-        "launch.multi_worker", "--num_workers=2", "--", "--flagfile=launch/configs/digits.cfg",
-        "--global_batch_size=32", "--steps_per_loop=2", "--log_every_steps=2",
-        "--collective_timeout_seconds=30",
-        f"--model_dir={model_dir}", f"--data_dir={model_dir}/data", *extra)
+    launcher = launching.start(*two_workers(model_dir), "--log_every_steps=2",
+                               "--collective_timeout_seconds=30", *extra)
     pids, lines, deadline = {}, [], time.time() + 300
     for line in launcher.stdout:
       lines.append(line)
@@ -58,11 +62,7 @@ class MultiWorkerLauncherTest(absltest.TestCase):
     step = int(saved[0])
     self.assertEqual(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")),
                      os.path.join(model_dir, "checkpoints", f"ckpt-{step}"))
-    again = launching.run("launch.multi_worker", "--num_workers=2", "--",
-                          "--flagfile=launch/configs/digits.cfg", "--global_batch_size=32",
-                          "--steps_per_loop=2", "--train_steps=16", "--skip_eval",
-                          f"--model_dir={model_dir}",
-                          f"--data_dir={model_dir}/data")
+    again = launching.run(*two_workers(model_dir), "--train_steps=16", "--skip_eval")
     self.assertEqual(again.returncode, 0, again.stdout[-3000:])
     self.assertIn(f"[worker 0] resuming from step {step}", again.stdout)
     self.assertIn("[worker 0] done: 16 steps", again.stdout)
