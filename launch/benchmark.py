@@ -14,7 +14,7 @@
   python -m launch.benchmark --mode=targets
       the cases behind the issue's targets, and the ratios.
 
-Training cases are timed in --rounds turns and report the median: on a
+Compared cases are timed in --rounds turns and report the median: on a
 shared machine a slow minute then falls on every compared case alike.
 
 Prints a markdown table and writes the results as JSON (--output).
@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,8 @@ flags.DEFINE_integer("num_images", 512, "input, e2e: distinct JPEGs to generate.
 flags.DEFINE_integer("image_size", 224, "input: output image size.")
 flags.DEFINE_integer("batch_size", 128, "input: batch size.")
 flags.DEFINE_integer("warmup_batches", 5, "input: batches before timing.")
-flags.DEFINE_float("seconds", 10.0, "Time spent measuring each case, at least.")
+flags.DEFINE_float("seconds", 10.0, "Time spent measuring each case, at least, over all "
+                   "its rounds.")
 flags.DEFINE_list("models", ["resnet50"], "train: models.")
 flags.DEFINE_list("batch_sizes", ["32"], "train: global batch sizes.")
 flags.DEFINE_list("dtypes", ["fp32"], "train: fp32, bf16, fp16.")
@@ -52,8 +54,8 @@ flags.DEFINE_list("steps_per_loop", ["1"], "train: steps per tf.function call.")
 flags.DEFINE_list("xla", ["false"], "train: compile the replica step with XLA (true/false).")
 flags.DEFINE_bool("peer", True, "train: also time keras.applications.ResNet50 for resnet50 cases.")
 flags.DEFINE_integer("min_steps", 1, "train: timed steps per case in each round, at least.")
-flags.DEFINE_integer("rounds", 3, "train, e2e, targets: timed turns per case; a case's step "
-                     "time is the median over its rounds.")
+flags.DEFINE_integer("rounds", 3, "Timed turns per case; a case's figure is its median over "
+                     "the rounds.")
 flags.DEFINE_string("cases", "", "Internal: run these cases (a JSON list) in this process.")
 flags.DEFINE_string("output", "", "Write the results here as JSON.")
 FLAGS = flags.FLAGS
@@ -73,15 +75,32 @@ def natural_jpegs(num_images, height=375, width=500, seed=0):
   return images
 
 
-def _rate(iterator, batch_size, warmup, seconds):
-  """Images per second of an iterator of batches, after warm-up."""
-  for _ in range(warmup):
-    next(iterator)
-  count, began = 0, time.perf_counter()
-  while time.perf_counter() - began < seconds:
-    next(iterator)
-    count += 1
-  return count * batch_size / (time.perf_counter() - began)
+def _input_turns(datasets, batch_size, warmup, seconds, rounds):
+  """{name: (images/s of each round, CPU ms per image of each round)}.
+
+  The pipelines take turns in this process. Between turns the one just timed
+  refills its buffers untimed (a pause), and each turn first drains what its
+  pipeline buffered while idle. CPU time is the whole process's in the turn,
+  while the other pipelines sit with full buffers.
+  """
+  iterators = {name: iter(ds) for name, ds in datasets.items()}
+  for iterator in iterators.values():
+    for _ in range(warmup):
+      next(iterator)
+  measured = {name: ([], []) for name in datasets}
+  for _ in range(rounds):
+    for name, iterator in iterators.items():
+      time.sleep(1)
+      for _ in range(3):  # the prefetched batches and those in the parallel map
+        next(iterator)
+      count, cpu, began = 0, time.process_time(), time.perf_counter()
+      while time.perf_counter() - began < seconds / rounds:
+        next(iterator)
+        count += 1
+      images = count * batch_size
+      measured[name][0].append(images / (time.perf_counter() - began))
+      measured[name][1].append(1000 * (time.process_time() - cpu) / images)
+  return measured
 
 
 def _bare_pipeline(files, size, batch_size):
@@ -115,20 +134,28 @@ def input_benchmark():
   source = data.get_source("imagenet", directory)
   config = data.InputConfig(FLAGS.batch_size, FLAGS.image_size, shuffle_buffer=1000)
   ours = data.train_dataset_fn(source, "train", config)(tf.distribute.InputContext())
-  results = []
-  for name, ds in (("resnet_dist", ours),
-                   ("bare tf.data", _bare_pipeline(files, FLAGS.image_size, FLAGS.batch_size))):
-    rate = _rate(iter(ds), FLAGS.batch_size, FLAGS.warmup_batches, FLAGS.seconds)
-    results.append({"pipeline": name, "images_per_second": round(rate, 1)})
-  results[0]["ratio_to_bare"] = round(results[0]["images_per_second"]
-                                      / results[1]["images_per_second"], 3)
+  measured = _input_turns(
+      {"resnet_dist": ours,
+       "bare tf.data": _bare_pipeline(files, FLAGS.image_size, FLAGS.batch_size)},
+      FLAGS.batch_size, FLAGS.warmup_batches, FLAGS.seconds, FLAGS.rounds)
+  results = [{"pipeline": name,
+              "images_per_second": round(statistics.median(rates), 1),
+              "images_per_second_range": [round(min(rates)), round(max(rates))],
+              "cpu_ms_per_image": round(statistics.median(cpu), 3)}
+             for name, (rates, cpu) in measured.items()]
+  ours_row, bare_row = results
+  ours_row["ratio_to_bare"] = round(ours_row["images_per_second"]
+                                    / bare_row["images_per_second"], 3)
+  ours_row["cpu_ratio_to_bare"] = round(ours_row["cpu_ms_per_image"]
+                                        / bare_row["cpu_ms_per_image"], 3)
   for path in files:
     os.remove(path)
   os.rmdir(directory)
   mean_kb = sum(map(len, images)) / len(images) / 1024
   header = (f"ImageNet training preprocessing, {len(images)} JPEGs of 500x375 "
             f"({mean_kb:.0f} KB mean) -> {FLAGS.image_size}x{FLAGS.image_size}, "
-            f"batch {FLAGS.batch_size}, {os.cpu_count()} cores")
+            f"batch {FLAGS.batch_size}, {os.cpu_count()} cores, {FLAGS.rounds} turns "
+            f"of {FLAGS.seconds / FLAGS.rounds:.1f} s each, medians")
   return header, results
 
 
@@ -212,7 +239,6 @@ def _peer(case, strategy):
 
 def run_cases(cases):
   """The cases of one process (one strategy), alternating: their rows."""
-  import statistics  # pylint: disable=g-import-not-at-top
   from resnet_dist import perf  # pylint: disable=g-import-not-at-top
   from resnet_dist import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   strategy = strategy_lib.create_strategy(cases[0]["strategy"], num_cpu_devices=2)

@@ -42,11 +42,18 @@ class BenchmarkTest(absltest.TestCase):
 
   def test_input_mode_compares_with_the_bare_pipeline(self):
     _, report = self.run_benchmark("--mode=input", "--num_images=16", "--batch_size=8",
-                                   "--image_size=64", "--warmup_batches=1", "--seconds=0.5")
+                                   "--image_size=64", "--warmup_batches=1", "--seconds=0.5",
+                                   "--rounds=2")
     ours, bare = report["results"]
     self.assertEqual((ours["pipeline"], bare["pipeline"]), ("resnet_dist", "bare tf.data"))
+    for row in (ours, bare):
+      low, high = row["images_per_second_range"]
+      self.assertTrue(low - 1 <= row["images_per_second"] <= high + 1, row)  # ends are rounded
+      self.assertGreater(row["cpu_ms_per_image"], 0)
     self.assertAlmostEqual(ours["ratio_to_bare"],
                            ours["images_per_second"] / bare["images_per_second"], delta=0.01)
+    self.assertAlmostEqual(ours["cpu_ratio_to_bare"],
+                           ours["cpu_ms_per_image"] / bare["cpu_ms_per_image"], delta=0.01)
 
 
 if __name__ == "__main__":

@@ -120,9 +120,9 @@ def preprocess(image, augment, size, training, seed, encoded):
     else:
       image = _decode_crop(image, encoded,
                            lambda shape: _centre_window(shape, EVAL_CROP_FRACTION))
-    if training:  # on the crop, before resizing: fewer bytes to move
-      image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
     image = _resized(image, size)
+    if training:  # after resizing: an average crop has more pixels than the output
+      image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
   else:
     if encoded:
       image = _decode(image)
