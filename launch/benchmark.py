@@ -2,8 +2,9 @@
 
   python -m launch.benchmark --mode=input
       ImageNet training preprocessing alone (JPEG decode-and-crop, resize,
-      flip) on JPEGs of 500x375 pixels, the framework's pipeline against a
-      bare tf.data pipeline of the same operations.
+      flip) on JPEGs of 500x375 pixels, the framework's pipeline in turns
+      with a bare tf.data pipeline of the same operations: images/s and the
+      process's CPU time per image.
   python -m launch.benchmark --mode=train [--models=... --batch_sizes=...]
       training steps on synthetic on-device data, one subprocess per case
       (logical devices and peak memory are per process), with the model's
