@@ -6,6 +6,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+if "TEST_TMPDIR" in os.environ:
+  # What a killed process leaves in its temp dir (autograph's generated
+  # sources, which it deletes at exit) stays in the test's own directory.
+  ENV["TMPDIR"] = os.environ["TEST_TMPDIR"]
 
 
 def command(module, *args):

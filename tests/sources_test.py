@@ -6,6 +6,7 @@ tfds.testing.mock_data.
 """
 
 import os
+import tempfile
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import numpy as np
@@ -293,4 +294,6 @@ class PreprocessTest(absltest.TestCase):
 
 
 if __name__ == "__main__":
+  # TFDS leaves an empty temp dir for each dataset it looks up unprepared: in the test's own.
+  tempfile.tempdir = absltest.get_default_test_tmpdir()
   absltest.main()
