@@ -6,6 +6,7 @@ config_from_flags() builds the Config, so no flag goes unread.
 """
 
 import dataclasses
+import os
 import sys
 
 from absl import flags
@@ -57,12 +58,15 @@ flags.DEFINE_integer("num_gpus", _DEFAULTS.num_gpus,
                      "GPUs for mirrored; default all visible.", lower_bound=0)
 flags.DEFINE_integer("num_cpu_devices", _DEFAULTS.num_cpu_devices,
                      "Logical CPU devices for mirrored when there is no GPU.", lower_bound=1)
-flags.DEFINE_string("tpu", _DEFAULTS.tpu, "local, a Cloud TPU name, or grpc://HOST:PORT.")
+flags.DEFINE_string("tpu", os.environ.get("TPU_NAME", _DEFAULTS.tpu),
+                    "local (a single-host TPU VM), a Cloud TPU name (a pod slice, from its "
+                    "worker 0; a TPU node), or grpc://HOST:PORT. Default: $TPU_NAME.")
 flags.DEFINE_string("tpu_zone", _DEFAULTS.tpu_zone, "Zone of a named Cloud TPU.")
 flags.DEFINE_string("gcp_project", _DEFAULTS.gcp_project, "Project of a named Cloud TPU.")
 flags.DEFINE_integer("collective_timeout_seconds", _DEFAULTS.collective_timeout_seconds,
-                     "multi_worker_mirrored: a collective that waits longer on a dead "
-                     "peer ends the run with an error.", lower_bound=1)
+                     "multi_worker_mirrored, for debugging: a collective that waits longer "
+                     "fails the run. Each collective then holds a thread for this long; "
+                     "0: off (a dead peer is found by heartbeats).", lower_bound=0)
 
 # Training
 flags.DEFINE_integer("global_batch_size", _DEFAULTS.global_batch_size,

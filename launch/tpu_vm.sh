@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM or pod slice: create it, copy this repository to every
-# worker, install the pinned packages, run the training on all workers at once,
-# then delete the TPU (unless --keep).
+# worker, install the pinned packages, start the training detached on worker 0,
+# poll until it ends, then delete the TPU if the run finished (exit 0).
 #
 #   launch/tpu_vm.sh --name=resnet-v3-8 --project=P --zone=europe-west4-a \
-#     --accelerator_type=v3-8 --runtime_version=tpu-vm-tf-2.21.0-pjrt \
-#     --data_dir=gs://B/imagenet --model_dir=gs://B/runs/r50 \
+#     --accelerator_type=v3-8 --data_dir=gs://B/imagenet --model_dir=gs://B/runs/r50 \
 #     -- --flagfile=launch/configs/resnet50_imagenet_tpu_v3-8.cfg
 #
-# --dry_run prints every command instead of running it. Flags after "--" go to
-# launch.train on each worker (with --strategy=tpu --tpu=local and the two dirs).
-# Exit status: 2 on bad arguments; otherwise that of the first failing command.
+# One host (v2-8, v3-8, v4-8, v5litepod-8, v5p-8, v6e-8 and smaller: a type
+# ending in 8 or less) trains with --tpu=local. A pod slice (v4-32, v3-128,
+# ...) has several hosts but one TensorFlow client: worker 0 runs the training
+# with --tpu=NAME and TPU_LOAD_LIBRARY=0 while the TPU runtime serves every
+# host, and the runtime defaults to the -pod image.
+#
+# --runtime_version  default tpu-vm-tf-<TensorFlow of requirements.txt>[-pod]-pjrt
+# --name             default $TPU_NAME
+# --keep             keep the TPU after a finished run (it is always kept after a
+#                    failed or stopped one, to look at or resume)
+# --attach           only poll a run already started (after a dropped connection)
+# --delete           only delete the TPU
+# --no_create        use an existing TPU
+# --poll_seconds=N   between checks of the run (default 60)
+# --dry_run          print every command instead of running it
+# Flags after "--" go to launch.train. Exit status: 2 on bad arguments;
+# otherwise the training's (75: stopped by SIGTERM after saving; run again).
 set -euo pipefail
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -22,8 +35,9 @@ die() {
   exit 2
 }
 
-name="" project="" zone="" accelerator_type="" runtime_version="" data_dir="" model_dir=""
-dry_run=0 keep=0 create=1
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+name="${TPU_NAME:-}" project="" zone="" accelerator_type="" runtime_version="" data_dir=""
+model_dir="" dry_run=0 keep=0 create=1 attach=0 delete_only=0 poll_seconds=60
 train_flags=()
 while (($#)); do
   case "$1" in
@@ -34,21 +48,18 @@ while (($#)); do
     --runtime_version=*) runtime_version="${1#*=}" ;;
     --data_dir=*) data_dir="${1#*=}" ;;
     --model_dir=*) model_dir="${1#*=}" ;;
+    --poll_seconds=*) poll_seconds="${1#*=}" ;;
     --dry_run) dry_run=1 ;;
     --keep) keep=1 ;;
     --no_create) create=0 ;;
+    --attach) attach=1 ;;
+    --delete) delete_only=1 ;;
     -h | --help) usage; exit 0 ;;
     --) shift; train_flags=("$@"); break ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
-
-for required in name project zone accelerator_type runtime_version data_dir model_dir; do
-  [[ -n "${!required}" ]] || die "--$required is required (see --help)"
-done
-[[ "$data_dir" == gs://* ]] || die "--data_dir=$data_dir must be on GCS (gs://...): every TPU worker reads it"
-[[ "$model_dir" == gs://* ]] || die "--model_dir=$model_dir must be on GCS (gs://...): workers write it"
 
 run() {
   if ((dry_run)); then
@@ -59,21 +70,97 @@ run() {
 }
 
 tpu=(gcloud compute tpus tpu-vm)
+for required in name project zone; do
+  [[ -n "${!required}" ]] || die "--$required is required (see --help)"
+done
 where=(--project="$project" --zone="$zone")
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+delete_tpu() {
+  run "${tpu[@]}" delete "$name" "${where[@]}" --quiet
+}
+if ((delete_only)); then
+  delete_tpu
+  exit
+fi
+
+# The run's files on worker 0: its console output and, once it has ended, its exit status.
+log_file='~/resnet_dist.log'
+status_file='~/resnet_dist.status'
+on_worker0() {
+  run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command="$1"
+}
+
+# Returns the run's exit status once it has ended; prints the last log line while it runs.
+poll() {
+  local answer
+  while true; do
+    # A failed ssh (a dropped connection, a VM being restarted) is tried again.
+    answer="$(on_worker0 "tail -n 1 $log_file; cat $status_file 2>/dev/null" || true)"
+    if ((dry_run)); then
+      echo "$answer"
+      return 0
+    fi
+    if [[ "$answer" =~ resnet_dist\ exited\ with\ status\ ([0-9]+) ]]; then
+      return "${BASH_REMATCH[1]}"
+    fi
+    [[ -z "$answer" ]] || echo "[tpu_vm] ${answer##*$'\n'}"
+    sleep "$poll_seconds"
+  done
+}
+
+finish() {
+  local status=0
+  poll || status=$?
+  if ((status == 0 && !keep)); then
+    delete_tpu
+  elif ((status != 0)); then
+    echo "[tpu_vm] the run ended with status $status; the TPU $name is kept:" \
+      "its log is $log_file on worker 0. Run again to resume, or delete it with" \
+      "launch/tpu_vm.sh --name=$name --project=$project --zone=$zone --delete" >&2
+  fi
+  exit "$status"
+}
+
+if ((attach)); then
+  finish
+fi
+
+for required in accelerator_type data_dir model_dir; do
+  [[ -n "${!required}" ]] || die "--$required is required (see --help)"
+done
+[[ "$data_dir" == gs://* ]] || die "--data_dir=$data_dir must be on GCS (gs://...): every TPU worker reads it"
+[[ "$model_dir" == gs://* ]] || die "--model_dir=$model_dir must be on GCS (gs://...): workers write it"
+[[ "$accelerator_type" =~ ^v[0-9]+[a-z]*-([0-9]+)$ ]] \
+  || die "--accelerator_type=$accelerator_type is not of the form v3-8, v4-32, v5litepod-16"
+pod=0 pod_suffix=""
+if ((BASH_REMATCH[1] > 8)); then
+  pod=1 pod_suffix="-pod"
+fi
+if [[ -z "$runtime_version" ]]; then
+  tf_version="$(sed -n 's/^tensorflow==//p' "$repo/requirements.txt")"
+  runtime_version="tpu-vm-tf-$tf_version$pod_suffix-pjrt"
+fi
+
+if ((pod)); then
+  # One client for the whole slice; it must not open worker 0's chips itself.
+  train_env="TPU_LOAD_LIBRARY=0"
+  tpu_flags="--tpu=$name --tpu_zone=$zone --gcp_project=$project"
+else
+  train_env=""
+  tpu_flags="--tpu=local"
+fi
 archive="/tmp/resnet_dist-$name.tar.gz"
 quoted_flags="$(printf ' %q' "${train_flags[@]}")"
+train_command="$train_env python3 -m launch.train --strategy=tpu $tpu_flags --data_dir=$data_dir --model_dir=$model_dir$quoted_flags"
 
 if ((create)); then
   run "${tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator_type" \
     --version="$runtime_version"
 fi
-if ((!keep)); then
-  # Delete the TPU however the run ends: it is billed while it exists.
-  trap 'run "${tpu[@]}" delete "$name" "${where[@]}" --quiet' EXIT
-fi
 run git -C "$repo" archive --format=tar.gz --prefix=resnet_dist/ -o "$archive" HEAD
 run "${tpu[@]}" scp "$archive" "$name:~/resnet_dist.tar.gz" "${where[@]}" --worker=all
-# The runtime image has TensorFlow for TPUs: install the other pinned packages beside it.
+# The runtime image has TensorFlow for TPUs: install the other pinned packages beside it,
+# on every worker (on a pod slice each host runs an input pipeline).
 run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="rm -rf resnet_dist && tar xzf resnet_dist.tar.gz && cd resnet_dist && grep -v -e '^tensorflow==' -e '^keras==' requirements.txt > /tmp/requirements-tpu.txt && python3 -m pip install -q -r /tmp/requirements-tpu.txt && python3 -m pip install -q --no-deps -r requirements-nodeps.txt"
-run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="cd resnet_dist && python3 -m launch.train --strategy=tpu --tpu=local --data_dir=$data_dir --model_dir=$model_dir$quoted_flags"
+# Detached from the ssh session (setsid, nohup), so a dropped connection does not end it.
+on_worker0 "rm -f $status_file && cd resnet_dist && nohup setsid bash -c '$train_command; echo resnet_dist exited with status \$? > $status_file' > $log_file 2>&1 < /dev/null &"
+finish

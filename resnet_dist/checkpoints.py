@@ -1,4 +1,4 @@
-"""A run's model_dir: checkpoints, resume, preemption, and what the run was.
+"""A run's model_dir: checkpoints, resume, and what the run was.
 
 model_dir holds checkpoints/ (the chief's), run.json (the model the
 checkpoints are of, checked on resume), classes.json (label id -> name),
@@ -8,8 +8,6 @@ summary.json, and the TensorBoard logs (monitor.py).
 import datetime
 import json
 import os
-import signal
-import threading
 
 import tensorflow as tf
 
@@ -21,31 +19,6 @@ from resnet_dist.monitor import log
 SUMMARY_FILE = "summary.json"
 RUN_FILE = "run.json"  # what a model_dir's checkpoints hold; checked on resume
 CLASSES_FILE = "classes.json"  # label id -> class name
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was saved at the step boundary that followed."""
-
-
-class SigtermFlag:
-  """Turns SIGTERM into a request the host loop honours at its next boundary."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def model_state(model):

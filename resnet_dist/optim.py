@@ -1,11 +1,13 @@
 """Learning-rate schedules and the optimisers (momentum SGD, LARS), with loss scaling.
 
 The optimisers are small on purpose. The replica step all-reduces the
-gradients itself, once; apply() then updates every replica's copy of each
-variable locally, with no further communication. Their slot variables are
-created at construction inside strategy.scope(), so nothing is built lazily
-while a tf.function is being traced (Keras 3's optimizers fail there under
-tf.distribute, ../shared/FACTS.md).
+gradients itself, once; apply() then updates each replica's own copy of each
+variable in replica context, with no further communication and no
+merge_call, so the whole replica step can be one XLA computation (XLA on
+GPUs under MirroredStrategy runs without merge_call). Their slot variables
+are created at construction inside strategy.scope(), so nothing is built
+lazily while a tf.function is being traced (Keras 3's optimizers fail there
+under tf.distribute).
 
 Both use TensorFlow's momentum form (learning rate inside the velocity):
     v <- momentum * v + lr * g ;  w <- w - v      (Nesterov: w <- w - (momentum * v + lr * g))
@@ -115,18 +117,19 @@ class Optimizer(tf.Module):
   def apply(self, grads, lr, apply=None):
     """Applies all-reduced grads on every replica; call in replica context.
 
+    Every variable here has aggregation NONE, so an assignment in replica
+    context writes this replica's copy only; all replicas apply the same
+    all-reduced gradients and so stay identical.
+
     apply: None, or a scalar bool tensor (False skips the step everywhere,
     e.g. a non-finite fp16 gradient), identical on all replicas because it is
     computed from all-reduced values.
     """
-    def update_all(strategy, grads):
-      for variable, velocity, grad, decays in zip(
-          self.variables_, self.velocities, grads, self.decays):
-        strategy.extended.update(
-            variable, self._update, args=(velocity, grad, lr, decays, apply), group=False)
-      strategy.extended.update(self.iterations, lambda v: v.assign_add(1), group=False)
-
-    tf.distribute.get_replica_context().merge_call(update_all, args=(grads,))
+    updates = [self._update(variable, velocity, grad, lr, decays, apply)
+               for variable, velocity, grad, decays in zip(
+                   self.variables_, self.velocities, grads, self.decays)]
+    with tf.control_dependencies(updates):
+      return self.iterations.assign_add(1)
 
 
 class DynamicLossScale(tf.Module):
@@ -136,13 +139,12 @@ class DynamicLossScale(tf.Module):
   def __init__(self, initial=2.0**15, growth_interval=2000):
     super().__init__(name="loss_scale")
     self.growth_interval = growth_interval
-    self.scale = tf.Variable(initial, dtype=tf.float32, trainable=False, name="scale",
-                             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps",
-                                  aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.scale = tf.Variable(initial, dtype=tf.float32, trainable=False, name="scale")
+    self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
 
   def update(self, finite):
-    """Call in replica context with the same `finite` on every replica."""
+    """Call in replica context with the same `finite` on every replica: each
+    replica then updates its own copy (aggregation NONE) to the same value."""
     grow = finite & (self.good_steps + 1 >= self.growth_interval)
     new_scale = tf.where(finite, tf.where(grow, self.scale * 2.0, self.scale),
                          tf.maximum(self.scale * 0.5, 1.0))

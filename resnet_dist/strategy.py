@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import socket
+import urllib.request
 from urllib.parse import urlparse
 
 import tensorflow as tf
@@ -43,9 +44,40 @@ def _tpu_attached():
               or os.environ.get("TPU_NAME"))
 
 
+def is_multi_host(accelerator_type):
+  """Whether a TPU type (v3-8, v4-32, v5litepod-16, ...) spans several hosts.
+
+  The number counts TensorCores (v2-v5p) or chips (v5e, v6e); one host has
+  at most 8 of either, so every type ending in 8 or less is one host.
+  """
+  try:
+    return int(accelerator_type.rsplit("-", 1)[1]) > 8
+  except (IndexError, ValueError):
+    return False
+
+
+def _accelerator_type():
+  """This TPU VM's type: $TPU_ACCELERATOR_TYPE, else the VM's metadata; "" off a TPU VM."""
+  if os.environ.get("TPU_ACCELERATOR_TYPE") or not _tpu_attached():
+    return os.environ.get("TPU_ACCELERATOR_TYPE", "")
+  request = urllib.request.Request(
+      "http://metadata.google.internal/computeMetadata/v1/instance/attributes/accelerator-type",
+      headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=3) as response:
+      return response.read().decode().strip()
+  except OSError:
+    return ""
+
+
 def _check_tpu_reachable(tpu):
   """Fails within seconds, naming the problem, where no TPU can be reached."""
   if tpu in ("", "local"):
+    accelerator_type = _accelerator_type()
+    if is_multi_host(accelerator_type):
+      raise ConfigError(
+          f"--tpu=local on a {accelerator_type}, a slice of several hosts: train from "
+          f"worker 0 only, with --tpu=NAME and TPU_LOAD_LIBRARY=0 (launch/tpu_vm.sh does)")
     if not _tpu_attached():
       raise ConfigError("--strategy=tpu: no TPU is attached to this machine "
                         "(no /dev/accel* or /dev/vfio device); pass --tpu=NAME or "
@@ -68,7 +100,7 @@ def _check_tpu_reachable(tpu):
 
 
 def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
-                    tpu_zone=None, gcp_project=None, collective_timeout_seconds=300):
+                    tpu_zone=None, gcp_project=None, collective_timeout_seconds=0):
   """Returns the tf.distribute strategy for --strategy=kind.
 
   auto: a TPU if one is attached, else mirrored over all GPUs, else mirrored
@@ -97,8 +129,11 @@ def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
       json.loads(os.environ["TF_CONFIG"])
     except ValueError:
       raise ConfigError("TF_CONFIG is not valid JSON") from None
+    # A collective timeout starts a watchdog thread per collective that lives
+    # as long as the timeout, so it stays off unless asked for (debugging); a
+    # dead peer is detected by the coordination service's heartbeats instead.
     options = tf.distribute.experimental.CommunicationOptions(
-        timeout_seconds=collective_timeout_seconds)
+        timeout_seconds=collective_timeout_seconds or None)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
   gpus = tf.config.list_physical_devices("GPU")
   if num_gpus is not None and num_gpus > len(gpus):
@@ -154,20 +189,6 @@ def num_input_pipelines(strategy):
     cluster = strategy.cluster_resolver.cluster_spec().as_dict()
     return max(1, sum(len(cluster.get(job, ())) for job in ("chief", "worker")))
   return 1
-
-
-def any_worker(strategy, flag):
-  """True on every worker if flag is true on any (multi_worker_mirrored only).
-
-  Each worker calls it at the same host-loop boundary: a SIGTERM that reaches
-  one worker makes all of them save at the same step and stop together (the
-  role tf.distribute.experimental.PreemptionCheckpointHandler plays).
-  """
-  if kind_of(strategy) != "multi_worker_mirrored":
-    return flag
-  values = strategy.experimental_distribute_values_from_function(
-      lambda _: tf.constant(float(flag)))
-  return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None) > 0)
 
 
 def replica_devices(strategy):

@@ -14,7 +14,7 @@ import time
 import keras
 import tensorflow as tf
 
-from resnet_dist import checkpoints, data, models, monitor, optim, perf
+from resnet_dist import checkpoints, data, models, monitor, optim, perf, preemption
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
 from resnet_dist.errors import ConfigError
@@ -95,6 +95,10 @@ class Trainer:
     # Host-side: seconds the train loop waited for input (see train_loop).
     self.times_input = not config.deterministic and strategy_lib.input_wait_measurable(strategy)
     self.input_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+    # Host-side, this process's own: set when a SIGTERM or SIGINT asks the run
+    # to stop (preemption.StopRequest); every step reads it.
+    self.stop_requested = tf.Variable(False, trainable=False)
+    self.moving_statistics = models.moving_statistics(self.model)
     step = self.replica_step
     if config.enable_xla:
       strategy_lib.check_xla(strategy)
@@ -108,10 +112,13 @@ class Trainer:
   def _normalize(self, images):
     return data.normalize(images, self.source.mean, self.source.std, self.model.compute_dtype)
 
-  def replica_step(self, images, labels, skipped):
+  def replica_step(self, images, labels, skipped, stop_requested):
     """Forward, backward, all-reduce, update: one replica's part of one step.
 
     skipped: per example, the bad records the input skipped just before it.
+    stop_requested: whether this process was asked to stop. It travels in the
+    gradients' all-reduce, so every replica of every worker learns in the same
+    step that some process was, at no cost of its own. Returns that answer.
     """
     config = self.config
     images = self._normalize(images)
@@ -122,9 +129,10 @@ class Trainer:
       if self.loss_scale is not None:
         loss = loss * self.loss_scale.scale
     grads = tape.gradient(loss, self.variables)
+    stops = tf.reshape(tf.cast(stop_requested, tf.float32), [1])
     context = tf.distribute.get_replica_context()
     if context.num_replicas_in_sync > 1:
-      grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+      *grads, stops = context.all_reduce(tf.distribute.ReduceOp.SUM, [*grads, stops])
     apply = None
     if self.loss_scale is not None:
       grads = [g / self.loss_scale.scale for g in grads]
@@ -135,6 +143,7 @@ class Trainer:
     self.grad_norm_sum.assign_add(tf.linalg.global_norm(grads))
     self.skipped_records.assign_add(tf.cast(tf.reduce_sum(skipped), tf.float32))
     self.train_metrics.update(labels, logits, per_example, tf.ones_like(per_example))
+    return stops[0] > 0
 
   def eval_step(self, images, labels, weights):
     logits = self.model(self._normalize(images), training=False)
@@ -147,8 +156,25 @@ class Trainer:
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.model.variables])
 
   @tf.function
+  def sync_moving_statistics(self):
+    """Gives every replica the mean of the replicas' BN moving statistics, in
+    one all-reduce: before evaluations and saves (see layers.BatchNorm)."""
+    def average():  # in replica context, where a variable reads as this replica's copy
+      local = [tf.reshape(tf.convert_to_tensor(v), [-1]) for v in self.moving_statistics]
+      mean = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.MEAN, tf.concat(local, axis=0))
+      for variable, value in zip(self.moving_statistics,
+                                 tf.split(mean, [int(v.shape[0]) for v in local])):
+        variable.assign(tf.reshape(value, variable.shape))
+
+    if self.strategy.num_replicas_in_sync > 1 and self.moving_statistics:
+      self.strategy.run(average)
+
+  @tf.function
   def train_loop(self, iterator, num_steps):
-    """num_steps steps in one tf.function: neither TPUs nor small models wait on Python.
+    """Up to num_steps steps in one tf.function: neither TPUs nor small models
+    wait on Python. Returns whether it stopped early because some process was
+    asked to stop (every worker stops after the same step).
 
     Timestamps around each next(iterator) add up the time the loop waits for
     input; tf.function runs stateful ops (timestamps, the iterator, variable
@@ -156,6 +182,7 @@ class Trainer:
     timestamps under op determinism, so --deterministic runs go untimed, as
     do runs over several logical CPU devices (input_wait_measurable).
     """
+    stopping = tf.constant(False)
     for _ in tf.range(num_steps):
       if self.times_input:
         asked = tf.timestamp()
@@ -164,7 +191,12 @@ class Trainer:
           self.input_seconds.assign_add(tf.timestamp() - asked)
       else:
         batch = next(iterator)
-      self.strategy.run(self._compiled_step, args=batch)
+      stops = self.strategy.run(self._compiled_step,
+                                args=(*batch, self.stop_requested.read_value()))
+      stopping = self.strategy.experimental_local_results(stops)[0]
+      if stopping:
+        break
+    return stopping
 
   @tf.function
   def eval_loop(self, iterator, num_steps):
@@ -232,6 +264,7 @@ def evaluate_split(trainer, source, split_name, input_config):
   steps = data.eval_steps(split, input_config.global_batch_size,
                           strategy_lib.num_input_pipelines(strategy))
   trainer.eval_metrics.reset()
+  trainer.sync_moving_statistics()
   dataset = strategy.distribute_datasets_from_function(
       data.eval_dataset_fn(source, split_name, input_config),
       options=strategy_lib.input_options(strategy))
@@ -336,7 +369,15 @@ def run(config: Config, strategy=None):
   # The host loop: returns to Python only at loop ends, evaluations, checkpoints
   # and profile boundaries.
   flops_per_image = perf.training_flops_per_image(macs)
-  with checkpoints.SigtermFlag() as sigterm:
+
+  def save(step):
+    trainer.sync_moving_statistics()
+    if not bool(trainer.weights_finite()):
+      raise FloatingPointError(f"non-finite weights at step {step}; "
+                               f"the last good checkpoint is {manager.latest_checkpoint}")
+    manager.save(checkpoint_number=step)
+
+  with preemption.StopRequest(trainer.stop_requested) as stop_request:
     step = start_step
     loops = []
     last = {"loss": float("nan"), "top1": float("nan")}
@@ -350,11 +391,12 @@ def run(config: Config, strategy=None):
       trainer.input_seconds.assign(0.0)
       began = time.perf_counter()
       with data.data_errors(source.num_classes):
-        trainer.train_loop(train_iterator, tf.constant(num_steps))
+        # True when a SIGTERM or SIGINT to any worker stopped every worker at this step.
+        stopped = bool(trainer.train_loop(train_iterator, tf.constant(num_steps)))
       last = trainer.train_metrics.result()
       elapsed = time.perf_counter() - began
       previous, step = step, int(trainer.step.numpy())
-      stats = monitor.LoopStats(step, num_steps, elapsed,
+      stats = monitor.LoopStats(step, step - previous, elapsed,
                                 float(trainer.input_seconds.numpy()) if trainer.times_input
                                 else None,
                                 config.global_batch_size, strategy.num_replicas_in_sync,
@@ -363,7 +405,7 @@ def run(config: Config, strategy=None):
         loops.append(stats)
       lr = trainer.schedule.value_at(step - 1)
       summaries.write_train(
-          stats, last, lr, float(trainer.grad_norm_sum.read_value()) / num_steps,
+          stats, last, lr, float(trainer.grad_norm_sum.read_value()) / (step - previous),
           float(trainer.skipped_records.read_value()),
           trainer.loss_scale.scale.read_value() if trainer.loss_scale else None)
       if not math.isfinite(last["loss"]):
@@ -372,19 +414,16 @@ def run(config: Config, strategy=None):
       if step // config.log_every_steps != previous // config.log_every_steps or step == total_steps:
         monitor.log(monitor.progress_line(step, total_steps, steps_per_epoch, last, lr, stats),
                     chief)
-      # A SIGTERM to any worker stops them all at this same step.
-      preempted = strategy_lib.any_worker(strategy, sigterm.requested)
       at_eval = eval_every and step % eval_every == 0
       at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-      if at_eval or at_checkpoint or step == total_steps or preempted:
-        if not bool(trainer.weights_finite()):
-          raise FloatingPointError(f"non-finite weights at step {step}; "
-                                   f"the last good checkpoint is {manager.latest_checkpoint}")
-        manager.save(checkpoint_number=step)
-      if preempted and step < total_steps:
+      if at_eval or at_checkpoint or step == total_steps or stopped:
+        save(step)
+      if stopped and step < total_steps:
         profiler.close()
-        monitor.log(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", chief)
-        raise checkpoints.Preempted(step)
+        summaries.flush()
+        reason = stop_request.signal_name or "a signal to another worker"
+        monitor.log(f"{reason}: saved a checkpoint at step {step}; run again to resume", chief)
+        raise preemption.Preempted(step, reason)
       if at_eval and not config.skip_eval and step < total_steps:
         eval_result = evaluate()
     profiler.at(step)

@@ -154,5 +154,33 @@ class CheckpointTest(parameterized.TestCase):
                      r"\(model resnet20 there, resnet32 here\)")
 
 
+class PreemptionNoticeTest(absltest.TestCase):
+
+  def test_sigterm_saves_within_seconds_whatever_steps_per_loop(self):
+    # One host loop covers the whole run: the stop must come from inside it.
+    model_dir = self.create_tempdir().full_path
+    args = ["--flagfile=launch/configs/digits.cfg", "--train_epochs=6", "--steps_per_loop=100000",
+            f"--model_dir={model_dir}", f"--data_dir={model_dir}/data"]
+    process = launching.start("launch.train", *args)
+    for line in process.stdout:  # the start block ends with the measured peak
+      if line.startswith("peak"):
+        break
+    time.sleep(20)
+    self.assertIsNone(process.poll(), "the run ended before the signal; nothing was tested")
+    signalled = time.time()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    latency = time.time() - signalled
+    self.assertEqual(process.returncode, 75, err[-3000:])
+    step = registered_step(model_dir)
+    self.assertGreater(step, 0)
+    self.assertIn(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", out)
+    self.assertLess(latency, 15, "from the signal to the exit, checkpoint saved")
+    print(f"exited {latency:.1f} s after SIGTERM, at step {step}")
+    again = launching.run_train(*args)
+    self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+    self.assertIn(f"resuming from step {step}", again.stdout)
+
+
 if __name__ == "__main__":
   absltest.main()

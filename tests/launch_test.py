@@ -50,6 +50,25 @@ class BadInputTest(absltest.TestCase):
       self.assert_one_line_error(result, pattern)
       self.assertFalse(os.path.exists(f"{data_dir}/run"))  # nothing written
 
+  def test_local_tpu_on_a_pod_slice_is_refused(self):
+    data_dir = self.create_tempdir().full_path
+    result = subprocess.run(
+        launching.command("launch.train", "--strategy=tpu", "--tpu=local",
+                          f"--data_dir={data_dir}", f"--model_dir={data_dir}/run"),
+        cwd=launching.ROOT, env={**launching.ENV, "TPU_ACCELERATOR_TYPE": "v4-32"},
+        capture_output=True, text=True, timeout=120)
+    self.assert_one_line_error(result, r"--tpu=local on a v4-32, a slice of several hosts")
+    self.assertFalse(os.path.exists(f"{data_dir}/run"))
+
+  def test_tpu_defaults_to_tpu_name(self):
+    data_dir = self.create_tempdir().full_path
+    result = subprocess.run(
+        launching.command("launch.train", "--strategy=tpu", f"--data_dir={data_dir}",
+                          f"--model_dir={data_dir}/run"),
+        cwd=launching.ROOT, env={**launching.ENV, "TPU_NAME": "grpc://127.0.0.1:9"},
+        capture_output=True, text=True, timeout=120)
+    self.assert_one_line_error(result, r"--tpu=grpc://127.0.0.1:9: cannot connect")
+
   def test_missing_init_checkpoint_fails_before_writing_anything(self):
     model_dir = os.path.join(self.create_tempdir().full_path, "run")
     result = run_train("--init_checkpoint=/no/such/run", f"--model_dir={model_dir}",
@@ -87,41 +106,111 @@ class RecipesTest(absltest.TestCase):
 
 
 class TpuVmTest(absltest.TestCase):
-  ARGS = ["--name=r50", "--project=proj", "--zone=europe-west4-a", "--accelerator_type=v3-8",
-          "--runtime_version=tpu-vm-tf-2.21.0-pjrt", "--data_dir=gs://b/imagenet",
-          "--model_dir=gs://b/runs/r50"]
+  ARGS = ["--name=r50", "--project=proj", "--zone=europe-west4-a",
+          "--data_dir=gs://b/imagenet", "--model_dir=gs://b/runs/r50"]
 
   def tpu_vm(self, *args):
     return subprocess.run(["bash", os.path.join(launching.ROOT, "launch", "tpu_vm.sh"), *args],
                           capture_output=True, text=True, timeout=60)
 
-  def test_dry_run_prints_create_copy_install_train_delete(self):
-    result = self.tpu_vm(*self.ARGS, "--dry_run", "--",
-                         "--flagfile=launch/configs/resnet50_imagenet_tpu_v3-8.cfg")
+  def dry_run(self, accelerator_type, *extra):
+    result = self.tpu_vm(*self.ARGS, f"--accelerator_type={accelerator_type}", "--dry_run",
+                         *extra, "--", "--flagfile=launch/configs/resnet50_imagenet_tpu_v3-8.cfg")
     self.assertEqual(result.returncode, 0, result.stderr)
     lines = result.stdout.splitlines()
-    self.assertTrue(all(line.startswith("+ ") for line in lines))
-    self.assertRegex(lines[0], r"^\+ gcloud compute tpus tpu-vm create r50 --project=proj "
-                               r"--zone=europe-west4-a --accelerator-type=v3-8 "
-                               r"--version=tpu-vm-tf-2.21.0-pjrt$")
+    self.assertTrue(all(line.startswith("+ ") for line in lines), result.stdout)
+    return lines
+
+  def assert_installs_everywhere_then_trains_detached_on_worker_0(self, lines):
     self.assertIn("git -C", lines[1])
     self.assertRegex(lines[2], r"tpu-vm scp \S+resnet_dist-r50.tar.gz r50:.* --worker=all")
     self.assertIn("pip\\ install", lines[3])
-    self.assertIn("--worker=all", lines[4])
-    for part in ("python3\\ -m\\ launch.train", "--strategy=tpu", "--tpu=local",
+    self.assertIn("--worker=all", lines[3])
+    start = lines[4]
+    self.assertIn("--worker=0", start)
+    for part in ("nohup\\ setsid", "python3\\ -m\\ launch.train", "--strategy=tpu",
                  "--data_dir=gs://b/imagenet", "--model_dir=gs://b/runs/r50",
-                 "--flagfile=launch/configs/resnet50_imagenet_tpu_v3-8.cfg"):
-      self.assertIn(part, lines[4])
-    self.assertRegex(lines[5], r"^\+ gcloud compute tpus tpu-vm delete r50 .*--quiet$")
-    self.assertLen(lines, 6)
+                 "--flagfile=launch/configs/resnet50_imagenet_tpu_v3-8.cfg",
+                 "resnet_dist.status"):
+      self.assertIn(part, start)
+    self.assertRegex(lines[5], r"ssh r50 .*--worker=0 --command=tail.*resnet_dist.status")
+    return start
 
-  def test_keep_leaves_the_tpu_and_bad_arguments_fail_clearly(self):
-    result = self.tpu_vm(*self.ARGS, "--dry_run", "--keep")
-    self.assertNotIn("delete", result.stdout)
-    result = self.tpu_vm(*self.ARGS[:-1], "--model_dir=/local/dir", "--dry_run")
+  def test_one_host_trains_with_its_local_tpu(self):
+    lines = self.dry_run("v3-8")
+    self.assertRegex(lines[0], r"^\+ gcloud compute tpus tpu-vm create r50 --project=proj "
+                               r"--zone=europe-west4-a --accelerator-type=v3-8 "
+                               r"--version=tpu-vm-tf-2.21.0-pjrt$")
+    start = self.assert_installs_everywhere_then_trains_detached_on_worker_0(lines)
+    self.assertIn("--tpu=local", start)
+    self.assertNotIn("TPU_LOAD_LIBRARY", start)
+    self.assertRegex(lines[6], r"^\+ gcloud compute tpus tpu-vm delete r50 .*--quiet$")
+    self.assertLen(lines, 7)
+
+  def test_a_pod_slice_is_driven_from_worker_0_by_name(self):
+    lines = self.dry_run("v4-32")
+    self.assertRegex(lines[0], r"--accelerator-type=v4-32 --version=tpu-vm-tf-2.21.0-pod-pjrt$")
+    start = self.assert_installs_everywhere_then_trains_detached_on_worker_0(lines)
+    for part in ("TPU_LOAD_LIBRARY=0", "--tpu=r50", "--tpu_zone=europe-west4-a",
+                 "--gcp_project=proj"):
+      self.assertIn(part, start)
+    self.assertNotIn("--tpu=local", start)
+    self.assertIn(" delete r50 ", lines[6])
+
+  def attach_with_fake_gcloud(self, status):
+    """--attach against a stand-in gcloud whose ssh runs the command here, in a
+    home where the run ends (status written) on the third poll."""
+    home = self.create_tempdir().full_path
+    bin_dir = self.create_tempdir().full_path
+    with open(os.path.join(home, "resnet_dist.log"), "w") as f:
+      f.write("step 10/90\n")
+    gcloud = os.path.join(bin_dir, "gcloud")
+    with open(gcloud, "w") as f:
+      f.write(f"""#!/bin/bash
+echo "$*" >> {home}/calls
+polls=$(grep -c -- --command= {home}/calls)
+[ "$polls" -lt 3 ] || echo "resnet_dist exited with status {status}" > {home}/resnet_dist.status
+for a in "$@"; do
+  case "$a" in --command=*) cd {home} && HOME={home} exec bash -c "${{a#--command=}}";; esac
+done
+""")
+    os.chmod(gcloud, 0o755)
+    result = subprocess.run(
+        ["bash", os.path.join(launching.ROOT, "launch", "tpu_vm.sh"), *self.ARGS[:3],
+         "--attach", "--poll_seconds=0"],
+        env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
+        capture_output=True, text=True, timeout=60)
+    with open(os.path.join(home, "calls")) as f:
+      return result, f.read().splitlines()
+
+  def test_attach_polls_to_the_end_and_deletes_only_after_success(self):
+    result, calls = self.attach_with_fake_gcloud(0)
+    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertIn("[tpu_vm] step 10/90", result.stdout)
+    self.assertLen([c for c in calls if "--command=" in c], 3)
+    self.assertRegex(calls[-1], r"^compute tpus tpu-vm delete r50 ")
+    result, calls = self.attach_with_fake_gcloud(75)
+    self.assertEqual(result.returncode, 75)
+    self.assertFalse(any(" delete " in c for c in calls))
+    self.assertIn("the TPU r50 is kept", result.stderr)
+
+  def test_keep_attach_delete_and_bad_arguments(self):
+    self.assertNotIn(" delete ", "\n".join(self.dry_run("v3-8", "--keep")))
+    attached = self.tpu_vm(*self.ARGS[:3], "--attach", "--dry_run").stdout.splitlines()
+    self.assertLen(attached, 2)
+    self.assertIn("--worker=0 --command=tail", attached[0])
+    self.assertIn(" delete r50 ", attached[1])
+    deleted = self.tpu_vm(*self.ARGS[:3], "--delete", "--dry_run").stdout.splitlines()
+    self.assertEqual(deleted, ["+ gcloud compute tpus tpu-vm delete r50 --project=proj "
+                               "--zone=europe-west4-a --quiet"])
+    result = self.tpu_vm(*self.ARGS[:-1], "--accelerator_type=v3-8", "--model_dir=/local/dir",
+                         "--dry_run")
     self.assertEqual(result.returncode, 2)
     self.assertEqual(result.stderr.strip(),
                      "error: --model_dir=/local/dir must be on GCS (gs://...): workers write it")
+    result = self.tpu_vm(*self.ARGS, "--accelerator_type=v4", "--dry_run")
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("--accelerator_type=v4 is not of the form", result.stderr)
     result = self.tpu_vm("--name=x", "--dry_run")
     self.assertEqual(result.returncode, 2)
     self.assertIn("--project is required", result.stderr)

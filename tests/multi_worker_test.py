@@ -3,15 +3,19 @@
 (That 2 workers train the weights one device does is tests/equivalence_test.py.)
 """
 
+import json
 import os
 import re
 import signal
+import subprocess
+import threading
 import time
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import tensorflow as tf
 from absl.testing import absltest
 
+from launch import multi_worker
 from tests import launching
 
 
@@ -56,8 +60,9 @@ class MultiWorkerLauncherTest(absltest.TestCase):
     out, _ = launcher.communicate(timeout=300)
     self.assertEqual(launcher.returncode, 75, out[-3000:])
     # Worker 0, the chief, got no signal: it stopped because worker 1 did, at the same step
-    # (the save is collective), and the chief's log says which.
-    saved = re.findall(r"\[worker 0\] SIGTERM: saved a checkpoint at step (\d+)", out)
+    # (the save is collective), and the chief's log says so.
+    saved = re.findall(r"\[worker 0\] a signal to another worker: saved a checkpoint at "
+                       r"step (\d+)", out)
     self.assertLen(saved, 1, out[-3000:])
     step = int(saved[0])
     self.assertEqual(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")),
@@ -66,6 +71,81 @@ class MultiWorkerLauncherTest(absltest.TestCase):
     self.assertEqual(again.returncode, 0, again.stdout[-3000:])
     self.assertIn(f"[worker 0] resuming from step {step}", again.stdout)
     self.assertIn("[worker 0] done: 16 steps", again.stdout)
+
+
+class DeadPeerTest(absltest.TestCase):
+
+  def test_a_dead_peer_ends_the_other_worker_with_one_line(self):
+    # No launcher to end it: the coordination service's heartbeats must.
+    model_dir = self.create_tempdir().full_path
+    hosts = [f"127.0.0.1:{port}" for port in multi_worker.free_ports(2)]
+    workers = []
+    for index in range(2):
+      env = {**launching.ENV, "TF_CONFIG": json.dumps(multi_worker.tf_config(hosts, index))}
+      workers.append(subprocess.Popen(
+          launching.command("launch.train", *two_workers(model_dir)[3:], "--train_steps=400",
+                            "--log_every_steps=2", "--strategy=multi_worker_mirrored"),
+          cwd=launching.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True))
+    for line in workers[0].stdout:
+      if line.startswith("step "):
+        break
+    workers[1].kill()
+    workers[1].communicate()
+    died = time.time()
+    _, err = workers[0].communicate(timeout=300)
+    print(f"worker 0 exited {time.time() - died:.1f} s after worker 1 died")
+    self.assertEqual(workers[0].returncode, 69, err[-3000:])
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    self.assertEqual(errors, ["error: worker 1 stopped responding; start every worker again "
+                              "to resume from the last checkpoint"])
+    self.assertNotIn("Traceback", err)
+
+
+def thread_count(pid):
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+  except (OSError, StopIteration):
+    return 0
+
+
+class ThreadsTest(absltest.TestCase):
+
+  def test_a_worker_threads_stay_bounded_over_a_run(self):
+    # A collective timeout held a thread per collective for its whole length
+    # (thousands within minutes); nothing may grow with the number of steps.
+    model_dir = self.create_tempdir().full_path
+    launcher = launching.start(*two_workers(model_dir), "--train_steps=80",
+                               "--steps_per_loop=10", "--log_every_steps=10", "--skip_eval")
+    lines, pids = [], []
+
+    def read():
+      for line in launcher.stdout:
+        lines.append(line)
+        found = re.match(r"\[launcher\] worker \d: pid (\d+)", line)
+        if found:
+          pids.append(int(found.group(1)))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    at_step = {}  # worker threads when worker 0 reports step N
+    while launcher.poll() is None:
+      steps = [int(m.group(1)) for m in map(re.compile(r"\[worker 0\] step (\d+)/").match,
+                                             list(lines)) if m]
+      if steps and steps[-1] not in at_step:
+        at_step[steps[-1]] = max(thread_count(pid) for pid in pids)
+      time.sleep(0.1)
+    reader.join()
+    out = "".join(lines)
+    self.assertEqual(launcher.returncode, 0, out[-3000:] + launcher.stderr.read()[-3000:])
+    self.assertIn("[worker 0] done: 80 steps", out)
+    print(f"threads per worker at step N: {at_step}")
+    self.assertGreaterEqual(len(at_step), 3, at_step)
+    self.assertLess(max(at_step.values()), 300)
+    # Once the first steps have run, more steps add no threads.
+    later = [count for step, count in at_step.items() if step >= 40]
+    self.assertLessEqual(max(later), at_step[min(at_step)] + 10, at_step)
 
 
 if __name__ == "__main__":

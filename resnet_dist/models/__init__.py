@@ -35,5 +35,11 @@ def weight_decay_variables(model):
   return [v for v in model.trainable_variables if v.name == "kernel"]
 
 
+def moving_statistics(model):
+  """The BN moving means and variances: the variables each replica keeps its own
+  copy of (ON_READ), which Trainer.sync_moving_statistics() makes equal."""
+  return [v for v in model.variables if v.synchronization == "on_read"]
+
+
 __all__ = ["BatchNorm", "ResidualBlock", "VARIANTS", "count_macs", "get_model",
-           "list_models", "weight_decay_variables"]
+           "list_models", "moving_statistics", "weight_decay_variables"]

@@ -40,13 +40,21 @@ class BatchNorm(keras.layers.Layer):
 
   Unsynchronized, training and inference run the fused kernel
   (`FusedBatchNormV3`): Keras 3's own BatchNormalization composes separate ops
-  and is about 3x slower on CPU (../shared/FACTS.md). Synchronized, the moments
+  and is about 3x slower on CPU. Synchronized, the moments
   are summed over all replicas with one all-reduce of [sum, sum of squares,
   count]; with one replica this reduces to the local moments, so one device and N
   replicas compute the same normalisation for the same global batch.
 
   The moving variance is updated with the unbiased batch variance, as the fused
   kernel and torchvision do: new = momentum * old + (1 - momentum) * batch.
+
+  Under tf.distribute each replica updates its own copy of the moving
+  statistics (ON_READ), so a training step costs no collective for them; the
+  copies are identical with synchronized moments. Read across replicas (a
+  checkpoint, a read outside the step) they give their mean, which is what
+  averaging every replica's update would have given, since the update is
+  linear. sync_moving_statistics() makes the copies equal before evaluations
+  and saves.
   """
 
   def __init__(self, momentum=0.9, epsilon=1e-5, synchronized=False,
@@ -64,14 +72,19 @@ class BatchNorm(keras.layers.Layer):
         initializer="zeros" if self.zero_init else "ones")
     self.beta = self.add_weight(
         name="beta", shape=(channels,), initializer="zeros", autocast=False)
-    # Mean aggregation: under tf.distribute every replica's update is averaged,
-    # which with synchronized statistics leaves the value unchanged.
-    self.moving_mean = self.add_weight(
-        name="moving_mean", shape=(channels,), initializer="zeros",
-        trainable=False, autocast=False, aggregation="mean")
-    self.moving_variance = self.add_weight(
-        name="moving_variance", shape=(channels,), initializer="ones",
-        trainable=False, autocast=False, aggregation="mean")
+    self.moving_mean = self._moving_statistic("moving_mean", channels, "zeros")
+    self.moving_variance = self._moving_statistic("moving_variance", channels, "ones")
+
+  def _moving_statistic(self, name, channels, initializer):
+    """A per-replica float32 statistic: add_weight() without its ON_WRITE
+    default, which would all-reduce every update of it in every step."""
+    with keras.name_scope(self.name, caller=self):
+      variable = keras.Variable(
+          initializer=keras.initializers.get(initializer), shape=(channels,),
+          dtype="float32", trainable=False, autocast=False, name=name,
+          aggregation="mean", synchronization="on_read")
+    self._track_variable(variable)
+    return variable
 
   def call(self, inputs, training=False):
     gamma = tf.convert_to_tensor(self.gamma)

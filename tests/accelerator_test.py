@@ -1,0 +1,141 @@
+"""The accelerator paths, checked on the CPU as far as a CPU can check them.
+
+- What a training step communicates: one all-reduce, whatever the depth.
+- --enable_xla under MirroredStrategy on GPUs: the real train_loop traces with
+  TensorFlow told that the devices are GPUs (its XLA path then runs the
+  replica step without merge_call).
+- The TPU replica step of the pod recipe (ResNet-50, bf16, LARS) lowers to HLO.
+"""
+
+from unittest import mock
+
+import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
+import keras
+import tensorflow as tf
+from absl.testing import absltest, parameterized
+from tensorflow.python.distribute import mirrored_run, mirrored_strategy
+
+from resnet_dist import data, train
+from resnet_dist import strategy as strategy_lib
+from resnet_dist.config import Config
+from resnet_dist.data import sources
+
+BATCH = 4
+
+
+def build(strategy, **options):
+  """A Trainer on synthetic 32x32 data and a distributed iterator over it."""
+  config = Config(global_batch_size=BATCH, **options)
+  source = sources.synthetic_source(10, config.image_size, num_examples=16)
+  keras.utils.set_random_seed(0)
+  trainer = train.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
+  dataset = strategy.distribute_datasets_from_function(
+      data.train_dataset_fn(source, "train", data.InputConfig(BATCH, config.image_size)),
+      options=strategy_lib.input_options(strategy))
+  return trainer, iter(dataset)
+
+
+def reductions_in_one_step(strategy, **options):
+  """Cross-replica reductions the trace of one training step asks for."""
+  trainer, iterator = build(strategy, **options)
+  calls = []
+  extended = strategy.extended
+  for name in ("reduce_to", "batch_reduce_to"):
+    original = getattr(extended, name)
+
+    def counted(*args, original=original, name=name, **kwargs):
+      calls.append(name)
+      return original(*args, **kwargs)
+
+    setattr(extended, name, counted)
+  try:
+    trainer.train_loop.get_concrete_function(iterator, tf.constant(1))
+  finally:
+    for name in ("reduce_to", "batch_reduce_to"):
+      delattr(extended, name)
+  return len(calls)
+
+
+class CollectivesTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.strategy = strategy_lib.create_strategy("mirrored", num_cpu_devices=2)
+
+  def test_a_step_is_one_all_reduce_whatever_the_depth(self):
+    # The gradients (with the stop request riding along) in one batch; BN
+    # moving statistics are per replica and cost nothing.
+    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet20"), 1)
+    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet32"), 1)
+
+  def test_sync_bn_adds_two_all_reduces_per_bn_layer(self):
+    # The moments forward and their gradient backward, for each of resnet20's
+    # 19 BN layers (the stem's and two in each of 9 blocks).
+    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet20", sync_bn=True),
+                     1 + 2 * 19)
+
+  def test_replicas_share_the_mean_of_their_moving_statistics(self):
+    trainer, _ = build(self.strategy, model="resnet20")
+    examples = (tf.random.uniform([BATCH, 32, 32, 3], 0, 255, tf.int32, seed=1),
+                tf.range(BATCH, dtype=tf.int64), tf.zeros([BATCH], tf.int32))
+    # Each replica gets its half of the global batch, so their statistics differ.
+    dataset = tf.data.Dataset.from_tensors(examples).map(
+        lambda images, *rest: (tf.cast(images, tf.uint8), *rest)).unbatch().batch(BATCH)
+    iterator = iter(self.strategy.experimental_distribute_dataset(dataset.repeat()))
+    trainer.train_loop(iterator, tf.constant(2))
+    statistic = trainer.moving_statistics[0].value
+    replicas = [v.numpy() for v in statistic.values]
+    mean = (replicas[0] + replicas[1]) / 2
+    self.assertTrue((replicas[0] != replicas[1]).any(), "replicas saw the same examples")
+    # Read across replicas (a checkpoint, summaries) a statistic is the mean.
+    self.assertSequenceAlmostEqual(statistic.numpy(), mean, places=6)
+    trainer.sync_moving_statistics()
+    for value in statistic.values:
+      self.assertSequenceAlmostEqual(value.numpy(), mean, places=6)
+
+
+class XlaOnGpusTest(parameterized.TestCase):
+
+  @parameterized.parameters("fp32", "fp16")
+  def test_train_loop_traces_with_xla_on_mirrored_gpus(self, dtype):
+    strategy = strategy_lib.create_strategy("mirrored", num_cpu_devices=2)
+    # TensorFlow takes its no-merge_call XLA path only when every device is a
+    # GPU; tell it they are. Tracing is all a CPU can check: XLA cannot run
+    # across logical CPU devices (strategy.check_xla refuses it).
+    decisions = []
+    use_merge_call = strategy.extended._use_merge_call  # pylint: disable=protected-access
+
+    def recorded():
+      decisions.append(use_merge_call())
+      return decisions[-1]
+
+    with mock.patch.object(mirrored_run, "_is_gpu_device", return_value=True), \
+         mock.patch.object(mirrored_strategy, "_is_gpu_device", return_value=True), \
+         mock.patch.object(strategy.extended, "_use_merge_call", recorded), \
+         mock.patch.object(strategy_lib, "check_xla"):
+      trainer, iterator = build(strategy, model="resnet20", dtype=dtype, enable_xla=True)
+      trainer.train_loop.get_concrete_function(iterator, tf.constant(1))
+    self.assertIn(False, decisions, "the replica step did not take the XLA path")
+
+
+class TpuStepTest(absltest.TestCase):
+
+  def test_pod_recipe_replica_step_lowers_to_hlo(self):
+    # What TPUStrategy compiles per replica: static shapes, no Python, every
+    # op XLA has a kernel for. Lowering (not compiling) keeps it fast.
+    strategy = tf.distribute.get_strategy()
+    trainer, _ = build(strategy, model="resnet50", image_size=64, dtype="bf16",
+                       optimizer="lars", sync_bn=True, label_smoothing=0.1)
+    step = tf.function(trainer.replica_step, jit_compile=True)
+    args = (tf.zeros([BATCH, 64, 64, 3], tf.uint8), tf.zeros([BATCH], tf.int64),
+            tf.zeros([BATCH], tf.int32), tf.constant(False))
+    hlo = step.experimental_get_compiler_ir(*args)(stage="hlo")
+    self.assertIn("ENTRY", hlo)
+    self.assertIn("convolution", hlo)
+    self.assertIn("bf16", hlo)
+    self.assertNotIn("custom-call", hlo.replace("custom-call-target", ""))
+
+
+if __name__ == "__main__":
+  absltest.main()
