@@ -6,7 +6,6 @@ config_from_flags() builds the Config, so no flag goes unread.
 """
 
 import dataclasses
-import os
 import sys
 
 from absl import flags
@@ -52,13 +51,13 @@ flags.DEFINE_bool("strict_data", _DEFAULTS.strict_data,
 
 # Distribution
 flags.DEFINE_enum("strategy", _DEFAULTS.strategy, strategy_lib.STRATEGIES,
-                  "auto: a TPU if attached, else mirrored over GPUs, else over "
-                  "--num_cpu_devices logical CPU devices.")
+                  "auto: a TPU if --tpu names one or one is attached, else mirrored over "
+                  "GPUs, else over --num_cpu_devices logical CPU devices.")
 flags.DEFINE_integer("num_gpus", _DEFAULTS.num_gpus,
                      "GPUs for mirrored; default all visible.", lower_bound=0)
 flags.DEFINE_integer("num_cpu_devices", _DEFAULTS.num_cpu_devices,
                      "Logical CPU devices for mirrored when there is no GPU.", lower_bound=1)
-flags.DEFINE_string("tpu", os.environ.get("TPU_NAME", _DEFAULTS.tpu),
+flags.DEFINE_string("tpu", _DEFAULTS.tpu,
                     "local (a single-host TPU VM), a Cloud TPU name (a pod slice, from its "
                     "worker 0; a TPU node), or grpc://HOST:PORT. Default: $TPU_NAME.")
 flags.DEFINE_string("tpu_zone", _DEFAULTS.tpu_zone, "Zone of a named Cloud TPU.")
@@ -111,8 +110,10 @@ flags.DEFINE_string("init_checkpoint", _DEFAULTS.init_checkpoint,
                     "classifier starts fresh when the number of classes differs. Ignored "
                     "when model_dir has a checkpoint to resume.")
 flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
-                     "Save every this many steps; 0: at evaluations and at the end.",
-                     lower_bound=0)
+                     "Save every this many steps (also at evaluations and at the end); "
+                     "0: once an epoch.", lower_bound=0)
+flags.DEFINE_bool("start_over", _DEFAULTS.start_over,
+                  "Train from step 0 even though model_dir has checkpoints, deleting them.")
 flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints,
                      "Checkpoints kept.", lower_bound=1)
 

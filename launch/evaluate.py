@@ -8,11 +8,11 @@ Prints one line and the result as JSON. Exit status 2 on bad input.
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app  # pylint: disable=g-import-not-at-top
+from launch import exits  # pylint: disable=g-import-not-at-top  # first: its exit handler
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -29,6 +29,7 @@ FLAGS = flags.FLAGS
 FROM_RUN = ("model", "resnet_variant", "image_size", "dataset", "data_dir", "num_classes")
 
 
+@exits.prompt
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -42,13 +43,13 @@ def main(argv):
     path = checkpoints.find_checkpoint(FLAGS.checkpoint or FLAGS.model_dir)
     result = train.evaluate(definitions.config_from_flags(), path, FLAGS.split or None)
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    exits.error(e)
+    return exits.USAGE
   print(f"{result['split']}: loss {result['loss']:.4f} top-1 {result['top1']:.4f} "
         f"top-5 {result['top5']:.4f} over {int(result['count'])} of "
         f"{result['split_examples']} examples ({path})")
   print(json.dumps(result))
-  return 0
+  return exits.OK
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ preprocessing inside. Exit status 2 on a bad model_dir or checkpoint.
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app  # pylint: disable=g-import-not-at-top
+from launch import exits  # pylint: disable=g-import-not-at-top  # first: its exit handler
+from absl import app
 from absl import flags
 
 from resnet_dist import export
@@ -22,18 +22,19 @@ flags.DEFINE_string("export_dir", "", "Where to write; default model_dir/export/
 FLAGS = flags.FLAGS
 
 
+@exits.prompt
 def main(argv):
   del argv
   try:
     classifier, path = export.load_classifier(FLAGS.model_dir, FLAGS.checkpoint or None)
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    exits.error(e)
+    return exits.USAGE
   export_dir = FLAGS.export_dir or os.path.join(
       FLAGS.model_dir, "export", path.rsplit("-", 1)[-1])
   export.save(classifier, export_dir)
   print(f"exported {path} to {export_dir}")
-  return 0
+  return exits.OK
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import threading
 from absl import app
 from absl import flags
 
+from launch import exits
+
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Local worker processes.", lower_bound=1)
 _PRINT_TF_CONFIG = flags.DEFINE_bool(
     "print_tf_config", False, "Print the TF_CONFIG of every host of --hosts and exit.")
@@ -41,7 +43,6 @@ def free_ports(count):
 
 
 _KILL_GRACE_SECONDS = 30
-_PREEMPTED = 75  # launch.train's exit status after a SIGTERM and a save
 
 
 def _kill_all(processes):
@@ -77,6 +78,16 @@ def run_local(num_workers, train_args, python=sys.executable):
     relay = threading.Thread(target=_relay, args=(process.stdout, f"[worker {index}] ", sys.stdout))
     relay.start()
     relays.append(relay)
+  def forward(signum, frame):
+    """Ctrl-C or a SIGTERM to the launcher reaches every worker (each in its own
+    session, so the terminal's SIGINT does not): they save together and exit."""
+    del frame
+    for worker in workers:
+      if worker.returncode is None:
+        os.killpg(worker.pid, signum)
+
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, forward)
   status = 0
   remaining = set(range(num_workers))
   while remaining:
@@ -88,7 +99,7 @@ def run_local(num_workers, train_args, python=sys.executable):
     workers[index].returncode = os.waitstatus_to_exitcode(code)
     if workers[index].returncode != 0 and status == 0:
       status = workers[index].returncode if workers[index].returncode > 0 else 1
-      what = ("stopped by SIGTERM after saving a checkpoint" if status == _PREEMPTED
+      what = ("stopped by a signal after saving a checkpoint" if status == exits.PREEMPTED
               else f"failed with status {workers[index].returncode}")
       print(f"[launcher] worker {index} {what}; ending the others", file=sys.stderr, flush=True)
       for other in remaining:
@@ -107,8 +118,8 @@ def run_local(num_workers, train_args, python=sys.executable):
 def main(argv):
   if _PRINT_TF_CONFIG.value:
     if not _HOSTS.value:
-      print("error: --print_tf_config needs --hosts=HOST:PORT,...", file=sys.stderr)
-      return 2
+      exits.error("--print_tf_config needs --hosts=HOST:PORT,...")
+      return exits.USAGE
     for index, host in enumerate(_HOSTS.value):
       print(f"{host}: TF_CONFIG='{json.dumps(tf_config(_HOSTS.value, index))}'")
     return 0

@@ -1,20 +1,22 @@
 """Train a ResNet: `python -m launch.train --flagfile=launch/configs/digits.cfg`.
 
-Exit status: 0 done; 2 bad flags or input (one line on stderr, before any
-training); 3 a non-finite loss (the last good checkpoint is kept); 69 another
-worker of a multi-worker run died (run them all again to resume from the last
-checkpoint); 75 stopped by SIGTERM or SIGINT, to this or another worker, after
-saving a checkpoint (run the same command again to resume).
+Exit status (launch/exits.py): 0 done; 2 bad flags, data or checkpoints (one
+line on stderr, before any training); 3 a non-finite loss (the last good
+checkpoint is kept); 69 another worker of a multi-worker run died (start them
+all again to resume from the last checkpoint); 75 stopped by SIGTERM or SIGINT,
+to this or another worker, after saving a checkpoint (run the same command
+again to resume); 130 SIGINT outside the training steps (start-up or an
+evaluation), nothing new saved.
 """
 
 import os
 import re
-import sys
 
 # TensorFlow's C++ start-up chatter would bury the progress lines; set before it loads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app  # pylint: disable=g-import-not-at-top
+from launch import exits  # pylint: disable=g-import-not-at-top  # first: its exit handler
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -25,11 +27,6 @@ import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 flags.adopt_module_key_flags(definitions)  # --helpshort lists them
 
-EXIT_USAGE = 2
-EXIT_NONFINITE = 3
-EXIT_WORKER_LOST = 69  # EX_UNAVAILABLE
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again
-
 
 def lost_workers(error):
   """The tasks an UnavailableError says stopped answering: TensorFlow's
@@ -39,27 +36,31 @@ def lost_workers(error):
                                                       unhealthy)]
 
 
+@exits.prompt
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # TFDS and the checkpoint saver log at INFO
   if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    return EXIT_USAGE
+    exits.error(f"unexpected arguments: {' '.join(argv[1:])}")
+    return exits.USAGE
   try:
     train.run(definitions.config_from_flags())
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_USAGE
+    exits.error(e)
+    return exits.USAGE
   except FloatingPointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_NONFINITE
+    exits.error(e)
+    return exits.NONFINITE
   except preemption.Preempted:
-    return EXIT_PREEMPTED
+    return exits.PREEMPTED
+  except KeyboardInterrupt:
+    # SIGINT outside the host loop; inside it the loop stops, saves and exits 75.
+    exits.error("interrupted (SIGINT) outside training steps; nothing new was saved")
+    return exits.INTERRUPTED
   except tf.errors.UnavailableError as e:
-    lost = ", ".join(lost_workers(e)) or "another worker"
-    print(f"error: {lost} stopped responding; start every worker again to resume from the "
-          f"last checkpoint", file=sys.stderr)
-    return EXIT_WORKER_LOST
-  return 0
+    exits.error(f"{', '.join(lost_workers(e)) or 'another worker'} stopped responding; "
+                f"start every worker again to resume from the last checkpoint")
+    return exits.WORKER_LOST
+  return exits.OK
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ checkpoints are of, checked on resume), classes.json (label id -> name),
 summary.json, and the TensorBoard logs (monitor.py).
 """
 
+import contextlib
 import datetime
 import json
 import os
+import re
+import socket
 
 import tensorflow as tf
 
@@ -51,21 +54,84 @@ def check_writable(model_dir):
     raise ConfigError(f"--model_dir={model_dir} is not writable ({e})") from None
 
 
-def managers(checkpoint, strategy, model_dir, keep):
-  """(restore manager, save manager).
+LOCK_FILE = "training.lock"  # host and pid of the run training in a model_dir
 
-  Every worker restores from the chief's checkpoints. Saving is collective, so
-  all workers save, but only the chief into model_dir/checkpoints; the others
-  write to a scratch dir of their own.
+
+@contextlib.contextmanager
+def run_lock(model_dir, chief):
+  """Holds model_dir for this run: a second run on it fails with one line.
+
+  The lock file names the host and pid; a lock left by a process of this host
+  that no longer exists (killed, crashed) is taken over with a warning. Only
+  the chief holds it: the workers of one run share the model_dir.
   """
-  real = tf.train.CheckpointManager(
-      checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=keep)
+  if not chief:
+    yield
+    return
+  path = os.path.join(model_dir, LOCK_FILE)
+  host, pid = socket.gethostname(), os.getpid()
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      holder = f.read().split()
+    held_by = " ".join(holder)
+    if len(holder) != 2 or holder[0] != host or _alive(int(holder[1])):
+      raise ConfigError(f"--model_dir={model_dir} is in use by another run ({held_by}); if "
+                        f"that run is gone, delete {path}")
+    log(f"warning: taking over the lock of a run that is gone ({held_by})")
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write(f"{host} {pid}\n")
+  try:
+    yield
+  finally:
+    tf.io.gfile.remove(path)
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, another user's
+    return True
+  return True
+
+
+def checkpoint_dir(model_dir):
+  return os.path.join(model_dir, "checkpoints")
+
+
+def saved_checkpoints(directory):
+  """Every checkpoint prefix in directory, oldest first.
+
+  Found by their .index files, not by the manager's state file (`checkpoint`),
+  which may be missing or damaged while the checkpoints themselves are fine.
+  """
+  found = []
+  for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
+    number = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(path))
+    if number:
+      found.append(int(number.group(1)))
+  return [os.path.join(directory, f"ckpt-{n}") for n in sorted(found)]
+
+
+def save_manager(checkpoint, strategy, model_dir, keep, existing):
+  """The CheckpointManager that saves this worker's checkpoints.
+
+  Saving is collective, so every worker saves, but only the chief into
+  model_dir/checkpoints; the others write to a scratch dir of their own. The
+  chief's manager is told of `existing` (the checkpoints found on disk), so it
+  rewrites a missing or damaged state file and keeps deleting the oldest.
+  """
   if strategy_lib.is_chief(strategy):
-    return real, real
+    directory = checkpoint_dir(model_dir)
+    if existing:
+      tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)  # makes the dir
+      tf.compat.v1.train.update_checkpoint_state(
+          directory, existing[-1], all_model_checkpoint_paths=existing)
+    return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
   task_type, task_id = strategy_lib.task_info(strategy)
-  scratch = tf.train.CheckpointManager(
+  return tf.train.CheckpointManager(
       checkpoint, os.path.join(model_dir, "scratch", f"{task_type}_{task_id}"), max_to_keep=1)
-  return real, scratch
 
 
 def check_same_model(model_dir, config, source, chief):
@@ -146,17 +212,52 @@ def init_from(model, path):
   return fresh
 
 
-def restore_latest(checkpoint, manager, chief):
-  """Restores the newest readable checkpoint; a corrupt one is skipped with a warning."""
-  for path in reversed(manager.checkpoints):
+def _unreadable(path):
+  """Why a checkpoint's files cannot be read back whole, or None if they can."""
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for key in reader.get_variable_to_shape_map():
+      reader.get_tensor(key)  # checks the data against the index's checksums
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged file surfaces as OpError, IndexError or ValueError, by where it is cut.
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def restore_latest(checkpoint, paths, chief):
+  """Restores the newest readable checkpoint of paths (oldest first); returns it.
+
+  A damaged one is skipped with a warning in favour of the one before. One
+  that reads fine but does not fit (saved by a run with other settings) is a
+  ConfigError: training from an older one would overwrite it.
+  """
+  for path in reversed(paths):
+    reason = _unreadable(path)
+    if reason:
+      log(f"warning: cannot read checkpoint {path} ({reason}); trying the one before", chief)
+      continue
+    keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    has_loss_scale = any(k.startswith("loss_scale/") for k in keys)
+    if has_loss_scale != hasattr(checkpoint, "loss_scale"):
+      raise ConfigError(f"{path} was saved by a run with{'' if has_loss_scale else 'out'} "
+                        f"--dtype=fp16 (its loss scale); resume it with the same --dtype")
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
-      return path
-    except Exception as e:  # pylint: disable=broad-except
-      # A truncated file surfaces as OpError, IndexError or ValueError, by where it is cut.
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      log(f"warning: cannot read checkpoint {path} ({reason}); trying the one before", chief)
+    except (AssertionError, ValueError) as e:
+      raise ConfigError(f"{path} does not fit this run "
+                        f"({str(e).strip().splitlines()[0][:200]})") from None
+    return path
+  if paths:
+    raise ConfigError(f"none of the {len(paths)} checkpoints in {os.path.dirname(paths[0])} can "
+                      f"be read; --start_over trains from step 0 and replaces them")
   return None
+
+
+def remove_checkpoints(model_dir):
+  """--start_over: the checkpoints of an earlier run in model_dir go."""
+  directory = checkpoint_dir(model_dir)
+  if tf.io.gfile.exists(directory):
+    tf.io.gfile.rmtree(directory)
 
 
 def save_class_names(model_dir, source, chief):

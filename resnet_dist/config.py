@@ -57,7 +57,8 @@ class Config:
   # Checkpointing
   model_dir: str = ""
   init_checkpoint: str = ""         # fine-tune from another run's weights
-  checkpoint_every_steps: int = 0   # 0: at evaluations and at the end
+  checkpoint_every_steps: int = 0   # 0: every epoch (and at evaluations and the end)
+  start_over: bool = False          # train from step 0, replacing model_dir's checkpoints
   keep_checkpoints: int = 3
   # Monitoring
   log_every_steps: int = 10

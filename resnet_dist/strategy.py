@@ -103,17 +103,15 @@ def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
                     tpu_zone=None, gcp_project=None, collective_timeout_seconds=0):
   """Returns the tf.distribute strategy for --strategy=kind.
 
-  auto: a TPU if one is attached, else mirrored over all GPUs, else mirrored
-  over num_cpu_devices logical CPU devices.
+  auto: a TPU if one is named or attached, else mirrored over all GPUs, else
+  mirrored over num_cpu_devices logical CPU devices. tpu defaults to $TPU_NAME.
   """
   if kind not in STRATEGIES:
     raise ConfigError(f"unknown strategy {kind!r}; choose from {', '.join(STRATEGIES)}")
   if kind == "auto":
-    if _tpu_attached():
-      kind = "tpu"
-    else:
-      kind = "mirrored"
+    kind = "tpu" if tpu or _tpu_attached() else "mirrored"
   if kind == "tpu":
+    tpu = tpu or os.environ.get("TPU_NAME", "")
     _check_tpu_reachable(tpu)
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
         tpu=tpu or "local", zone=tpu_zone, project=gcp_project)

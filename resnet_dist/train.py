@@ -17,7 +17,7 @@ import tensorflow as tf
 from resnet_dist import checkpoints, data, models, monitor, optim, perf, preemption
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
-from resnet_dist.errors import ConfigError
+from resnet_dist.errors import ConfigError, DataError
 
 def cross_entropy(labels, logits, num_classes, label_smoothing=0.0):
   """Per-example softmax cross-entropy from logits, with label smoothing."""
@@ -50,9 +50,11 @@ class Metrics(tf.Module):
       self.sums[key].assign_add(tf.reduce_sum(values * weights))
 
   def result(self):
+    """Means over the examples counted; NaN where none was."""
     values = {k: float(v.read_value()) for k, v in self.sums.items()}
-    count = max(values.pop("count"), 1.0)
-    return {**{k: v / count for k, v in values.items()}, "count": count}
+    count = values.pop("count")
+    return {**{k: v / count if count else float("nan") for k, v in values.items()},
+            "count": count}
 
   def reset(self):
     for v in self.sums.values():
@@ -218,6 +220,10 @@ def validate(config):
     raise ConfigError("set --train_steps or --train_epochs to a positive value")
   if config.steps_per_loop < 1:
     raise ConfigError("--steps_per_loop must be at least 1")
+  if not (math.isfinite(config.base_learning_rate) and config.base_learning_rate > 0):
+    raise ConfigError(f"--base_learning_rate={config.base_learning_rate} must be a positive number")
+  if config.tpu and config.strategy not in ("tpu", "auto"):
+    raise ConfigError(f"--tpu={config.tpu} is for --strategy=tpu, not --strategy={config.strategy}")
   parse_profile_steps(config.profile_steps)
   parse_boundary_epochs(config.lr_boundary_epochs)
 
@@ -270,7 +276,11 @@ def evaluate_split(trainer, source, split_name, input_config):
       options=strategy_lib.input_options(strategy))
   with data.data_errors(source.num_classes):
     trainer.eval_loop(iter(dataset), tf.constant(steps))
-  return {**trainer.eval_metrics.result(), "step": int(trainer.step.numpy())}
+  result = trainer.eval_metrics.result()
+  if not result["count"]:
+    raise DataError(f"no image of the {split_name} split ({split.num_examples} records) "
+                    f"could be decoded")
+  return {**result, "step": int(trainer.step.numpy())}
 
 
 def evaluate(config: Config, checkpoint_path, split_name=None, strategy=None):
@@ -303,14 +313,23 @@ def run(config: Config, strategy=None):
   data.check_batch_divides(config.global_batch_size, strategy.num_replicas_in_sync)
   source = data.get_source(config.dataset, config.data_dir, config.download,
                            config.num_classes, config.image_size, config.cache_data)
-  train_size = source.split(source.train_split).num_examples
-  eval_size = source.split(source.eval_split).num_examples
-  steps_per_epoch = max(train_size // config.global_batch_size, 1)
-  total_steps = config.train_steps or math.ceil(config.train_epochs * steps_per_epoch)
+  for split_name in {source.train_split, *(() if config.skip_eval else (source.eval_split,))}:
+    data.check_decodable(source.split(split_name), split_name)
   init_path = checkpoints.find_checkpoint(config.init_checkpoint) if config.init_checkpoint else ""
   model_dir = checkpoints.resolve_model_dir(config)
   if chief:
     checkpoints.check_writable(model_dir)
+  with checkpoints.run_lock(model_dir, chief):
+    return _train_and_evaluate(config, strategy, source, model_dir, init_path)
+
+
+def _train_and_evaluate(config, strategy, source, model_dir, init_path):
+  """run(), once model_dir is this run's."""
+  chief = strategy_lib.is_chief(strategy)
+  train_size = source.split(source.train_split).num_examples
+  eval_size = source.split(source.eval_split).num_examples
+  steps_per_epoch = max(train_size // config.global_batch_size, 1)
+  total_steps = config.train_steps or math.ceil(config.train_epochs * steps_per_epoch)
   checkpoints.check_same_model(model_dir, config, source, chief)
   checkpoints.save_class_names(model_dir, source, chief)
 
@@ -320,9 +339,13 @@ def run(config: Config, strategy=None):
       model=checkpoints.model_state(trainer.model), optimizer=trainer.optimizer,
       skipped_records=trainer.skipped_records,
       **({"loss_scale": trainer.loss_scale} if trainer.loss_scale else {}))
-  restore_manager, manager = checkpoints.managers(checkpoint, strategy, model_dir,
-                                                  config.keep_checkpoints)
-  restored = checkpoints.restore_latest(checkpoint, restore_manager, chief)
+  if config.start_over and chief:
+    checkpoints.remove_checkpoints(model_dir)
+  existing = ([] if config.start_over else
+              checkpoints.saved_checkpoints(checkpoints.checkpoint_dir(model_dir)))
+  restored = checkpoints.restore_latest(checkpoint, existing, chief)
+  manager = checkpoints.save_manager(checkpoint, strategy, model_dir, config.keep_checkpoints,
+                                     existing)
   start_step = int(trainer.step.numpy())
   if init_path and not restored:
     fresh = checkpoints.init_from(trainer.model, init_path)
@@ -359,6 +382,8 @@ def run(config: Config, strategy=None):
   profiler = monitor.Profiler(model_dir, parse_profile_steps(config.profile_steps), chief)
   eval_every = (round(config.epochs_between_evals * steps_per_epoch)
                 if config.epochs_between_evals > 0 else 0)
+  # Saving every epoch by default: a crash, an OOM or a SIGKILL then loses at most one.
+  save_every = config.checkpoint_every_steps or steps_per_epoch
 
   def evaluate():
     result = evaluate_split(trainer, source, source.eval_split, input_config)
@@ -374,7 +399,7 @@ def run(config: Config, strategy=None):
     trainer.sync_moving_statistics()
     if not bool(trainer.weights_finite()):
       raise FloatingPointError(f"non-finite weights at step {step}; "
-                               f"the last good checkpoint is {manager.latest_checkpoint}")
+                               f"{_last_good(manager)}")
     manager.save(checkpoint_number=step)
 
   with preemption.StopRequest(trainer.stop_requested) as stop_request:
@@ -384,7 +409,7 @@ def run(config: Config, strategy=None):
     eval_result = None
     while step < total_steps:
       num_steps = _next_stop(step, total_steps, config.steps_per_loop, eval_every,
-                             config.checkpoint_every_steps, profiler.stops()) - step
+                             save_every, profiler.stops()) - step
       profiler.at(step)
       trainer.train_metrics.reset()
       trainer.grad_norm_sum.assign(0.0)
@@ -410,12 +435,12 @@ def run(config: Config, strategy=None):
           trainer.loss_scale.scale.read_value() if trainer.loss_scale else None)
       if not math.isfinite(last["loss"]):
         raise FloatingPointError(f"non-finite training loss at step {step}; "
-                                 f"the last good checkpoint is {manager.latest_checkpoint}")
+                                 f"{_last_good(manager)}")
       if step // config.log_every_steps != previous // config.log_every_steps or step == total_steps:
         monitor.log(monitor.progress_line(step, total_steps, steps_per_epoch, last, lr, stats),
                     chief)
       at_eval = eval_every and step % eval_every == 0
-      at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+      at_checkpoint = step % save_every == 0
       if at_eval or at_checkpoint or step == total_steps or stopped:
         save(step)
       if stopped and step < total_steps:
@@ -473,6 +498,12 @@ def run(config: Config, strategy=None):
         f"{os.path.join(model_dir, checkpoints.SUMMARY_FILE)}\n"
         f"look at the run: tensorboard --logdir {model_dir}")
   return summary
+
+
+def _last_good(manager):
+  if manager.latest_checkpoint:
+    return f"the last good checkpoint is {manager.latest_checkpoint}"
+  return "no checkpoint was saved before it"
 
 
 def _first_images(source, input_config):

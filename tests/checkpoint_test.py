@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import signal
 import time
 
@@ -144,6 +145,80 @@ class CheckpointTest(parameterized.TestCase):
     self.assertIn("warning: cannot read checkpoint", result.stdout)
     self.assertIn("resuming from step 4", result.stdout)
 
+  def two_checkpoints(self):
+    """A copy of a one-device run of 8 steps with ckpt-4 and ckpt-8."""
+    if "two" not in self.reference:  # kept for the whole class, outside any one test's dir
+      model_dir = os.path.join(absltest.get_default_test_tmpdir(), "two_checkpoints")
+      result = self.train(model_dir, "--strategy=one_device", "--train_steps=8")
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      self.reference["two"] = model_dir
+    copy = os.path.join(self.create_tempdir().full_path, "run")
+    shutil.copytree(self.reference["two"], copy)
+    self.assertEqual(saved_steps(copy), [4, 8])
+    return copy
+
+  def assert_one_line_error(self, result, pattern):
+    self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    self.assertLen(errors, 1, result.stderr[-3000:])
+    self.assertRegex(errors[0], pattern)
+    self.assertNotIn("Traceback", result.stderr)
+
+  def test_a_lost_or_garbled_state_file_still_resumes_from_the_newest(self):
+    for damage in ("remove", "garble"):
+      model_dir = self.two_checkpoints()
+      state = os.path.join(model_dir, "checkpoints", "checkpoint")
+      if damage == "remove":
+        os.remove(state)
+      else:
+        with open(state, "w") as f:
+          f.write("model_checkpoint_path: \x00\x01 not a proto {{{")
+      result = self.train(model_dir, "--strategy=one_device", "--train_steps=12")
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      self.assertIn("resuming from step 8 ", result.stdout, damage)
+      self.assertEqual(saved_steps(model_dir), [4, 8, 12], damage)
+
+  def test_resuming_with_another_structure_is_one_line_and_keeps_the_checkpoints(self):
+    model_dir = self.two_checkpoints()
+    before = {p: os.path.getmtime(p) for p in glob.glob(f"{model_dir}/checkpoints/ckpt-*")}
+    result = self.train(model_dir, "--strategy=one_device", "--train_steps=12", "--dtype=fp16")
+    self.assert_one_line_error(
+        result, r"ckpt-8 was saved by a run without --dtype=fp16 .*resume it with the same")
+    after = {p: os.path.getmtime(p) for p in glob.glob(f"{model_dir}/checkpoints/ckpt-*")}
+    self.assertEqual(before, after)
+
+  def test_no_readable_checkpoint_stops_unless_asked_to_start_over(self):
+    model_dir = self.two_checkpoints()
+    for data_file in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.data-*")):
+      with open(data_file, "r+b") as f:
+        f.truncate(os.path.getsize(data_file) // 2)
+    result = self.train(model_dir, "--strategy=one_device", "--train_steps=12")
+    self.assert_one_line_error(result, r"none of the 2 checkpoints in .* can be read; "
+                                       r"--start_over trains from step 0 and replaces them")
+    result = self.train(model_dir, "--strategy=one_device", "--train_steps=4", "--start_over")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertNotIn("resuming", result.stdout)
+    self.assertEqual(saved_steps(model_dir), [4])
+
+  def test_a_second_run_on_a_model_dir_is_refused_and_a_dead_runs_lock_taken_over(self):
+    model_dir = self.create_tempdir().full_path
+    first = launching.start("launch.train", *self.args(model_dir, "--strategy=one_device",
+                                                       "--train_steps=100000"))
+    deadline = time.time() + 300
+    while not registered_step(model_dir) and first.poll() is None and time.time() < deadline:
+      time.sleep(0.1)
+    second = self.train(model_dir, "--strategy=one_device")
+    first.kill()
+    first.communicate()
+    self.assert_one_line_error(second, r"--model_dir=.* is in use by another run \(\S+ "
+                                       rf"{first.pid}\); if that run is gone, delete ")
+    # The killed run's lock stays behind; its process is gone, so the next run takes over.
+    self.assertTrue(os.path.exists(os.path.join(model_dir, "training.lock")))
+    result = self.train(model_dir, "--strategy=one_device", "--train_steps=4", "--start_over")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn(f"warning: taking over the lock of a run that is gone", result.stdout)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "training.lock")))
+
   def test_checkpoint_of_another_model_is_a_one_line_error(self):
     model_dir = self.create_tempdir().full_path
     self.assertEqual(self.train(model_dir, "--strategy=one_device", "--train_steps=2").returncode, 0)
@@ -159,7 +234,7 @@ class PreemptionNoticeTest(absltest.TestCase):
   def test_sigterm_saves_within_seconds_whatever_steps_per_loop(self):
     # One host loop covers the whole run: the stop must come from inside it.
     model_dir = self.create_tempdir().full_path
-    args = ["--flagfile=launch/configs/digits.cfg", "--train_epochs=6", "--steps_per_loop=100000",
+    args = ["--flagfile=launch/configs/digits.cfg", "--train_epochs=4", "--steps_per_loop=100000",
             f"--model_dir={model_dir}", f"--data_dir={model_dir}/data"]
     process = launching.start("launch.train", *args)
     for line in process.stdout:  # the start block ends with the measured peak

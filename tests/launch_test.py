@@ -69,6 +69,19 @@ class BadInputTest(absltest.TestCase):
         capture_output=True, text=True, timeout=120)
     self.assert_one_line_error(result, r"--tpu=grpc://127.0.0.1:9: cannot connect")
 
+  def test_a_learning_rate_that_is_not_positive(self):
+    for value in ("-0.1", "nan", "0.0"):
+      self.assert_one_line_error(run_train(f"--base_learning_rate={value}"),
+                                 rf"--base_learning_rate={value} must be a positive number")
+
+  def test_tpu_with_another_strategy_is_refused_and_auto_takes_the_tpu(self):
+    data_dir = self.create_tempdir().full_path
+    self.assert_one_line_error(run_train("--tpu=my-tpu", "--strategy=mirrored"),
+                               r"--tpu=my-tpu is for --strategy=tpu, not --strategy=mirrored")
+    result = run_train("--tpu=grpc://127.0.0.1:9", f"--data_dir={data_dir}",
+                       f"--model_dir={data_dir}/run", timeout=120)
+    self.assert_one_line_error(result, r"--tpu=grpc://127.0.0.1:9: cannot connect")
+
   def test_missing_init_checkpoint_fails_before_writing_anything(self):
     model_dir = os.path.join(self.create_tempdir().full_path, "run")
     result = run_train("--init_checkpoint=/no/such/run", f"--model_dir={model_dir}",
@@ -230,6 +243,37 @@ class BadDataTest(absltest.TestCase):
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     self.assertEqual(errors, [f"error: label 12 is outside 0..9: record 7 of "
                               f"{data_dir}/train-00000-of-00001"])
+
+  def test_a_split_of_undecodable_images_stops_at_start_naming_it(self):
+    # Training skips undecodable images; with nothing else it would wait forever.
+    data_dir = self.create_tempdir().full_path
+    jpeg = tf.io.encode_jpeg(np.zeros((40, 40, 3), np.uint8)).numpy()
+    records.write_imagenet_records(data_dir, "train", [jpeg] * 8, [0] * 8, 1)
+    records.write_imagenet_records(data_dir, "validation", [b"", jpeg[:100]] * 2, [0] * 4, 1)
+    result = run_train("--dataset=imagenet", f"--data_dir={data_dir}", "--num_classes=10",
+                       "--model=resnet20", "--global_batch_size=8", "--train_steps=2",
+                       "--strategy=one_device", f"--model_dir={data_dir}/run")
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    self.assertEqual(errors, ["error: none of 4 images sampled from the validation split can "
+                              "be decoded (not JPEG, PNG, GIF or BMP, or cut short)"])
+    self.assertFalse(os.path.exists(f"{data_dir}/run/checkpoints"))
+
+  def test_a_folder_of_empty_jpgs_stops_at_start(self):
+    root = self.create_tempdir().full_path
+    for split in ("train", "val"):
+      for label in ("cat", "dog"):
+        os.makedirs(os.path.join(root, split, label))
+        for i in range(3):
+          open(os.path.join(root, split, label, f"{i}.jpg"), "wb").close()
+    result = run_train(f"--dataset=folder:{root}", "--model=resnet20", "--global_batch_size=2",
+                       "--train_steps=2", "--strategy=one_device", f"--model_dir={root}/run",
+                       timeout=300)
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    self.assertLen(errors, 1, result.stderr[-2000:])
+    self.assertRegex(errors[0], r"^error: none of 6 images sampled from the \w+ split can be "
+                                r"decoded")
 
 
 if __name__ == "__main__":

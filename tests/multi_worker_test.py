@@ -73,6 +73,24 @@ class MultiWorkerLauncherTest(absltest.TestCase):
     self.assertIn("[worker 0] done: 16 steps", again.stdout)
 
 
+class LauncherSignalTest(absltest.TestCase):
+
+  def test_ctrl_c_to_the_launcher_stops_every_worker_with_a_checkpoint(self):
+    model_dir = self.create_tempdir().full_path
+    launcher = launching.start(*two_workers(model_dir), "--train_steps=400",
+                               "--log_every_steps=2")
+    for line in launcher.stdout:
+      if line.startswith("[worker 0] step "):
+        break
+    launcher.send_signal(signal.SIGINT)
+    out, err = launcher.communicate(timeout=120)
+    self.assertEqual(launcher.returncode, 75, err[-3000:])
+    saved = re.findall(r"\[worker 0\] SIGINT: saved a checkpoint at step (\d+)", out)
+    self.assertLen(saved, 1, out[-3000:])
+    self.assertEqual(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")),
+                     os.path.join(model_dir, "checkpoints", f"ckpt-{saved[0]}"))
+
+
 class DeadPeerTest(absltest.TestCase):
 
   def test_a_dead_peer_ends_the_other_worker_with_one_line(self):

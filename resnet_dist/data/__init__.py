@@ -2,12 +2,13 @@
 sharded tf.data pipeline."""
 
 from resnet_dist.data.pipeline import (BAD_IMAGE, BAD_LABEL, InputConfig, check_batch_divides,
-                                       data_errors, eval_dataset_fn, eval_steps,
-                                       train_dataset_fn)
+                                       check_decodable, data_errors, eval_dataset_fn,
+                                       eval_steps, train_dataset_fn)
 from resnet_dist.data.preprocess import normalize
 from resnet_dist.data.sources import (DATASETS_HELP, Source, default_data_dir, get_source,
                                       is_dataset_name)
 
 __all__ = ["BAD_IMAGE", "BAD_LABEL", "DATASETS_HELP", "InputConfig", "Source",
-           "check_batch_divides", "data_errors", "default_data_dir", "eval_dataset_fn", "eval_steps",
-           "get_source", "is_dataset_name", "normalize", "train_dataset_fn"]
+           "check_batch_divides", "check_decodable", "data_errors", "default_data_dir",
+           "eval_dataset_fn", "eval_steps", "get_source", "is_dataset_name", "normalize",
+           "train_dataset_fn"]

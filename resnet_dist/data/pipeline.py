@@ -85,6 +85,39 @@ def _pipeline_batch(context, config):
   return per_replica, per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
 
 
+def check_decodable(split, split_name, sample=32):
+  """Stops the run at start when a split's images cannot be decoded at all.
+
+  Training skips undecodable images, so a split of nothing but (a folder of
+  empty files, HEIC images named .jpg, JPEGs all cut short) would otherwise
+  yield no batch and hang. Decodes up to `sample` records spread over the
+  split (the first few of up to `sample` files of a record split) and raises
+  DataError, naming the split, when none of them decodes. A split where a few
+  in that sample decode trains, skipping and counting the rest.
+  """
+  if not split.encoded or not split.num_examples:
+    return
+  if isinstance(split, RecordSplit):
+    files = split.files[:sample]
+    per_file = max(1, sample // len(files))
+    records = tf.data.Dataset.from_tensor_slices(files).interleave(
+        lambda f: tf.data.TFRecordDataset(f).take(per_file), cycle_length=1)
+    encoded = [split.parse(record)[0] for record in records.take(sample)]
+  else:
+    step = max(1, split.num_examples // sample)
+    encoded = [split.fetch(tf.constant(i, tf.int64))[0]
+               for i in range(0, split.num_examples, step)][:sample]
+  for image in encoded:
+    if preprocess_lib.looks_complete(image):
+      try:
+        tf.io.decode_image(image, channels=3, expand_animations=False)
+        return
+      except tf.errors.InvalidArgumentError:
+        continue
+  raise DataError(f"none of {len(encoded)} images sampled from the {split_name} split can be "
+                  f"decoded (not JPEG, PNG, GIF or BMP, or cut short)")
+
+
 # --- Decoding, shared by both kinds of split ---------------------------------
 #
 # Per example there is one function call, the parallel map that loads and

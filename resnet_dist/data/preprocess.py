@@ -37,9 +37,11 @@ def looks_complete(encoded):
   Cheap (no decoding), so broken files are caught without relying on the
   decoder's error; other formats pass.
   """
-  tail = tf.strings.substr(encoded, tf.maximum(tf.strings.length(encoded) - 8, 0), 8)
-  jpeg_ok = tf.strings.substr(tail, 6, 2) == _JPEG_END
-  png_ok = tail == _PNG_END
+  def last(count):  # the last count bytes; all of a shorter string (even an empty one)
+    return tf.strings.substr(encoded, tf.maximum(tf.strings.length(encoded) - count, 0), count)
+
+  jpeg_ok = last(2) == _JPEG_END
+  png_ok = last(8) == _PNG_END
   is_png = tf.strings.substr(encoded, 0, 4) == b"\x89PNG"
   return tf.where(tf.io.is_jpeg(encoded), jpeg_ok, tf.where(is_png, png_ok, True))
 
