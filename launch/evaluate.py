@@ -7,18 +7,16 @@ Prints one line and the result as JSON. Exit status 2 on bad input.
 """
 
 import json
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from launch import exits  # pylint: disable=g-import-not-at-top  # first: its exit handler
+from launch import exits  # first: its exit handler runs last
 from absl import app
 from absl import flags
 from absl import logging
 
-from flags import definitions
-from resnet_dist import checkpoints, train
-from resnet_dist.errors import ConfigError
+with exits.quiet_start():
+  from flags import definitions
+  from resnet_dist import checkpoints, train
+  from resnet_dist.errors import ConfigError
 
 flags.adopt_module_key_flags(definitions)
 flags.DEFINE_string("checkpoint", "", "A checkpoint of the run; default its latest.")
@@ -32,7 +30,7 @@ FROM_RUN = ("model", "resnet_variant", "image_size", "dataset", "data_dir", "num
 @exits.prompt
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.ERROR)
   try:
     if not FLAGS.model_dir:
       raise ConfigError("--model_dir is required: the run to evaluate")

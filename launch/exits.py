@@ -5,6 +5,7 @@ runs last, after every other one (autograph's temp-file cleanup among them).
 """
 
 import atexit
+import contextlib
 import functools
 import os
 import sys
@@ -17,6 +18,33 @@ PREEMPTED = 75    # EX_TEMPFAIL: stopped by SIGTERM or SIGINT after saving; run 
 INTERRUPTED = 130  # the shell's status for SIGINT: interrupted outside training steps
 
 _finished = []  # the status main() returned, once it has
+
+
+@contextlib.contextmanager
+def quiet_start():
+  """Keeps TensorFlow's native log lines off a healthy run's console.
+
+  Loading TensorFlow writes lines straight to stderr (CUDA probing, oneDNN,
+  "All log messages before absl::InitializeLog()") before any setting is read,
+  so stderr is closed while it loads; TF_CPP_MIN_LOG_LEVEL=3 then keeps the
+  later ones (a failed cuInit on a machine without GPUs) quiet. Errors still
+  reach the user as exceptions. Setting TF_CPP_MIN_LOG_LEVEL yourself (0
+  shows everything) brings all of them back.
+  """
+  if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    yield
+    return
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def error(message):

@@ -7,14 +7,13 @@ preprocessing inside. Exit status 2 on a bad model_dir or checkpoint.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from launch import exits  # pylint: disable=g-import-not-at-top  # first: its exit handler
+from launch import exits  # first: its exit handler runs last
 from absl import app
 from absl import flags
 
-from resnet_dist import export
-from resnet_dist.errors import ConfigError
+with exits.quiet_start():
+  from resnet_dist import export
+  from resnet_dist.errors import ConfigError
 
 flags.DEFINE_string("model_dir", None, "The training run to export.", required=True)
 flags.DEFINE_string("checkpoint", "", "A checkpoint of it; default its latest.")

@@ -9,21 +9,18 @@ again to resume); 130 SIGINT outside the training steps (start-up or an
 evaluation), nothing new saved.
 """
 
-import os
 import re
 
-# TensorFlow's C++ start-up chatter would bury the progress lines; set before it loads.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from launch import exits  # pylint: disable=g-import-not-at-top  # first: its exit handler
+from launch import exits  # first: its exit handler runs last
 from absl import app
 from absl import flags
 from absl import logging
 
-from flags import definitions
-from resnet_dist import preemption, train  # before TensorFlow: its CPU kernel setting
-from resnet_dist.errors import ConfigError
-import tensorflow as tf  # pylint: disable=g-bad-import-order
+with exits.quiet_start():
+  from flags import definitions
+  from resnet_dist import preemption, train  # before TensorFlow: its CPU kernel setting
+  from resnet_dist.errors import ConfigError
+  import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 flags.adopt_module_key_flags(definitions)  # --helpshort lists them
 
@@ -38,7 +35,7 @@ def lost_workers(error):
 
 @exits.prompt
 def main(argv):
-  logging.set_verbosity(logging.WARNING)  # TFDS and the checkpoint saver log at INFO
+  logging.set_verbosity(logging.ERROR)  # TensorFlow's and TFDS's advice stays off the console
   if len(argv) > 1:
     exits.error(f"unexpected arguments: {' '.join(argv[1:])}")
     return exits.USAGE

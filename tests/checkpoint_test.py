@@ -4,6 +4,8 @@ import glob
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import time
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
@@ -39,6 +41,13 @@ def registered_step(model_dir):
 def saved_steps(model_dir):
   return sorted(int(p.split("ckpt-")[1].split(".")[0])
                 for p in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index")))
+
+
+def _ended_pid():
+  """The pid of a process that has ended (as a killed run's is)."""
+  process = subprocess.Popen(["true"])
+  process.wait()
+  return process.pid
 
 
 class ModelStateTest(absltest.TestCase):
@@ -202,22 +211,19 @@ class CheckpointTest(parameterized.TestCase):
 
   def test_a_second_run_on_a_model_dir_is_refused_and_a_dead_runs_lock_taken_over(self):
     model_dir = self.create_tempdir().full_path
-    first = launching.start("launch.train", *self.args(model_dir, "--strategy=one_device",
-                                                       "--train_steps=100000"))
-    deadline = time.time() + 300
-    while not registered_step(model_dir) and first.poll() is None and time.time() < deadline:
-      time.sleep(0.1)
-    second = self.train(model_dir, "--strategy=one_device")
-    first.kill()
-    first.communicate()
-    self.assert_one_line_error(second, r"--model_dir=.* is in use by another run \(\S+ "
-                                       rf"{first.pid}\); if that run is gone, delete ")
-    # The killed run's lock stays behind; its process is gone, so the next run takes over.
-    self.assertTrue(os.path.exists(os.path.join(model_dir, "training.lock")))
-    result = self.train(model_dir, "--strategy=one_device", "--train_steps=4", "--start_over")
+    lock = os.path.join(model_dir, "training.lock")
+    with open(lock, "w") as f:  # held by a live process: this test's
+      f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    result = self.train(model_dir, "--strategy=one_device")
+    self.assert_one_line_error(result, r"--model_dir=.* is in use by another run \(\S+ "
+                                       rf"{os.getpid()}\); if that run is gone, delete ")
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "checkpoints")))
+    with open(lock, "w") as f:
+      f.write(f"{socket.gethostname()} {_ended_pid()}\n")
+    result = self.train(model_dir, "--strategy=one_device", "--train_steps=4")
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    self.assertIn(f"warning: taking over the lock of a run that is gone", result.stdout)
-    self.assertFalse(os.path.exists(os.path.join(model_dir, "training.lock")))
+    self.assertIn("warning: taking over the lock of a run that is gone", result.stdout)
+    self.assertFalse(os.path.exists(lock))  # released at the end
 
   def test_checkpoint_of_another_model_is_a_one_line_error(self):
     model_dir = self.create_tempdir().full_path
@@ -235,6 +241,7 @@ class PreemptionNoticeTest(absltest.TestCase):
     # One host loop covers the whole run: the stop must come from inside it.
     model_dir = self.create_tempdir().full_path
     args = ["--flagfile=launch/configs/digits.cfg", "--train_epochs=4", "--steps_per_loop=100000",
+            "--checkpoint_every_steps=100000",
             f"--model_dir={model_dir}", f"--data_dir={model_dir}/data"]
     process = launching.start("launch.train", *args)
     for line in process.stdout:  # the start block ends with the measured peak
@@ -252,7 +259,8 @@ class PreemptionNoticeTest(absltest.TestCase):
     self.assertIn(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", out)
     self.assertLess(latency, 15, "from the signal to the exit, checkpoint saved")
     print(f"exited {latency:.1f} s after SIGTERM, at step {step}")
-    again = launching.run_train(*args)
+    # Resuming is all this checks: one more step, not the rest of the run.
+    again = launching.run_train(*args, f"--train_steps={step + 1}", "--skip_eval")
     self.assertEqual(again.returncode, 0, again.stderr[-3000:])
     self.assertIn(f"resuming from step {step}", again.stdout)
 

@@ -140,5 +140,28 @@ class PipelineTest(parameterized.TestCase):
       np.testing.assert_allclose(tf.cast(normalized[..., 2], tf.float32), expected, rtol=1e-2)
 
 
+class DecodingEdgeTest(absltest.TestCase):
+
+  def test_a_one_pixel_wide_jpeg_is_an_image_at_any_size(self):
+    # The central crop of a 1-pixel side used to round to 0 pixels and fail.
+    from resnet_dist.data import preprocess  # pylint: disable=g-import-not-at-top
+    jpeg = tf.io.encode_jpeg(np.full((50, 1, 3), 200, np.uint8))
+    for training in (False, True):
+      image = preprocess.preprocess(jpeg, "inception", 224, training,
+                                    tf.constant([1, 2], tf.int64), encoded=True)
+      self.assertEqual(image.shape, (224, 224, 3))
+      self.assertEqual(int(image.numpy().mean()), 200)
+
+  def test_empty_short_and_unknown_files_do_not_look_decodable(self):
+    from resnet_dist.data import preprocess  # pylint: disable=g-import-not-at-top
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    jpeg, png = tf.io.encode_jpeg(pixels).numpy(), tf.io.encode_png(pixels).numpy()
+    for encoded, decodable in ((b"", False), (b"\xff", False), (b"\xff\xd8\xff", False),
+                               (jpeg[:-2], False), (b"\x00\x00\x00\x18ftypheic", False),
+                               (b"hello", False), (jpeg, True), (png, True)):
+      self.assertEqual(bool(preprocess.looks_decodable(tf.constant(encoded))), decodable,
+                       encoded[:12])
+
+
 if __name__ == "__main__":
   absltest.main()

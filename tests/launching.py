@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+# As a user's shell: TensorFlow's log level left to the entrypoints (Bazel sets one for tests).
+ENV = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+       "PYTHONPATH": ROOT}
 if "TEST_TMPDIR" in os.environ:
   # What a killed process leaves in its temp dir (autograph's generated
   # sources, which it deletes at exit) stays in the test's own directory.

@@ -3,11 +3,9 @@
 (That 2 workers train the weights one device does is tests/equivalence_test.py.)
 """
 
-import json
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 
@@ -15,7 +13,6 @@ import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CP
 import tensorflow as tf
 from absl.testing import absltest
 
-from launch import multi_worker
 from tests import launching
 
 
@@ -30,8 +27,7 @@ class MultiWorkerLauncherTest(absltest.TestCase):
 
   def start_and_wait_for_progress(self, model_dir, *extra):
     """Starts 2 local workers; returns (launcher, {index: pid}) once worker 0 has trained."""
-    launcher = launching.start(*two_workers(model_dir), "--log_every_steps=2",
-                               "--collective_timeout_seconds=30", *extra)
+    launcher = launching.start(*two_workers(model_dir), "--log_every_steps=2", *extra)
     pids, lines, deadline = {}, [], time.time() + 300
     for line in launcher.stdout:
       lines.append(line)
@@ -43,15 +39,23 @@ class MultiWorkerLauncherTest(absltest.TestCase):
     self.assertEqual(sorted(pids), [0, 1], "".join(lines))
     return launcher, pids
 
-  def test_a_dead_worker_ends_the_launch_with_an_error(self):
+  def test_a_dead_worker_ends_the_others_with_one_line(self):
     model_dir = self.create_tempdir().full_path
     launcher, pids = self.start_and_wait_for_progress(model_dir, "--train_steps=400")
     os.kill(pids[1], signal.SIGKILL)
     began = time.time()
-    _, err = launcher.communicate(timeout=300)
+    out, err = launcher.communicate(timeout=300)
+    lasted = time.time() - began
+    print(f"launcher exited {lasted:.1f} s after the worker died")
     self.assertNotEqual(launcher.returncode, 0)
     self.assertIn("worker 1 failed with status -9; ending the others", err)
-    print(f"launcher exited {time.time() - began:.1f} s after the worker died")
+    # Worker 0 sits in a collective with its dead peer, where the launcher's
+    # SIGTERM cannot reach it; TensorFlow's heartbeats end it, with one line,
+    # before the launcher's SIGKILL would (30 s).
+    self.assertIn("[worker 0] error: worker 1 stopped responding; start every worker again "
+                  "to resume from the last checkpoint", out)
+    self.assertNotIn("Traceback", out)
+    self.assertLess(lasted, 30)
 
   def test_sigterm_to_one_worker_saves_on_all_and_resumes(self):
     model_dir = self.create_tempdir().full_path
@@ -89,35 +93,6 @@ class LauncherSignalTest(absltest.TestCase):
     self.assertLen(saved, 1, out[-3000:])
     self.assertEqual(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")),
                      os.path.join(model_dir, "checkpoints", f"ckpt-{saved[0]}"))
-
-
-class DeadPeerTest(absltest.TestCase):
-
-  def test_a_dead_peer_ends_the_other_worker_with_one_line(self):
-    # No launcher to end it: the coordination service's heartbeats must.
-    model_dir = self.create_tempdir().full_path
-    hosts = [f"127.0.0.1:{port}" for port in multi_worker.free_ports(2)]
-    workers = []
-    for index in range(2):
-      env = {**launching.ENV, "TF_CONFIG": json.dumps(multi_worker.tf_config(hosts, index))}
-      workers.append(subprocess.Popen(
-          launching.command("launch.train", *two_workers(model_dir)[3:], "--train_steps=400",
-                            "--log_every_steps=2", "--strategy=multi_worker_mirrored"),
-          cwd=launching.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          text=True))
-    for line in workers[0].stdout:
-      if line.startswith("step "):
-        break
-    workers[1].kill()
-    workers[1].communicate()
-    died = time.time()
-    _, err = workers[0].communicate(timeout=300)
-    print(f"worker 0 exited {time.time() - died:.1f} s after worker 1 died")
-    self.assertEqual(workers[0].returncode, 69, err[-3000:])
-    errors = [l for l in err.splitlines() if l.startswith("error:")]
-    self.assertEqual(errors, ["error: worker 1 stopped responding; start every worker again "
-                              "to resume from the last checkpoint"])
-    self.assertNotIn("Traceback", err)
 
 
 def thread_count(pid):

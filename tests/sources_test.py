@@ -288,9 +288,9 @@ class PreprocessTest(absltest.TestCase):
     again = preprocess.preprocess(encoded, "inception", 64, True, tf.constant([0, 3], tf.int64),
                                   True)
     np.testing.assert_array_equal(again.numpy(), crops[0].numpy())  # stateless
-    self.assertTrue(bool(preprocess.looks_complete(tf.io.encode_jpeg(pixels))))
-    self.assertFalse(bool(preprocess.looks_complete(tf.io.encode_jpeg(pixels).numpy()[:-40])))
-    self.assertFalse(bool(preprocess.looks_complete(encoded.numpy()[:-20])))
+    self.assertTrue(bool(preprocess.looks_decodable(tf.io.encode_jpeg(pixels))))
+    self.assertFalse(bool(preprocess.looks_decodable(tf.io.encode_jpeg(pixels).numpy()[:-40])))
+    self.assertFalse(bool(preprocess.looks_decodable(encoded.numpy()[:-20])))
 
 
 if __name__ == "__main__":

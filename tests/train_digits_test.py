@@ -23,6 +23,7 @@ class DefaultRunTest(absltest.TestCase):
       last_line = time.time()
     _, err = process.communicate(timeout=1500)
     self.assertEqual(process.returncode, 0, err[-3000:])
+    self.assertEqual(err, "", "a healthy run writes nothing to stderr")
     # A hang detector, not a speed test: the process used to idle up to a minute
     # after its last line (tf.data iterators in Python's final garbage collection).
     lingered = time.time() - last_line

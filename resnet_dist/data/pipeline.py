@@ -108,7 +108,7 @@ def check_decodable(split, split_name, sample=32):
     encoded = [split.fetch(tf.constant(i, tf.int64))[0]
                for i in range(0, split.num_examples, step)][:sample]
   for image in encoded:
-    if preprocess_lib.looks_complete(image):
+    if preprocess_lib.looks_decodable(image):
       try:
         tf.io.decode_image(image, channels=3, expand_animations=False)
         return
@@ -147,7 +147,7 @@ def _load(ds, fetch, source, split, config, training):
     if split.encoded:
       # Outside strict mode ignore_errors() below drops the example, as it does
       # any the decoder rejects; in strict mode the error names the record.
-      check = tf.debugging.Assert(preprocess_lib.looks_complete(image),
+      check = tf.debugging.Assert(preprocess_lib.looks_decodable(image),
                                   [BAD_IMAGE] + _describe(where))
       with tf.control_dependencies([check]):
         image = tf.identity(image)

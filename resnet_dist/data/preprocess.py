@@ -31,19 +31,26 @@ _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
 
 
-def looks_complete(encoded):
-  """False for a JPEG or PNG cut short (no end marker): the common corruption.
-
-  Cheap (no decoding), so broken files are caught without relying on the
-  decoder's error; other formats pass.
+def looks_decodable(encoded):
+  """False for what the decoder would reject, found without decoding: an empty
+  file, a format it does not read (HEIC, text), and the common corruption, a
+  JPEG or PNG cut short (no end marker). Read: JPEG, PNG, GIF, BMP, WebP, JPEG XL.
   """
+  # The first 12 bytes, zero-padded: substr fails past the end of a short string.
+  head = tf.strings.join([tf.strings.substr(encoded, 0, 12), b"\x00" * 12])
+
+  def at(start, magic):
+    return tf.strings.substr(head, start, len(magic)) == magic
+
   def last(count):  # the last count bytes; all of a shorter string (even an empty one)
     return tf.strings.substr(encoded, tf.maximum(tf.strings.length(encoded) - count, 0), count)
 
-  jpeg_ok = last(2) == _JPEG_END
-  png_ok = last(8) == _PNG_END
-  is_png = tf.strings.substr(encoded, 0, 4) == b"\x89PNG"
-  return tf.where(tf.io.is_jpeg(encoded), jpeg_ok, tf.where(is_png, png_ok, True))
+  complete_jpeg = at(0, b"\xff\xd8\xff") & (last(2) == _JPEG_END)
+  complete_png = at(0, b"\x89PNG") & (last(8) == _PNG_END)
+  webp = at(0, b"RIFF") & at(8, b"WEBP")
+  other = (at(0, b"GIF8") | at(0, b"BM") | at(0, b"\xff\x0a")
+           | at(0, b"\x00\x00\x00\x0cJXL \r\n\x87\n"))
+  return complete_jpeg | complete_png | webp | other
 
 
 def _decode(encoded):
@@ -76,7 +83,9 @@ def _decode_crop(image, encoded, choose_window):
 
 
 def _centre_window(shape, fraction):
-  side = tf.cast(fraction * tf.cast(tf.reduce_min(shape), tf.float32), tf.int32)
+  """The central square of fraction x the shorter side; at least one pixel, so a
+  one-pixel-wide image still yields an image."""
+  side = tf.maximum(tf.cast(fraction * tf.cast(tf.reduce_min(shape), tf.float32), tf.int32), 1)
   return tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
 
 

@@ -98,9 +98,14 @@ def _prepare_once(builder):
   The lock lives in the local temp dir: data_dir may be on GCS or read-only.
   """
   lock_path = os.path.join(tempfile.gettempdir(), f"resnet_dist-prepare-{builder.name}.lock")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   with open(lock_path, "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not builder.is_prepared():
+      # One line instead of TFDS's progress bars, which fill stderr with redraws.
+      print(f"preparing TFDS dataset {builder.name} in {builder.data_dir_root} (once)",
+            flush=True)
+      tfds.disable_progress_bar()
       builder.download_and_prepare()
 
 
