@@ -14,6 +14,7 @@ OK = 0
 USAGE = 2         # bad flags, data or checkpoints: one line on stderr, nothing lost
 NONFINITE = 3     # a non-finite loss or weights; the last good checkpoint is kept
 WORKER_LOST = 69  # EX_UNAVAILABLE: another worker of a multi-worker run died
+STORAGE = 74      # EX_IOERR: a file could not be written (full disk, read-only dir)
 PREEMPTED = 75    # EX_TEMPFAIL: stopped by SIGTERM or SIGINT after saving; run again
 INTERRUPTED = 130  # the shell's status for SIGINT: interrupted outside training steps
 

@@ -78,13 +78,17 @@ def run_local(num_workers, train_args, python=sys.executable):
     relay = threading.Thread(target=_relay, args=(process.stdout, f"[worker {index}] ", sys.stdout))
     relay.start()
     relays.append(relay)
+
   def forward(signum, frame):
     """Ctrl-C or a SIGTERM to the launcher reaches every worker (each in its own
     session, so the terminal's SIGINT does not): they save together and exit."""
     del frame
     for worker in workers:
       if worker.returncode is None:
-        os.killpg(worker.pid, signum)
+        try:
+          os.killpg(worker.pid, signum)
+        except ProcessLookupError:  # ended, not yet reaped
+          pass
 
   for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, forward)

@@ -3,7 +3,8 @@
 Exit status (launch/exits.py): 0 done; 2 bad flags, data or checkpoints (one
 line on stderr, before any training); 3 a non-finite loss (the last good
 checkpoint is kept); 69 another worker of a multi-worker run died (start them
-all again to resume from the last checkpoint); 75 stopped by SIGTERM or SIGINT,
+all again to resume from the last checkpoint); 74 a checkpoint could not be
+written (a full disk; the earlier ones stay); 75 stopped by SIGTERM or SIGINT,
 to this or another worker, after saving a checkpoint (run the same command
 again to resume); 130 SIGINT outside the training steps (start-up or an
 evaluation), nothing new saved.
@@ -19,7 +20,7 @@ from absl import logging
 with exits.quiet_start():
   from flags import definitions
   from resnet_dist import preemption, train  # before TensorFlow: its CPU kernel setting
-  from resnet_dist.errors import ConfigError
+  from resnet_dist.errors import ConfigError, StorageError
   import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 flags.adopt_module_key_flags(definitions)  # --helpshort lists them
@@ -47,6 +48,9 @@ def main(argv):
   except FloatingPointError as e:
     exits.error(e)
     return exits.NONFINITE
+  except StorageError as e:
+    exits.error(e)
+    return exits.STORAGE
   except preemption.Preempted:
     return exits.PREEMPTED
   except KeyboardInterrupt:

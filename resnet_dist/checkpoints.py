@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from resnet_dist import optim
 from resnet_dist import strategy as strategy_lib
-from resnet_dist.errors import ConfigError
+from resnet_dist.errors import ConfigError, StorageError
 from resnet_dist.monitor import log
 
 SUMMARY_FILE = "summary.json"
@@ -125,7 +125,6 @@ def save_manager(checkpoint, strategy, model_dir, keep, existing):
   if strategy_lib.is_chief(strategy):
     directory = checkpoint_dir(model_dir)
     if existing:
-      tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)  # makes the dir
       tf.compat.v1.train.update_checkpoint_state(
           directory, existing[-1], all_model_checkpoint_paths=existing)
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
@@ -142,18 +141,25 @@ def check_same_model(model_dir, config, source, chief):
   path = os.path.join(model_dir, RUN_FILE)
   this = {"model": config.model, "resnet_variant": config.resnet_variant,
           "num_classes": source.num_classes}
-  if tf.io.gfile.exists(path):
+  if tf.io.gfile.exists(path) and not config.start_over:
     saved = read_run(model_dir)
     differs = [f"{k} {saved.get(k)} there, {v} here" for k, v in this.items()
                if saved.get(k) != v]
     if differs:
       raise ConfigError(f"--model_dir={model_dir} holds checkpoints of another model "
                         f"({'; '.join(differs)}); use a new --model_dir")
+    batch = saved.get("global_batch_size", config.global_batch_size)  # older run.json: unknown
+    if batch != config.global_batch_size:
+      raise ConfigError(
+          f"--model_dir={model_dir} was trained at --global_batch_size={batch}; resuming at "
+          f"{config.global_batch_size} would move the data position and the learning rate: "
+          f"pass --global_batch_size={batch}, or --start_over")
   elif chief:
     with tf.io.gfile.GFile(path, "w") as f:
       json.dump({**this, "image_size": config.image_size, "dataset": config.dataset,
                  "data_dir": config.data_dir, "augment": source.augment,
-                 "mean": list(source.mean), "std": list(source.std)}, f, indent=2)
+                 "mean": list(source.mean), "std": list(source.std),
+                 "global_batch_size": config.global_batch_size}, f, indent=2)
 
 
 def read_run(model_dir):
@@ -185,8 +191,26 @@ def _key(name):
 
 def restore_model(model, path):
   """Loads a checkpoint's model weights (nothing else) into model."""
-  tf.train.Checkpoint(model=model_state(model)).restore(path).expect_partial() \
-      .assert_existing_objects_matched()
+  try:
+    tf.train.Checkpoint(model=model_state(model)).restore(path).expect_partial() \
+        .assert_existing_objects_matched()
+  except AssertionError as e:
+    raise ConfigError(f"{path} does not hold this model's weights ({_first_line(e)})") from None
+  except (tf.errors.OpError, ValueError, IndexError) as e:
+    raise ConfigError(f"cannot read checkpoint {path} ({_first_line(e)})") from None
+
+
+def save(manager, step):
+  """manager.save(step); a failed write (a full disk) leaves no half-written
+  checkpoint behind and raises StorageError, the earlier checkpoints intact."""
+  try:
+    manager.save(checkpoint_number=step)
+  except (tf.errors.OpError, OSError) as e:
+    for partial in tf.io.gfile.glob(os.path.join(manager.directory, f"ckpt-{step}_temp*")):
+      (tf.io.gfile.rmtree if tf.io.gfile.isdir(partial) else tf.io.gfile.remove)(partial)
+    raise StorageError(f"cannot save the checkpoint of step {step} in {manager.directory} "
+                       f"({_first_line(e)}); the last saved one is "
+                       f"{manager.latest_checkpoint}") from None
 
 
 def init_from(model, path):
@@ -212,16 +236,8 @@ def init_from(model, path):
   return fresh
 
 
-def _unreadable(path):
-  """Why a checkpoint's files cannot be read back whole, or None if they can."""
-  try:
-    reader = tf.train.load_checkpoint(path)
-    for key in reader.get_variable_to_shape_map():
-      reader.get_tensor(key)  # checks the data against the index's checksums
-    return None
-  except Exception as e:  # pylint: disable=broad-except
-    # A damaged file surfaces as OpError, IndexError or ValueError, by where it is cut.
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def _first_line(error):
+  return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
 def restore_latest(checkpoint, paths, chief):
@@ -229,23 +245,29 @@ def restore_latest(checkpoint, paths, chief):
 
   A damaged one is skipped with a warning in favour of the one before. One
   that reads fine but does not fit (saved by a run with other settings) is a
-  ConfigError: training from an older one would overwrite it.
+  ConfigError, and so is a list none of which can be read: training from an
+  older one, or from scratch, would overwrite them.
   """
   for path in reversed(paths):
-    reason = _unreadable(path)
-    if reason:
-      log(f"warning: cannot read checkpoint {path} ({reason}); trying the one before", chief)
+    try:
+      keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    except Exception as e:  # pylint: disable=broad-except
+      log(f"warning: cannot read checkpoint {path} ({_first_line(e)}); trying the one before",
+          chief)
       continue
-    keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
     has_loss_scale = any(k.startswith("loss_scale/") for k in keys)
     if has_loss_scale != hasattr(checkpoint, "loss_scale"):
       raise ConfigError(f"{path} was saved by a run with{'' if has_loss_scale else 'out'} "
                         f"--dtype=fp16 (its loss scale); resume it with the same --dtype")
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
-    except (AssertionError, ValueError) as e:
-      raise ConfigError(f"{path} does not fit this run "
-                        f"({str(e).strip().splitlines()[0][:200]})") from None
+    except AssertionError as e:  # the files read fine: their objects do not fit
+      raise ConfigError(f"{path} does not fit this run ({_first_line(e)})") from None
+    except Exception as e:  # pylint: disable=broad-except
+      # Damaged data surfaces as OpError, IndexError or ValueError, by where it is cut.
+      log(f"warning: cannot read checkpoint {path} ({_first_line(e)}); trying the one before",
+          chief)
+      continue
     return path
   if paths:
     raise ConfigError(f"none of the {len(paths)} checkpoints in {os.path.dirname(paths[0])} can "

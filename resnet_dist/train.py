@@ -313,7 +313,8 @@ def run(config: Config, strategy=None):
   data.check_batch_divides(config.global_batch_size, strategy.num_replicas_in_sync)
   source = data.get_source(config.dataset, config.data_dir, config.download,
                            config.num_classes, config.image_size, config.cache_data)
-  for split_name in {source.train_split, *(() if config.skip_eval else (source.eval_split,))}:
+  read_splits = [source.train_split] + ([] if config.skip_eval else [source.eval_split])
+  for split_name in dict.fromkeys(read_splits):  # once each, in this order
     data.check_decodable(source.split(split_name), split_name)
   init_path = checkpoints.find_checkpoint(config.init_checkpoint) if config.init_checkpoint else ""
   model_dir = checkpoints.resolve_model_dir(config)
@@ -369,6 +370,9 @@ def _train_and_evaluate(config, strategy, source, model_dir, init_path):
                 f"matmul, {'given' if config.peak_tflops else 'measured'})", chief)
   if start_step:
     monitor.log(f"resuming from step {start_step} ({restored})", chief)
+  if source.eval_split == source.train_split and not config.skip_eval:
+    monitor.log(f"warning: {source.name} has no evaluation split; evaluating on the training "
+                f"split", chief)
 
   input_config = _input_config(config)
   train_iterator = iter(strategy.distribute_datasets_from_function(
@@ -400,7 +404,7 @@ def _train_and_evaluate(config, strategy, source, model_dir, init_path):
     if not bool(trainer.weights_finite()):
       raise FloatingPointError(f"non-finite weights at step {step}; "
                                f"{_last_good(manager)}")
-    manager.save(checkpoint_number=step)
+    checkpoints.save(manager, step)
 
   with preemption.StopRequest(trainer.stop_requested) as stop_request:
     step = start_step

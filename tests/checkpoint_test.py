@@ -225,6 +225,18 @@ class CheckpointTest(parameterized.TestCase):
     self.assertIn("warning: taking over the lock of a run that is gone", result.stdout)
     self.assertFalse(os.path.exists(lock))  # released at the end
 
+  def test_a_failed_save_is_one_line_and_keeps_the_checkpoint_before(self):
+    model_dir = self.create_tempdir().full_path
+    os.makedirs(os.path.join(model_dir, "checkpoints"))
+    # Where step 8's files would be written, a file: the write fails as on a full disk.
+    open(os.path.join(model_dir, "checkpoints", "ckpt-8_temp"), "w").close()
+    result = self.train(model_dir, "--strategy=one_device", "--train_steps=8")
+    self.assertEqual(result.returncode, 74, result.stderr[-3000:])
+    self.assertRegex(result.stderr.strip(), r"^error: cannot save the checkpoint of step 8 in "
+                                             r".*; the last saved one is .*ckpt-4$")
+    self.assertEqual(saved_steps(model_dir), [4])
+    self.assertEqual(glob.glob(os.path.join(model_dir, "checkpoints", "*_temp*")), [])
+
   def test_checkpoint_of_another_model_is_a_one_line_error(self):
     model_dir = self.create_tempdir().full_path
     self.assertEqual(self.train(model_dir, "--strategy=one_device", "--train_steps=2").returncode, 0)
@@ -233,6 +245,9 @@ class CheckpointTest(parameterized.TestCase):
     self.assertRegex(result.stderr.strip().splitlines()[-1],
                      r"^error: --model_dir=.* holds checkpoints of another model "
                      r"\(model resnet20 there, resnet32 here\)")
+    result = self.train(model_dir, "--strategy=one_device", "--global_batch_size=16")
+    self.assert_one_line_error(result, r"was trained at --global_batch_size=32; resuming at 16 "
+                                       r"would move the data position and the learning rate")
 
 
 class PreemptionNoticeTest(absltest.TestCase):

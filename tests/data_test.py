@@ -1,5 +1,7 @@
 """The input pipeline: the embedded dataset, sharding, exact evaluation, exact resume."""
 
+import os
+
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import numpy as np
 import tensorflow as tf
@@ -138,6 +140,19 @@ class PipelineTest(parameterized.TestCase):
       self.assertEqual(normalized.dtype, dtype)
       expected = (images.numpy()[..., 2].astype(np.float32) - 4.0) / 8.0
       np.testing.assert_allclose(tf.cast(normalized[..., 2], tf.float32), expected, rtol=1e-2)
+
+
+class FolderTest(absltest.TestCase):
+
+  def test_an_empty_class_directory_is_a_one_line_error(self):
+    root = self.create_tempdir().full_path
+    png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
+    for name in ("cat", "dog"):
+      os.makedirs(os.path.join(root, "train", name))
+    with open(os.path.join(root, "train", "cat", "1.png"), "wb") as f:
+      f.write(png)
+    with self.assertRaisesRegex(ConfigError, r"class directory .*train/dog has no .* images"):
+      data.get_source(f"folder:{root}", image_size=32).split("train")
 
 
 class DecodingEdgeTest(absltest.TestCase):

@@ -1,5 +1,6 @@
 """Reuse of a run's weights: the exported SavedModel, --init_checkpoint."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -63,6 +64,22 @@ class ExportTest(absltest.TestCase):
     centre = tf.image.resize(images[:, 3:42, 11:50], [32, 32])
     logits = classifier.model((centre - (100.0, 110.0, 120.0)) / (50.0, 60.0, 70.0))
     np.testing.assert_allclose(tf.nn.softmax(logits), expected, atol=2e-3)
+
+  def test_an_unwritable_export_dir_and_a_truncated_checkpoint_are_one_line_errors(self):
+    model_dir = self.create_tempdir().full_path
+    make_run(model_dir)
+    blocker = os.path.join(model_dir, "file")
+    open(blocker, "w").close()
+    result = launching.run("launch.export", f"--model_dir={model_dir}",
+                           f"--export_dir={blocker}/export")
+    self.assertEqual(result.returncode, 74, result.stderr[-2000:])
+    self.assertRegex(result.stderr.strip(), rf"^error: cannot write {blocker}/export \(")
+    data_file = glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-1.data-*"))[0]
+    with open(data_file, "r+b") as f:
+      f.truncate(os.path.getsize(data_file) // 2)
+    result = launching.run("launch.export", f"--model_dir={model_dir}")
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    self.assertRegex(result.stderr.strip(), r"^error: cannot read checkpoint .*ckpt-1 \(")
 
   def test_a_directory_that_is_no_run_is_a_one_line_error(self):
     result = launching.run("launch.export", f"--model_dir={self.create_tempdir().full_path}")

@@ -256,7 +256,7 @@ class BadDataTest(absltest.TestCase):
     self.assertEqual(result.returncode, 2, result.stderr[-2000:])
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     self.assertEqual(errors, ["error: none of 4 images sampled from the validation split can "
-                              "be decoded (not JPEG, PNG, GIF or BMP, or cut short)"])
+                              "be decoded (empty, cut short, or not JPEG, PNG, GIF, BMP or WebP)"])
     self.assertFalse(os.path.exists(f"{data_dir}/run/checkpoints"))
 
   def test_a_folder_of_empty_jpgs_stops_at_start(self):

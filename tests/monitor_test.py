@@ -140,6 +140,12 @@ class RunMonitoringTest(absltest.TestCase):
     self.assertAlmostEqual(evaluation["loss"], self.summary["eval_loss"], places=4)
 
 
+  def test_evaluate_with_another_model_is_one_line(self):
+    result = launching.run("launch.evaluate", f"--model_dir={self.model_dir}", "--model=resnet32")
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    self.assertRegex(result.stderr.strip(), r"^error: \S+ does not hold this model's weights \(")
+
+
 class InputWaitTest(absltest.TestCase):
   """The input wait fraction tells a slow pipeline from a fast one."""
 

@@ -57,6 +57,10 @@ def list_split(root, split, names):
   if not paths:
     raise ConfigError(f"split {split!r} of image folder {root} has no "
                       f"{'/'.join(EXTENSIONS)} images")
+  empty = [name for label, name in enumerate(names) if label not in set(labels)]
+  if split == "train" and empty:
+    raise ConfigError(f"class directory {os.path.join(directory, empty[0])} has no "
+                      f"{'/'.join(EXTENSIONS)} images: a class the model could never learn")
   return paths, labels
 
 

@@ -115,7 +115,7 @@ def check_decodable(split, split_name, sample=32):
       except tf.errors.InvalidArgumentError:
         continue
   raise DataError(f"none of {len(encoded)} images sampled from the {split_name} split can be "
-                  f"decoded (not JPEG, PNG, GIF or BMP, or cut short)")
+                  f"decoded (empty, cut short, or not JPEG, PNG, GIF, BMP or WebP)")
 
 
 # --- Decoding, shared by both kinds of split ---------------------------------
