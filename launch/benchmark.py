@@ -33,7 +33,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app  # pylint: disable=g-import-not-at-top
+from launch import exits  # pylint: disable=g-import-not-at-top  # first: its exit handler
+from absl import app
 from absl import flags
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels (oneDNN)
@@ -403,6 +404,7 @@ def markdown(results):
   return "\n".join(lines)
 
 
+@exits.prompt
 def main(argv):
   del argv
   if FLAGS.cases:  # a subprocess of the training modes: one JSON line out
