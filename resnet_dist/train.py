@@ -375,9 +375,10 @@ def _train_and_evaluate(config, strategy, source, model_dir, init_path):
                 f"split", chief)
 
   input_config = _input_config(config)
-  train_iterator = iter(strategy.distribute_datasets_from_function(
+  # The list holds the only reference to the iterator, for drop_in_background().
+  feed = [iter(strategy.distribute_datasets_from_function(
       data.train_dataset_fn(source, source.train_split, input_config, start_step),
-      options=strategy_lib.input_options(strategy)))
+      options=strategy_lib.input_options(strategy)))]
   summaries = monitor.Summaries(model_dir, chief)
   if chief:
     with data.data_errors(source.num_classes):
@@ -406,59 +407,63 @@ def _train_and_evaluate(config, strategy, source, model_dir, init_path):
                                f"{_last_good(manager)}")
     checkpoints.save(manager, step)
 
-  with preemption.StopRequest(trainer.stop_requested) as stop_request:
-    step = start_step
-    loops = []
-    last = {"loss": float("nan"), "top1": float("nan")}
-    eval_result = None
-    while step < total_steps:
-      num_steps = _next_stop(step, total_steps, config.steps_per_loop, eval_every,
-                             save_every, profiler.stops()) - step
+  try:
+    with preemption.StopRequest(trainer.stop_requested) as stop_request:
+      step = start_step
+      loops = []
+      last = {"loss": float("nan"), "top1": float("nan")}
+      eval_result = None
+      while step < total_steps:
+        num_steps = _next_stop(step, total_steps, config.steps_per_loop, eval_every,
+                               save_every, profiler.stops()) - step
+        profiler.at(step)
+        trainer.train_metrics.reset()
+        trainer.grad_norm_sum.assign(0.0)
+        trainer.input_seconds.assign(0.0)
+        began = time.perf_counter()
+        with data.data_errors(source.num_classes):
+          # True when a SIGTERM or SIGINT to any worker stopped every worker at this step.
+          stopped = bool(trainer.train_loop(feed[0], tf.constant(num_steps)))
+        last = trainer.train_metrics.result()
+        elapsed = time.perf_counter() - began
+        previous, step = step, int(trainer.step.numpy())
+        stats = monitor.LoopStats(step, step - previous, elapsed,
+                                  float(trainer.input_seconds.numpy()) if trainer.times_input
+                                  else None,
+                                  config.global_batch_size, strategy.num_replicas_in_sync,
+                                  flops_per_image, peak_flops)
+        if previous != start_step:  # the first loop includes tracing
+          loops.append(stats)
+        lr = trainer.schedule.value_at(step - 1)
+        summaries.write_train(
+            stats, last, lr, float(trainer.grad_norm_sum.read_value()) / (step - previous),
+            float(trainer.skipped_records.read_value()),
+            trainer.loss_scale.scale.read_value() if trainer.loss_scale else None)
+        if not math.isfinite(last["loss"]):
+          raise FloatingPointError(f"non-finite training loss at step {step}; "
+                                   f"{_last_good(manager)}")
+        logs = config.log_every_steps
+        if step // logs != previous // logs or step == total_steps:
+          monitor.log(monitor.progress_line(step, total_steps, steps_per_epoch, last, lr, stats),
+                      chief)
+        at_eval = eval_every and step % eval_every == 0
+        at_checkpoint = step % save_every == 0
+        if at_eval or at_checkpoint or step == total_steps or stopped:
+          save(step)
+        if stopped and step < total_steps:
+          profiler.close()
+          summaries.flush()
+          reason = stop_request.signal_name or "a signal to another worker"
+          monitor.log(f"{reason}: saved a checkpoint at step {step}; run again to resume", chief)
+          raise preemption.Preempted(step, reason)
+        if at_eval and not config.skip_eval and step < total_steps:
+          eval_result = evaluate()
       profiler.at(step)
-      trainer.train_metrics.reset()
-      trainer.grad_norm_sum.assign(0.0)
-      trainer.input_seconds.assign(0.0)
-      began = time.perf_counter()
-      with data.data_errors(source.num_classes):
-        # True when a SIGTERM or SIGINT to any worker stopped every worker at this step.
-        stopped = bool(trainer.train_loop(train_iterator, tf.constant(num_steps)))
-      last = trainer.train_metrics.result()
-      elapsed = time.perf_counter() - began
-      previous, step = step, int(trainer.step.numpy())
-      stats = monitor.LoopStats(step, step - previous, elapsed,
-                                float(trainer.input_seconds.numpy()) if trainer.times_input
-                                else None,
-                                config.global_batch_size, strategy.num_replicas_in_sync,
-                                flops_per_image, peak_flops)
-      if previous != start_step:  # the first loop includes tracing
-        loops.append(stats)
-      lr = trainer.schedule.value_at(step - 1)
-      summaries.write_train(
-          stats, last, lr, float(trainer.grad_norm_sum.read_value()) / (step - previous),
-          float(trainer.skipped_records.read_value()),
-          trainer.loss_scale.scale.read_value() if trainer.loss_scale else None)
-      if not math.isfinite(last["loss"]):
-        raise FloatingPointError(f"non-finite training loss at step {step}; "
-                                 f"{_last_good(manager)}")
-      if step // config.log_every_steps != previous // config.log_every_steps or step == total_steps:
-        monitor.log(monitor.progress_line(step, total_steps, steps_per_epoch, last, lr, stats),
-                    chief)
-      at_eval = eval_every and step % eval_every == 0
-      at_checkpoint = step % save_every == 0
-      if at_eval or at_checkpoint or step == total_steps or stopped:
-        save(step)
-      if stopped and step < total_steps:
-        profiler.close()
-        summaries.flush()
-        reason = stop_request.signal_name or "a signal to another worker"
-        monitor.log(f"{reason}: saved a checkpoint at step {step}; run again to resume", chief)
-        raise preemption.Preempted(step, reason)
-      if at_eval and not config.skip_eval and step < total_steps:
+      profiler.close()
+      if not config.skip_eval and (eval_result is None or eval_result["step"] != step):
         eval_result = evaluate()
-    profiler.at(step)
-    profiler.close()
-    if not config.skip_eval and (eval_result is None or eval_result["step"] != step):
-      eval_result = evaluate()
+  finally:
+    strategy_lib.drop_in_background(feed)
   summaries.flush()
 
   timed = sum(s.seconds for s in loops)
