@@ -219,9 +219,8 @@ def drop_in_background(holder):
   iterators, in a daemon thread.
 
   Destroying TensorFlow 2.21's per-device tf.data iterators can wait up to a
-  minute for their autotuning threads (seen 9-44 s at the end of a run); a
-  run done with its input has no reason to wait, and a process that ends
-  first does not.
+  minute for their autotuning threads; a run done with its input has no
+  reason to wait, and a process that ends first does not.
   """
   threading.Thread(target=holder.clear, name="drop-iterators", daemon=True).start()
 
