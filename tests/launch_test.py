@@ -259,6 +259,24 @@ class BadDataTest(absltest.TestCase):
                               "be decoded (empty, cut short, or not JPEG, PNG, GIF, BMP or WebP)"])
     self.assertFalse(os.path.exists(f"{data_dir}/run/checkpoints"))
 
+  def test_strict_data_names_a_record_without_a_label_in_one_line(self):
+    data_dir = self.create_tempdir().full_path
+    jpeg = tf.io.encode_jpeg(np.zeros((40, 40, 3), np.uint8)).numpy()
+    records.write_imagenet_records(data_dir, "validation", [jpeg] * 4, [0] * 4, 1)
+    with tf.io.TFRecordWriter(f"{data_dir}/train-00000-of-00001") as writer:
+      for i in range(8):
+        feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg]))}
+        if i != 5:
+          feature["image/class/label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))
+        writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
+                     .SerializeToString())
+    result = run_train("--dataset=imagenet", f"--data_dir={data_dir}", "--num_classes=10",
+                       "--model=resnet20", "--global_batch_size=8", "--train_steps=2",
+                       "--strategy=one_device", "--strict_data", f"--model_dir={data_dir}/run")
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    self.assertEqual(result.stderr.strip(), "error: a record has no image/class/label; every "
+                                            "record needs image/encoded and image/class/label")
+
   def test_a_folder_of_empty_jpgs_stops_at_start(self):
     root = self.create_tempdir().full_path
     for split in ("train", "val"):

@@ -102,13 +102,13 @@ def check_decodable(split, split_name, sample=32):
     per_file = max(1, sample // len(files))
     records = tf.data.Dataset.from_tensor_slices(files).interleave(
         lambda f: tf.data.TFRecordDataset(f).take(per_file), cycle_length=1)
-    encoded = [split.parse(record)[0] for record in records.take(sample)]
+    encoded = [_parsed_image(split, record) for record in records.take(sample)]
   else:
     step = max(1, split.num_examples // sample)
     encoded = [split.fetch(tf.constant(i, tf.int64))[0]
                for i in range(0, split.num_examples, step)][:sample]
   for image in encoded:
-    if preprocess_lib.looks_decodable(image):
+    if image is not None and preprocess_lib.looks_decodable(image):
       try:
         tf.io.decode_image(image, channels=3, expand_animations=False)
         return
@@ -116,6 +116,14 @@ def check_decodable(split, split_name, sample=32):
         continue
   raise DataError(f"none of {len(encoded)} images sampled from the {split_name} split can be "
                   f"decoded (empty, cut short, or not JPEG, PNG, GIF, BMP or WebP)")
+
+
+def _parsed_image(split, record):
+  """A record's encoded image, or None when it does not parse (no label, say)."""
+  try:
+    return split.parse(record)[0]
+  except tf.errors.InvalidArgumentError:
+    return None
 
 
 # --- Decoding, shared by both kinds of split ---------------------------------
@@ -411,4 +419,11 @@ def data_errors(num_classes):
     if decoder:  # complete-looking but corrupt inside: the decoder does not name the file
       raise DataError(f"undecodable image ({decoder.group(0).strip()}); --strict_data stops "
                       "at such images, without it they are skipped and counted") from None
+    missing = re.search(r"Feature: (\S+) \(data type: \w+\) is required but could not be found",
+                        e.message)
+    if missing:
+      raise DataError(f"a record has no {missing.group(1)}; every record needs image/encoded "
+                      f"and image/class/label") from None
     raise
+  except tf.errors.DataLossError as e:  # under --strict_data: ignore_errors() is off
+    raise DataError(f"a corrupt TFRecord ({e.message.strip().splitlines()[0][:200]})") from None
