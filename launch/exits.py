@@ -1,14 +1,20 @@
-"""How the entrypoints end: exit statuses, the one-line error, a prompt exit.
+"""How the entrypoints start and end: exit statuses, the one-line error, a
+quiet start, a private temp dir, a prompt exit.
 
-Import it before TensorFlow: prompt() registers its exit handler first, so it
-runs last, after every other one (autograph's temp-file cleanup among them).
+Import it first, before TensorFlow: its exit handler is then registered first
+and runs last, after every other one (autograph's temp-file cleanup among
+them), and a Ctrl-C while TensorFlow loads is already one line.
 """
 
 import atexit
 import contextlib
 import functools
+import glob
 import os
+import shutil
+import signal
 import sys
+import tempfile
 
 OK = 0
 USAGE = 2         # bad flags, data or checkpoints: one line on stderr, nothing lost
@@ -19,6 +25,7 @@ PREEMPTED = 75    # EX_TEMPFAIL: stopped by SIGTERM or SIGINT after saving; run 
 INTERRUPTED = 130  # the shell's status for SIGINT: interrupted outside training steps
 
 _finished = []  # the status main() returned, once it has
+_console = [2]  # the fd of the user's stderr, also while quiet_start() hides fd 2
 
 
 @contextlib.contextmanager
@@ -40,9 +47,11 @@ def quiet_start():
   saved = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 2)
+  _console[0] = saved
   try:
     yield
   finally:
+    _console[0] = 2
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
@@ -51,6 +60,18 @@ def quiet_start():
 def error(message):
   """The one line a user reads on stderr when an entrypoint fails."""
   print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _interrupted_while_starting(signum, frame):
+  """SIGINT before main() runs (most of it is TensorFlow loading): nothing is
+  written yet, so the process ends at once, with one line and no traceback."""
+  del signum, frame
+  os.write(_console[0], b"error: interrupted (SIGINT) while starting; nothing was written\n")
+  _remove_own_tempdir()
+  os._exit(INTERRUPTED)  # pylint: disable=protected-access
+
+
+signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
 def prompt(main):
@@ -65,6 +86,9 @@ def prompt(main):
   """
   @functools.wraps(main)
   def wrapped(argv):
+    # From here a SIGINT is a KeyboardInterrupt that main() turns into its
+    # status, or, in the training steps, a request to save and stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     status = main(argv)
     _finished.append(status)
     return status
@@ -78,3 +102,43 @@ def _end_without_final_collection():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_finished[0] or 0)  # pylint: disable=protected-access
+
+
+# A temp dir of this process's own, for what TensorFlow writes there
+# (autograph's generated sources, deleted at a normal exit): what a killed
+# process leaves behind is removed by the next entrypoint that starts.
+_TEMP_PREFIX = "resnet_dist-"
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _remove_dead_tempdirs(parent):
+  for path in glob.glob(os.path.join(parent, _TEMP_PREFIX + "*")):
+    pid = os.path.basename(path)[len(_TEMP_PREFIX):]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_own_tempdir():
+  if tempfile.tempdir and os.path.basename(tempfile.tempdir) == f"{_TEMP_PREFIX}{os.getpid()}":
+    shutil.rmtree(tempfile.tempdir, ignore_errors=True)
+
+
+def _own_tempdir():
+  parent = tempfile.gettempdir()
+  _remove_dead_tempdirs(parent)
+  own = os.path.join(parent, f"{_TEMP_PREFIX}{os.getpid()}")
+  os.makedirs(own, exist_ok=True)
+  tempfile.tempdir = own
+  atexit.register(_remove_own_tempdir)  # after the handler above, so it runs before it
+
+
+_own_tempdir()

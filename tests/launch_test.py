@@ -2,8 +2,10 @@
 
 import glob
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import numpy as np
@@ -292,6 +294,37 @@ class BadDataTest(absltest.TestCase):
     self.assertLen(errors, 1, result.stderr[-2000:])
     self.assertRegex(errors[0], r"^error: none of 6 images sampled from the \w+ split can be "
                                 r"decoded")
+
+
+class StartAndEndTest(absltest.TestCase):
+
+  def start(self, tmp, *args):
+    return subprocess.Popen(launching.command("launch.train", *args), cwd=launching.ROOT,
+                            env={**launching.ENV, "TMPDIR": tmp}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+  def test_a_killed_runs_temp_files_go_with_the_next_start_and_sigint_there_is_one_line(self):
+    tmp = self.create_tempdir().full_path
+    killed = self.start(tmp, "--dataset=synthetic", "--num_classes=10", "--model=resnet20",
+                        "--strategy=one_device", "--global_batch_size=8", "--train_steps=10000",
+                        "--steps_per_loop=1", "--log_every_steps=1", "--skip_eval",
+                        f"--model_dir={tmp}/run")
+    for line in killed.stdout:
+      if line.startswith("step "):
+        break
+    own = os.path.join(tmp, f"resnet_dist-{killed.pid}")
+    self.assertNotEmpty(glob.glob(os.path.join(own, "__autograph_generated_file*.py")))
+    killed.kill()
+    killed.communicate()
+    self.assertCountEqual(os.listdir(tmp), ["run", os.path.basename(own)])
+
+    starting = self.start(tmp, "--flagfile=launch/configs/digits.cfg", f"--model_dir={tmp}/b")
+    time.sleep(1.5)  # past the imports of Python and absl, in TensorFlow's
+    starting.send_signal(signal.SIGINT)
+    _, stderr = starting.communicate(timeout=60)
+    self.assertEqual(starting.returncode, 130, stderr)
+    self.assertEqual(stderr, "error: interrupted (SIGINT) while starting; nothing was written\n")
+    self.assertEqual(os.listdir(tmp), ["run"])  # both temp dirs gone, the run's files kept
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ tfds.testing.mock_data.
 """
 
 import os
+import struct
 import tempfile
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
@@ -181,6 +182,54 @@ class BadImagesTest(absltest.TestCase):
     with self.assertRaisesRegex(DataError, "^label 12 is outside 0..9: record 0 of .*/validation-"):
       with data.data_errors(10):
         list(ds)
+
+
+def corrupt_record(path, index):
+  """Flips a byte inside a record's data: its CRC no longer matches, the file's size stays."""
+  with open(path, "r+b") as f:
+    position = 0
+    for _ in range(index):
+      f.seek(position)
+      (length,) = struct.unpack("<Q", f.read(8))
+      position += 12 + length + 4
+    f.seek(position + 12 + 20)
+    byte = f.read(1)[0]
+    f.seek(position + 12 + 20)
+    f.write(bytes([byte ^ 0xFF]))
+
+
+class CorruptRecordTest(parameterized.TestCase):
+  """TensorFlow reads no further in a file than its first corrupt record."""
+
+  def setUp(self):
+    super().setUp()
+    self.directory = self.create_tempdir().full_path
+    files = numbered_records(self.directory, 20, 2)  # file 0: labels 0, 2, ..., 18
+    corrupt_record(files[0], 2)                      # loses labels 4, 6, ..., 18
+
+  @parameterized.parameters(False, True)
+  def test_the_records_after_a_corrupt_one_are_skipped_and_counted(self, cache_data):
+    source = data.get_source("imagenet", self.directory, num_classes=20, cache=cache_data)
+    config = data.InputConfig(4, 32, shuffle_buffer=1)
+    # 12 good records an epoch: two epochs and the first batch of a third.
+    batches = list(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)).take(7))
+    labels = np.concatenate([b[1].numpy() for b in batches])
+    self.assertEqual(set(labels), {0, 2} | set(range(1, 20, 2)))
+    if not cache_data:  # in file order, so no lost record comes after the last batch's
+      self.assertEqual(sum(int(tf.reduce_sum(b[2])) for b in batches), 16)  # 8 an epoch
+    weights = [float(tf.reduce_sum(b[2])) for b in
+               data.eval_dataset_fn(source, "train", config)(context(1, 0, 1))]
+    self.assertEqual(sum(weights), 12)
+    self.assertLen(weights, 5)  # 20 records in batches of 4, as the headers say
+
+  def test_strict_data_names_the_corrupt_record(self):
+    source = data.get_source("imagenet", self.directory, num_classes=20)
+    config = data.InputConfig(4, 32, shuffle_buffer=1, strict=True)
+    ds = data.train_dataset_fn(source, "train", config)(context(1, 0, 1))
+    with self.assertRaisesRegex(DataError, "^corrupt TFRecord: record 2 of "
+                                ".*/train-00000-of-00002 and the rest of that file"):
+      with data.data_errors(20):
+        list(ds.take(5))
 
 
 PIXELS = {"ant": 40, "moth": 80, "zebra": 0, "only": 10}

@@ -38,6 +38,7 @@ import re
 import tensorflow as tf
 
 from resnet_dist.data import preprocess as preprocess_lib
+from resnet_dist.data import records as records_lib
 from resnet_dist.data.splits import RecordSplit
 from resnet_dist.errors import ConfigError, DataError
 
@@ -267,18 +268,26 @@ def shard_of(split, num_pipelines, pipeline_id):
   return split.files, len(range(pipeline_id, split.num_examples, num_pipelines)), True
 
 
-def _read(files, num_files, remote, num_pipelines, pipeline_id, example_level):
-  """(record, (path, index in the file)) of a vector of files in that order,
-  interleaved deterministically."""
+def _read(files, counts, num_files, remote, num_pipelines, pipeline_id, example_level):
+  """(record, (path, index in the file)) of vectors of files and their record
+  counts, in that order, interleaved deterministically.
+
+  A corrupt record (its CRC does not match) ends TFRecordDataset's reading of
+  its file. Each file is therefore filled up to its known count with
+  records.CORRUPT, so the records lost are skipped and counted like any bad
+  image (or, under strict, stop the run naming the file), and every later
+  position, the epoch length and resuming stay what the headers say.
+  """
   buffer = _GCS_READ_BUFFER if remote else None
 
-  def records(path):
+  def records(path, count):
     # Returns only its arguments, so tf.data skips calling it per record.
-    return tf.data.TFRecordDataset(path, buffer_size=buffer).enumerate().map(
-        lambda index, record: (record, (path, index)))
+    read = tf.data.TFRecordDataset(path, buffer_size=buffer).ignore_errors()
+    filled = read.concatenate(tf.data.Dataset.from_tensors(records_lib.CORRUPT).repeat())
+    return filled.take(count).enumerate().map(lambda index, record: (record, (path, index)))
 
   cycle = min(_CYCLE_LENGTH, num_files)
-  ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+  ds = tf.data.Dataset.from_tensor_slices((files, counts)).interleave(
       records, cycle_length=cycle, block_length=1, num_parallel_calls=cycle,
       deterministic=True)
   if example_level:
@@ -290,7 +299,9 @@ def _parser(split, seed_position):
   """fetch() for _load: parses a (record, where) element."""
   def fetch(position, record_and_where):
     record, where = record_and_where
-    return (seed_position(position),) + split.parse(record) + (where,)
+    check = tf.debugging.Assert(record != records_lib.CORRUPT, [records_lib.BAD_RECORD] + _describe(where))
+    with tf.control_dependencies([check]):
+      return (seed_position(position),) + split.parse(record) + (where,)
   return fetch
 
 
@@ -312,12 +323,15 @@ def _record_train(source, split, config, start_step, context):
   read = functools.partial(_read, num_files=len(files), remote=_remote(files),
                            num_pipelines=num_pipelines, pipeline_id=p,
                            example_level=example_level)
+  counts = tf.constant(split.counts if example_level else
+                       split.counts[p::num_pipelines], tf.int64)
   files = tf.constant(files)
 
   def epoch_records(epoch):
     # The file order is the same on every pipeline, as example-level sharding needs.
-    ds = read(tf.random.experimental.stateless_shuffle(
-        files, seed=tf.stack([tf.constant(config.seed, tf.int64), epoch])))
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(tf.size(files)), seed=tf.stack([tf.constant(config.seed, tf.int64), epoch]))
+    ds = read(tf.gather(files, order), tf.gather(counts, order))
     seed = _record_seed(config, epoch, p)
     shuffle_seed = tf.random.stateless_uniform([], seed=seed, minval=None, maxval=None,
                                                dtype=tf.int64)
@@ -341,7 +355,9 @@ def _record_eval(source, split, config, context):
   per_replica, pipeline_batch = _pipeline_batch(context, config)
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   files, _, example_level = shard_of(split, num_pipelines, p)
-  ds = _read(tf.constant(files), len(files), _remote(files), num_pipelines, p, example_level)
+  counts = split.counts if example_level else split.counts[p::num_pipelines]
+  ds = _read(tf.constant(files), tf.constant(counts, tf.int64), len(files), _remote(files),
+             num_pipelines, p, example_level)
 
   steps = eval_steps(split, config.global_batch_size, num_pipelines)
   ds = _load(ds.enumerate(), _parser(split, lambda position: position), source, split, config,
@@ -407,12 +423,16 @@ def data_errors(num_classes):
     yield
   except tf.errors.InvalidArgumentError as e:
     # tf.debugging.Assert prints its data as "[marker] [label] [record] [7] [of] [path]".
-    for marker in (BAD_IMAGE, BAD_LABEL):
+    for marker in (BAD_IMAGE, BAD_LABEL, records_lib.BAD_RECORD):
       if marker in e.message:
         fields = re.findall(r"\[(.*?)\]", e.message[e.message.index(marker) - 1:].splitlines()[0])
         if marker == BAD_IMAGE:
           raise DataError(f"undecodable image: {' '.join(fields[1:])} (--strict_data stops at "
                           "such images; without it they are skipped and counted)") from None
+        if marker == records_lib.BAD_RECORD:
+          raise DataError(f"corrupt TFRecord: {' '.join(fields[1:])} and the rest of that file "
+                          "cannot be read (--strict_data stops here; without it they are "
+                          "skipped and counted)") from None
         raise DataError(f"label {fields[1]} is outside 0..{num_classes - 1}: "
                         f"{' '.join(fields[2:])}") from None
     decoder = re.search(r"Invalid (JPEG|PNG) data[^\n\[]*", e.message)
@@ -425,5 +445,3 @@ def data_errors(num_classes):
       raise DataError(f"a record has no {missing.group(1)}; every record needs image/encoded "
                       f"and image/class/label") from None
     raise
-  except tf.errors.DataLossError as e:  # under --strict_data: ignore_errors() is off
-    raise DataError(f"a corrupt TFRecord ({e.message.strip().splitlines()[0][:200]})") from None

@@ -18,6 +18,12 @@ _IMAGENET_FEATURES = {
 }
 
 
+# Stands in for the records of a file after a corrupt one, which cannot be
+# read (pipeline._read); it parses as no example, so it is skipped and counted.
+CORRUPT = b"resnet_dist: corrupt record"
+BAD_RECORD = "resnet_dist: corrupt TFRecord"
+
+
 def count_records(path):
   """Records in one TFRecord file, read from the 12-byte record headers alone."""
   size = tf.io.gfile.stat(path).length
@@ -90,15 +96,17 @@ def held_in_memory(split):
   exact resume. Each worker holds the whole split.
   """
   serialized, names = [], []
-  for path in split.files:
-    for i, record in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
-      serialized.append(record)
-      names.append(f"record {i} of {path}")
+  for path, count in zip(split.files, split.counts):
+    read = list(tf.data.TFRecordDataset(path).ignore_errors().as_numpy_iterator())
+    serialized += read + [CORRUPT] * (count - len(read))
+    names += [f"record {i} of {path}" for i in range(count)]
   serialized, names = tf.constant(serialized), tf.constant(names)
 
   def fetch(index):
-    image, label = split.parse(tf.gather(serialized, index))
-    return image, label, tf.gather(names, index)
+    record, name = tf.gather(serialized, index), tf.gather(names, index)
+    with tf.control_dependencies([tf.debugging.Assert(record != CORRUPT, [BAD_RECORD, name])]):
+      image, label = split.parse(record)
+    return image, label, name
 
   return IndexedSplit(len(names), fetch, encoded=True)
 
