@@ -6,7 +6,6 @@ config_from_flags() builds the Config, so no flag goes unread.
 """
 
 import dataclasses
-import sys
 
 from absl import flags
 
@@ -87,7 +86,7 @@ flags.DEFINE_float("base_learning_rate", _DEFAULTS.base_learning_rate,
                    "Learning rate per 256 examples; scaled by global_batch_size / 256.")
 flags.DEFINE_enum("lr_schedule", _DEFAULTS.lr_schedule, optim.SCHEDULES,
                   "piecewise (x0.1 at --lr_boundary_epochs) or cosine.")
-flags.DEFINE_list("lr_boundary_epochs", _DEFAULTS.lr_boundary_epochs,
+flags.DEFINE_list("lr_boundary_epochs", [f"{e:g}" for e in _DEFAULTS.lr_boundary_epochs],
                   "piecewise: epochs at which the learning rate drops x0.1.")
 flags.DEFINE_float("warmup_epochs", _DEFAULTS.warmup_epochs, "Linear warmup length.",
                    lower_bound=0)
@@ -120,7 +119,7 @@ flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints,
 # Monitoring
 flags.DEFINE_integer("log_every_steps", _DEFAULTS.log_every_steps,
                      "Print a progress line every this many steps.", lower_bound=1)
-flags.DEFINE_string("profile_steps", _DEFAULTS.profile_steps,
+flags.DEFINE_string("profile_steps", "",
                     "START,END: trace steps START to END-1 with tf.profiler into "
                     "model_dir/plugins/profile (TensorBoard's Profile tab).")
 flags.DEFINE_float("peak_tflops", _DEFAULTS.peak_tflops,
@@ -128,34 +127,42 @@ flags.DEFINE_float("peak_tflops", _DEFAULTS.peak_tflops,
                    "summary; 0: measure a matmul on the replicas at start.", lower_bound=0)
 
 
+
+
+def _epochs(values):
+  """["30", "60"] -> (30.0, 60.0); None when one is not a number."""
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError:
+    return None
+
+
+def _step_range(value):
+  """"START,END" -> (START, END); "" -> None; False when malformed."""
+  if not value:
+    return None
+  try:
+    start, end = (int(v) for v in value.split(","))
+  except ValueError:
+    return False
+  return start, end
+
+
 flags.register_validator("dataset", data.is_dataset_name,
                          message="--dataset must be " + data.DATASETS_HELP)
+flags.register_validator("lr_boundary_epochs", lambda v: _epochs(v) is not None,
+                         message="--lr_boundary_epochs must be numbers, as 30,60,80")
+flags.register_validator("profile_steps", lambda v: _step_range(v) is not False,
+                         message="--profile_steps must be START,END, as 10,15")
 
 FLAGS = flags.FLAGS
 
 
-def config_from_flags():
-  """The Config the parsed flags describe."""
+def config_from_flags(**overrides):
+  """The Config the parsed flags describe (the flags' values converted once),
+  with `overrides` for fields whose flag the user did not give."""
   values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)}
-  values["lr_boundary_epochs"] = ",".join(values["lr_boundary_epochs"])  # a list flag
+  values["lr_boundary_epochs"] = _epochs(values["lr_boundary_epochs"])
+  values["profile_steps"] = _step_range(values["profile_steps"])
+  values.update({k: v for k, v in overrides.items() if not FLAGS[k].present})
   return Config(**values)
-
-
-_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
-
-
-def parse_flags(argv):
-  """absl's parser, with any flag error as one line on stderr and exit status 2.
-
-  absl exits with status 1 after printing help; asking for help is no error
-  (`bazel run` would report it as one), so that exit becomes 0.
-  """
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except SystemExit:
-    if any(arg.lstrip("-").split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
-      sys.exit(0)
-    raise

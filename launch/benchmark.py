@@ -40,7 +40,7 @@ from absl import flags
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels (oneDNN)
 
 flags.DEFINE_enum("mode", "input", ["input", "train", "e2e", "targets"],
-                  "What to measure; targets: the cases behind README's table.")
+                  "What to measure; targets: the project's speed targets (docs/benchmarks.md).")
 flags.DEFINE_integer("num_images", 512, "input, e2e: distinct JPEGs to generate.")
 flags.DEFINE_integer("image_size", 224, "input: output image size.")
 flags.DEFINE_integer("batch_size", 128, "input: batch size.")
@@ -168,7 +168,7 @@ def input_benchmark():
 # whole loops for --seconds / --rounds; a case's step time is its median over
 # the rounds. Compared cases that can share a process (ours and the peer,
 # steps_per_loop 1 and 50, synthetic and JPEG input) share one,
-# so a slow spell on this shared machine falls on both; one_device and
+# so a slow spell of a shared machine falls on both; one_device and
 # mirrored need different logical devices, so their processes take turns.
 
 PEER_MACS = 3.858e9   # keras.applications.ResNet50 (v1) at 224x224
@@ -188,7 +188,8 @@ def _timed_loops(run_loop, steps_per_loop, min_steps, seconds):
 def _ours(case, strategy):
   """Our training step: Trainer's train_loop over synthetic or JPEG TFRecord input."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from resnet_dist import data, models, train  # pylint: disable=g-import-not-at-top
+  from resnet_dist import data, models  # pylint: disable=g-import-not-at-top
+  from resnet_dist.trainer import Trainer  # pylint: disable=g-import-not-at-top
   from resnet_dist import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   from resnet_dist.config import Config  # pylint: disable=g-import-not-at-top
   size = case["image_size"]
@@ -200,7 +201,7 @@ def _ours(case, strategy):
   else:
     source = data.get_source("synthetic", num_classes=10 if size <= 64 else 1000,
                              image_size=size)
-  trainer = train.Trainer(config, strategy, source, steps_per_epoch=100, total_steps=10**6)
+  trainer = Trainer(config, strategy, source, steps_per_epoch=100, total_steps=10**6)
   input_config = data.InputConfig(case["batch"], size, shuffle_buffer=1000)
   iterator = iter(strategy.distribute_datasets_from_function(
       data.train_dataset_fn(source, source.train_split, input_config),

@@ -35,14 +35,11 @@ def main(argv):
     if not FLAGS.model_dir:
       raise ConfigError("--model_dir is required: the run to evaluate")
     run = checkpoints.read_run(FLAGS.model_dir)
-    for name in FROM_RUN:
-      if not FLAGS[name].present and name in run:
-        FLAGS[name].value = run[name]
+    config = definitions.config_from_flags(**{k: run[k] for k in FROM_RUN if k in run})
     path = checkpoints.find_checkpoint(FLAGS.checkpoint or FLAGS.model_dir)
-    result = train.evaluate(definitions.config_from_flags(), path, FLAGS.split or None)
-  except ConfigError as e:
-    exits.error(e)
-    return exits.USAGE
+    result = train.evaluate(config, path, FLAGS.split or None)
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    return exits.fail(e)
   print(f"{result['split']}: loss {result['loss']:.4f} top-1 {result['top1']:.4f} "
         f"top-5 {result['top5']:.4f} over {int(result['count'])} of "
         f"{result['split_examples']} examples ({path})")
@@ -51,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=definitions.parse_flags)
+  app.run(main, flags_parser=exits.parse_flags)

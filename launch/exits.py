@@ -11,6 +11,7 @@ import contextlib
 import functools
 import glob
 import os
+import re
 import shutil
 import signal
 import sys
@@ -60,6 +61,63 @@ def quiet_start():
 def error(message):
   """The one line a user reads on stderr when an entrypoint fails."""
   print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def parse_flags(argv):
+  """absl's flag parser (app.run's flags_parser), with any flag error as the
+  one line on stderr and exit status 2.
+
+  absl exits with status 1 after printing help; asking for help is no error
+  (`bazel run` would report it as one), so that exit becomes 0.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    error(e)
+    sys.exit(USAGE)
+  except SystemExit:
+    if any(arg.lstrip("-").split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
+      sys.exit(OK)
+    raise
+
+
+def lost_workers(message):
+  """The tasks an UnavailableError's message says stopped answering:
+  TensorFlow's coordination service aborts every collective when a task
+  misses its heartbeats."""
+  unhealthy = message.split("unhealthy", 1)[-1]
+  return [f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)",
+                                                      unhealthy)]
+
+
+def fail(exception):
+  """Prints the one line for an exception that ends an entrypoint and returns
+  its exit status. An exception that is no user's problem (a bug) propagates,
+  traceback and all."""
+  # Imported here: exits itself is imported before TensorFlow.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from resnet_dist import preemption  # pylint: disable=g-import-not-at-top
+  from resnet_dist.errors import ConfigError, StorageError  # pylint: disable=g-import-not-at-top
+  if isinstance(exception, preemption.Preempted):
+    return PREEMPTED  # the host loop has said what it saved
+  if isinstance(exception, KeyboardInterrupt):
+    # Outside the training steps; inside them a SIGINT saves and stops (75).
+    error("interrupted (SIGINT) outside training steps; nothing new was saved")
+    return INTERRUPTED
+  if isinstance(exception, tf.errors.UnavailableError):
+    error(f"{', '.join(lost_workers(exception.message)) or 'another worker'} stopped "
+          f"responding; start every worker again to resume from the last checkpoint")
+    return WORKER_LOST
+  for kind, status in ((ConfigError, USAGE), (FloatingPointError, NONFINITE),
+                       (StorageError, STORAGE)):
+    if isinstance(exception, kind):
+      error(exception)
+      return status
+  raise exception
 
 
 def _interrupted_while_starting(signum, frame):

@@ -1,9 +1,11 @@
-"""Export a run as a SavedModel: `python -m launch.export --model_dir=runs/X`.
+"""Export a run: `python -m launch.export --model_dir=runs/X [--format=safetensors]`.
 
-The SavedModel takes uint8 images of any size (or JPEG/PNG bytes, signature
-"encoded") and returns class probabilities, with the run's evaluation
-preprocessing inside. Exit status 2 on a bad model_dir or checkpoint, 74 when
-the export cannot be written.
+saved_model (default): a SavedModel that takes uint8 images of any size (or
+JPEG/PNG bytes, signature "encoded") and returns class probabilities, with the
+run's evaluation preprocessing inside. safetensors: the weights alone, in
+torchvision's layout and names (model.safetensors), for PyTorch and timm.
+Exit status 2 on a bad model_dir or checkpoint, 74 when the export cannot be
+written.
 """
 
 import os
@@ -15,12 +17,13 @@ from absl import logging
 
 with exits.quiet_start():
   from resnet_dist import export  # before TensorFlow: its CPU kernel setting
-  from resnet_dist.errors import ConfigError
-  import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 flags.DEFINE_string("model_dir", None, "The training run to export.", required=True)
 flags.DEFINE_string("checkpoint", "", "A checkpoint of it; default its latest.")
 flags.DEFINE_string("export_dir", "", "Where to write; default model_dir/export/<step>.")
+flags.DEFINE_enum("format", "saved_model", ["saved_model", "safetensors"],
+                  "saved_model, or safetensors: torchvision-layout weights in "
+                  "export_dir/model.safetensors.")
 FLAGS = flags.FLAGS
 
 
@@ -30,16 +33,15 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # TensorFlow's SavedModel notes stay off the console
   try:
     classifier, path = export.load_classifier(FLAGS.model_dir, FLAGS.checkpoint or None)
-  except ConfigError as e:
-    exits.error(e)
-    return exits.USAGE
-  export_dir = FLAGS.export_dir or os.path.join(
-      FLAGS.model_dir, "export", path.rsplit("-", 1)[-1])
-  try:
-    export.save(classifier, export_dir)
-  except (tf.errors.OpError, OSError) as e:
-    exits.error(f"cannot write {export_dir} ({str(e).strip().splitlines()[0]})")
-    return exits.STORAGE
+    export_dir = FLAGS.export_dir or os.path.join(
+        FLAGS.model_dir, "export", path.rsplit("-", 1)[-1])
+    if FLAGS.format == "safetensors":
+      export_dir = os.path.join(export_dir, "model.safetensors")
+      export.save_weights(classifier, export_dir)
+    else:
+      export.save(classifier, export_dir)
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    return exits.fail(e)
   print(f"exported {path} to {export_dir}")
   return exits.OK
 

@@ -10,8 +10,6 @@ again to resume); 130 SIGINT outside the training steps (start-up or an
 evaluation), nothing new saved.
 """
 
-import re
-
 from launch import exits  # first: its exit handler runs last
 from absl import app
 from absl import flags
@@ -19,19 +17,9 @@ from absl import logging
 
 with exits.quiet_start():
   from flags import definitions
-  from resnet_dist import preemption, train  # before TensorFlow: its CPU kernel setting
-  from resnet_dist.errors import ConfigError, StorageError
-  import tensorflow as tf  # pylint: disable=g-bad-import-order
+  from resnet_dist import train  # before TensorFlow: its CPU kernel setting
 
 flags.adopt_module_key_flags(definitions)  # --helpshort lists them
-
-
-def lost_workers(error):
-  """The tasks an UnavailableError says stopped answering: TensorFlow's
-  coordination service aborts every collective when a task misses its heartbeats."""
-  unhealthy = error.message.split("unhealthy", 1)[-1]
-  return [f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)",
-                                                      unhealthy)]
 
 
 @exits.prompt
@@ -42,27 +30,10 @@ def main(argv):
     return exits.USAGE
   try:
     train.run(definitions.config_from_flags())
-  except ConfigError as e:
-    exits.error(e)
-    return exits.USAGE
-  except FloatingPointError as e:
-    exits.error(e)
-    return exits.NONFINITE
-  except StorageError as e:
-    exits.error(e)
-    return exits.STORAGE
-  except preemption.Preempted:
-    return exits.PREEMPTED
-  except KeyboardInterrupt:
-    # SIGINT outside the host loop; inside it the loop stops, saves and exits 75.
-    exits.error("interrupted (SIGINT) outside training steps; nothing new was saved")
-    return exits.INTERRUPTED
-  except tf.errors.UnavailableError as e:
-    exits.error(f"{', '.join(lost_workers(e)) or 'another worker'} stopped responding; "
-                f"start every worker again to resume from the last checkpoint")
-    return exits.WORKER_LOST
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    return exits.fail(e)
   return exits.OK
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=definitions.parse_flags)
+  app.run(main, flags_parser=exits.parse_flags)

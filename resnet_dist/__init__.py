@@ -1,24 +1,25 @@
 """resnet_dist: distributed ResNet training on tf.distribute.
 
 The path of a batch, one module each:
-  data/        -> sharded tf.data input for every source
-  models/      -> the ResNet family
-  strategy.py  -> every tf.distribute difference, in one place
-  optim.py     -> learning-rate schedules, SGD and LARS
-  train.py     -> replica step, eval step and the host loop
-  checkpoints.py -> model_dir: checkpoints, resume, preemption
-  monitor.py   -> console, TensorBoard summaries, profiling
-  perf.py      -> the hardware: measured peak, CPU kernels, bf16 support
+  data/          -> sharded tf.data input for every source
+  models/        -> the ResNet family
+  strategy.py    -> every tf.distribute difference, in one place
+  optim.py       -> learning-rate schedules, SGD and LARS
+  trainer.py     -> the replica step and the loops of steps
+  train.py       -> a run: prepare, resume, report, the host loop, the summary
+  checkpoints.py -> model_dir: checkpoints, resume, the run lock
+  preemption.py  -> SIGTERM and SIGINT: the stop request every step reads
+  monitor.py     -> console, TensorBoard summaries, profiling
+  perf.py        -> the hardware: measured peak, CPU kernels, bf16 support
+config.py holds the run's settings (Config); the library never reads flags.
 """
 
 import os as _os
 import platform as _platform
 
 # TensorFlow decides from the CPU whether its oneDNN kernels are on by
-# default; on the AVX2 AMD EPYC this was built on it left them off, and
-# convolutions and matmuls ran on Eigen. With oneDNN on,
-# ResNet-50 training at batch 32 ran about 1.8x faster there, and a large
-# fp32 matmul at 121-128 GFLOP/s against 42-95 (README, Benchmarks).
+# default, and leaves them off on some AVX2 CPUs, where Eigen then runs
+# convolutions and matmuls at about half the speed (docs/benchmarks.md).
 # TensorFlow reads the variable once, when it loads: this takes effect only
 # if resnet_dist is imported first. TF_ENABLE_ONEDNN_OPTS=0 keeps
 # TensorFlow's own choice.

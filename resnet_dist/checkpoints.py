@@ -14,7 +14,8 @@ import socket
 
 import tensorflow as tf
 
-from resnet_dist import optim
+from resnet_dist import models
+from resnet_dist.models import weights
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.errors import ConfigError, StorageError
 from resnet_dist.monitor import log
@@ -32,7 +33,7 @@ def model_state(model):
   variable explicitly saves all of them, under readable keys such as
   model/layer1.0/bn1/moving_mean.
   """
-  return {v.path: optim.plain_variable(v) for v in model.variables}
+  return {v.path: models.plain_variable(v) for v in model.variables}
 
 
 def resolve_model_dir(config):
@@ -133,33 +134,41 @@ def save_manager(checkpoint, strategy, model_dir, keep, existing):
       checkpoint, os.path.join(model_dir, "scratch", f"{task_type}_{task_id}"), max_to_keep=1)
 
 
-def check_same_model(model_dir, config, source, chief):
-  """A model_dir resumes only the model it was made for; says what differs.
-
-  run.json also records how the model sees its input, for evaluate and export.
-  """
-  path = os.path.join(model_dir, RUN_FILE)
-  this = {"model": config.model, "resnet_variant": config.resnet_variant,
+def _model_identity(config, source):
+  return {"model": config.model, "resnet_variant": config.resnet_variant,
           "num_classes": source.num_classes}
+
+
+def check_resumable(model_dir, config, source):
+  """A model_dir resumes only the model and batch size it was made with
+  (run.json says which); raises ConfigError saying what differs."""
+  if config.start_over or not tf.io.gfile.exists(os.path.join(model_dir, RUN_FILE)):
+    return
+  saved = read_run(model_dir)
+  differs = [f"{k} {saved.get(k)} there, {v} here"
+             for k, v in _model_identity(config, source).items() if saved.get(k) != v]
+  if differs:
+    raise ConfigError(f"--model_dir={model_dir} holds checkpoints of another model "
+                      f"({'; '.join(differs)}); use a new --model_dir")
+  batch = saved.get("global_batch_size", config.global_batch_size)  # older run.json: unknown
+  if batch != config.global_batch_size:
+    raise ConfigError(
+        f"--model_dir={model_dir} was trained at --global_batch_size={batch}; resuming at "
+        f"{config.global_batch_size} would move the data position and the learning rate: "
+        f"pass --global_batch_size={batch}, or --start_over")
+
+
+def write_run_record(model_dir, config, source):
+  """Writes run.json for a new run (or one started over): the model, and how
+  it sees its input, for resuming, evaluate and export."""
+  path = os.path.join(model_dir, RUN_FILE)
   if tf.io.gfile.exists(path) and not config.start_over:
-    saved = read_run(model_dir)
-    differs = [f"{k} {saved.get(k)} there, {v} here" for k, v in this.items()
-               if saved.get(k) != v]
-    if differs:
-      raise ConfigError(f"--model_dir={model_dir} holds checkpoints of another model "
-                        f"({'; '.join(differs)}); use a new --model_dir")
-    batch = saved.get("global_batch_size", config.global_batch_size)  # older run.json: unknown
-    if batch != config.global_batch_size:
-      raise ConfigError(
-          f"--model_dir={model_dir} was trained at --global_batch_size={batch}; resuming at "
-          f"{config.global_batch_size} would move the data position and the learning rate: "
-          f"pass --global_batch_size={batch}, or --start_over")
-  elif chief:
-    with tf.io.gfile.GFile(path, "w") as f:
-      json.dump({**this, "image_size": config.image_size, "dataset": config.dataset,
-                 "data_dir": config.data_dir, "augment": source.augment,
-                 "mean": list(source.mean), "std": list(source.std),
-                 "global_batch_size": config.global_batch_size}, f, indent=2)
+    return
+  with tf.io.gfile.GFile(path, "w") as f:
+    json.dump({**_model_identity(config, source), "image_size": config.image_size,
+               "dataset": config.dataset, "data_dir": config.data_dir,
+               "augment": source.augment, "mean": list(source.mean), "std": list(source.std),
+               "global_batch_size": config.global_batch_size}, f, indent=2)
 
 
 def read_run(model_dir):
@@ -184,8 +193,8 @@ def find_checkpoint(path):
   return path
 
 
-def _key(name):
-  """The key tf.train.Checkpoint gives model_state()[name]."""
+def checkpoint_key(name):
+  """The key under which tf.train.Checkpoint saves model_state()[name]."""
   return "model/" + name.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
 
 
@@ -213,24 +222,36 @@ def save(manager, step):
                        f"{manager.latest_checkpoint}") from None
 
 
+def find_initial_weights(path):
+  """--init_checkpoint: a weights file (.safetensors, .pth) or our checkpoint."""
+  if weights.is_weights_file(path):
+    if not tf.io.gfile.exists(path):
+      raise ConfigError(f"weights file {path} does not exist")
+    return path
+  return find_checkpoint(path)
+
+
 def init_from(model, path):
-  """Starts model from another run's weights (--init_checkpoint).
+  """Starts model from another run's weights or a weights file (--init_checkpoint).
 
   The classifier keeps its fresh initialisation when its shape differs (a
   dataset with another number of classes); any other difference is an error.
   Returns the names of the variables left fresh.
   """
+  if weights.is_weights_file(path):
+    tensors = weights.read(path)
+    return weights.assign(model, tensors, path, weights.classifier_differs(model, tensors))
   shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
   state = model_state(model)
-  missing = [name for name in state if _key(name) not in shapes]
+  missing = [name for name in state if checkpoint_key(name) not in shapes]
   if missing:
     raise ConfigError(f"--init_checkpoint={path} is not of this architecture (it has no "
                       f"{missing[0]})")
-  fresh = [name for name, v in state.items() if shapes[_key(name)] != v.shape.as_list()]
+  fresh = [name for name, v in state.items() if shapes[checkpoint_key(name)] != v.shape.as_list()]
   other = [name for name in fresh if not name.startswith("fc/")]
   if other:
     raise ConfigError(f"--init_checkpoint={path}: {other[0]} has shape "
-                      f"{shapes[_key(other[0])]} there, {state[other[0]].shape.as_list()} here")
+                      f"{shapes[checkpoint_key(other[0])]} there, {state[other[0]].shape.as_list()} here")
   tf.train.Checkpoint(model={n: v for n, v in state.items() if n not in fresh}).restore(
       path).expect_partial().assert_existing_objects_matched()
   return fresh

@@ -1,16 +1,34 @@
-"""A run's settings, as one plain object: the library never reads absl flags.
+"""A run's settings, as one typed object that checks itself: the library never
+reads absl flags.
 
-flags/ defines one flag per field and builds a Config; tests and notebooks
-build one directly.
+flags/ defines one flag per field and converts the flags into a Config once;
+tests and notebooks build one directly. Config.validate() is the one place
+where settings are checked against each other and against the choices the
+library offers, before any TensorFlow work.
 """
 
 import dataclasses
-from typing import Optional
+import math
+from typing import Optional, Tuple
+
+from resnet_dist import models, optim
+from resnet_dist import strategy as strategy_lib
+from resnet_dist.errors import ConfigError
 
 DTYPES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
+# The choices of each enumerated field, checked by validate().
+CHOICES = {
+    "model": models.list_models(),
+    "resnet_variant": models.VARIANTS,
+    "strategy": strategy_lib.STRATEGIES,
+    "dtype": tuple(DTYPES),
+    "optimizer": optim.OPTIMIZERS,
+    "lr_schedule": optim.SCHEDULES,
+}
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   # Model
   model: str = "resnet20"
@@ -28,7 +46,7 @@ class Config:
   strict_data: bool = False
   # Distribution
   strategy: str = "auto"
-  num_gpus: Optional[int] = None
+  num_gpus: Optional[int] = None    # None: every visible GPU
   num_cpu_devices: int = 2
   tpu: str = ""
   tpu_zone: Optional[str] = None
@@ -46,7 +64,8 @@ class Config:
   optimizer: str = "sgd"
   base_learning_rate: float = 0.1   # per 256 examples
   lr_schedule: str = "cosine"
-  lr_boundary_epochs: str = "30,60,80"  # piecewise: x0.1 at each
+  # piecewise: x0.1 at each (Goyal et al. 2017, for 90 ImageNet epochs)
+  lr_boundary_epochs: Tuple[float, ...] = (30.0, 60.0, 80.0)
   warmup_epochs: float = 0.0
   momentum: float = 0.9
   nesterov: bool = False
@@ -62,9 +81,39 @@ class Config:
   keep_checkpoints: int = 3
   # Monitoring
   log_every_steps: int = 10
-  profile_steps: str = ""           # "START,END": trace steps START..END-1
+  profile_steps: Optional[Tuple[int, int]] = None  # (START, END): trace START..END-1
   peak_tflops: float = 0.0          # the hardware's peak, for FLOP utilisation; 0: measure
 
   @property
   def policy(self):
     return DTYPES[self.dtype]
+
+  def validate(self):
+    """Raises ConfigError naming the first setting that cannot work."""
+    for name, choices in CHOICES.items():
+      if getattr(self, name) not in choices:
+        raise ConfigError(f"unknown --{name}={getattr(self, name)}; choose from "
+                          f"{', '.join(choices)}")
+    _check(self.image_size >= 32, f"--image_size={self.image_size} is below the minimum of 32")
+    _check(self.global_batch_size >= 1, "--global_batch_size must be positive")
+    _check(self.train_steps > 0 or self.train_epochs > 0,
+           "set --train_steps or --train_epochs to a positive value")
+    _check(self.steps_per_loop >= 1, "--steps_per_loop must be at least 1")
+    _check(math.isfinite(self.base_learning_rate) and self.base_learning_rate > 0,
+           f"--base_learning_rate={self.base_learning_rate} must be a positive number")
+    _check(not self.tpu or self.strategy in ("tpu", "auto"),
+           f"--tpu={self.tpu} is for --strategy=tpu, not --strategy={self.strategy}")
+    epochs = self.lr_boundary_epochs
+    _check(epochs and list(epochs) == sorted(set(epochs)) and epochs[0] > 0,
+           f"--lr_boundary_epochs={','.join(map(str, epochs))} must be increasing positive "
+           f"epochs")
+    if self.profile_steps is not None:
+      start, end = self.profile_steps
+      _check(0 <= start < end,
+             f"--profile_steps={start},{end} must be START,END with 0 <= START < END")
+    return self
+
+
+def _check(condition, message):
+  if not condition:
+    raise ConfigError(message)

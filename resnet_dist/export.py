@@ -1,5 +1,6 @@
-"""A trained model as a SavedModel: uint8 images of any size in, class
-probabilities out, with the run's evaluation preprocessing inside.
+"""A trained model as a SavedModel (uint8 images of any size in, class
+probabilities out, with the run's evaluation preprocessing inside), or as
+weights in torchvision's layout (save_weights).
 
 Signatures:
   serving_default  images: uint8 [batch, height, width, 3], any height and width
@@ -7,9 +8,12 @@ Signatures:
 Both return probabilities [batch, num_classes] and classes [batch] (int64).
 """
 
+import os
+
 import tensorflow as tf
 
 from resnet_dist import checkpoints, models
+from resnet_dist.errors import StorageError
 from resnet_dist.data import preprocess
 
 
@@ -53,6 +57,20 @@ def load_classifier(model_dir, checkpoint_path=None):
   return Classifier(model, run["image_size"], run["augment"], run["mean"], run["std"]), path
 
 
+def save_weights(classifier, path):
+  """The model's weights as a torchvision-layout .safetensors file; StorageError
+  when it cannot be written."""
+  try:
+    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+    models.save_weights(classifier.model, path)
+  except (tf.errors.OpError, OSError) as e:
+    raise StorageError(f"cannot write {path} ({str(e).strip().splitlines()[0]})") from None
+
+
 def save(classifier, export_dir):
-  tf.saved_model.save(classifier, export_dir, signatures={
-      "serving_default": classifier.serve, "encoded": classifier.serve_encoded})
+  """Writes the SavedModel; StorageError when it cannot be written."""
+  try:
+    tf.saved_model.save(classifier, export_dir, signatures={
+        "serving_default": classifier.serve, "encoded": classifier.serve_encoded})
+  except (tf.errors.OpError, OSError) as e:
+    raise StorageError(f"cannot write {export_dir} ({str(e).strip().splitlines()[0]})") from None

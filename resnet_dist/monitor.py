@@ -101,8 +101,9 @@ class Summaries:
 
   def start(self, config, images, step, macs, peak_flops):
     """At start: the run's flags (hparams plugin), some input images, the model's cost."""
-    hparams = {k: v for k, v in dataclasses.asdict(config).items()
-               if isinstance(v, (bool, int, float, str))}
+    hparams = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v
+               for k, v in dataclasses.asdict(config).items()
+               if isinstance(v, (bool, int, float, str, tuple))}
     with self.train.as_default(step=step):
       hparams_api.hparams(hparams)
       tf.summary.image("input_images", images[:NUM_IMAGES_SHOWN], max_outputs=NUM_IMAGES_SHOWN)

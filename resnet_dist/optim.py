@@ -20,11 +20,11 @@ import math
 
 import tensorflow as tf
 
+from resnet_dist import models
 from resnet_dist.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "lars")
 SCHEDULES = ("piecewise", "cosine")
-PIECEWISE_EPOCHS = (30, 60, 80)  # x0.1 at each, Goyal et al. 2017 / Model Garden.
 
 
 class LearningRate:
@@ -37,7 +37,7 @@ class LearningRate:
 
   def __init__(self, base_learning_rate, global_batch_size, steps_per_epoch,
                total_steps, warmup_epochs=0.0, schedule="piecewise",
-               boundary_epochs=PIECEWISE_EPOCHS):
+               boundary_epochs=()):
     if schedule not in SCHEDULES:
       raise ConfigError(f"unknown --lr_schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     self.peak = base_learning_rate * global_batch_size / 256.0
@@ -66,11 +66,6 @@ class LearningRate:
     return float(self(tf.constant(step)))
 
 
-def plain_variable(variable):
-  """The tf.Variable behind a Keras 3 variable (strategy-aware)."""
-  return getattr(variable, "value", variable) if hasattr(variable, "path") else variable
-
-
 class Optimizer(tf.Module):
   """Momentum SGD (optionally Nesterov) or LARS over a fixed list of variables.
 
@@ -89,8 +84,8 @@ class Optimizer(tf.Module):
     self.nesterov = nesterov
     self.weight_decay = weight_decay
     self.lars_eta = lars_eta
-    self.variables_ = [plain_variable(v) for v in variables]
-    decay_ids = {id(plain_variable(v)) for v in decay_variables}
+    self.variables_ = [models.plain_variable(v) for v in variables]
+    decay_ids = {id(models.plain_variable(v)) for v in decay_variables}
     self.decays = [id(v) in decay_ids for v in self.variables_]
     self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
     self.velocities = [

@@ -18,8 +18,8 @@ def emulated_bf16_warning(dtype, on_cpu, cpu_flags=None):
 
   oneDNN's bfloat16 kernels need AVX-512 (or AVX-NE-CONVERT / AMX); without
   them TensorFlow falls back to emulated kernels ("oneDNN supports
-  DT_BFLOAT16 only on platforms with AVX-512"): ResNet-50 training ran about
-  13x slower than fp32 on an AVX2 AMD EPYC (README, Benchmarks).
+  DT_BFLOAT16 only on platforms with AVX-512"), an order of magnitude slower
+  than fp32 (docs/benchmarks.md).
   """
   if dtype != "bf16" or not on_cpu:
     return ""

@@ -20,19 +20,23 @@ from resnet_dist.errors import ConfigError
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 
 
-def _split_cpu(num_devices):
+def split_cpu(num_devices):
   """Splits the host CPU into logical devices; must run before any op.
 
   Each replica then gets its share of the cores for its own ops: with the
   default pools every replica's ops fan out over all cores and the replicas
-  contend (measured 1.15-1.27x slower for ResNet-20 on 2 cores, 2 replicas).
+  contend, and a step is slower than with the cores split between them.
   """
   cpus = tf.config.list_physical_devices("CPU")
   current = tf.config.get_logical_device_configuration(cpus[0])
   if current and len(current) == num_devices:
     return
-  tf.config.set_logical_device_configuration(
-      cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices)
+  try:
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices)
+  except RuntimeError:  # this process has used its devices already
+    raise ConfigError(f"--num_cpu_devices={num_devices}: this process set up its CPU devices "
+                      f"already, as {len(tf.config.list_logical_devices('CPU'))}") from None
   if num_devices > 1:
     tf.config.threading.set_intra_op_parallelism_threads(
         max(1, (os.cpu_count() or 1) // num_devices))
@@ -145,7 +149,7 @@ def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
         devices, cross_device_ops=tf.distribute.NcclAllReduce())
   if num_cpu_devices < 1:
     raise ConfigError("--num_cpu_devices must be at least 1")
-  _split_cpu(num_cpu_devices)
+  split_cpu(num_cpu_devices)
   return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_cpu_devices)])
 
 
@@ -231,9 +235,8 @@ def input_wait_measurable(strategy):
   Over several logical CPU devices it does not: the replicas' kernels occupy
   the inter-op threads the distributed iterator also needs, so next() waits
   for a thread while the step computes. On synthetic data, where input costs
-  nothing, it read 25-45% there (ResNet-20, 2 devices, 10 steps per loop);
-  a third inter-op thread brought that to 1% but cost throughput (within
-  this machine's noise, about 10%).
+  nothing, it read a quarter to a half of the time there; a third inter-op
+  thread hides that but costs throughput.
   """
   return strategy.num_replicas_in_sync == 1 or not all_on_cpu(strategy)
 

@@ -15,7 +15,8 @@ import tensorflow as tf
 from absl.testing import absltest, parameterized
 from tensorflow.python.distribute import mirrored_run, mirrored_strategy
 
-from resnet_dist import data, train
+from resnet_dist import data
+from resnet_dist import trainer as trainer_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
 from resnet_dist.data import sources
@@ -28,7 +29,7 @@ def build(strategy, **options):
   config = Config(global_batch_size=BATCH, **options)
   source = sources.synthetic_source(10, config.image_size, num_examples=16)
   keras.utils.set_random_seed(0)
-  trainer = train.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
+  trainer = trainer_lib.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
   dataset = strategy.distribute_datasets_from_function(
       data.train_dataset_fn(source, "train", data.InputConfig(BATCH, config.image_size)),
       options=strategy_lib.input_options(strategy))

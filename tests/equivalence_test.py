@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
-from resnet_dist import models
+from resnet_dist import checkpoints, models
 from resnet_dist.data import sources
 from tests import launching
 
@@ -74,7 +74,7 @@ class StrategyEquivalenceTest(absltest.TestCase):
     trained = self.runs["one_device"]
     moved = 0.0
     for v in initial.trainable_variables:
-      key = "model/" + v.path.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
+      key = checkpoints.checkpoint_key(v.path)
       moved = max(moved, float(np.max(np.abs(trained[key] - v.numpy()))))
     self.assertGreater(moved, 10 * TOLERANCE)
 

@@ -33,7 +33,7 @@ def make_run(model_dir, model="resnet20", num_classes=10, seed=0):
   source = sources.Source(name="test", num_classes=num_classes, train_split="train",
                           eval_split="test", image_size=32, augment="inception",
                           mean=(100.0, 110.0, 120.0), std=(50.0, 60.0, 70.0))
-  checkpoints.check_same_model(model_dir, Config(model=model, image_size=32), source, True)
+  checkpoints.write_run_record(model_dir, Config(model=model, image_size=32), source)
   tf.train.CheckpointManager(tf.train.Checkpoint(model=checkpoints.model_state(net)),
                              os.path.join(model_dir, "checkpoints"), 1).save(checkpoint_number=1)
   return net
@@ -65,6 +65,18 @@ class ExportTest(absltest.TestCase):
     logits = classifier.model((centre - (100.0, 110.0, 120.0)) / (50.0, 60.0, 70.0))
     np.testing.assert_allclose(tf.nn.softmax(logits), expected, atol=2e-3)
 
+  def test_safetensors_export_loads_back_as_the_model(self):
+    model_dir = self.create_tempdir().full_path
+    net = make_run(model_dir)
+    result = launching.run("launch.export", f"--model_dir={model_dir}", "--format=safetensors")
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    path = os.path.join(model_dir, "export", "1", "model.safetensors")
+    self.assertEqual(result.stdout.strip(), f"exported {model_dir}/checkpoints/ckpt-1 to {path}")
+    again = models.get_model("resnet20", num_classes=10, image_size=32)
+    models.load_weights(again, path)
+    for a, b in zip(net.variables, again.variables):
+      np.testing.assert_array_equal(a.numpy(), b.numpy(), a.path)
+
   def test_an_unwritable_export_dir_and_a_truncated_checkpoint_are_one_line_errors(self):
     model_dir = self.create_tempdir().full_path
     make_run(model_dir)
@@ -89,18 +101,32 @@ class ExportTest(absltest.TestCase):
 
 class InitCheckpointTest(absltest.TestCase):
 
-  def test_fine_tuning_keeps_the_body_and_starts_a_fresh_classifier(self):
-    model_dir = self.create_tempdir().full_path
-    source = make_run(model_dir, num_classes=10, seed=0)
+  def assert_fresh_classifier_on_the_source_body(self, source, init_path):
     tf.keras.utils.set_random_seed(1)
     target = models.get_model("resnet20", num_classes=7, image_size=32)
     fresh_fc = target.get_layer("fc").kernel.numpy().copy()
-    fresh = checkpoints.init_from(target, checkpoints.find_checkpoint(model_dir))
+    fresh = checkpoints.init_from(target, init_path)
     self.assertEqual(sorted(fresh), ["fc/bias", "fc/kernel"])
     for a, b in zip(source.variables, target.variables):
       if not a.path.startswith("fc/"):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), a.path)
     np.testing.assert_array_equal(target.get_layer("fc").kernel.numpy(), fresh_fc)
+
+  def test_fine_tuning_keeps_the_body_and_starts_a_fresh_classifier(self):
+    model_dir = self.create_tempdir().full_path
+    source = make_run(model_dir, num_classes=10, seed=0)
+    self.assert_fresh_classifier_on_the_source_body(
+        source, checkpoints.find_checkpoint(model_dir))
+
+  def test_fine_tuning_from_a_weights_file(self):
+    tf.keras.utils.set_random_seed(0)
+    source = models.get_model("resnet20", num_classes=10, image_size=32)
+    path = os.path.join(self.create_tempdir().full_path, "published.safetensors")
+    models.save_weights(source, path)
+    self.assert_fresh_classifier_on_the_source_body(
+        source, checkpoints.find_initial_weights(path))
+    with self.assertRaisesRegex(ConfigError, r"weights file .*/nothing.pth does not exist"):
+      checkpoints.find_initial_weights(os.path.join(os.path.dirname(path), "nothing.pth"))
 
   def test_same_classes_take_the_classifier_too(self):
     model_dir = self.create_tempdir().full_path

@@ -71,15 +71,8 @@ class BadInputTest(absltest.TestCase):
         capture_output=True, text=True, timeout=120)
     self.assert_one_line_error(result, r"--tpu=grpc://127.0.0.1:9: cannot connect")
 
-  def test_a_learning_rate_that_is_not_positive(self):
-    for value in ("-0.1", "nan", "0.0"):
-      self.assert_one_line_error(run_train(f"--base_learning_rate={value}"),
-                                 rf"--base_learning_rate={value} must be a positive number")
-
-  def test_tpu_with_another_strategy_is_refused_and_auto_takes_the_tpu(self):
+  def test_auto_takes_the_tpu_given(self):
     data_dir = self.create_tempdir().full_path
-    self.assert_one_line_error(run_train("--tpu=my-tpu", "--strategy=mirrored"),
-                               r"--tpu=my-tpu is for --strategy=tpu, not --strategy=mirrored")
     result = run_train("--tpu=grpc://127.0.0.1:9", f"--data_dir={data_dir}",
                        f"--model_dir={data_dir}/run", timeout=120)
     self.assert_one_line_error(result, r"--tpu=grpc://127.0.0.1:9: cannot connect")
@@ -105,13 +98,13 @@ class RecipesTest(absltest.TestCase):
     self.assertGreaterEqual(len(recipes), 5)
     script = (
         "import sys\n"
+        "from launch import exits\n"
         "from flags import definitions\n"
-        "from resnet_dist import train\n"
         "for path in sys.argv[1:]:\n"
         "  definitions.FLAGS.unparse_flags()\n"
-        "  definitions.parse_flags(['x', '--flagfile=' + path])\n"
+        "  exits.parse_flags(['x', '--flagfile=' + path])\n"
         "  config = definitions.config_from_flags()\n"
-        "  train.validate(config)\n"
+        "  config.validate()\n"
         "  print(path, config.model, config.global_batch_size, config.strategy)\n")
     result = subprocess.run([sys.executable, "-c", script, *recipes], env=launching.ENV,
                             cwd=launching.ROOT, capture_output=True, text=True, timeout=300)

@@ -13,7 +13,8 @@ import tensorflow as tf
 from absl.testing import absltest
 from tensorboard.backend.event_processing import event_accumulator
 
-from resnet_dist import optim, perf, train
+from resnet_dist import optim, perf
+from resnet_dist import trainer as trainer_lib
 from resnet_dist.config import Config
 from resnet_dist.data import sources
 from tests import launching
@@ -154,7 +155,7 @@ class InputWaitTest(absltest.TestCase):
     config = Config(global_batch_size=8)
     source = sources.synthetic_source(10, 32, num_examples=64)
     keras.utils.set_random_seed(0)
-    trainer = train.Trainer(config, strategy, source, steps_per_epoch=8, total_steps=100)
+    trainer = trainer_lib.Trainer(config, strategy, source, steps_per_epoch=8, total_steps=100)
     batch = (tf.zeros([8, 32, 32, 3], tf.uint8), tf.zeros([8], tf.int64), tf.zeros([8], tf.int32))
 
     def slow(*batch):

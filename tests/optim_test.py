@@ -6,7 +6,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 
-from resnet_dist import data, optim, train
+from resnet_dist import data, optim
+from resnet_dist import trainer as trainer_lib
 from resnet_dist.config import Config
 from resnet_dist.data import sources
 
@@ -17,7 +18,7 @@ class LearningRateTest(absltest.TestCase):
     # Goyal et al. 2017: 0.1 x batch/256, 5 warmup epochs, x0.1 at 30, 60, 80.
     steps_per_epoch = 1251  # ImageNet at global batch 1024
     lr = optim.LearningRate(0.1, 1024, steps_per_epoch, 90 * steps_per_epoch,
-                            warmup_epochs=5, schedule="piecewise")
+                            warmup_epochs=5, schedule="piecewise", boundary_epochs=(30, 60, 80))
     self.assertAlmostEqual(lr.value_at(0), 0.0)
     self.assertAlmostEqual(lr.value_at(5 * steps_per_epoch // 2), 0.2, places=3)
     self.assertAlmostEqual(lr.value_at(5 * steps_per_epoch), 0.4, places=6)
@@ -71,7 +72,7 @@ def make_trainer(dtype="fp32", enable_xla=False, batch=16):
                   base_learning_rate=0.8, weight_decay=1e-4)
   source = sources.synthetic_source(10, 32, num_examples=64)
   keras.utils.set_random_seed(0)
-  trainer = train.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
+  trainer = trainer_lib.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
   input_config = data.InputConfig(batch, 32)
   dataset = data.train_dataset_fn(source, "train", input_config)(
       tf.distribute.InputContext())

@@ -69,8 +69,8 @@ def _finish(ds):
   """Prefetch, with tf.data autotuning off.
 
   Autotuning is off on purpose: in TensorFlow 2.21 an iterator's destructor
-  waits for autotuning's optimisation thread, which sleeps up to a minute
-  (measured 50 s at the end of a run). Parallelism is set explicitly instead.
+  waits for autotuning's optimisation thread, which sleeps up to a minute.
+  Parallelism is set explicitly instead.
   """
   options = tf.data.Options()
   options.autotune.enabled = False
@@ -131,10 +131,9 @@ def _parsed_image(split, record):
 #
 # Per example there is one function call, the parallel map that loads and
 # preprocesses it; the label check and the count of skipped records run once
-# per batch. On this 2-core machine per-example calls of small functions (a
-# map naming each record, a scan counting skips) cost 0.17 ms of CPU an image,
-# measured with the decoding stubbed out; decoding a 500x375 JPEG crop takes
-# about 1.1 ms.
+# per batch. Per-example calls of small functions (a map naming each record,
+# a scan counting skips) cost a sixth as much CPU as decoding the image
+# itself (docs/benchmarks.md).
 
 def _describe(where):
   """Assert data naming an example: a record (path, index in its file) or a name."""

@@ -1,12 +1,11 @@
 """Image preprocessing: decoded or encoded image in, uint8 model-sized image out.
 
 Images leave the input pipeline as uint8 and are normalised on the device
-(normalize(), the first thing the replica step does). On this 2-core machine
-normalising 224x224 float32 images in tf.data, per image or per batch, cut
-the ImageNet training pipeline from about 920 to 510 images/s: the
-float32 batches are 4x the bytes of uint8 ones, and memory bandwidth is what
-the host lacks. On an accelerator the normalisation is free, and the transfer
-is 4x smaller.
+(normalize(), the first thing the replica step does): float32 batches are
+4x the bytes of uint8 ones, and normalising them in tf.data costs the host,
+usually the input's bottleneck, close to half its throughput
+(docs/benchmarks.md). On an accelerator the normalisation is free, and the
+transfer is 4x smaller.
 
 Every random choice is stateless, seeded by (seed, position of the example in
 its stream), so an example is augmented the same way whichever replica or

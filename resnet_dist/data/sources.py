@@ -14,7 +14,6 @@ A split is one of two kinds:
 import dataclasses
 import fcntl
 import os
-import tempfile
 from typing import Callable
 
 import numpy as np
@@ -95,9 +94,12 @@ def _tfds_builder(name, data_dir, download):
 def _prepare_once(builder):
   """Prepares a TFDS dataset; local worker processes racing to do it take turns.
 
-  The lock lives in the local temp dir: data_dir may be on GCS or read-only.
+  The lock lives in the local temp dir, data_dir may be on GCS or read-only:
+  in $TMPDIR (or /tmp) itself, which worker processes share, not in
+  tempfile.gettempdir(), which an entrypoint points at a dir of its own.
   """
-  lock_path = os.path.join(tempfile.gettempdir(), f"resnet_dist-prepare-{builder.name}.lock")
+  lock_path = os.path.join(os.environ.get("TMPDIR") or "/tmp",
+                           f"resnet_dist-prepare-{builder.name}.lock")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   with open(lock_path, "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

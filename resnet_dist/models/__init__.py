@@ -1,8 +1,10 @@
-"""ResNet models by name, in torchvision's words: list_models, get_model, count_macs."""
+"""ResNet models by name, in torchvision's words: list_models, get_model,
+count_macs, and load_weights / save_weights for torchvision's and timm's files."""
 
 from resnet_dist.models.layers import BatchNorm
 from resnet_dist.models.macs import graph_macs
 from resnet_dist.models.resnet import SPECS, VARIANTS, ResidualBlock, build_resnet
+from resnet_dist.models.weights import load_weights, save_weights
 
 
 def list_models():
@@ -35,6 +37,12 @@ def weight_decay_variables(model):
   return [v for v in model.trainable_variables if v.name == "kernel"]
 
 
+def plain_variable(variable):
+  """The tf.Variable behind a Keras 3 variable (strategy-aware), for what
+  works on tf.Variables: tf.train.Checkpoint, the optimizer's slots."""
+  return getattr(variable, "value", variable) if hasattr(variable, "path") else variable
+
+
 def moving_statistics(model):
   """The BN moving means and variances: the variables each replica keeps its own
   copy of (ON_READ), which Trainer.sync_moving_statistics() makes equal."""
@@ -42,4 +50,5 @@ def moving_statistics(model):
 
 
 __all__ = ["BatchNorm", "ResidualBlock", "VARIANTS", "count_macs", "get_model",
-           "list_models", "moving_statistics", "weight_decay_variables"]
+           "list_models", "load_weights", "moving_statistics", "plain_variable",
+           "save_weights", "weight_decay_variables"]

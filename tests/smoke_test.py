@@ -1,0 +1,136 @@
+"""The fast inner loop: train.run() in this process, a few seconds a case.
+
+Also the library's layering: nothing under resnet_dist/ reads absl flags.
+"""
+
+import ast
+import contextlib
+import io
+import json
+import math
+import os
+
+import resnet_dist  # before TensorFlow: its CPU kernels
+from absl.testing import absltest, parameterized
+
+import flags
+import launch
+
+from resnet_dist import data, models
+from resnet_dist import strategy as strategy_lib
+from resnet_dist import train
+from resnet_dist.config import Config
+from resnet_dist.errors import ConfigError
+
+SUMMARY_KEYS = {
+    "global_step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5",
+    "eval_examples", "eval_split_examples", "skipped_train_records", "examples_per_second",
+    "input_wait_fraction", "flop_utilization", "gmacs_per_image", "peak_gflops", "cpu_kernels",
+    "strategy", "num_replicas", "model", "resnet_variant", "dataset", "dtype",
+    "global_batch_size", "trainable_parameters", "model_dir"}
+
+
+def tiny(model_dir, **changes):
+  """Two steps of resnet20 on synthetic 32x32 images, evaluated on 1024."""
+  settings = dict(model="resnet20", dataset="synthetic", num_classes=10, image_size=32,
+                  global_batch_size=8, train_steps=2, steps_per_loop=1, num_cpu_devices=2,
+                  peak_tflops=1.0, model_dir=model_dir)
+  return Config(**{**settings, **changes})
+
+
+def setUpModule():
+  # Before TensorFlow sets up its devices: one process, so one device layout for all cases.
+  strategy_lib.split_cpu(2)
+
+
+class SmokeTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(("one_device", "one_device", 1),
+                                  ("two_logical_cpus", "mirrored", 2))
+  def test_two_steps(self, strategy, replicas):
+    model_dir = self.create_tempdir().full_path
+    summary = train.run(tiny(model_dir, strategy=strategy))
+    self.assertEqual(set(summary), SUMMARY_KEYS)
+    self.assertEqual(summary["global_step"], 2)
+    self.assertEqual(summary["num_replicas"], replicas)
+    self.assertTrue(math.isfinite(summary["train_loss"]))
+    self.assertTrue(math.isfinite(summary["eval_loss"]))
+    self.assertEqual(summary["eval_examples"], summary["eval_split_examples"])
+    with open(os.path.join(model_dir, "summary.json")) as f:
+      self.assertEqual(json.load(f)["global_step"], 2)
+    self.assertTrue(os.path.exists(os.path.join(model_dir, "checkpoints", "ckpt-2.index")))
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "training.lock")))
+
+  def test_fine_tuning_from_a_weights_file_normalises_as_imagenet(self):
+    directory = self.create_tempdir().full_path
+    path = os.path.join(directory, "published.safetensors")
+    models.save_weights(models.get_model("resnet20", num_classes=100), path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      train.run(tiny(f"{directory}/run", dataset="digits", data_dir=f"{directory}/data",
+                     strategy="one_device", init_checkpoint=path, skip_eval=True))
+    self.assertIn("normalising digits by ImageNet's mean and std, as the pretrained weights "
+                  "expect", out.getvalue())
+    self.assertIn(f"initial weights from {path}; a fresh classifier (fc/kernel, fc/bias)",
+                  out.getvalue())
+    with open(os.path.join(directory, "run", "run.json")) as f:
+      run = json.load(f)
+    self.assertEqual((tuple(run["mean"]), tuple(run["std"])),
+                     (data.IMAGENET_MEAN, data.IMAGENET_STD))
+
+  def test_bad_settings_fail_before_anything_is_written(self):
+    model_dir = os.path.join(self.create_tempdir().full_path, "run")
+    for changes, message in (
+        ({"lr_boundary_epochs": (60.0, 30.0)}, "--lr_boundary_epochs=60.0,30.0 must be increasing"),
+        ({"profile_steps": (5, 5)}, "--profile_steps=5,5 must be START,END"),
+        ({"optimizer": "adam"}, "unknown --optimizer=adam; choose from sgd, lars"),
+        ({"base_learning_rate": -0.1}, r"--base_learning_rate=-0.1 must be a positive number"),
+        ({"base_learning_rate": float("nan")}, r"--base_learning_rate=nan must be a positive"),
+        ({"base_learning_rate": 0.0}, r"--base_learning_rate=0.0 must be a positive number"),
+        ({"tpu": "my-tpu", "strategy": "mirrored"},
+         r"--tpu=my-tpu is for --strategy=tpu, not --strategy=mirrored"),
+        ({"global_batch_size": 7, "strategy": "mirrored"}, "does not divide among 2 replicas")):
+      with self.assertRaisesRegex(ConfigError, message):
+        train.run(tiny(model_dir, **changes))
+      self.assertFalse(os.path.exists(model_dir), changes)
+
+
+def python_files(package):
+  """(path, syntax tree) of every .py file under the directory of `package`."""
+  root = os.path.dirname(package.__file__)
+  for directory, _, files in os.walk(root):
+    for name in sorted(files):
+      if name.endswith(".py"):
+        path = os.path.join(directory, name)
+        with open(path) as f:
+          yield path, ast.parse(f.read())
+
+
+class HouseRulesTest(absltest.TestCase):
+
+  def test_the_library_never_imports_absl(self):
+    library = os.path.dirname(resnet_dist.__file__)
+    importers = []
+    for path, tree in python_files(resnet_dist):
+      for node in ast.walk(tree):
+        modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                   [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if any(m == "absl" or m.startswith("absl.") for m in modules):
+          importers.append(os.path.relpath(path, library))
+    self.assertGreater(len(os.listdir(library)), 5)
+    self.assertEqual(importers, [])
+
+  def test_every_function_reads_at_once(self):
+    """At most 60 lines, docstring included, in the library, the flags and the entrypoints."""
+    longest, files = [], 0
+    for package in (resnet_dist, flags, launch):
+      for path, tree in python_files(package):
+        files += 1
+        longest += [(node.end_lineno - node.lineno + 1, f"{path}:{node.lineno} {node.name}")
+                    for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+    self.assertGreater(files, 25)
+    self.assertLessEqual(max(longest)[0], 60, sorted(longest)[-3:])
+
+
+if __name__ == "__main__":
+  absltest.main()
