@@ -93,6 +93,12 @@ class SmokeTest(parameterized.TestCase):
       with self.assertRaisesRegex(ConfigError, message):
         train.run(tiny(model_dir, **changes))
       self.assertFalse(os.path.exists(model_dir), changes)
+    with self.assertRaisesRegex(ConfigError, r"checkpoint /no/such/run does not exist"):
+      train.run(tiny(model_dir, init_checkpoint="/no/such/run"))
+    self.assertFalse(os.path.exists(model_dir))
+    blocker = self.create_tempfile("file").full_path  # a file where a directory should be
+    with self.assertRaisesRegex(ConfigError, r"--model_dir=.*/file/run is not writable"):
+      train.run(tiny(f"{blocker}/run"))
 
 
 def python_files(package):

@@ -175,6 +175,20 @@ class BadImagesTest(absltest.TestCase):
       with data.data_errors(10):
         list(ds.take(3))
 
+  def test_strict_data_stops_at_a_jpeg_corrupt_inside_with_the_decoders_words(self):
+    # Complete, with valid markers, garbage inside: only the decoder finds it,
+    # and its error does not say which file it was decoding.
+    images = [jpeg(2 * i) for i in range(4)]
+    images[2] = images[2][:200] + b"\x00" * 300 + images[2][-2:]
+    directory = self.create_tempdir().full_path
+    records.write_imagenet_records(directory, "train", images, list(range(4)), 1)
+    source = data.get_source("imagenet", directory, num_classes=10)
+    config = data.InputConfig(4, 32, shuffle_buffer=1, strict=True)
+    with self.assertRaisesRegex(DataError, r"^undecodable image \(Invalid JPEG data.*\); "
+                                           r"--strict_data stops at such images"):
+      with data.data_errors(10):
+        list(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)).take(1))
+
   def test_labels_outside_the_classes_stop_the_run(self):
     records.write_imagenet_records(self.directory, "validation", [jpeg(1)], [12], 1)
     source = data.get_source("imagenet", self.directory, num_classes=10)
