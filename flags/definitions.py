@@ -9,7 +9,7 @@ import dataclasses
 
 from absl import flags
 
-from resnet_dist import data, models, optim
+from resnet_dist import data, losses, models, optim
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import DTYPES, Config
 
@@ -81,7 +81,13 @@ flags.DEFINE_enum("dtype", _DEFAULTS.dtype, list(DTYPES),
                   "fp32; bf16 (mixed_bfloat16); fp16 (mixed_float16, dynamic loss scaling).")
 flags.DEFINE_bool("enable_xla", _DEFAULTS.enable_xla, "Compile the replica step with XLA.")
 flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, optim.OPTIMIZERS,
-                  "sgd (momentum) or lars (large batches).")
+                  "sgd (momentum), lars (large batches) or lamb (timm's: Adam moments, "
+                  "gradients clipped to norm 1, trust ratio on decayed kernels; ignores "
+                  "--momentum).")
+flags.DEFINE_enum("loss", _DEFAULTS.loss, list(losses.LOSSES),
+                  "softmax cross-entropy, or bce: a sigmoid per class, averaged over the "
+                  "classes (timm's, as in ResNet strikes back). Evaluation reports softmax "
+                  "cross-entropy either way.")
 flags.DEFINE_float("base_learning_rate", _DEFAULTS.base_learning_rate,
                    "Learning rate per 256 examples; scaled by global_batch_size / 256.")
 flags.DEFINE_enum("lr_schedule", _DEFAULTS.lr_schedule, optim.SCHEDULES,

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
-from resnet_dist import models, optim
+from resnet_dist import losses, models, optim
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.errors import ConfigError
 
@@ -25,6 +25,7 @@ CHOICES = {
     "dtype": tuple(DTYPES),
     "optimizer": optim.OPTIMIZERS,
     "lr_schedule": optim.SCHEDULES,
+    "loss": tuple(losses.LOSSES),
 }
 
 
@@ -61,7 +62,8 @@ class Config:
   skip_eval: bool = False
   dtype: str = "fp32"
   enable_xla: bool = False
-  optimizer: str = "sgd"
+  optimizer: str = "sgd"           # sgd (momentum), lars, lamb
+  loss: str = "softmax"            # softmax cross-entropy, or bce (one sigmoid per class)
   base_learning_rate: float = 0.1   # per 256 examples
   lr_schedule: str = "cosine"
   # piecewise: x0.1 at each (Goyal et al. 2017, for 90 ImageNet epochs)

@@ -38,7 +38,8 @@ def describe_run(config, strategy, source, train_size, eval_size, num_params, ma
       f"dataset    {config.dataset}: {train_size:,} train / {eval_size:,} eval examples, "
       f"{source.num_classes} classes",
       f"schedule   {total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs of "
-      f"{steps_per_epoch}), {config.optimizer}, base lr {config.base_learning_rate} per 256",
+      f"{steps_per_epoch}), {config.optimizer}, base lr {config.base_learning_rate} per 256"
+      + (f", {config.loss} loss" if config.loss != "softmax" else ""),
       f"model_dir  {model_dir}",
   ])
 

@@ -23,7 +23,13 @@ import tensorflow as tf
 from resnet_dist import models
 from resnet_dist.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "lars")
+OPTIMIZERS = ("sgd", "lars", "lamb")
+# LAMB (You et al. 2019) as timm's Lamb, which "ResNet strikes back" trains with:
+# Adam's moments with bias correction, the gradients first clipped to a global
+# norm of 1, and the trust ratio only on the variables that decay.
+LAMB_BETAS = (0.9, 0.999)
+LAMB_EPSILON = 1e-6
+LAMB_MAX_GRAD_NORM = 1.0
 SCHEDULES = ("piecewise", "cosine")
 
 
@@ -67,11 +73,11 @@ class LearningRate:
 
 
 class Optimizer(tf.Module):
-  """Momentum SGD (optionally Nesterov) or LARS over a fixed list of variables.
+  """Momentum SGD (optionally Nesterov), LARS or LAMB over a fixed list of variables.
 
   decay_variables: the variables weight decay applies to (conv and dense
-  kernels). LARS also adapts only these; the others (BN parameters, biases)
-  get the plain momentum update, as in the MLPerf reference.
+  kernels). LARS and LAMB also adapt only these; the others (BN parameters,
+  biases) get the plain update, as in the MLPerf reference and timm.
   """
 
   def __init__(self, variables, decay_variables, kind="sgd", momentum=0.9,
@@ -88,10 +94,14 @@ class Optimizer(tf.Module):
     decay_ids = {id(models.plain_variable(v)) for v in decay_variables}
     self.decays = [id(v) in decay_ids for v in self.variables_]
     self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
-    self.velocities = [
-        tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
-                    name=v.name.split(":")[0].replace("/", "_") + "_velocity")
-        for v in self.variables_]
+    # SGD and LARS: the momentum buffer; LAMB: the first moment.
+    self.velocities = self._slots("velocity")
+    self.second_moments = self._slots("second_moment") if kind == "lamb" else []
+
+  def _slots(self, what):
+    return [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                        name=v.name.split(":")[0].replace("/", "_") + "_" + what)
+            for v in self.variables_]
 
   def _update(self, variable, velocity, grad, lr, decays, apply):
     """One variable, on one device. apply: a bool tensor; False leaves all state as is."""
@@ -109,6 +119,33 @@ class Optimizer(tf.Module):
       step = tf.where(apply, step, tf.zeros_like(step))
     return tf.group(velocity.assign(new_velocity), variable.assign_sub(step))
 
+  def _lamb_update(self, variable, first, second, grad, lr, decays, apply, t):
+    """LAMB on one variable; t: the 1-based step, for the bias corrections."""
+    beta1, beta2 = LAMB_BETAS
+    new_first = beta1 * first + (1 - beta1) * grad
+    new_second = beta2 * second + (1 - beta2) * tf.square(grad)
+    denominator = tf.sqrt(new_second) / tf.sqrt(1 - beta2**t) + LAMB_EPSILON
+    update = new_first / (1 - beta1**t) / denominator
+    if decays and self.weight_decay:
+      update += self.weight_decay * variable
+      w_norm, u_norm = tf.norm(variable), tf.norm(update)
+      update *= tf.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+    step = lr * update
+    if apply is not None:
+      new_first = tf.where(apply, new_first, first)
+      new_second = tf.where(apply, new_second, second)
+      step = tf.where(apply, step, tf.zeros_like(step))
+    return tf.group(first.assign(new_first), second.assign(new_second),
+                    variable.assign_sub(step))
+
+  def _lamb_updates(self, grads, lr, apply):
+    norm = tf.linalg.global_norm(grads)
+    clip = tf.where(norm > LAMB_MAX_GRAD_NORM, norm / LAMB_MAX_GRAD_NORM, 1.0)
+    t = tf.cast(self.iterations + 1, tf.float32)
+    return [self._lamb_update(variable, first, second, grad / clip, lr, decays, apply, t)
+            for variable, first, second, grad, decays in zip(
+                self.variables_, self.velocities, self.second_moments, grads, self.decays)]
+
   def apply(self, grads, lr, apply=None):
     """Applies all-reduced grads on every replica; call in replica context.
 
@@ -120,9 +157,12 @@ class Optimizer(tf.Module):
     e.g. a non-finite fp16 gradient), identical on all replicas because it is
     computed from all-reduced values.
     """
-    updates = [self._update(variable, velocity, grad, lr, decays, apply)
-               for variable, velocity, grad, decays in zip(
-                   self.variables_, self.velocities, grads, self.decays)]
+    if self.kind == "lamb":
+      updates = self._lamb_updates(grads, lr, apply)
+    else:
+      updates = [self._update(variable, velocity, grad, lr, decays, apply)
+                 for variable, velocity, grad, decays in zip(
+                     self.variables_, self.velocities, grads, self.decays)]
     with tf.control_dependencies(updates):
       return self.iterations.assign_add(1)
 

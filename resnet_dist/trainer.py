@@ -8,17 +8,9 @@ an evaluation. When to save, evaluate or stop is the host loop's (train.py).
 
 import tensorflow as tf
 
-from resnet_dist import checkpoints, data, models, optim
+from resnet_dist import checkpoints, data, losses, models, optim
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
-
-
-def cross_entropy(labels, logits, num_classes, label_smoothing=0.0):
-  """Per-example softmax cross-entropy from logits, with label smoothing."""
-  targets = tf.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-  return tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
 
 
 class Metrics(tf.Module):
@@ -63,6 +55,7 @@ class Trainer:
     self.strategy = strategy
     self.source = source
     self.num_classes = source.num_classes
+    self.loss = losses.LOSSES[config.loss]
     self.steps_per_epoch = steps_per_epoch
     self.total_steps = total_steps
     self.schedule = optim.LearningRate(
@@ -127,7 +120,7 @@ class Trainer:
     images = self._normalize(images)
     with tf.GradientTape() as tape:
       logits = self.model(images, training=True)
-      per_example = cross_entropy(labels, logits, self.num_classes, config.label_smoothing)
+      per_example = self.loss(labels, logits, self.num_classes, config.label_smoothing)
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.global_batch_size)
       if self.loss_scale is not None:
         loss = loss * self.loss_scale.scale
@@ -150,7 +143,8 @@ class Trainer:
 
   def eval_step(self, images, labels, weights):
     logits = self.model(self._normalize(images), training=False)
-    per_example = cross_entropy(labels, logits, self.num_classes)
+    # Softmax cross-entropy whatever --loss is: eval losses compare across recipes.
+    per_example = losses.cross_entropy(labels, logits, self.num_classes)
     self.eval_metrics.update(labels, logits, per_example, weights)
 
   @tf.function

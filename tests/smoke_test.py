@@ -45,11 +45,13 @@ def setUpModule():
 
 class SmokeTest(parameterized.TestCase):
 
-  @parameterized.named_parameters(("one_device", "one_device", 1),
-                                  ("two_logical_cpus", "mirrored", 2))
-  def test_two_steps(self, strategy, replicas):
+  @parameterized.named_parameters(("one_device", "one_device", 1, {}),
+                                  ("two_logical_cpus", "mirrored", 2, {}),
+                                  ("lamb_bce", "one_device", 1, {"optimizer": "lamb",
+                                                                  "loss": "bce"}))
+  def test_two_steps(self, strategy, replicas, changes):
     model_dir = self.create_tempdir().full_path
-    summary = train.run(tiny(model_dir, strategy=strategy))
+    summary = train.run(tiny(model_dir, strategy=strategy, **changes))
     self.assertEqual(set(summary), SUMMARY_KEYS)
     self.assertEqual(summary["global_step"], 2)
     self.assertEqual(summary["num_replicas"], replicas)
