@@ -133,8 +133,6 @@ flags.DEFINE_float("peak_tflops", _DEFAULTS.peak_tflops,
                    "summary; 0: measure a matmul on the replicas at start.", lower_bound=0)
 
 
-
-
 def _epochs(values):
   """["30", "60"] -> (30.0, 60.0); None when one is not a number."""
   try:

@@ -247,11 +247,13 @@ def init_from(model, path):
   if missing:
     raise ConfigError(f"--init_checkpoint={path} is not of this architecture (it has no "
                       f"{missing[0]})")
-  fresh = [name for name, v in state.items() if shapes[checkpoint_key(name)] != v.shape.as_list()]
+  fresh = [name for name, v in state.items()
+           if shapes[checkpoint_key(name)] != v.shape.as_list()]
   other = [name for name in fresh if not name.startswith("fc/")]
   if other:
     raise ConfigError(f"--init_checkpoint={path}: {other[0]} has shape "
-                      f"{shapes[checkpoint_key(other[0])]} there, {state[other[0]].shape.as_list()} here")
+                      f"{shapes[checkpoint_key(other[0])]} there, "
+                      f"{state[other[0]].shape.as_list()} here")
   tf.train.Checkpoint(model={n: v for n, v in state.items() if n not in fresh}).restore(
       path).expect_partial().assert_existing_objects_matched()
   return fresh

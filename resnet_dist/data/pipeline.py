@@ -298,7 +298,8 @@ def _parser(split, seed_position):
   """fetch() for _load: parses a (record, where) element."""
   def fetch(position, record_and_where):
     record, where = record_and_where
-    check = tf.debugging.Assert(record != records_lib.CORRUPT, [records_lib.BAD_RECORD] + _describe(where))
+    check = tf.debugging.Assert(record != records_lib.CORRUPT,
+                                [records_lib.BAD_RECORD] + _describe(where))
     with tf.control_dependencies([check]):
       return (seed_position(position),) + split.parse(record) + (where,)
   return fetch
