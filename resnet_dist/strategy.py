@@ -5,6 +5,7 @@ strategy; the helpers answer the questions the loop has (who writes files,
 which devices) without looking at the strategy's type.
 """
 
+import atexit
 import glob
 import json
 import os
@@ -218,15 +219,39 @@ def input_options(strategy):
   return tf.distribute.InputOptions(experimental_fetch_to_device=not all_on_cpu(strategy))
 
 
+_dropping = []             # the threads drop_in_background() started
+_wait_for_drops_at_exit = [True]
+
+
 def drop_in_background(holder):
   """Empties holder, a list holding the only references to distributed
   iterators, in a daemon thread.
 
   Destroying TensorFlow 2.21's per-device tf.data iterators can wait up to a
   minute for their autotuning threads; a run done with its input has no
-  reason to wait, and a process that ends first does not.
+  reason to wait. A process that ends with os._exit (the entrypoints) does
+  not wait for the thread either; one that finalizes normally (a notebook, a
+  test) waits at exit (_wait_for_drops).
   """
-  threading.Thread(target=holder.clear, name="drop-iterators", daemon=True).start()
+  thread = threading.Thread(target=holder.clear, name="drop-iterators", daemon=True)
+  thread.start()
+  _dropping.append(thread)
+
+
+def ends_without_finalization():
+  """Says that this process will end with os._exit, skipping Python's
+  finalization, so no iterator need be destroyed before it ends."""
+  _wait_for_drops_at_exit[0] = False
+
+
+@atexit.register
+def _wait_for_drops():
+  # A daemon thread still inside TensorFlow's C++ code when Python finalizes
+  # is unwound by force, and the process aborts ("FATAL: exception not
+  # rethrown"): a process that finalizes lets the drops finish first.
+  if _wait_for_drops_at_exit[0]:
+    for thread in _dropping:
+      thread.join()
 
 
 def input_wait_measurable(strategy):
