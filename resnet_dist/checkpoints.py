@@ -225,8 +225,7 @@ def save(manager, step):
 def find_initial_weights(path):
   """--init_checkpoint: a weights file (.safetensors, .pth) or our checkpoint."""
   if weights.is_weights_file(path):
-    if not tf.io.gfile.exists(path):
-      raise ConfigError(f"weights file {path} does not exist")
+    weights.check_readable(path)
     return path
   return find_checkpoint(path)
 

@@ -322,6 +322,9 @@ class LoadTest(parameterized.TestCase):
     self.assertFalse(os.path.exists(marker))
     with self.assertRaisesRegex(ConfigError, r"weights file .*none.safetensors does not exist"):
       models.load_weights(model, os.path.join(directory, "none.safetensors"))
+    with self.assertRaisesRegex(ConfigError, r"weights file gs://b/w.pth: copy it to a local "
+                                             r"disk first"):
+      models.load_weights(model, "gs://b/w.pth")
 
 
 class _Runs:

@@ -71,10 +71,17 @@ def _named_variables(model):
   return {torch_name(v.path, resnet_d): (v, v.path) for v in model.variables}
 
 
-def read(path):
-  """{name: float32 or int64 numpy array} of a .safetensors or .pth/.pt file."""
+def check_readable(path):
+  """ConfigError unless `path` is a weights file on a local disk."""
+  if "://" in path:  # safetensors and zipfile read local files only
+    raise ConfigError(f"weights file {path}: copy it to a local disk first")
   if not os.path.exists(path):
     raise ConfigError(f"weights file {path} does not exist")
+
+
+def read(path):
+  """{name: float32 or int64 numpy array} of a .safetensors or .pth/.pt file."""
+  check_readable(path)
   try:
     if path.endswith(".safetensors"):
       from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
