@@ -10,6 +10,7 @@ import dataclasses
 from absl import flags
 
 from resnet_dist import data, losses, models, optim
+from resnet_dist.data import augment
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import DTYPES, Config
 
@@ -106,6 +107,42 @@ flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of initialisation, data order
 flags.DEFINE_bool("deterministic", _DEFAULTS.deterministic,
                   "Deterministic kernels: bit-identical reruns, somewhat slower.")
 
+# Recipe: each is off by default (docs/recipes.md)
+flags.DEFINE_float("ema_decay", _DEFAULTS.ema_decay,
+                   "Keep an exponential moving average of the weights and BN statistics, "
+                   "with this decay per step (0: none); evaluated beside the weights.",
+                   lower_bound=0, upper_bound=1)
+flags.DEFINE_integer("ema_every_steps", _DEFAULTS.ema_every_steps,
+                     "Update the EMA every this many steps, by ema_decay**K.", lower_bound=1)
+flags.DEFINE_float("mixup_alpha", _DEFAULTS.mixup_alpha,
+                   "Mixup: blend each image with another, lambda ~ Beta(A, A); 0: off.",
+                   lower_bound=0)
+flags.DEFINE_float("cutmix_alpha", _DEFAULTS.cutmix_alpha,
+                   "CutMix: paste a box of another image, area ~ Beta(B, B); 0: off. With "
+                   "mixup too, each batch gets one of the two.", lower_bound=0)
+flags.DEFINE_enum("augment", _DEFAULTS.augment, augment.POLICIES,
+                  "Automatic augmentation after the crop and flip, as torchvision's.")
+flags.DEFINE_integer("randaugment_num_ops", _DEFAULTS.randaugment_num_ops,
+                     "randaugment: ops applied to each image.", lower_bound=1)
+flags.DEFINE_integer("randaugment_magnitude", _DEFAULTS.randaugment_magnitude,
+                     f"randaugment: the magnitude bin of every op, 0..{augment.BINS - 1}.",
+                     lower_bound=0, upper_bound=augment.BINS - 1)
+flags.DEFINE_float("random_erasing", _DEFAULTS.random_erasing,
+                   "Probability of erasing a random box of each image (after normalising) "
+                   "with noise.", lower_bound=0, upper_bound=1)
+flags.DEFINE_integer("eval_image_size", _DEFAULTS.eval_image_size,
+                     "Evaluation image size; 0: --image_size.", lower_bound=0)
+flags.DEFINE_integer("eval_resize_size", _DEFAULTS.eval_resize_size,
+                     "ImageNet-style evaluation: the crop is eval_image_size of a shorter side "
+                     "resized to this (232 with 224: torchvision's); 0: crop 87.5%.",
+                     lower_bound=0)
+flags.DEFINE_string("progressive_resize", "",
+                    "START:END:FROM_EPOCH:TO_EPOCH: training images grow from START to END "
+                    "pixels, in steps of 32, between the two epochs (FFCV's ramp).")
+flags.DEFINE_integer("grad_accum_steps", _DEFAULTS.grad_accum_steps,
+                     "Micro-batches per update: each step's batch is split into this many "
+                     "forward and backward passes.", lower_bound=1)
+
 # Checkpointing
 flags.DEFINE_string("model_dir", _DEFAULTS.model_dir,
                     "Checkpoints, summaries and summary.json; an existing run resumes. "
@@ -152,12 +189,27 @@ def _step_range(value):
   return start, end
 
 
+def _ramp(value):
+  """"START:END:FROM:TO" -> (START, END, FROM, TO); "" -> None; False when malformed."""
+  if not value:
+    return None
+  parts = value.split(":")
+  try:
+    start, end, first, last = parts
+    return int(start), int(end), float(first), float(last)
+  except ValueError:
+    return False
+
+
 flags.register_validator("dataset", data.is_dataset_name,
                          message="--dataset must be " + data.DATASETS_HELP)
 flags.register_validator("lr_boundary_epochs", lambda v: _epochs(v) is not None,
                          message="--lr_boundary_epochs must be numbers, as 30,60,80")
 flags.register_validator("profile_steps", lambda v: _step_range(v) is not False,
                          message="--profile_steps must be START,END, as 10,15")
+flags.register_validator("progressive_resize", lambda v: _ramp(v) is not False,
+                         message="--progressive_resize must be START:END:FROM_EPOCH:TO_EPOCH, "
+                                 "as 160:192:0:70")
 
 FLAGS = flags.FLAGS
 
@@ -168,5 +220,6 @@ def config_from_flags(**overrides):
   values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)}
   values["lr_boundary_epochs"] = _epochs(values["lr_boundary_epochs"])
   values["profile_steps"] = _step_range(values["profile_steps"])
+  values["progressive_resize"] = _ramp(values["progressive_resize"])
   values.update({k: v for k, v in overrides.items() if not FLAGS[k].present})
   return Config(**values)

@@ -21,10 +21,13 @@ with exits.quiet_start():
 flags.adopt_module_key_flags(definitions)
 flags.DEFINE_string("checkpoint", "", "A checkpoint of the run; default its latest.")
 flags.DEFINE_string("split", "", "The split to evaluate; default the dataset's eval split.")
+flags.DEFINE_bool("use_ema", True, "Evaluate the EMA of the weights where the run keeps one "
+                  "(--ema_decay); false: the weights themselves.")
 FLAGS = flags.FLAGS
 
 # What run.json knows about the run; a flag given on the command line wins.
-FROM_RUN = ("model", "resnet_variant", "image_size", "dataset", "data_dir", "num_classes")
+FROM_RUN = ("model", "resnet_variant", "image_size", "dataset", "data_dir", "num_classes",
+            "eval_image_size", "eval_resize_size")
 
 
 @exits.prompt
@@ -37,12 +40,13 @@ def main(argv):
     run = checkpoints.read_run(FLAGS.model_dir)
     config = definitions.config_from_flags(**{k: run[k] for k in FROM_RUN if k in run})
     path = checkpoints.find_checkpoint(FLAGS.checkpoint or FLAGS.model_dir)
-    result = train.evaluate(config, path, FLAGS.split or None)
+    use_ema = FLAGS.use_ema and checkpoints.has_ema(path)
+    result = train.evaluate(config, path, FLAGS.split or None, use_ema=use_ema)
   except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
     return exits.fail(e)
   print(f"{result['split']}: loss {result['loss']:.4f} top-1 {result['top1']:.4f} "
         f"top-5 {result['top5']:.4f} over {int(result['count'])} of "
-        f"{result['split_examples']} examples ({path})")
+        f"{result['split_examples']} examples ({path}{', EMA weights' if use_ema else ''})")
   print(json.dumps(result))
   return exits.OK
 

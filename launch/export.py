@@ -21,6 +21,8 @@ with exits.quiet_start():
 flags.DEFINE_string("model_dir", None, "The training run to export.", required=True)
 flags.DEFINE_string("checkpoint", "", "A checkpoint of it; default its latest.")
 flags.DEFINE_string("export_dir", "", "Where to write; default model_dir/export/<step>.")
+flags.DEFINE_bool("use_ema", True, "Export the EMA of the weights where the run keeps one "
+                  "(--ema_decay); false: the weights themselves.")
 flags.DEFINE_enum("format", "saved_model", ["saved_model", "safetensors"],
                   "saved_model, or safetensors: torchvision-layout weights in "
                   "export_dir/model.safetensors.")
@@ -32,7 +34,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)  # TensorFlow's SavedModel notes stay off the console
   try:
-    classifier, path = export.load_classifier(FLAGS.model_dir, FLAGS.checkpoint or None)
+    classifier, path = export.load_classifier(FLAGS.model_dir, FLAGS.checkpoint or None,
+                                              FLAGS.use_ema)
     export_dir = FLAGS.export_dir or os.path.join(
         FLAGS.model_dir, "export", path.rsplit("-", 1)[-1])
     if FLAGS.format == "safetensors":
@@ -42,7 +45,7 @@ def main(argv):
       export.save(classifier, export_dir)
   except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
     return exits.fail(e)
-  print(f"exported {path} to {export_dir}")
+  print(f"exported {path}{' (EMA weights)' if classifier.of_ema else ''} to {export_dir}")
   return exits.OK
 
 

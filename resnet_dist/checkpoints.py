@@ -168,7 +168,9 @@ def write_run_record(model_dir, config, source):
     json.dump({**_model_identity(config, source), "image_size": config.image_size,
                "dataset": config.dataset, "data_dir": config.data_dir,
                "augment": source.augment, "mean": list(source.mean), "std": list(source.std),
-               "global_batch_size": config.global_batch_size}, f, indent=2)
+               "global_batch_size": config.global_batch_size,
+               "eval_image_size": config.eval_size, "eval_resize_size": config.eval_resize_size,
+               "ema": bool(config.ema_decay)}, f, indent=2)
 
 
 def read_run(model_dir):
@@ -193,15 +195,25 @@ def find_checkpoint(path):
   return path
 
 
-def checkpoint_key(name):
+MODEL_KEY = "model"  # the weights, in Trainer.checkpoint_state()
+EMA_KEY = "ema"      # their EMA, in runs with --ema_decay
+
+
+def checkpoint_key(name, key=MODEL_KEY):
   """The key under which tf.train.Checkpoint saves model_state()[name]."""
-  return "model/" + name.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
+  return f"{key}/" + name.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
 
 
-def restore_model(model, path):
-  """Loads a checkpoint's model weights (nothing else) into model."""
+def has_ema(path):
+  """Whether a checkpoint holds an EMA of the weights."""
+  return any(k.startswith(EMA_KEY + "/")
+             for k in tf.train.load_checkpoint(path).get_variable_to_shape_map())
+
+
+def restore_model(model, path, key=MODEL_KEY):
+  """Loads a checkpoint's model weights (or, key=EMA_KEY, their EMA) into model."""
   try:
-    tf.train.Checkpoint(model=model_state(model)).restore(path).expect_partial() \
+    tf.train.Checkpoint(**{key: model_state(model)}).restore(path).expect_partial() \
         .assert_existing_objects_matched()
   except AssertionError as e:
     raise ConfigError(f"{path} does not hold this model's weights ({_first_line(e)})") from None
@@ -262,6 +274,19 @@ def _first_line(error):
   return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
+# Parts a checkpoint holds only with some settings: (key, the setting, its flag).
+_OPTIONAL_PARTS = (("loss_scale", "--dtype=fp16 (its loss scale)", "--dtype"),
+                   (EMA_KEY, "--ema_decay (an EMA of the weights)", "--ema_decay"))
+
+
+def _check_same_parts(path, keys, checkpoint):
+  for part, setting, flag in _OPTIONAL_PARTS:
+    saved = any(k.startswith(part + "/") for k in keys)
+    if saved != hasattr(checkpoint, part):
+      raise ConfigError(f"{path} was saved by a run with{'' if saved else 'out'} {setting}; "
+                        f"resume it with the same {flag}")
+
+
 def restore_latest(checkpoint, paths, chief):
   """Restores the newest readable checkpoint of paths (oldest first); returns it.
 
@@ -277,10 +302,7 @@ def restore_latest(checkpoint, paths, chief):
       log(f"warning: cannot read checkpoint {path} ({_first_line(e)}); trying the one before",
           chief)
       continue
-    has_loss_scale = any(k.startswith("loss_scale/") for k in keys)
-    if has_loss_scale != hasattr(checkpoint, "loss_scale"):
-      raise ConfigError(f"{path} was saved by a run with{'' if has_loss_scale else 'out'} "
-                        f"--dtype=fp16 (its loss scale); resume it with the same --dtype")
+    _check_same_parts(path, keys, checkpoint)
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
     except AssertionError as e:  # the files read fine: their objects do not fit

@@ -12,6 +12,7 @@ import math
 from typing import Optional, Tuple
 
 from resnet_dist import losses, models, optim
+from resnet_dist.data import augment, preprocess
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.errors import ConfigError
 
@@ -26,6 +27,7 @@ CHOICES = {
     "optimizer": optim.OPTIMIZERS,
     "lr_schedule": optim.SCHEDULES,
     "loss": tuple(losses.LOSSES),
+    "augment": augment.POLICIES,
 }
 
 
@@ -75,6 +77,20 @@ class Config:
   label_smoothing: float = 0.0
   seed: int = 0
   deterministic: bool = False
+  # Recipe (docs/recipes.md); each off by default
+  ema_decay: float = 0.0            # per step; 0: no EMA of the weights
+  ema_every_steps: int = 1          # update the EMA every K steps, by ema_decay**K
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  augment: str = "none"             # none, trivialaugment_wide, randaugment, autoaugment
+  randaugment_num_ops: int = 2
+  randaugment_magnitude: int = 9    # of 31 bins, as torchvision's RandAugment
+  random_erasing: float = 0.0       # probability per image
+  eval_image_size: int = 0          # 0: image_size
+  eval_resize_size: int = 0         # 0: eval_image_size / 0.875 (the central 87.5%)
+  # (START, END, FROM_EPOCH, TO_EPOCH): training size ramps START -> END
+  progressive_resize: Optional[Tuple[int, int, float, float]] = None
+  grad_accum_steps: int = 1         # micro-batches per update
   # Checkpointing
   model_dir: str = ""
   init_checkpoint: str = ""         # fine-tune from another run's weights
@@ -89,6 +105,37 @@ class Config:
   @property
   def policy(self):
     return DTYPES[self.dtype]
+
+  @property
+  def eval_size(self):
+    return self.eval_image_size or self.image_size
+
+  @property
+  def eval_crop_fraction(self):
+    """The share of the shorter side the evaluation crop keeps (inception style)."""
+    if not self.eval_resize_size:
+      return preprocess.EVAL_CROP_FRACTION
+    return self.eval_size / self.eval_resize_size
+
+  @property
+  def micro_batch_size(self):
+    """Examples per forward and backward pass, over all replicas."""
+    return self.global_batch_size // self.grad_accum_steps
+
+  def train_image_size(self, epoch):
+    """The training images' size at `epoch` (steps done / steps per epoch):
+    --image_size, or --progressive_resize's ramp (FFCV's, on a continuous
+    epoch): START until FROM_EPOCH, then linearly in steps of 32 pixels to
+    END, reached at TO_EPOCH."""
+    if self.progressive_resize is None:
+      return self.image_size
+    start, end, first, last = self.progressive_resize
+    progress = min(max((epoch - first) / (last - first), 0.0), 1.0)
+    return end if progress == 1 else start + round(progress * (end - start) / 32) * 32
+
+  @property
+  def mixes(self):
+    return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
   def validate(self):
     """Raises ConfigError naming the first setting that cannot work."""
@@ -109,11 +156,36 @@ class Config:
     _check(epochs and list(epochs) == sorted(set(epochs)) and epochs[0] > 0,
            f"--lr_boundary_epochs={','.join(map(str, epochs))} must be increasing positive "
            f"epochs")
+    self._validate_recipe()
     if self.profile_steps is not None:
       start, end = self.profile_steps
       _check(0 <= start < end,
              f"--profile_steps={start},{end} must be START,END with 0 <= START < END")
     return self
+
+  def _validate_recipe(self):
+    _check(0 <= self.ema_decay < 1, f"--ema_decay={self.ema_decay} must be in [0, 1)")
+    _check(self.ema_every_steps >= 1, "--ema_every_steps must be at least 1")
+    _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
+           "--mixup_alpha and --cutmix_alpha must be >= 0")
+    _check(0 <= self.random_erasing <= 1,
+           f"--random_erasing={self.random_erasing} must be a probability")
+    _check(1 <= self.randaugment_num_ops and 0 <= self.randaugment_magnitude < augment.BINS,
+           f"--randaugment_num_ops must be >= 1 and --randaugment_magnitude in "
+           f"0..{augment.BINS - 1}")
+    _check(self.eval_size >= 32, f"--eval_image_size={self.eval_size} is below the minimum of 32")
+    _check(not self.eval_resize_size or self.eval_resize_size >= self.eval_size,
+           f"--eval_resize_size={self.eval_resize_size} is smaller than the evaluation crop "
+           f"({self.eval_size})")
+    _check(self.grad_accum_steps >= 1, "--grad_accum_steps must be at least 1")
+    _check(self.global_batch_size % self.grad_accum_steps == 0,
+           f"--global_batch_size={self.global_batch_size} does not divide into "
+           f"--grad_accum_steps={self.grad_accum_steps} micro-batches")
+    if self.progressive_resize is not None:
+      start, end, first, last = self.progressive_resize
+      _check(32 <= start and 32 <= end and 0 <= first < last,
+             f"--progressive_resize={':'.join(f'{v:g}' for v in self.progressive_resize)} must "
+             f"be START:END:FROM_EPOCH:TO_EPOCH with sizes >= 32 and FROM_EPOCH < TO_EPOCH")
 
 
 def _check(condition, message):

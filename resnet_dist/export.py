@@ -20,17 +20,21 @@ from resnet_dist.data import preprocess
 class Classifier(tf.Module):
   """The model behind the run's evaluation preprocessing."""
 
-  def __init__(self, model, image_size, augment, mean, std):
+  def __init__(self, model, image_size, augment, mean, std,
+               crop_fraction=preprocess.EVAL_CROP_FRACTION, of_ema=False):
     super().__init__(name="classifier")
     self.model = model
     self.image_size = image_size
     self.augment = augment
     self.mean, self.std = tuple(mean), tuple(std)
+    self.crop_fraction = crop_fraction
+    self.of_ema = of_ema
 
   def _classify(self, images, encoded):
     def one(image):
       return preprocess.preprocess(image, self.augment, self.image_size, training=False,
-                                   seed=tf.zeros([2], tf.int64), encoded=encoded)
+                                   seed=tf.zeros([2], tf.int64), encoded=encoded,
+                                   crop_fraction=self.crop_fraction)
     batch = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(
         [self.image_size, self.image_size, 3], tf.uint8))
     logits = self.model(preprocess.normalize(batch, self.mean, self.std, tf.float32),
@@ -47,14 +51,20 @@ class Classifier(tf.Module):
     return self._classify(images, encoded=True)
 
 
-def load_classifier(model_dir, checkpoint_path=None):
-  """The Classifier of a run's checkpoint (default: its latest), in float32."""
+def load_classifier(model_dir, checkpoint_path=None, use_ema=True):
+  """The Classifier of a run's checkpoint (default: its latest), in float32,
+  at the run's evaluation size and crop; of the EMA weights where the
+  checkpoint has them, unless not use_ema."""
   run = checkpoints.read_run(model_dir)
   path = checkpoints.find_checkpoint(checkpoint_path or model_dir)
+  size = run.get("eval_image_size") or run["image_size"]
   model = models.get_model(run["model"], num_classes=run["num_classes"],
-                           variant=run["resnet_variant"], image_size=run["image_size"])
-  checkpoints.restore_model(model, path)
-  return Classifier(model, run["image_size"], run["augment"], run["mean"], run["std"]), path
+                           variant=run["resnet_variant"], image_size=size)
+  of_ema = use_ema and checkpoints.has_ema(path)
+  checkpoints.restore_model(model, path, checkpoints.EMA_KEY if of_ema else checkpoints.MODEL_KEY)
+  fraction = (size / run["eval_resize_size"] if run.get("eval_resize_size")
+              else preprocess.EVAL_CROP_FRACTION)
+  return Classifier(model, size, run["augment"], run["mean"], run["std"], fraction, of_ema), path
 
 
 def save_weights(classifier, path):

@@ -1,26 +1,33 @@
 """Per-example training losses from logits (--loss), summed into the step's
-loss by tf.nn.compute_average_loss over the global batch."""
+loss by tf.nn.compute_average_loss over the global batch.
+
+Both take target distributions [batch, classes]: one-hot labels, or the
+mixed targets of mixup and CutMix. Label smoothing moves label_smoothing of
+each target's mass evenly onto all classes, after mixing, as torchvision's
+cross-entropy and timm's mixup targets do (the two orders agree: both are
+linear).
+"""
 
 import tensorflow as tf
 
 
-def cross_entropy(labels, logits, num_classes, label_smoothing=0.0):
-  """Softmax cross-entropy, with label smoothing."""
-  targets = tf.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-  return tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
+def smooth(targets, label_smoothing):
+  if not label_smoothing:
+    return targets
+  return targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
 
 
-def binary_cross_entropy(labels, logits, num_classes, label_smoothing=0.0):
+def cross_entropy(targets, logits, label_smoothing=0.0):
+  """Softmax cross-entropy."""
+  return tf.nn.softmax_cross_entropy_with_logits(smooth(targets, label_smoothing),
+                                                 tf.cast(logits, tf.float32))
+
+
+def binary_cross_entropy(targets, logits, label_smoothing=0.0):
   """One sigmoid per class against its target, averaged over the classes:
-  timm's BinaryCrossEntropy, which "ResNet strikes back" trains with. Smoothing
-  moves label_smoothing / num_classes onto every class, as timm does."""
-  off = label_smoothing / num_classes
-  targets = tf.one_hot(labels, num_classes, on_value=1.0 - label_smoothing + off,
-                       off_value=off)
+  timm's BinaryCrossEntropy, which "ResNet strikes back" trains with."""
   return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
-      targets, tf.cast(logits, tf.float32)), axis=-1)
+      smooth(targets, label_smoothing), tf.cast(logits, tf.float32)), axis=-1)
 
 
 LOSSES = {"softmax": cross_entropy, "bce": binary_cross_entropy}

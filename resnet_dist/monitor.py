@@ -27,6 +27,7 @@ def describe_run(config, strategy, source, train_size, eval_size, num_params, ma
                  steps_per_epoch, total_steps, model_dir):
   """The block printed at start: what runs where, on what, for how long."""
   per_replica = config.global_batch_size // strategy.num_replicas_in_sync
+  recipe = describe_recipe(config)
   return "\n".join([
       f"strategy   {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s) "
       f"on {', '.join(strategy_lib.replica_devices(strategy))}",
@@ -40,8 +41,36 @@ def describe_run(config, strategy, source, train_size, eval_size, num_params, ma
       f"schedule   {total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs of "
       f"{steps_per_epoch}), {config.optimizer}, base lr {config.base_learning_rate} per 256"
       + (f", {config.loss} loss" if config.loss != "softmax" else ""),
+      *([f"recipe     {', '.join(recipe)}"] if recipe else []),
       f"model_dir  {model_dir}",
   ])
+
+
+def describe_recipe(config):
+  """The recipe features a run has on, in words; [] for none."""
+  parts = []
+  if config.grad_accum_steps > 1:
+    parts.append(f"{config.grad_accum_steps} micro-batches of {config.micro_batch_size} a step")
+  if config.augment != "none":
+    parts.append(config.augment + (f" ({config.randaugment_num_ops} ops at "
+                                   f"{config.randaugment_magnitude})"
+                                   if config.augment == "randaugment" else ""))
+  if config.random_erasing:
+    parts.append(f"random erasing {config.random_erasing:g}")
+  for name, alpha in (("mixup", config.mixup_alpha), ("cutmix", config.cutmix_alpha)):
+    if alpha:
+      parts.append(f"{name} {alpha:g}")
+  if config.label_smoothing:
+    parts.append(f"label smoothing {config.label_smoothing:g}")
+  if config.ema_decay:
+    parts.append(f"EMA {config.ema_decay:g} every {config.ema_every_steps}")
+  if config.progressive_resize:
+    start, end, first, last = config.progressive_resize
+    parts.append(f"train {start}->{end} px over epochs {first:g}-{last:g}")
+  if config.eval_size != config.image_size or config.eval_resize_size:
+    parts.append(f"eval at {config.eval_size}"
+                 + (f" of {config.eval_resize_size}" if config.eval_resize_size else ""))
+  return parts
 
 
 def progress_line(step, total_steps, steps_per_epoch, metrics, lr, stats):
@@ -55,9 +84,9 @@ def progress_line(step, total_steps, steps_per_epoch, metrics, lr, stats):
           f"ETA {datetime.timedelta(seconds=round(remaining))}")
 
 
-def eval_line(result, split_size):
+def eval_line(result, split_size, of_ema=False):
   skipped = split_size - int(result["count"])
-  return (f"eval at step {result['step']}: loss {result['loss']:.4f} "
+  return (f"eval{' (EMA)' if of_ema else ''} at step {result['step']}: loss {result['loss']:.4f} "
           f"top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} "
           f"over {int(result['count'])} examples"
           + (f" ({skipped} undecodable, skipped)" if skipped > 0 else ""))
@@ -130,14 +159,20 @@ class Summaries:
       if loss_scale is not None:
         tf.summary.scalar("loss_scale", loss_scale)
 
-  def write_eval(self, result):
-    with self.eval.as_default(step=result["step"]):
+  def write_eval(self, result, ema=False):
+    """ema: the result of the weights' EMA, under eval_ema/."""
+    if ema and not hasattr(self, "eval_ema"):
+      self.eval_ema = (tf.summary.create_file_writer(os.path.join(self.model_dir, "eval_ema"))
+                       if self.chief else tf.summary.create_noop_writer())
+    with (self.eval_ema if ema else self.eval).as_default(step=result["step"]):
       for key in ("loss", "top1", "top5"):
         tf.summary.scalar(key, result[key])
 
   def flush(self):
     self.train.flush()
     self.eval.flush()
+    if hasattr(self, "eval_ema"):
+      self.eval_ema.flush()
 
 
 class Profiler:

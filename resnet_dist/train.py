@@ -61,15 +61,22 @@ def create_strategy(config):
 
 
 def open_source(config, strategy):
-  """The dataset, once the batch is known to divide among the replicas."""
-  data.check_batch_divides(config.global_batch_size, strategy.num_replicas_in_sync)
+  """The dataset, once the (micro-)batch is known to divide among the replicas."""
+  data.check_batch_divides(config.micro_batch_size, strategy.num_replicas_in_sync)
   return data.get_source(config.dataset, config.data_dir, config.download,
                          config.num_classes, config.image_size, config.cache_data)
 
 
 def input_config(config):
-  return data.InputConfig(config.global_batch_size, config.image_size, config.seed,
-                          config.shuffle_buffer, config.strict_data)
+  """The training input's settings; evaluation's are eval_input(...) of them."""
+  return data.InputConfig(
+      config.micro_batch_size, config.image_size, config.seed, config.shuffle_buffer,
+      config.strict_data, config.augment, config.randaugment_num_ops,
+      config.randaugment_magnitude, config.eval_crop_fraction)
+
+
+def eval_input(config, input_settings):
+  return dataclasses.replace(input_settings, image_size=config.eval_size)
 
 
 def prepare(config, strategy):
@@ -154,6 +161,8 @@ def resume(setup, trainer):
     fresh = checkpoints.init_from(trainer.model, setup.init_path)
     monitor.log(f"initial weights from {setup.init_path}"
                 + (f"; a fresh classifier ({', '.join(fresh)})" if fresh else ""), chief)
+  if not restored:
+    trainer.reset_ema()
   return Resumed(manager, int(trainer.step.numpy()), restored)
 
 
@@ -213,16 +222,44 @@ class HostLoop:
                        if config.epochs_between_evals > 0 else 0)
     # Every epoch by default: a crash, an OOM or a SIGKILL then loses at most one.
     self.save_every = config.checkpoint_every_steps or setup.steps_per_epoch
+    self.resize_steps = self._resize_steps()
     self.timed_loops = []   # LoopStats of every loop but the first, which includes tracing
     self.last = {"loss": float("nan"), "top1": float("nan")}
-    self.eval_result = None
+    self.eval_result = self.ema_result = None
+
+  def image_size_at(self, step):
+    return self.config.train_image_size(step / self.setup.steps_per_epoch)
+
+  def _resize_steps(self):
+    """The steps at which --progressive_resize changes the training size."""
+    if self.config.progressive_resize is None:
+      return []
+    per_epoch = self.setup.steps_per_epoch
+    _, _, first, last = self.config.progressive_resize
+    ramp = range(max(math.floor(first * per_epoch), 1),
+                 min(math.ceil(last * per_epoch), self.setup.total_steps) + 1)
+    return [s for s in ramp if self.image_size_at(s) != self.image_size_at(s - 1)]
 
   def input_from(self, step):
-    """The training iterator, positioned at `step`."""
+    """The training iterator, positioned at `step`, of images the size that
+    step trains at. With --grad_accum_steps=N it yields micro-batches, N a step."""
     setup = self.setup
+    self.fed_size = self.image_size_at(step)
+    settings = dataclasses.replace(setup.input_config, image_size=self.fed_size)
     return iter(setup.strategy.distribute_datasets_from_function(
-        data.train_dataset_fn(setup.source, setup.source.train_split, setup.input_config, step),
+        data.train_dataset_fn(setup.source, setup.source.train_split, settings,
+                              step * self.config.grad_accum_steps),
         options=strategy_lib.input_options(setup.strategy)))
+
+  def resize_input(self, feed):
+    """A new iterator where --progressive_resize changes the size: the loop
+    function then traces (and compiles, with XLA or on TPUs) once more."""
+    size = self.image_size_at(self.step)
+    if size != self.fed_size:
+      old = [feed.pop()]
+      feed.append(self.input_from(self.step))
+      strategy_lib.drop_in_background(old)
+      monitor.log(f"training images are {size}x{size} from step {self.step}", self.setup.chief)
 
   def run(self):
     """Trains from the resumed step to the end; raises preemption.Preempted
@@ -234,6 +271,7 @@ class HostLoop:
       try:
         self.write_start_summaries()
         while self.step < total:
+          self.resize_input(feed)
           stopped = self.train_until(self.next_stop(), feed[0])
           self.between_loops(stopped, stop_request)
         self.profiler.at(self.step)
@@ -256,6 +294,7 @@ class HostLoop:
     """The step at which the next loop returns to Python."""
     stops = [self.setup.total_steps,
              (self.step // self.config.steps_per_loop + 1) * self.config.steps_per_loop]
+    stops += [s for s in self.resize_steps if s > self.step][:1]
     for every in (self.eval_every, self.save_every):
       if every:
         stops.append((self.step // every + 1) * every)
@@ -325,11 +364,18 @@ class HostLoop:
     checkpoints.save(self.manager, self.step)
 
   def evaluate(self):
+    """The weights, and their EMA where the run keeps one."""
     setup = self.setup
+    settings = eval_input(self.config, setup.input_config)
     self.eval_result = evaluate_split(self.trainer, setup.source, setup.source.eval_split,
-                                      setup.input_config)
+                                      settings)
     monitor.log(monitor.eval_line(self.eval_result, setup.eval_size), setup.chief)
     self.summaries.write_eval(self.eval_result)
+    if self.trainer.ema_model is not None:
+      self.ema_result = evaluate_split(self.trainer, setup.source, setup.source.eval_split,
+                                       settings, ema=True)
+      monitor.log(monitor.eval_line(self.ema_result, setup.eval_size, of_ema=True), setup.chief)
+      self.summaries.write_eval(self.ema_result, ema=True)
 
   def last_good(self):
     if self.manager.latest_checkpoint:
@@ -375,6 +421,8 @@ def write_summary(setup, trainer, cost, loop):
       "eval_top1": result.get("top1"),
       "eval_top5": result.get("top5"),
       "eval_examples": int(result.get("count", 0)),
+      **{f"eval_{key}_ema": (loop.ema_result or {}).get(key) for key in ("loss", "top1", "top5")
+         if loop.ema_result},
       "eval_split_examples": setup.eval_size,
       "skipped_train_records": round(float(trainer.skipped_records.read_value())),
       **_timed_rates(loop, config),
@@ -405,8 +453,9 @@ def write_summary(setup, trainer, cost, loop):
 
 # --- Evaluation ---------------------------------------------------------------
 
-def evaluate_split(trainer, source, split_name, config):
-  """Loss, top-1, top-5 and count over a whole split, every example exactly once."""
+def evaluate_split(trainer, source, split_name, config, ema=False):
+  """Loss, top-1, top-5 and count over a whole split, every example exactly
+  once; of the weights' EMA when ema."""
   strategy = trainer.strategy
   split = source.split(split_name)
   steps = data.eval_steps(split, config.global_batch_size,
@@ -417,7 +466,7 @@ def evaluate_split(trainer, source, split_name, config):
       data.eval_dataset_fn(source, split_name, config),
       options=strategy_lib.input_options(strategy))
   with data.data_errors(source.num_classes):
-    trainer.eval_loop(iter(dataset), tf.constant(steps))
+    trainer.eval_loop(iter(dataset), tf.constant(steps), ema)
   result = trainer.eval_metrics.result()
   if not result["count"]:
     raise DataError(f"no image of the {split_name} split ({split.num_examples} records) "
@@ -425,15 +474,18 @@ def evaluate_split(trainer, source, split_name, config):
   return {**result, "step": int(trainer.step.numpy())}
 
 
-def evaluate(config: Config, checkpoint_path, split_name=None, strategy=None):
-  """Evaluates the model of a checkpoint on a split (default: the eval split)."""
+def evaluate(config: Config, checkpoint_path, split_name=None, strategy=None, use_ema=False):
+  """Evaluates the model of a checkpoint on a split (default: the eval split);
+  use_ema: the EMA of its weights, which the checkpoint must hold."""
   config.validate()
   strategy = strategy or create_strategy(config)
   source = open_source(config, strategy)
   split_name = split_name or source.eval_split
-  trainer = Trainer(config, strategy, source, steps_per_epoch=1, total_steps=1)
-  checkpoints.restore_model(trainer.model, checkpoint_path)
-  result = evaluate_split(trainer, source, split_name, input_config(config))
+  trainer = Trainer(dataclasses.replace(config, ema_decay=0.0), strategy, source,
+                    steps_per_epoch=1, total_steps=1)
+  checkpoints.restore_model(trainer.model, checkpoint_path,
+                            checkpoints.EMA_KEY if use_ema else checkpoints.MODEL_KEY)
+  result = evaluate_split(trainer, source, split_name, eval_input(config, input_config(config)))
   result.update(checkpoint=checkpoint_path, split=split_name,
                 split_examples=source.split(split_name).num_examples)
   del result["step"]

@@ -4,6 +4,12 @@ Trainer owns the model, the optimizer and what a step updates: replica_step()
 (forward, backward, one all-reduce, update), train_loop() and eval_loop()
 (many steps in one tf.function), and the BN statistics sync before a save or
 an evaluation. When to save, evaluate or stop is the host loop's (train.py).
+
+A step, on each replica: normalise the batch; random erasing, then mixup or
+CutMix (data/mixing.py); forward and backward; with --grad_accum_steps=N,
+add the gradients to this replica's accumulators and repeat for N
+micro-batches; all-reduce the gradients and update; every ema_every_steps
+updates, move the EMA of the weights (ema_model) towards them.
 """
 
 import tensorflow as tf
@@ -11,6 +17,11 @@ import tensorflow as tf
 from resnet_dist import checkpoints, data, losses, models, optim
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
+from resnet_dist.data import mixing
+
+# Seeds of the replica step's random draws (erasing, mixing): (salt, counter).
+_ERASE_SALT = 0xE4A5E
+_MIX_SALT = 0x313C5
 
 
 class Metrics(tf.Module):
@@ -62,10 +73,9 @@ class Trainer:
         config.base_learning_rate, config.global_batch_size, steps_per_epoch,
         total_steps, config.warmup_epochs, config.lr_schedule, config.lr_boundary_epochs)
     with strategy.scope():
-      self.model = models.get_model(
-          config.model, num_classes=self.num_classes, variant=config.resnet_variant,
-          sync_bn=config.sync_bn, zero_init_residual=config.zero_init_residual,
-          image_size=config.image_size, dtype=config.policy)
+      self.model = self._build_model()
+      # The EMA of the weights and BN statistics, in float32 like the weights.
+      self.ema_model = self._build_model() if config.ema_decay else None
       self.variables = self.model.trainable_variables
       self.optimizer = optim.Optimizer(
           self.variables, models.weight_decay_variables(self.model), config.optimizer,
@@ -80,6 +90,13 @@ class Trainer:
       self.skipped_records = tf.Variable(
           0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
           aggregation=tf.VariableAggregation.SUM)
+      # Each replica's own sum of its micro-batches' gradients (not checkpointed:
+      # a checkpoint falls between updates, where they are zero).
+      self.accumulated = [
+          tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                      synchronization=tf.VariableSynchronization.ON_READ,
+                      aggregation=tf.VariableAggregation.SUM)
+          for v in self.variables] if config.grad_accum_steps > 1 else []
     # Host-side: seconds the train loop waited for input (see train_loop).
     self.times_input = not config.deterministic and strategy_lib.input_wait_measurable(strategy)
     self.input_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
@@ -87,11 +104,23 @@ class Trainer:
     # to stop (preemption.StopRequest); every step reads it.
     self.stop_requested = tf.Variable(False, trainable=False)
     self.moving_statistics = models.moving_statistics(self.model)
-    step = self.replica_step
+    if self.ema_model is not None:
+      self.moving_statistics += models.moving_statistics(self.ema_model)
     if config.enable_xla:
       strategy_lib.check_xla(strategy)
-      step = tf.function(step, jit_compile=True)
-    self._compiled_step = step
+    compile_ = (lambda f: tf.function(f, jit_compile=True)) if config.enable_xla else (lambda f: f)
+    self._compiled_step = compile_(self.replica_step)
+    self._compiled_accumulate = compile_(self.accumulate_step)
+    self._compiled_apply = compile_(self.apply_accumulated)
+
+  def _build_model(self):
+    config = self.config
+    # A fixed input size where training and evaluation share one.
+    fixed = (config.progressive_resize is None and config.eval_size == config.image_size)
+    return models.get_model(
+        config.model, num_classes=self.num_classes, variant=config.resnet_variant,
+        sync_bn=config.sync_bn, zero_init_residual=config.zero_init_residual,
+        image_size=config.image_size if fixed else None, dtype=config.policy)
 
   @property
   def step(self):
@@ -103,28 +132,69 @@ class Trainer:
              "skipped_records": self.skipped_records}
     if self.loss_scale is not None:
       state["loss_scale"] = self.loss_scale
+    if self.ema_model is not None:
+      state["ema"] = checkpoints.model_state(self.ema_model)
     return state
+
+  @tf.function
+  def reset_ema(self):
+    """Starts the EMA at the current weights (a new run, after its initial weights)."""
+    if self.ema_model is not None:
+      self.strategy.run(lambda: self._move_ema(0.0))
+
+  def _move_ema(self, decay):
+    """ema <- decay * ema + (1 - decay) * weights, on this replica's copies."""
+    for average, value in zip(self.ema_model.variables, self.model.variables):
+      average = models.plain_variable(average)
+      average.assign(decay * average + (1.0 - decay) * models.plain_variable(value))
 
   def _normalize(self, images):
     return data.normalize(images, self.source.mean, self.source.std, self.model.compute_dtype)
 
-  def replica_step(self, images, labels, skipped, stop_requested):
-    """Forward, backward, all-reduce, update: one replica's part of one step.
+  def _step_seed(self, micro, salt):
+    """A stateless seed unique to (--seed, step, micro-batch, replica)."""
+    context = tf.distribute.get_replica_context()
+    counter = ((self.optimizer.iterations * self.config.grad_accum_steps
+                + tf.cast(micro, tf.int64)) * context.num_replicas_in_sync
+               + tf.cast(context.replica_id_in_sync_group, tf.int64))
+    return tf.stack([tf.constant(self.config.seed + salt, tf.int64), counter])
 
-    skipped: per example, the bad records the input skipped just before it.
-    stop_requested: whether this process was asked to stop. It travels in the
-    gradients' all-reduce, so every replica of every worker learns in the same
-    step that some process was, at no cost of its own. Returns that answer.
-    """
+  def _regularize(self, images, targets, micro):
+    """Random erasing, then mixup or CutMix, as the flags ask."""
     config = self.config
-    images = self._normalize(images)
+    if config.random_erasing:
+      images = mixing.random_erasing(images, self._step_seed(micro, _ERASE_SALT),
+                                     config.random_erasing)
+    if config.mixes:
+      images, targets = mixing.mix(images, targets, self._step_seed(micro, _MIX_SALT),
+                                   config.mixup_alpha, config.cutmix_alpha)
+    return images, targets
+
+  def _gradients(self, images, labels, skipped, micro):
+    """This replica's gradients of its share of the step's loss, on one
+    (micro-)batch; counts the batch in the training metrics. With loss
+    scaling the gradients are scaled."""
+    config = self.config
+    images, targets = self._regularize(self._normalize(images),
+                                       tf.one_hot(labels, self.num_classes), micro)
     with tf.GradientTape() as tape:
       logits = self.model(images, training=True)
-      per_example = self.loss(labels, logits, self.num_classes, config.label_smoothing)
+      per_example = self.loss(targets, logits, config.label_smoothing)
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.global_batch_size)
       if self.loss_scale is not None:
         loss = loss * self.loss_scale.scale
     grads = tape.gradient(loss, self.variables)
+    self.skipped_records.assign_add(tf.cast(tf.reduce_sum(skipped), tf.float32))
+    # Mixed targets count against the label that weighs most.
+    dominant = tf.argmax(targets, axis=-1) if config.mixes else labels
+    self.train_metrics.update(dominant, logits, per_example, tf.ones_like(per_example))
+    return grads
+
+  def _update(self, grads, stop_requested):
+    """All-reduce, update, EMA. stop_requested: whether this process was asked
+    to stop. It travels in the gradients' all-reduce, so every replica of
+    every worker learns in the same step that some process was, at no cost of
+    its own. Returns that answer."""
     stops = tf.reshape(tf.cast(stop_requested, tf.float32), [1])
     context = tf.distribute.get_replica_context()
     if context.num_replicas_in_sync > 1:
@@ -135,16 +205,43 @@ class Trainer:
       apply = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
       self.loss_scale.update(apply)
     lr = self.schedule(self.optimizer.iterations)
-    self.optimizer.apply(grads, lr, apply)
+    step = self.optimizer.apply(grads, lr, apply)
     self.grad_norm_sum.assign_add(tf.linalg.global_norm(grads))
-    self.skipped_records.assign_add(tf.cast(tf.reduce_sum(skipped), tf.float32))
-    self.train_metrics.update(labels, logits, per_example, tf.ones_like(per_example))
+    if self.ema_model is not None:
+      self._update_ema(step)
     return stops[0] > 0
 
-  def eval_step(self, images, labels, weights):
-    logits = self.model(self._normalize(images), training=False)
+  def _update_ema(self, step):
+    """Every ema_every_steps steps, by ema_decay**ema_every_steps; during the
+    learning-rate warmup the EMA copies the weights, as torchvision's does."""
+    every = self.config.ema_every_steps
+    decay = tf.where(step <= self.schedule.warmup_steps, 0.0,
+                     self.config.ema_decay ** every)
+    tf.cond(step % every == 0, lambda: self._move_ema(decay), lambda: None)
+
+  def replica_step(self, images, labels, skipped, stop_requested):
+    """Forward, backward, all-reduce, update: one replica's part of one step.
+    skipped: per example, the bad records the input skipped just before it."""
+    return self._update(self._gradients(images, labels, skipped, 0), stop_requested)
+
+  def accumulate_step(self, images, labels, skipped, micro):
+    """One micro-batch of an accumulated step: adds its gradients to this replica's sums."""
+    for total, grad in zip(self.accumulated, self._gradients(images, labels, skipped, micro)):
+      total.assign_add(grad)
+
+  def apply_accumulated(self, stop_requested):
+    """The update of an accumulated step, from the sums; zeroes them."""
+    grads = [total.read_value() for total in self.accumulated]
+    with tf.control_dependencies(grads):
+      for total in self.accumulated:
+        total.assign(tf.zeros_like(total))
+    return self._update(grads, stop_requested)
+
+  def eval_step(self, images, labels, weights, ema=False):
+    model = self.ema_model if ema else self.model
+    logits = model(self._normalize(images), training=False)
     # Softmax cross-entropy whatever --loss is: eval losses compare across recipes.
-    per_example = losses.cross_entropy(labels, logits, self.num_classes)
+    per_example = losses.cross_entropy(tf.one_hot(labels, self.num_classes), logits)
     self.eval_metrics.update(labels, logits, per_example, weights)
 
   @tf.function
@@ -181,21 +278,30 @@ class Trainer:
     """
     stopping = tf.constant(False)
     for _ in tf.range(num_steps):
-      if self.times_input:
-        asked = tf.timestamp()
-        batch = next(iterator)
-        with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
-          self.input_seconds.assign_add(tf.timestamp() - asked)
+      if self.config.grad_accum_steps == 1:
+        stops = self.strategy.run(self._compiled_step,
+                                  args=(*self._next(iterator), self.stop_requested.read_value()))
       else:
-        batch = next(iterator)
-      stops = self.strategy.run(self._compiled_step,
-                                args=(*batch, self.stop_requested.read_value()))
+        for micro in tf.range(self.config.grad_accum_steps):
+          self.strategy.run(self._compiled_accumulate, args=(*self._next(iterator), micro))
+        stops = self.strategy.run(self._compiled_apply, args=(self.stop_requested.read_value(),))
       stopping = self.strategy.experimental_local_results(stops)[0]
       if stopping:
         break
     return stopping
 
+  def _next(self, iterator):
+    """next(iterator), adding the time it waits to input_seconds where it can."""
+    if not self.times_input:
+      return next(iterator)
+    asked = tf.timestamp()
+    batch = next(iterator)
+    with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
+      self.input_seconds.assign_add(tf.timestamp() - asked)
+    return batch
+
   @tf.function
-  def eval_loop(self, iterator, num_steps):
+  def eval_loop(self, iterator, num_steps, ema=False):
+    """ema: evaluate the EMA of the weights instead of the weights."""
     for _ in tf.range(num_steps):
-      self.strategy.run(self.eval_step, args=next(iterator))
+      self.strategy.run(self.eval_step, args=next(iterator), kwargs={"ema": ema})

@@ -101,7 +101,7 @@ class LossTest(absltest.TestCase):
       p = 1 / (1 + np.exp(-logits))
       expected = -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean(axis=1)
       np.testing.assert_allclose(
-          losses.binary_cross_entropy(labels, logits, 3, smoothing), expected, rtol=1e-5)
+          losses.binary_cross_entropy(np.eye(3, dtype=np.float32)[labels], logits, smoothing), expected, rtol=1e-5)
 
   def test_softmax_cross_entropy_matches_the_formula(self):
     logits = np.array([[2.0, -1.0, 0.5]], np.float32)
@@ -109,7 +109,7 @@ class LossTest(absltest.TestCase):
       targets = np.full(3, smoothing / 3)
       targets[1] += 1 - smoothing
       log_p = logits[0] - np.log(np.exp(logits[0]).sum())
-      np.testing.assert_allclose(losses.cross_entropy(np.array([1]), logits, 3, smoothing),
+      np.testing.assert_allclose(losses.cross_entropy(np.eye(3, dtype=np.float32)[[1]], logits, smoothing),
                                  [-(targets * log_p).sum()], rtol=1e-5)
 
 

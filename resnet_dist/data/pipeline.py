@@ -37,6 +37,7 @@ import re
 
 import tensorflow as tf
 
+from resnet_dist.data import augment as augment_lib
 from resnet_dist.data import preprocess as preprocess_lib
 from resnet_dist.data import records as records_lib
 from resnet_dist.data.splits import RecordSplit
@@ -51,11 +52,15 @@ _GCS_READ_BUFFER = 8 << 20
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-  global_batch_size: int
+  global_batch_size: int          # per (micro-)batch: what one next() yields, over all replicas
   image_size: int
   seed: int = 0
   shuffle_buffer: int = 10000     # records; record splits only
   strict: bool = False            # stop at a bad image instead of skipping it
+  augment: str = "none"           # an augment.POLICIES policy, after crop and flip
+  randaugment_num_ops: int = 2
+  randaugment_magnitude: int = 9
+  crop_fraction: float = preprocess_lib.EVAL_CROP_FRACTION  # evaluation's central crop
 
 
 def check_batch_divides(global_batch_size, num_replicas):
@@ -161,7 +166,10 @@ def _load(ds, fetch, source, split, config, training):
         image = tf.identity(image)
     seed = tf.stack([tf.constant(config.seed + _AUGMENT_SALT, tf.int64), seed_position])
     image = preprocess_lib.preprocess(image, source.augment, config.image_size, training, seed,
-                                      split.encoded)
+                                      split.encoded, config.crop_fraction)
+    if training and config.augment != "none":
+      image = augment_lib.augment(image, config.augment, seed + 8, config.randaugment_num_ops,
+                                  config.randaugment_magnitude)
     return position, image, label, where
 
   ds = ds.map(load_and_preprocess, num_parallel_calls=_parallelism(), deterministic=True)

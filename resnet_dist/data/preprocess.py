@@ -15,8 +15,8 @@ Styles (Source.augment):
   inception      ImageNet training: a random crop of 8%..100% of the area with
                  aspect ratio 3/4..4/3 covering at least 10% of the image,
                  decoded fused with the JPEG (only the crop is decoded),
-                 resized, flipped. Evaluation: the central 87.5% of the
-                 shorter side, resized.
+                 resized, flipped. Evaluation: the central 87.5% (or
+                 crop_fraction) of the shorter side, resized.
   pad_crop_flip  32x32 datasets (He et al. 2015): pad 4, random crop, flip.
   pad_crop       the same without the flip (digits: a mirrored 2 is no 2).
   none           resize only.
@@ -118,18 +118,21 @@ def _pad_crop(image, size, seed, flip):
   return image
 
 
-def preprocess(image, augment, size, training, seed, encoded):
+def preprocess(image, augment, size, training, seed, encoded,
+               crop_fraction=EVAL_CROP_FRACTION):
   """One example -> uint8 [size, size, 3].
 
   image: uint8 [H, W, C], or encoded bytes (JPEG, PNG, ...) when encoded.
   seed: int64 [2], used only when training.
+  crop_fraction: evaluation's central crop, of the shorter side (inception):
+  224 / 232 is torchvision's "resize to 232, crop 224".
   """
   if augment == "inception":
     if training:
       image = _decode_crop(image, encoded, lambda shape: _random_window(shape, seed))
     else:
       image = _decode_crop(image, encoded,
-                           lambda shape: _centre_window(shape, EVAL_CROP_FRACTION))
+                           lambda shape: _centre_window(shape, crop_fraction))
     image = _resized(image, size)
     if training:  # after resizing: an average crop has more pixels than the output
       image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)

@@ -1,0 +1,276 @@
+"""Automatic augmentation policies on uint8 images (--augment), as torchvision's.
+
+  trivialaugment_wide  one op per image, uniformly, at a uniformly drawn
+                       magnitude of 31 bins over the "wide" ranges
+                       (TrivialAugment, Mueller & Hutter 2021)
+  randaugment          num_ops ops per image, uniformly, all at one fixed
+                       magnitude bin of 31 (RandAugment, Cubuk et al. 2020)
+  autoaugment          one of the 25 sub-policies learned on ImageNet, each
+                       op applied with its probability, at magnitude bins of 10
+                       (AutoAugment, Cubuk et al. 2019)
+
+The ops, their magnitude ranges and what each does at a magnitude follow
+torchvision.transforms (autoaugment.py and the tensor functional ops): nearest
+sampling with black fill for the geometric ops, blends clamped to 0..255 and
+truncated, a random sign for the signed ops. They run in the input pipeline,
+per example, after the crop and flip and at the model's size; every choice is
+stateless, drawn from the example's seed, so resuming replays them exactly.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+POLICIES = ("none", "trivialaugment_wide", "randaugment", "autoaugment")
+BINS = 31            # magnitude bins of TrivialAugment-wide and RandAugment
+AUTOAUGMENT_BINS = 10
+
+OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate",
+       "brightness", "color", "contrast", "sharpness", "posterize", "solarize",
+       "autocontrast", "equalize", "invert")
+# TrivialAugment-wide and RandAugment draw from every op but invert.
+DRAWN = OPS[:-1]
+
+# ImageNet's AutoAugment policy (the paper's appendix, in torchvision's order):
+# 25 sub-policies of two (op, probability, magnitude bin or None).
+IMAGENET_POLICY = (
+    (("posterize", 0.4, 8), ("rotate", 0.6, 9)),
+    (("solarize", 0.6, 5), ("autocontrast", 0.6, None)),
+    (("equalize", 0.8, None), ("equalize", 0.6, None)),
+    (("posterize", 0.6, 7), ("posterize", 0.6, 6)),
+    (("equalize", 0.4, None), ("solarize", 0.2, 4)),
+    (("equalize", 0.4, None), ("rotate", 0.8, 8)),
+    (("solarize", 0.6, 3), ("equalize", 0.6, None)),
+    (("posterize", 0.8, 5), ("equalize", 1.0, None)),
+    (("rotate", 0.2, 3), ("solarize", 0.6, 8)),
+    (("equalize", 0.6, None), ("posterize", 0.4, 6)),
+    (("rotate", 0.8, 8), ("color", 0.4, 0)),
+    (("rotate", 0.4, 9), ("equalize", 0.6, None)),
+    (("equalize", 0.0, None), ("equalize", 0.8, None)),
+    (("invert", 0.6, None), ("equalize", 1.0, None)),
+    (("color", 0.6, 4), ("contrast", 1.0, 8)),
+    (("rotate", 0.8, 8), ("color", 1.0, 2)),
+    (("color", 0.8, 8), ("solarize", 0.8, 7)),
+    (("sharpness", 0.4, 7), ("invert", 0.6, None)),
+    (("shear_x", 0.6, 5), ("equalize", 1.0, None)),
+    (("color", 0.4, 0), ("equalize", 0.6, None)),
+    (("equalize", 0.4, None), ("solarize", 0.2, 4)),
+    (("solarize", 0.6, 5), ("autocontrast", 0.6, None)),
+    (("invert", 0.6, None), ("equalize", 1.0, None)),
+    (("color", 0.6, 4), ("contrast", 1.0, 8)),
+    (("equalize", 0.8, None), ("equalize", 0.6, None)),
+)
+
+
+# --- Magnitudes ---------------------------------------------------------------
+
+def magnitudes(policy, bins, size):
+  """[len(OPS), bins] float32: each op's magnitude at each bin, and [len(OPS)]
+  bool: whether it takes a random sign. size: the image side, in pixels."""
+  wide = policy == "trivialaugment_wide"
+  linear = {  # op: the magnitude at the last bin, from 0 at the first
+      "shear_x": 0.99 if wide else 0.3, "shear_y": 0.99 if wide else 0.3,
+      "translate_x": 32.0 if wide else 150.0 / 331.0 * size,
+      "translate_y": 32.0 if wide else 150.0 / 331.0 * size,
+      "rotate": 135.0 if wide else 30.0,
+      **{op: 0.99 if wide else 0.9 for op in ("brightness", "color", "contrast", "sharpness")},
+  }
+  table = np.zeros([len(OPS), bins], np.float32)
+  for op, top in linear.items():
+    table[OPS.index(op)] = np.linspace(0.0, top, bins)
+  # Bits kept: 8 down to 2 (wide) or 4, in equal steps, rounded half to even as torch does.
+  table[OPS.index("posterize")] = 8 - np.round(np.arange(bins) / ((bins - 1) / (6 if wide else 4)))
+  table[OPS.index("solarize")] = np.linspace(255.0, 0.0, bins)  # the threshold
+  signed = np.array([op in linear for op in OPS])
+  return tf.constant(table), tf.constant(signed)
+
+
+# --- The ops: uint8 [H, W, 3] and a float32 magnitude -> uint8 [H, W, 3] ------
+
+def _transform(image, matrix):
+  """Samples image at the input point matrix maps each output pixel (x, y) to:
+  x_in = a0 x + a1 y + a2, y_in = b0 x + b1 y + b2. Nearest, black outside."""
+  transform = tf.concat([tf.cast(tf.stack(matrix), tf.float32), tf.zeros([2])], 0)
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
+      fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+  return out[0]
+
+
+def shear_x(image, m):
+  return _transform(image, [1.0, m, 0.0, 0.0, 1.0, 0.0])
+
+
+def shear_y(image, m):
+  return _transform(image, [1.0, 0.0, 0.0, m, 1.0, 0.0])
+
+
+def _pixels(m):
+  """Whole pixels, towards zero, as torchvision's int(magnitude)."""
+  return tf.sign(m) * tf.floor(tf.abs(m))
+
+
+def translate_x(image, m):
+  return _transform(image, [1.0, 0.0, -_pixels(m), 0.0, 1.0, 0.0])
+
+
+def translate_y(image, m):
+  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -_pixels(m)])
+
+
+def rotate(image, degrees):
+  """Counter-clockwise about the image's centre."""
+  h, w = (tf.cast(d, tf.float32) for d in tf.unstack(tf.shape(image)[:2]))
+  cx, cy = (w - 1) / 2, (h - 1) / 2
+  c, s = tf.cos(degrees * math.pi / 180), tf.sin(degrees * math.pi / 180)
+  return _transform(image, [c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy])
+
+
+def _blend(image, other, factor):
+  """factor * image + (1 - factor) * other, clamped and truncated to uint8."""
+  mixed = factor * tf.cast(image, tf.float32) + (1.0 - factor) * tf.cast(other, tf.float32)
+  return tf.cast(tf.clip_by_value(mixed, 0.0, 255.0), tf.uint8)
+
+
+def _grayscale(image):
+  """ITU-R 601-2 luma, truncated to uint8 (torchvision's rgb_to_grayscale)."""
+  weights = tf.constant([0.2989, 0.587, 0.114])
+  return tf.cast(tf.reduce_sum(tf.cast(image, tf.float32) * weights, -1, keepdims=True),
+                 tf.uint8)
+
+
+def brightness(image, m):
+  return _blend(image, tf.zeros_like(image), 1.0 + m)
+
+
+def color(image, m):
+  return _blend(image, _grayscale(image), 1.0 + m)
+
+
+def contrast(image, m):
+  return _blend(image, tf.reduce_mean(tf.cast(_grayscale(image), tf.float32)), 1.0 + m)
+
+
+def sharpness(image, m):
+  """Blends with a smoothed image (3x3, centre weight 5 of 13); the border
+  pixels keep their values."""
+  kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1, 1, 1, 1],
+                                  "VALID")[0]
+  smooth = tf.pad(tf.round(smooth), [[1, 1], [1, 1], [0, 0]])
+  interior = tf.pad(tf.ones_like(smooth[1:-1, 1:-1]), [[1, 1], [1, 1], [0, 0]])
+  degenerate = tf.where(interior > 0, smooth, tf.cast(image, tf.float32))
+  return _blend(image, degenerate, 1.0 + m)
+
+
+def posterize(image, bits):
+  """Keeps the `bits` high bits of every value."""
+  shift = 8 - tf.cast(bits, tf.int32)
+  mask = tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(255, shift), shift), tf.uint8)
+  return tf.bitwise.bitwise_and(image, mask)
+
+
+def solarize(image, threshold):
+  return tf.where(tf.cast(image, tf.float32) >= threshold, 255 - image, image)
+
+
+def autocontrast(image, _=None):
+  """Stretches each channel to 0..255; a constant channel stays as it is."""
+  pixels = tf.cast(image, tf.float32)
+  low = tf.reduce_min(pixels, axis=[0, 1])
+  high = tf.reduce_max(pixels, axis=[0, 1])
+  scale = tf.where(high > low, 255.0 / tf.maximum(high - low, 1.0), 1.0)
+  low = tf.where(high > low, low, 0.0)
+  return tf.cast(tf.clip_by_value((pixels - low) * scale, 0.0, 255.0), tf.uint8)
+
+
+def _equalize_channel(channel):
+  """PIL's histogram equalisation of one uint8 channel."""
+  histogram = tf.math.bincount(tf.cast(channel, tf.int32), minlength=256, maxlength=256)
+  last = tf.gather(histogram, tf.reduce_max(tf.where(histogram > 0)))
+  step = (tf.reduce_sum(histogram) - last) // 255
+
+  def equalized():
+    lut = (tf.cumsum(histogram) + step // 2) // tf.maximum(step, 1)
+    lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
+    return tf.cast(tf.gather(lut, tf.cast(channel, tf.int32)), tf.uint8)
+
+  return tf.cond(step > 0, equalized, lambda: channel)
+
+
+def equalize(image, _=None):
+  return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], -1)
+
+
+def invert(image, _=None):
+  return 255 - image
+
+
+def identity(image, _=None):
+  return image
+
+
+def apply_op(image, op, magnitude):
+  """OPS[op] (an int32 tensor) at magnitude, on one uint8 [H, W, 3] image."""
+  functions = [globals()[name] for name in OPS]
+  shape = image.shape
+  out = tf.switch_case(op, [lambda f=f: f(image, magnitude) for f in functions])
+  return tf.ensure_shape(out, shape)
+
+
+# --- The policies ---------------------------------------------------------------
+
+def _draw(seed, shape, maxval):
+  return tf.random.stateless_uniform(shape, seed=seed, maxval=maxval, dtype=tf.int32)
+
+
+def _signed(table, signs, op, level, sign_seed):
+  """The magnitude of op at bin `level`, negated with probability 1/2 when signed."""
+  flip = signs[op] & (_draw(sign_seed, [], 2) == 0)
+  value = table[op, level]
+  return tf.where(flip, -value, value)
+
+
+def trivialaugment_wide(image, seed, size):
+  table, signs = magnitudes("trivialaugment_wide", BINS, size)
+  op = _draw(seed, [], len(DRAWN))
+  return apply_op(image, op, _signed(table, signs, op, _draw(seed + 1, [], BINS), seed + 2))
+
+
+def randaugment(image, seed, size, num_ops, magnitude):
+  table, signs = magnitudes("randaugment", BINS, size)
+  for i in range(num_ops):
+    op_seed = seed + 3 * i
+    op = _draw(op_seed, [], len(DRAWN))
+    image = apply_op(image, op, _signed(table, signs, op, magnitude, op_seed + 1))
+  return image
+
+
+def autoaugment(image, seed, size):
+  table, signs = magnitudes("autoaugment", AUTOAUGMENT_BINS, size)
+  ops = tf.constant([[OPS.index(op) for op, _, _ in sub] for sub in IMAGENET_POLICY])
+  probabilities = tf.constant([[p for _, p, _ in sub] for sub in IMAGENET_POLICY])
+  levels = tf.constant([[level or 0 for _, _, level in sub] for sub in IMAGENET_POLICY])
+  chosen = _draw(seed, [], len(IMAGENET_POLICY))
+  draws = tf.random.stateless_uniform([2], seed=seed + 1)
+  for i in range(2):
+    applies = draws[i] <= probabilities[chosen, i]
+    op = tf.where(applies, ops[chosen, i], OPS.index("identity"))
+    image = apply_op(image, op, _signed(table, signs, op, levels[chosen, i], seed + 2 + i))
+  return image
+
+
+def augment(image, policy, seed, num_ops=2, magnitude=9):
+  """image: uint8 [size, size, 3]; seed: int64 [2], this example's."""
+  size = image.shape[0]
+  if policy == "none":
+    return image
+  if policy == "trivialaugment_wide":
+    return trivialaugment_wide(image, seed, size)
+  if policy == "randaugment":
+    return randaugment(image, seed, size, num_ops, magnitude)
+  if policy == "autoaugment":
+    return autoaugment(image, seed, size)
+  raise ValueError(f"unknown augmentation policy {policy!r}; choose from {', '.join(POLICIES)}")
