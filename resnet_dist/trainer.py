@@ -128,12 +128,12 @@ class Trainer:
 
   def checkpoint_state(self):
     """What a checkpoint holds to resume this run exactly, for tf.train.Checkpoint."""
-    state = {"model": checkpoints.model_state(self.model), "optimizer": self.optimizer,
-             "skipped_records": self.skipped_records}
+    state = {checkpoints.MODEL_KEY: checkpoints.model_state(self.model),
+             "optimizer": self.optimizer, "skipped_records": self.skipped_records}
     if self.loss_scale is not None:
       state["loss_scale"] = self.loss_scale
     if self.ema_model is not None:
-      state["ema"] = checkpoints.model_state(self.ema_model)
+      state[checkpoints.EMA_KEY] = checkpoints.model_state(self.ema_model)
     return state
 
   @tf.function

@@ -4,7 +4,8 @@
 - --enable_xla under MirroredStrategy on GPUs: the real train_loop traces with
   TensorFlow told that the devices are GPUs (its XLA path then runs the
   replica step without merge_call).
-- The TPU replica step of the pod recipe (ResNet-50, bf16, LARS) lowers to HLO.
+- The TPU replica step of the pod recipe (ResNet-50, bf16, LARS) lowers to HLO,
+  and so do the steps of the modern recipes (erasing, mixing, EMA, accumulation).
 """
 
 from unittest import mock
@@ -135,6 +136,25 @@ class TpuStepTest(absltest.TestCase):
     self.assertIn("ENTRY", hlo)
     self.assertIn("convolution", hlo)
     self.assertIn("bf16", hlo)
+    self.assertNotIn("custom-call", hlo.replace("custom-call-target", ""))
+
+  def test_recipe_steps_lower_to_hlo(self):
+    # Random erasing, mixup and CutMix (their Beta draws included), the EMA
+    # update and gradient accumulation are inside the replica step: they too
+    # must lower with static shapes.
+    trainer, _ = build(tf.distribute.get_strategy(), dtype="bf16", optimizer="lamb",
+                       loss="bce", mixup_alpha=0.2, cutmix_alpha=1.0, random_erasing=0.25,
+                       ema_decay=0.999, ema_every_steps=4, grad_accum_steps=2)
+    half = BATCH // 2
+    accumulate = tf.function(trainer.accumulate_step, jit_compile=True)
+    hlo = accumulate.experimental_get_compiler_ir(
+        tf.zeros([half, 32, 32, 3], tf.uint8), tf.zeros([half], tf.int64),
+        tf.zeros([half], tf.int32), tf.constant(1))(stage="hlo")
+    self.assertIn("convolution", hlo)
+    self.assertIn("rng", hlo)  # the stateless draws
+    apply = tf.function(trainer.apply_accumulated, jit_compile=True)
+    hlo = apply.experimental_get_compiler_ir(tf.constant(False))(stage="hlo")
+    self.assertIn("ENTRY", hlo)
     self.assertNotIn("custom-call", hlo.replace("custom-call-target", ""))
 
 

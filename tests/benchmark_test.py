@@ -44,9 +44,12 @@ class BenchmarkTest(absltest.TestCase):
     _, report = self.run_benchmark("--mode=input", "--num_images=16", "--batch_size=8",
                                    "--image_size=64", "--warmup_batches=1", "--seconds=0.5",
                                    "--rounds=2")
-    ours, bare = report["results"]
-    self.assertEqual((ours["pipeline"], bare["pipeline"]), ("resnet_dist", "bare tf.data"))
-    for row in (ours, bare):
+    ours, augmented, bare = report["results"]
+    self.assertEqual([ours["pipeline"], augmented["pipeline"], bare["pipeline"]],
+                     ["resnet_dist", "resnet_dist trivialaugment_wide", "bare tf.data"])
+    self.assertAlmostEqual(augmented["extra_cpu_ms_per_image"],
+                           augmented["cpu_ms_per_image"] - ours["cpu_ms_per_image"], delta=0.01)
+    for row in (ours, augmented, bare):
       low, high = row["images_per_second_range"]
       self.assertTrue(low - 1 <= row["images_per_second"] <= high + 1, row)  # ends are rounded
       self.assertGreater(row["cpu_ms_per_image"], 0)

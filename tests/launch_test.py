@@ -77,7 +77,7 @@ class RecipesTest(absltest.TestCase):
 
   def test_every_recipe_parses_and_validates(self):
     recipes = sorted(glob.glob(os.path.join(launching.ROOT, "launch", "configs", "*.cfg")))
-    self.assertGreaterEqual(len(recipes), 5)
+    self.assertGreaterEqual(len(recipes), 8)
     script = (
         "import sys\n"
         "from launch import exits\n"
@@ -87,12 +87,17 @@ class RecipesTest(absltest.TestCase):
         "  exits.parse_flags(['x', '--flagfile=' + path])\n"
         "  config = definitions.config_from_flags()\n"
         "  config.validate()\n"
-        "  print(path, config.model, config.global_batch_size, config.strategy)\n")
+        "  print(path, config.model, config.global_batch_size, config.strategy,\n"
+        "        config.image_size, config.eval_size, config.augment)\n")
     result = subprocess.run([sys.executable, "-c", script, *recipes], env=launching.ENV,
                             cwd=launching.ROOT, capture_output=True, text=True, timeout=300)
     self.assertEqual(result.returncode, 0, result.stderr[-2000:])
     self.assertIn("resnet50_imagenet_pod_lars.cfg resnet50 32768 tpu", result.stdout)
     self.assertIn("resnet20_cifar10.cfg resnet20 128 auto", result.stdout)
+    self.assertIn("resnet50_imagenet_torchvision_v2.cfg resnet50 1024 auto 176 224 "
+                  "trivialaugment_wide", result.stdout)
+    self.assertIn("resnet50_imagenet_rsb_a3.cfg resnet50 2048 auto 160 224 randaugment",
+                  result.stdout)
 
 
 class TpuVmTest(absltest.TestCase):

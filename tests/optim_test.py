@@ -101,7 +101,8 @@ class LossTest(absltest.TestCase):
       p = 1 / (1 + np.exp(-logits))
       expected = -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean(axis=1)
       np.testing.assert_allclose(
-          losses.binary_cross_entropy(np.eye(3, dtype=np.float32)[labels], logits, smoothing), expected, rtol=1e-5)
+          losses.binary_cross_entropy(np.eye(3, dtype=np.float32)[labels], logits, smoothing),
+          expected, rtol=1e-5)
 
   def test_softmax_cross_entropy_matches_the_formula(self):
     logits = np.array([[2.0, -1.0, 0.5]], np.float32)
