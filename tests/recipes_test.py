@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 
-from resnet_dist import checkpoints, models, train
+from resnet_dist import checkpoints, export, models, train
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
 from resnet_dist.data import augment, mixing, sources
@@ -245,6 +245,13 @@ class RecipeRunTest(absltest.TestCase):
       for key in ("loss", "top1"):
         self.assertAlmostEqual(result[key], summary[f"eval_{key}{suffix}"], places=5)
     self.assertNotAlmostEqual(summary["eval_loss"], summary["eval_loss_ema"], places=3)
+    reader = tf.train.load_checkpoint(path)
+    for use_ema, key in ((True, checkpoints.EMA_KEY), (False, checkpoints.MODEL_KEY)):
+      classifier, _ = export.load_classifier(model_dir, use_ema=use_ema)
+      self.assertEqual((classifier.of_ema, classifier.image_size), (use_ema, 40))
+      kernel = classifier.model.get_layer("fc").kernel
+      np.testing.assert_array_equal(
+          kernel.numpy(), reader.get_tensor(checkpoints.checkpoint_key(kernel.path, key)))
     with self.assertRaisesRegex(ConfigError, "--ema_decay"):  # resuming without the EMA
       train.run(self.config(model_dir, train_epochs=4, ema_decay=0.0))
 
