@@ -170,7 +170,7 @@ def write_run_record(model_dir, config, source):
                "augment": source.augment, "mean": list(source.mean), "std": list(source.std),
                "global_batch_size": config.global_batch_size,
                "eval_image_size": config.eval_size, "eval_resize_size": config.eval_resize_size,
-               "ema": bool(config.ema_decay)}, f, indent=2)
+               "eval_crop_fraction": config.eval_crop_fraction}, f, indent=2)
 
 
 def read_run(model_dir):

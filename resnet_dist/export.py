@@ -62,9 +62,8 @@ def load_classifier(model_dir, checkpoint_path=None, use_ema=True):
                            variant=run["resnet_variant"], image_size=size)
   of_ema = use_ema and checkpoints.has_ema(path)
   checkpoints.restore_model(model, path, checkpoints.EMA_KEY if of_ema else checkpoints.MODEL_KEY)
-  fraction = (size / run["eval_resize_size"] if run.get("eval_resize_size")
-              else preprocess.EVAL_CROP_FRACTION)
-  return Classifier(model, size, run["augment"], run["mean"], run["std"], fraction, of_ema), path
+  return Classifier(model, size, run["augment"], run["mean"], run["std"],
+                    run.get("eval_crop_fraction", preprocess.EVAL_CROP_FRACTION), of_ema), path
 
 
 def save_weights(classifier, path):

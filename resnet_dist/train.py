@@ -421,8 +421,8 @@ def write_summary(setup, trainer, cost, loop):
       "eval_top1": result.get("top1"),
       "eval_top5": result.get("top5"),
       "eval_examples": int(result.get("count", 0)),
-      **{f"eval_{key}_ema": (loop.ema_result or {}).get(key) for key in ("loss", "top1", "top5")
-         if loop.ema_result},
+      **({f"eval_{key}_ema": loop.ema_result[key] for key in ("loss", "top1", "top5")}
+         if loop.ema_result else {}),
       "eval_split_examples": setup.eval_size,
       "skipped_train_records": round(float(trainer.skipped_records.read_value())),
       **_timed_rates(loop, config),
