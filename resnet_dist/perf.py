@@ -69,3 +69,43 @@ def measure_peak_flops(strategy, dtype=tf.float32, size=1024, seconds=1.0):
         chain(tf.constant(num_matmuls))))
     elapsed = time.perf_counter() - began
   return strategy.num_replicas_in_sync * num_matmuls * 2 * size**3 / elapsed
+
+
+# The verdict on input, at the end of a run: did the accelerators wait for it?
+INPUT_BOUND_WAIT = 0.10   # the train loop waited on input more than this share of its time
+PROBE_MARGIN = 1.25       # the pipeline alone made fewer than this many times the images
+                          # training took: no headroom, so training was (or nearly) held back
+PROBE_AFTER_SECONDS = 60  # runs shorter than this get no probe: it would cost more than it tells
+PROBE_SECONDS = 5.0
+INPUT_ADVICE = ("give each host more CPU cores for decoding and augmentation (or a lighter "
+                "--augment), read from faster storage, or hold TFRecords in memory with "
+                "--cache_data")
+
+
+def input_verdict(wait_fraction, training_rate, pipeline_rate=None):
+  """summary.json's input_bound: whether the run waited on its input, the
+  figures that say so, and what to do about it.
+
+  wait_fraction: the share of the train loop's time spent waiting for the
+  next batch (None where it cannot be timed: several logical CPU devices,
+  --deterministic). Without it, pipeline_rate, images/s the input pipeline
+  made alone after training, compared with training_rate, images/s each
+  input pipeline fed during training. Both None: no verdict.
+  """
+  figures = {"input_wait_fraction": wait_fraction,
+             "training_images_per_second_per_pipeline": training_rate,
+             "pipeline_alone_images_per_second": pipeline_rate}
+  if wait_fraction is not None:
+    bound = wait_fraction > INPUT_BOUND_WAIT
+    basis = f"the train loop waited for input {100 * wait_fraction:.0f}% of its time"
+  elif pipeline_rate is not None and training_rate:
+    bound = pipeline_rate < PROBE_MARGIN * training_rate
+    basis = (f"the input pipeline alone made {pipeline_rate:.0f} images/s, training took "
+             f"{training_rate:.0f}")
+  else:
+    return {"input_bound": None, **figures,
+            "verdict": "input: not judged (the wait cannot be timed here and the run was too "
+                       "short to probe the pipeline)"}
+  verdict = (f"input-bound: {basis}; {INPUT_ADVICE}" if bound
+             else f"not input-bound: {basis}")
+  return {"input_bound": bound, **figures, "verdict": verdict}

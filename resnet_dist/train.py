@@ -410,9 +410,49 @@ def _timed_rates(loop, config):
   }
 
 
+def probe_input(setup, step, seconds):
+  """Images/s the chief's input pipeline makes alone, from `step` on, in
+  `seconds` after two batches of warm-up (training is over: it has the host)."""
+  strategy, config = setup.strategy, setup.config
+  context = tf.distribute.InputContext(strategy_lib.num_input_pipelines(strategy), 0,
+                                       strategy.num_replicas_in_sync)
+  size = config.train_image_size(step / setup.steps_per_epoch)
+  settings = dataclasses.replace(setup.input_config, image_size=size)
+  dataset = data.train_dataset_fn(setup.source, setup.source.train_split, settings,
+                                  step * config.grad_accum_steps)(context)
+  per_batch = context.get_per_replica_batch_size(settings.global_batch_size)
+  holder = [iter(dataset)]
+  try:
+    with data.data_errors(setup.source.num_classes):
+      for _ in range(2):
+        next(holder[0])
+      batches, began = 0, time.perf_counter()
+      while time.perf_counter() - began < seconds:
+        next(holder[0])
+        batches += 1
+      return batches * per_batch / (time.perf_counter() - began)
+  finally:
+    strategy_lib.drop_in_background(holder)
+
+
+def input_verdict(setup, loop, rates):
+  """Whether the run waited on its input (perf.input_verdict): from the timed
+  wait, or else, on the chief of a run long enough, from a probe of the
+  input pipeline alone."""
+  rate = rates["examples_per_second"]
+  per_pipeline = rate / strategy_lib.num_input_pipelines(setup.strategy) if rate else None
+  timed = sum(s.seconds for s in loop.timed_loops)
+  pipeline_rate = None
+  if (rates["input_wait_fraction"] is None and per_pipeline and setup.chief
+      and timed >= perf.PROBE_AFTER_SECONDS):
+    pipeline_rate = probe_input(setup, loop.step, perf.PROBE_SECONDS)
+  return perf.input_verdict(rates["input_wait_fraction"], per_pipeline, pipeline_rate)
+
+
 def write_summary(setup, trainer, cost, loop):
   """The run's results and settings, in model_dir/summary.json (chief) and returned."""
   config, strategy, result = setup.config, setup.strategy, loop.eval_result or {}
+  rates = _timed_rates(loop, config)
   summary = {
       "global_step": loop.step,
       "train_loss": loop.last["loss"],
@@ -425,7 +465,8 @@ def write_summary(setup, trainer, cost, loop):
          if loop.ema_result else {}),
       "eval_split_examples": setup.eval_size,
       "skipped_train_records": round(float(trainer.skipped_records.read_value())),
-      **_timed_rates(loop, config),
+      **rates,
+      "input_bound": input_verdict(setup, loop, rates),
       "gmacs_per_image": cost.macs / 1e9,
       "peak_gflops": cost.peak_flops / 1e9,
       "cpu_kernels": perf.cpu_kernels(),
@@ -444,6 +485,7 @@ def write_summary(setup, trainer, cost, loop):
     with tf.io.gfile.GFile(path, "w") as f:
       json.dump(summary, f, indent=2)
     rate = summary["examples_per_second"]
+    monitor.log(summary["input_bound"]["verdict"])
     monitor.log(f"done: {loop.step} steps, eval top-1 {summary['eval_top1']}"
                 + (f", {rate:.0f} images/s" if rate else "") + "\n"
                 f"checkpoints in {loop.manager.directory}, summary in {path}\n"

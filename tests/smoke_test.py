@@ -9,23 +9,28 @@ import io
 import json
 import math
 import os
+import time
+from unittest import mock
 
 import resnet_dist  # before TensorFlow: its CPU kernels
+import tensorflow as tf
 from absl.testing import absltest, parameterized
 
 import flags
 import launch
 
-from resnet_dist import data, models
+from resnet_dist import data, models, perf
 from resnet_dist import strategy as strategy_lib
 from resnet_dist import train
 from resnet_dist.config import Config
+from resnet_dist.data import splits
 from resnet_dist.errors import ConfigError
 
 SUMMARY_KEYS = {
     "global_step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5",
     "eval_examples", "eval_split_examples", "skipped_train_records", "examples_per_second",
-    "input_wait_fraction", "flop_utilization", "gmacs_per_image", "peak_gflops", "cpu_kernels",
+    "input_wait_fraction", "input_bound", "flop_utilization", "gmacs_per_image", "peak_gflops",
+    "cpu_kernels",
     "strategy", "num_replicas", "model", "resnet_variant", "dataset", "dtype",
     "global_batch_size", "trainable_parameters", "model_dir"}
 
@@ -101,6 +106,54 @@ class SmokeTest(parameterized.TestCase):
     blocker = self.create_tempfile("file").full_path  # a file where a directory should be
     with self.assertRaisesRegex(ConfigError, r"--model_dir=.*/file/run is not writable"):
       train.run(tiny(f"{blocker}/run"))
+
+
+def source_of(seconds_per_image):
+  """32x32 images made from their index, each taking seconds_per_image to load."""
+  def fetch(index):
+    image = tf.fill([32, 32, 3], tf.cast(index % 256, tf.uint8))
+    if seconds_per_image:
+      image = tf.numpy_function(lambda x: (time.sleep(seconds_per_image), x)[1], [image],
+                                tf.uint8, stateful=False)
+      image = tf.ensure_shape(image, [32, 32, 3])
+    return image, index % 10, tf.constant("")
+
+  split = splits.IndexedSplit(4096, fetch)
+  return data.Source(name="made", num_classes=10, train_split="train", eval_split="train",
+                     image_size=32, augment="none", load_split=lambda _: split)
+
+
+class InputVerdictTest(parameterized.TestCase):
+
+  def test_the_verdict_follows_the_figures(self):
+    self.assertTrue(perf.input_verdict(0.3, 100.0)["input_bound"])
+    self.assertFalse(perf.input_verdict(0.02, 100.0)["input_bound"])
+    self.assertTrue(perf.input_verdict(None, 100.0, 110.0)["input_bound"])    # no headroom
+    self.assertFalse(perf.input_verdict(None, 100.0, 1000.0)["input_bound"])
+    self.assertIsNone(perf.input_verdict(None, 100.0)["input_bound"])
+    self.assertIn("--cache_data", perf.input_verdict(0.3, 100.0)["verdict"])
+
+  @parameterized.named_parameters(
+      # One device: the train loop times its wait for each batch.
+      ("slowed_timed", "one_device", 0.02, True),
+      ("free_timed", "one_device", 0.0, False),
+      # 2 logical CPU devices: no timing; the pipeline alone is probed after the run.
+      ("slowed_probed", "mirrored", 0.02, True),
+      ("free_probed", "mirrored", 0.0, False))
+  def test_a_slowed_pipeline_is_input_bound_and_a_free_one_is_not(self, strategy, delay,
+                                                                   bound):
+    config = tiny(self.create_tempdir().full_path, strategy=strategy, train_steps=8,
+                  steps_per_loop=4, skip_eval=True)
+    with mock.patch.object(data, "get_source", return_value=source_of(delay)), \
+         mock.patch.object(perf, "PROBE_AFTER_SECONDS", 0), \
+         mock.patch.object(perf, "PROBE_SECONDS", 1.0):
+      verdict = train.run(config)["input_bound"]
+    self.assertEqual(verdict["input_bound"], bound, verdict)
+    self.assertEqual(verdict["verdict"].startswith("input-bound"), bound)
+    if strategy == "mirrored":
+      self.assertGreater(verdict["pipeline_alone_images_per_second"], 0)
+    else:
+      self.assertIsNotNone(verdict["input_wait_fraction"])
 
 
 def python_files(package):
