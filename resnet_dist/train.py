@@ -201,6 +201,19 @@ def report_start(setup, trainer, resumed):
 
 # --- The host loop ------------------------------------------------------------
 
+def train_image_size(setup, step):
+  return setup.config.train_image_size(step / setup.steps_per_epoch)
+
+
+def train_input(setup, step):
+  """(dataset_fn, its InputConfig): the training input from `step` on, of
+  images the size that step trains at. With --grad_accum_steps=N it yields
+  micro-batches, N a step."""
+  settings = dataclasses.replace(setup.input_config, image_size=train_image_size(setup, step))
+  return data.train_dataset_fn(setup.source, setup.source.train_split, settings,
+                               step * setup.config.grad_accum_steps), settings
+
+
 class HostLoop:
   """Runs the steps in tf.function loops and decides, between loops, when to
   log, save, evaluate, profile and stop (the Trainer runs the steps).
@@ -228,7 +241,7 @@ class HostLoop:
     self.eval_result = self.ema_result = None
 
   def image_size_at(self, step):
-    return self.config.train_image_size(step / self.setup.steps_per_epoch)
+    return train_image_size(self.setup, step)
 
   def _resize_steps(self):
     """The steps at which --progressive_resize changes the training size."""
@@ -241,15 +254,11 @@ class HostLoop:
     return [s for s in ramp if self.image_size_at(s) != self.image_size_at(s - 1)]
 
   def input_from(self, step):
-    """The training iterator, positioned at `step`, of images the size that
-    step trains at. With --grad_accum_steps=N it yields micro-batches, N a step."""
-    setup = self.setup
-    self.fed_size = self.image_size_at(step)
-    settings = dataclasses.replace(setup.input_config, image_size=self.fed_size)
-    return iter(setup.strategy.distribute_datasets_from_function(
-        data.train_dataset_fn(setup.source, setup.source.train_split, settings,
-                              step * self.config.grad_accum_steps),
-        options=strategy_lib.input_options(setup.strategy)))
+    """The training iterator, positioned at `step` (see train_input)."""
+    dataset_fn, settings = train_input(self.setup, step)
+    self.fed_size = settings.image_size
+    return iter(self.setup.strategy.distribute_datasets_from_function(
+        dataset_fn, options=strategy_lib.input_options(self.setup.strategy)))
 
   def resize_input(self, feed):
     """A new iterator where --progressive_resize changes the size: the loop
@@ -413,13 +422,11 @@ def _timed_rates(loop, config):
 def probe_input(setup, step, seconds):
   """Images/s the chief's input pipeline makes alone, from `step` on, in
   `seconds` after two batches of warm-up (training is over: it has the host)."""
-  strategy, config = setup.strategy, setup.config
+  strategy = setup.strategy
   context = tf.distribute.InputContext(strategy_lib.num_input_pipelines(strategy), 0,
                                        strategy.num_replicas_in_sync)
-  size = config.train_image_size(step / setup.steps_per_epoch)
-  settings = dataclasses.replace(setup.input_config, image_size=size)
-  dataset = data.train_dataset_fn(setup.source, setup.source.train_split, settings,
-                                  step * config.grad_accum_steps)(context)
+  dataset_fn, settings = train_input(setup, step)
+  dataset = dataset_fn(context)
   per_batch = context.get_per_replica_batch_size(settings.global_batch_size)
   holder = [iter(dataset)]
   try:
