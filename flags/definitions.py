@@ -49,6 +49,15 @@ flags.DEFINE_bool("strict_data", _DEFAULTS.strict_data,
                   "Stop at the first undecodable image, naming its file, instead of "
                   "skipping and counting it.")
 
+flags.DEFINE_string("data_service", _DEFAULTS.data_service,
+                    "HOST:PORT of a tf.data service dispatcher (python -m launch.data_service): "
+                    "its workers read, decode, augment and batch the training input. "
+                    "Evaluation stays local.")
+flags.DEFINE_integer("data_service_timeout_seconds", _DEFAULTS.data_service_timeout_seconds,
+                     "How long a run waits for the service's dispatcher at start, and how "
+                     "long one that stops answering (or loses every worker) mid-run, "
+                     "before it stops.", lower_bound=1)
+
 # Distribution
 flags.DEFINE_enum("strategy", _DEFAULTS.strategy, strategy_lib.STRATEGIES,
                   "auto: a TPU if --tpu names one or one is attached, else mirrored over "

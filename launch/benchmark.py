@@ -11,7 +11,9 @@
       FLOP/s against the machine's measured matmul peak, and a
       keras.applications ResNet-50 peer timed in turns with its case.
   python -m launch.benchmark --mode=e2e
-      ResNet-20 end to end on real 32x32 JPEG TFRecords against synthetic input.
+      ResNet-20 end to end on real 32x32 JPEG TFRecords against synthetic input,
+      and on the same TFRecords through a local tf.data service of 2 workers
+      (on this machine's cores, beside the trainer).
   python -m launch.benchmark --mode=targets
       the cases behind the issue's targets, and the ratios.
 
@@ -203,13 +205,15 @@ def _ours(case, strategy):
   config = Config(model=case["model"], image_size=size, dtype=case["dtype"],
                   enable_xla=case["xla"], global_batch_size=case["batch"],
                   steps_per_loop=case["steps_per_loop"], dataset="synthetic", num_classes=1000)
-  if case.get("input") == "jpeg":
+  if case.get("input", "").startswith("jpeg"):
     source = data.get_source("imagenet", case["data_dir"], num_classes=10, image_size=size)
   else:
     source = data.get_source("synthetic", num_classes=10 if size <= 64 else 1000,
                              image_size=size)
   trainer = Trainer(config, strategy, source, steps_per_epoch=100, total_steps=10**6)
-  input_config = data.InputConfig(case["batch"], size, shuffle_buffer=1000)
+  input_config = data.InputConfig(case["batch"], size, shuffle_buffer=1000,
+                                  data_service=case.get("data_service", ""),
+                                  job_name=f"benchmark-{os.getpid()}-{time.time_ns()}")
   iterator = iter(strategy.distribute_datasets_from_function(
       data.train_dataset_fn(source, source.train_split, input_config),
       options=strategy_lib.input_options(strategy)))
@@ -359,21 +363,44 @@ def _jpeg_records(num_images, size=32):
   return directory
 
 
-def _synthetic_and_jpeg():
-  """ResNet-20 rows on synthetic input and on JPEG TFRecords, timed in turns in one process."""
+def _synthetic_and_jpeg(service=""):
+  """ResNet-20 rows on synthetic input and on JPEG TFRecords (and through the
+  tf.data service at `service`), timed in turns in one process."""
   directory = _jpeg_records(FLAGS.num_images * 4)
+  cases = [_case("resnet20", 128, steps_per_loop=10, input=i, data_dir=directory)
+           for i in ("synthetic", "jpeg")]
+  if service:
+    cases.append(dict(cases[1], input="jpeg via tf.data service", data_service=service))
   try:
-    return _in_subprocess([_case("resnet20", 128, steps_per_loop=10, input=i, data_dir=directory)
-                           for i in ("synthetic", "jpeg")])
+    return _in_subprocess(cases)
   finally:
     shutil.rmtree(directory)
 
 
+def _local_service(num_workers):
+  """(process, address) of `launch.data_service --role=local`."""
+  process = subprocess.Popen(
+      [sys.executable, "-m", "launch.data_service", "--role=local",
+       f"--num_workers={num_workers}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      stdout=subprocess.PIPE, text=True)
+  for line in process.stdout:
+    if "--data_service=" in line:
+      return process, line.strip().rsplit("=", 1)[1]
+  raise RuntimeError(f"the local tf.data service did not start (status {process.wait()})")
+
+
 def e2e_benchmark():
-  rows = _synthetic_and_jpeg()
-  rows[1]["ratio_to_synthetic"] = round(rows[1]["images_per_second"]
-                                        / rows[0]["images_per_second"], 3)
-  return "ResNet-20 end to end, 32x32 JPEG TFRecords against synthetic input", rows
+  service, address = _local_service(2)
+  try:
+    rows = _synthetic_and_jpeg(address)
+  finally:
+    service.terminate()
+    service.wait()
+  for row in rows[1:]:
+    row["ratio_to_synthetic"] = round(row["images_per_second"] / rows[0]["images_per_second"], 3)
+  return ("ResNet-20 end to end, 32x32 JPEG TFRecords (local, and through a local tf.data "
+          "service of 2 workers) against synthetic input", rows)
 
 
 def targets_benchmark():

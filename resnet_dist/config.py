@@ -12,7 +12,7 @@ import math
 from typing import Optional, Tuple
 
 from resnet_dist import losses, models, optim
-from resnet_dist.data import augment, preprocess
+from resnet_dist.data import augment, preprocess, service
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.errors import ConfigError
 
@@ -47,6 +47,8 @@ class Config:
   shuffle_buffer: int = 10000       # records; TFRecord datasets
   cache_data: bool = False
   strict_data: bool = False
+  data_service: str = ""            # HOST:PORT of a tf.data service dispatcher; "": local input
+  data_service_timeout_seconds: int = 60
   # Distribution
   strategy: str = "auto"
   num_gpus: Optional[int] = None    # None: every visible GPU
@@ -157,6 +159,7 @@ class Config:
            f"--lr_boundary_epochs={','.join(map(str, epochs))} must be increasing positive "
            f"epochs")
     self._validate_recipe()
+    self._validate_service()
     if self.profile_steps is not None:
       start, end = self.profile_steps
       _check(0 <= start < end,
@@ -186,6 +189,18 @@ class Config:
       _check(32 <= start and 32 <= end and 0 <= first < last,
              f"--progressive_resize={':'.join(f'{v:g}' for v in self.progressive_resize)} must "
              f"be START:END:FROM_EPOCH:TO_EPOCH with sizes >= 32 and FROM_EPOCH < TO_EPOCH")
+
+
+  def _validate_service(self):
+    if not self.data_service:
+      return
+    service.check_address(self.data_service)
+    _check(self.data_service_timeout_seconds >= 1, "--data_service_timeout_seconds must be >= 1")
+    _check(not self.deterministic,
+           "--data_service and --deterministic do not go together: the service's workers "
+           "make batches in an order that differs from run to run")
+    _check(self.dataset != "synthetic",
+           "--data_service has nothing to do for --dataset=synthetic (no input work)")
 
 
 def _check(condition, message):

@@ -78,11 +78,12 @@ PROBE_MARGIN = 1.25       # the pipeline alone made fewer than this many times t
 PROBE_AFTER_SECONDS = 60  # runs shorter than this get no probe: it would cost more than it tells
 PROBE_SECONDS = 5.0
 INPUT_ADVICE = ("give each host more CPU cores for decoding and augmentation (or a lighter "
-                "--augment), read from faster storage, or hold TFRecords in memory with "
-                "--cache_data")
+                "--augment), read from faster storage, hold TFRecords in memory with "
+                "--cache_data, or decode on other machines with a tf.data service "
+                "(--data_service)")
 
 
-def input_verdict(wait_fraction, training_rate, pipeline_rate=None):
+def input_verdict(wait_fraction, training_rate, pipeline_rate=None, service_workers=0):
   """summary.json's input_bound: whether the run waited on its input, the
   figures that say so, and what to do about it.
 
@@ -90,7 +91,8 @@ def input_verdict(wait_fraction, training_rate, pipeline_rate=None):
   next batch (None where it cannot be timed: several logical CPU devices,
   --deterministic). Without it, pipeline_rate, images/s the input pipeline
   made alone after training, compared with training_rate, images/s each
-  input pipeline fed during training. Both None: no verdict.
+  input pipeline fed during training. Both None: no verdict. service_workers:
+  the tf.data service's workers, when a service made the input.
   """
   figures = {"input_wait_fraction": wait_fraction,
              "training_images_per_second_per_pipeline": training_rate,
@@ -106,6 +108,8 @@ def input_verdict(wait_fraction, training_rate, pipeline_rate=None):
     return {"input_bound": None, **figures,
             "verdict": "input: not judged (the wait cannot be timed here and the run was too "
                        "short to probe the pipeline)"}
-  verdict = (f"input-bound: {basis}; {INPUT_ADVICE}" if bound
+  advice = (f"add tf.data service workers (it had {service_workers}; README: Feeding "
+            f"accelerators from CPU machines)" if service_workers else INPUT_ADVICE)
+  verdict = (f"input-bound: {basis}; {advice}" if bound
              else f"not input-bound: {basis}")
   return {"input_bound": bound, **figures, "verdict": verdict}

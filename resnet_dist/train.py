@@ -15,6 +15,7 @@ and evaluated in Trainer.checkpoint_state and HostLoop.evaluate, a change of
 input during the run (progressive resizing) in HostLoop.input_from.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +29,7 @@ import tensorflow as tf
 from resnet_dist import checkpoints, data, models, monitor, perf, preemption
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
+from resnet_dist.data import service
 from resnet_dist.errors import DataError
 from resnet_dist.models import weights
 from resnet_dist.trainer import Trainer
@@ -48,6 +50,7 @@ class RunSetup:
   eval_size: int
   steps_per_epoch: int
   total_steps: int
+  service_workers: int = 0  # the tf.data service's workers at start; 0: local input
 
   @property
   def chief(self):
@@ -72,16 +75,20 @@ def input_config(config):
   return data.InputConfig(
       config.micro_batch_size, config.image_size, config.seed, config.shuffle_buffer,
       config.strict_data, config.augment, config.randaugment_num_ops,
-      config.randaugment_magnitude, config.eval_crop_fraction)
+      config.randaugment_magnitude, config.eval_crop_fraction, config.data_service)
 
 
 def eval_input(config, input_settings):
-  return dataclasses.replace(input_settings, image_size=config.eval_size)
+  """Evaluation reads its split here, exactly once, with or without a service."""
+  return dataclasses.replace(input_settings, image_size=config.eval_size, data_service="")
 
 
 def prepare(config, strategy):
-  """Seeds, opens and probes the data, checks model_dir: a RunSetup, or a
-  ConfigError before anything is built or written."""
+  """Seeds, opens and probes the data (and the tf.data service), checks
+  model_dir: a RunSetup, or a ConfigError before anything is built or written."""
+  service_workers = (service.wait_for_workers(config.data_service,
+                                              config.data_service_timeout_seconds)
+                     if config.data_service else 0)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
@@ -98,12 +105,16 @@ def prepare(config, strategy):
     checkpoints.check_writable(model_dir)
   train_size = source.split(source.train_split).num_examples
   steps_per_epoch = max(train_size // config.global_batch_size, 1)
+  settings = input_config(config)
+  if config.data_service:
+    settings = dataclasses.replace(settings, job_name=service.job_prefix(model_dir))
   return RunSetup(
-      config=config, strategy=strategy, source=source, input_config=input_config(config),
+      config=config, strategy=strategy, source=source, input_config=settings,
       model_dir=model_dir, init_path=init_path, train_size=train_size,
       eval_size=source.split(source.eval_split).num_examples,
       steps_per_epoch=steps_per_epoch,
-      total_steps=config.train_steps or math.ceil(config.train_epochs * steps_per_epoch))
+      total_steps=config.train_steps or math.ceil(config.train_epochs * steps_per_epoch),
+      service_workers=service_workers)
 
 
 def _pretrained_normalization(source, strategy):
@@ -191,8 +202,16 @@ def report_start(setup, trainer, resumed):
   if peak_flops:
     monitor.log(f"peak       {peak_flops / 1e9:.1f} GFLOP/s ({trainer.model.compute_dtype} "
                 f"matmul, {'given' if config.peak_tflops else 'measured'})", chief)
+  if setup.service_workers:
+    monitor.log(f"input      tf.data service at {config.data_service}, "
+                f"{setup.service_workers} worker{'s' if setup.service_workers > 1 else ''}; "
+                "evaluation reads here", chief)
   if resumed.start_step:
     monitor.log(f"resuming from step {resumed.start_step} ({resumed.restored})", chief)
+    if setup.service_workers:
+      monitor.log("the data service starts at the split holding that step's data position; "
+                  "examples in flight at the checkpoint may be seen twice, or not at all, in "
+                  "this epoch", chief)
   if setup.source.eval_split == setup.source.train_split and not config.skip_eval:
     monitor.log(f"warning: {setup.source.name} has no evaluation split; evaluating on the "
                 f"training split", chief)
@@ -210,6 +229,8 @@ def train_input(setup, step):
   images the size that step trains at. With --grad_accum_steps=N it yields
   micro-batches, N a step."""
   settings = dataclasses.replace(setup.input_config, image_size=train_image_size(setup, step))
+  if settings.data_service:  # a job of its own: each job's position is where it began
+    settings = dataclasses.replace(settings, job_name=f"{settings.job_name}-step{step}")
   return data.train_dataset_fn(setup.source, setup.source.train_split, settings,
                                step * setup.config.grad_accum_steps), settings
 
@@ -239,6 +260,7 @@ class HostLoop:
     self.timed_loops = []   # LoopStats of every loop but the first, which includes tracing
     self.last = {"loss": float("nan"), "top1": float("nan")}
     self.eval_result = self.ema_result = None
+    self.service_watch = None
 
   def image_size_at(self, step):
     return train_image_size(self.setup, step)
@@ -275,7 +297,8 @@ class HostLoop:
     when a signal stopped the run (after saving)."""
     total = self.setup.total_steps
     # From here a SIGTERM or SIGINT asks the loop to stop after a step and save.
-    with preemption.StopRequest(self.trainer.stop_requested) as stop_request:
+    with preemption.StopRequest(self.trainer.stop_requested) as stop_request, \
+         self.watch_service():
       feed = [self.input_from(self.step)]  # its only reference, for drop_in_background()
       try:
         self.write_start_summaries()
@@ -291,6 +314,17 @@ class HostLoop:
       finally:
         strategy_lib.drop_in_background(feed)
     self.summaries.flush()
+
+  def watch_service(self):
+    """With a tf.data service, a thread that warns of lost service workers and
+    stops the run when the dispatcher is gone (service.Watch)."""
+    setup = self.setup
+    if not setup.service_workers:
+      return contextlib.nullcontext()
+    self.service_watch = service.Watch(
+        self.config.data_service, self.config.data_service_timeout_seconds,
+        setup.service_workers, lambda line: monitor.log(line, setup.chief))
+    return self.service_watch
 
   def write_start_summaries(self):
     if self.setup.chief:
@@ -396,7 +430,7 @@ def _first_images(source, config):
   """A training batch as the model sees it, for TensorBoard: the stream's
   first, so a resumed streamed dataset does not skip up to an epoch of raw
   records for it, and a small shuffle buffer, so it does not fill 10,000."""
-  config = dataclasses.replace(config, shuffle_buffer=1, strict=False)
+  config = dataclasses.replace(config, shuffle_buffer=1, strict=False, data_service="")
   dataset = data.train_dataset_fn(source, source.train_split, config)(
       tf.distribute.InputContext())
   return next(iter(dataset.take(1)))[0]
@@ -453,7 +487,8 @@ def input_verdict(setup, loop, rates):
   if (rates["input_wait_fraction"] is None and per_pipeline and setup.chief
       and timed >= perf.PROBE_AFTER_SECONDS):
     pipeline_rate = probe_input(setup, loop.step, perf.PROBE_SECONDS)
-  return perf.input_verdict(rates["input_wait_fraction"], per_pipeline, pipeline_rate)
+  return perf.input_verdict(rates["input_wait_fraction"], per_pipeline, pipeline_rate,
+                            setup.service_workers)
 
 
 def write_summary(setup, trainer, cost, loop):
@@ -471,7 +506,13 @@ def write_summary(setup, trainer, cost, loop):
       **({f"eval_{key}_ema": loop.ema_result[key] for key in ("loss", "top1", "top5")}
          if loop.ema_result else {}),
       "eval_split_examples": setup.eval_size,
-      "skipped_train_records": round(float(trainer.skipped_records.read_value())),
+      # A service's workers skip undecodable images without counting them.
+      "skipped_train_records": (None if setup.service_workers else
+                                round(float(trainer.skipped_records.read_value()))),
+      **({"data_service": {"address": config.data_service,
+                           "workers_at_start": setup.service_workers,
+                           "workers_at_end": loop.service_watch.workers}}
+         if setup.service_workers else {}),
       **rates,
       "input_bound": input_verdict(setup, loop, rates),
       "gmacs_per_image": cost.macs / 1e9,

@@ -18,7 +18,6 @@ from absl.testing import absltest
 
 from resnet_dist import checkpoints, models, train
 from resnet_dist.config import Config
-from resnet_dist.data import sources
 from resnet_dist.errors import ConfigError, StorageError
 from tests import launching
 
@@ -26,7 +25,7 @@ COMMON = ["--model=resnet20", "--dataset=digits", "--global_batch_size=32",
           "--train_steps=16", "--steps_per_loop=2", "--checkpoint_every_steps=4",
           "--deterministic", "--seed=5", "--skip_eval", "--base_learning_rate=0.4",
           "--keep_checkpoints=10"]
-# Every recipe flag, for the SIGKILL case: each of their random draws must
+# Every recipe flag, for the resumed runs: each of their random draws must
 # replay exactly on resume. The training size grows to 64 at step 13, after
 # the kill.
 RECIPE = ["--ema_decay=0.9", "--ema_every_steps=2", "--mixup_alpha=0.2", "--cutmix_alpha=1.0",
@@ -81,8 +80,7 @@ class CheckpointTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "data")
-    sources.tfds_source("digits", cls.data_dir)
+    cls.data_dir = launching.digits_dir()  # prepared once, before any process starts
     cls.reference = {}
 
   def args(self, model_dir, *extra):
@@ -135,8 +133,9 @@ class CheckpointTest(absltest.TestCase):
     # On one device: over several replicas a checkpoint between the regular
     # saves holds the replicas' mean BN statistics, which the uninterrupted
     # run averages only at its next save, so the two differ in the last bit
-    # (docs/checkpoints.md).
-    strategy_flags = ["--strategy=one_device"]
+    # (docs/checkpoints.md). With the recipe flags, as the SIGKILL case: the
+    # two share their uninterrupted run.
+    strategy_flags = ["--strategy=one_device", *RECIPE]
     model_dir = self.create_tempdir().full_path
     code, out, _ = self.start_and_signal_after_first_checkpoint(
         model_dir, signal.SIGTERM, *strategy_flags)
@@ -158,8 +157,7 @@ class FaultPathTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "data")
-    sources.tfds_source("digits", cls.data_dir)
+    cls.data_dir = launching.digits_dir()  # prepared once, before any process starts
     # A run of 8 steps with ckpt-4 and ckpt-8, copied by the tests that damage it.
     cls.two = os.path.join(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()), "two")
     cls.train(cls.two, train_steps=8)

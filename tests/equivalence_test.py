@@ -25,7 +25,6 @@ import tensorflow as tf
 from absl.testing import absltest
 
 from resnet_dist import checkpoints, models
-from resnet_dist.data import sources
 from tests import launching
 
 COMMON = ["--model=resnet20", "--dataset=digits", "--global_batch_size=32",
@@ -46,8 +45,7 @@ class StrategyEquivalenceTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "data")
-    sources.tfds_source("digits", cls.data_dir)  # prepared once, before any worker starts
+    cls.data_dir = launching.digits_dir()  # prepared once, before any process starts
     cls.runs = {}
     for name, module, args in (
         ("one_device", "launch.train", ["--strategy=one_device"]),

@@ -14,6 +14,16 @@ if "TEST_TMPDIR" in os.environ:
   ENV["TMPDIR"] = os.environ["TEST_TMPDIR"]
 
 
+def digits_dir():
+  """The embedded digits, prepared once per test target in its temp dir, where
+  every run and worker process of its tests reads them."""
+  from absl.testing import absltest  # pylint: disable=g-import-not-at-top
+  from resnet_dist.data import sources  # pylint: disable=g-import-not-at-top
+  path = os.path.join(absltest.get_default_test_tmpdir(), "data")
+  sources.tfds_source("digits", path)
+  return path
+
+
 def command(module, *args):
   return [sys.executable, "-m", module, *args]
 

@@ -18,7 +18,8 @@ from absl.testing import absltest, parameterized
 from resnet_dist import checkpoints, export, models, train
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
-from resnet_dist.data import augment, mixing, sources
+from resnet_dist.data import augment, mixing
+from tests import launching
 from resnet_dist.errors import ConfigError
 
 # No value is 255, so solarize at its first bin (threshold 255) changes nothing.
@@ -215,8 +216,7 @@ class RecipeRunTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "data")
-    sources.tfds_source("digits", cls.data_dir)
+    cls.data_dir = launching.digits_dir()  # prepared once, before any process starts
 
   def config(self, model_dir, **changes):
     """Every recipe flag on, at strengths a 32x32 digit survives in 3 epochs:

@@ -132,6 +132,9 @@ class InputVerdictTest(parameterized.TestCase):
     self.assertFalse(perf.input_verdict(None, 100.0, 1000.0)["input_bound"])
     self.assertIsNone(perf.input_verdict(None, 100.0)["input_bound"])
     self.assertIn("--cache_data", perf.input_verdict(0.3, 100.0)["verdict"])
+    with_service = perf.input_verdict(0.3, 100.0, service_workers=2)["verdict"]
+    self.assertIn("add tf.data service workers (it had 2", with_service)
+    self.assertNotIn("--cache_data", with_service)
 
   @parameterized.named_parameters(
       # One device: the train loop times its wait for each batch.

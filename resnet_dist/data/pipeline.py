@@ -23,6 +23,8 @@ and counted (the third element of every training batch is the number of
 records skipped just before each example), or, with strict, stops the run
 naming the file. A label outside 0..num_classes-1 always stops the run.
 
+Through a tf.data service (data_service set): see _service_train below.
+
 Evaluation: each pipeline's examples, then zero-weight padding up to the same
 number of whole batches on every pipeline, so every example counts exactly
 once and every batch keeps its static shape (TPUs need it).
@@ -61,6 +63,8 @@ class InputConfig:
   randaugment_num_ops: int = 2
   randaugment_magnitude: int = 9
   crop_fraction: float = preprocess_lib.EVAL_CROP_FRACTION  # evaluation's central crop
+  data_service: str = ""          # HOST:PORT of a tf.data service for training input
+  job_name: str = ""              # the service job's name, unique to the run and input
 
 
 def check_batch_divides(global_batch_size, num_replicas):
@@ -148,12 +152,13 @@ def _describe(where):
   return [where]
 
 
-def _load(ds, fetch, source, split, config, training):
+def _load(ds, fetch, source, split, config, training, parallel=None):
   """(position, element) -> (position, image, label, where), in one parallel map.
 
   fetch(position, element) -> (seed position, image or encoded image, label,
   where) reads the example; position counts this pipeline's examples, so a gap
-  between consecutive positions is a record skipped.
+  between consecutive positions is a record skipped. parallel: the map's
+  parallelism, by default this machine's cores.
   """
   def load_and_preprocess(position, element):
     seed_position, image, label, where = fetch(position, element)
@@ -172,7 +177,8 @@ def _load(ds, fetch, source, split, config, training):
                                   config.randaugment_magnitude)
     return position, image, label, where
 
-  ds = ds.map(load_and_preprocess, num_parallel_calls=_parallelism(), deterministic=True)
+  ds = ds.map(load_and_preprocess, num_parallel_calls=parallel or _parallelism(),
+              deterministic=True)
   if split.encoded and not config.strict:
     ds = ds.ignore_errors()
   return ds
@@ -219,13 +225,16 @@ def _eval_batches(ds, num_examples, per_replica_batch, config, num_classes):
 
 # --- Indexed splits ----------------------------------------------------------
 
+def _epoch_order(num_examples, seed, epoch):
+  """The example indices of one epoch, in that epoch's order."""
+  return tf.random.experimental.stateless_shuffle(
+      tf.range(num_examples, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+
+
 def _epoch_indices(num_examples, seed, epoch):
   """(index, global position) pairs of one epoch, in that epoch's order."""
-  order = tf.random.experimental.stateless_shuffle(
-      tf.range(num_examples, dtype=tf.int64),
-      seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
   positions = epoch * num_examples + tf.range(num_examples, dtype=tf.int64)
-  return tf.data.Dataset.from_tensor_slices((order, positions))
+  return tf.data.Dataset.from_tensor_slices((_epoch_order(num_examples, seed, epoch), positions))
 
 
 def _keep_own_chunks(ds, context, per_replica_batch):
@@ -245,13 +254,17 @@ def _indexed_train(source, split, config, start_step, context):
       lambda epoch: _epoch_indices(n, config.seed, epoch)).skip(offset)
   ds = _keep_own_chunks(ds, context, per_replica)
   first_position = start_step * pipeline_batch
+  ds = _load(ds.enumerate(first_position), _indexed_fetch(split), source, split, config, True)
+  return _train_batches(ds, per_replica, first_position, source.num_classes)
 
+
+def _indexed_fetch(split):
+  """fetch() for _load: an (index, global position) element's example, seeded by the position."""
   def fetch(position, index_and_position):
+    del position
     index, global_position = index_and_position
     return (global_position,) + split.fetch(index)
-
-  ds = _load(ds.enumerate(first_position), fetch, source, split, config, True)
-  return _train_batches(ds, per_replica, first_position, source.num_classes)
+  return fetch
 
 
 def _indexed_eval(source, split, config, context):
@@ -277,7 +290,17 @@ def shard_of(split, num_pipelines, pipeline_id):
 
 def _read(files, counts, num_files, remote, num_pipelines, pipeline_id, example_level):
   """(record, (path, index in the file)) of vectors of files and their record
-  counts, in that order, interleaved deterministically.
+  counts, in that order, interleaved deterministically."""
+  ds = _interleave(tf.data.Dataset.from_tensor_slices((files, counts)), num_files, remote)
+  if example_level:
+    ds = ds.shard(num_pipelines, pipeline_id)
+  return ds
+
+
+def _interleave(files, num_files, remote, keep=None):
+  """(record, (path, index in the file)) of a dataset of (file, record count),
+  interleaved deterministically; keep(index): whether to keep a record. Of a
+  dataset of (file, record count, base): (base + index, (record, (path, index))).
 
   A corrupt record (its CRC does not match) ends TFRecordDataset's reading of
   its file. Each file is therefore filled up to its known count with
@@ -287,19 +310,20 @@ def _read(files, counts, num_files, remote, num_pipelines, pipeline_id, example_
   """
   buffer = _GCS_READ_BUFFER if remote else None
 
-  def records(path, count):
-    # Returns only its arguments, so tf.data skips calling it per record.
+  def records(path, count, *base):
     read = tf.data.TFRecordDataset(path, buffer_size=buffer).ignore_errors()
     filled = read.concatenate(tf.data.Dataset.from_tensors(records_lib.CORRUPT).repeat())
-    return filled.take(count).enumerate().map(lambda index, record: (record, (path, index)))
+    filled = filled.take(count).enumerate()
+    if keep is not None:
+      filled = filled.filter(lambda index, record: keep(index))
+    if base:
+      return filled.map(lambda index, record: (base[0] + index, (record, (path, index))))
+    # Returns only its arguments, so tf.data skips calling it per record.
+    return filled.map(lambda index, record: (record, (path, index)))
 
   cycle = min(_CYCLE_LENGTH, num_files)
-  ds = tf.data.Dataset.from_tensor_slices((files, counts)).interleave(
-      records, cycle_length=cycle, block_length=1, num_parallel_calls=cycle,
-      deterministic=True)
-  if example_level:
-    ds = ds.shard(num_pipelines, pipeline_id)
-  return ds
+  return files.interleave(records, cycle_length=cycle, block_length=1, num_parallel_calls=cycle,
+                          deterministic=True)
 
 
 def _parser(split, seed_position):
@@ -388,6 +412,98 @@ def _synthetic_train(source, config, context):
   return tf.data.Dataset.from_tensors(batch).repeat()
 
 
+# --- Through a tf.data service -------------------------------------------------
+#
+# The dataset a pipeline sends to the service starts from an endless range of
+# split slots, which the dispatcher hands out one at a time to whichever
+# worker asks (ShardingPolicy.DYNAMIC): slot s is a chunk of SERVICE_CHUNK
+# examples of an epoch's order (indexed splits) or one file of an epoch's
+# file order (record splits). Each slot goes to one worker, once. So, with no
+# worker lost, every example of an epoch is trained on exactly once; the
+# slots a lost worker held are skipped (at most once). Workers run at their
+# own pace: the order of the batches, and which epochs meet in a batch near
+# an epoch's end, differ from run to run. A run starts at the slot holding
+# its step's position in the data: after a resume, the slots that were in
+# flight at the checkpoint may be seen twice, or not at all, in that epoch.
+# Undecodable images are skipped but not counted: each worker sees only its
+# own slots.
+
+SERVICE_CHUNK = 128
+
+
+def _service_indexed(split, config, start, context):
+  """(position, (index, position)) of this pipeline's slots (every
+  num_pipelines-th chunk) from the one holding global position `start`."""
+  n, chunk = split.num_examples, SERVICE_CHUNK
+  per_epoch = math.ceil(n / chunk)
+  p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
+  first = start // n * per_epoch + start % n // chunk
+  first += (p - first) % num_pipelines
+
+  def examples(slot):
+    epoch, begin = slot // per_epoch, slot % per_epoch * chunk
+    end = tf.minimum(begin + chunk, n)
+    positions = epoch * n + tf.range(begin, end)
+    order = _epoch_order(n, config.seed, epoch)[begin:end]
+    return tf.data.Dataset.from_tensor_slices((positions, (order, positions)))
+
+  return tf.data.Dataset.range(first, 2**62, num_pipelines).flat_map(examples)
+
+
+def _service_records(split, config, start, context):
+  """(position, (record, where)) of this pipeline's files, one slot each,
+  from the file holding its share of global position `start`."""
+  p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
+  files, count, example_level = shard_of(split, num_pipelines, p)
+  counts = tf.constant(split.counts if example_level else split.counts[p::num_pipelines],
+                       tf.int64)
+  num_files, paths = len(files), tf.constant(files)
+
+  def order(epoch):
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(num_files, dtype=tf.int64), seed=tf.stack([tf.constant(config.seed, tf.int64),
+                                                            epoch]))
+
+  first_epoch, offset = divmod(start // num_pipelines, count)
+  done = tf.cumsum(tf.gather(counts, order(first_epoch))) <= offset
+  first = first_epoch * num_files + tf.reduce_sum(tf.cast(done, tf.int64))
+
+  def file_of(slot):
+    index = order(slot // num_files)[slot % num_files]
+    # The base gives each record of each epoch its own augmentation seed.
+    return paths[index], counts[index], slot * 2**24
+
+  keep = (lambda index: index % num_pipelines == p) if example_level else None
+  ds = _interleave(tf.data.Dataset.range(first, 2**62).map(file_of), num_files,
+                   _remote(files), keep)
+  return ds.shuffle(config.shuffle_buffer, seed=config.seed)
+
+
+def _service_train(source, split, config, start_step, context):
+  """The training input of one pipeline, made by the service's workers."""
+  per_replica, _ = _pipeline_batch(context, config)
+  start = start_step * config.global_batch_size
+  if isinstance(split, RecordSplit):
+    ds = _service_records(split, config, start, context)
+    fetch = _parser(split, lambda position: position)
+  else:
+    ds, fetch = _service_indexed(split, config, start, context), _indexed_fetch(split)
+  # On the workers: their own cores, however many the trainer has.
+  ds = _load(ds, fetch, source, split, config, True, parallel=tf.data.AUTOTUNE)
+
+  def check(positions, images, labels, where):
+    del positions
+    with tf.control_dependencies([_label_check(labels, where, source.num_classes)]):
+      return tf.identity(images), labels, tf.zeros_like(labels, tf.int32)
+
+  ds = ds.batch(per_replica, drop_remainder=True).map(check).prefetch(tf.data.AUTOTUNE)
+  service = tf.data.experimental.service
+  ds = ds.apply(service.distribute(
+      processing_mode=service.ShardingPolicy.DYNAMIC, service=f"grpc://{config.data_service}",
+      job_name=f"{config.job_name}-pipeline{context.input_pipeline_id}"))
+  return _finish(ds)
+
+
 # --- The dataset_fns ---------------------------------------------------------
 
 def train_dataset_fn(source, split_name, config, start_step=0):
@@ -397,6 +513,8 @@ def train_dataset_fn(source, split_name, config, start_step=0):
   def dataset_fn(context):
     if source.name == "synthetic":
       return _synthetic_train(source, config, context)
+    if config.data_service:
+      return _service_train(source, split, config, start_step, context)
     if isinstance(split, RecordSplit):
       return _record_train(source, split, config, start_step, context)
     return _indexed_train(source, split, config, start_step, context)
