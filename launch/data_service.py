@@ -129,6 +129,12 @@ def run_local(num_workers, port, work_dir, worker_timeout_seconds):
   print(f"tf.data service with {num_workers} workers: --data_service={address}", flush=True)
   print(f"pids: dispatcher {processes[0].pid}, workers "
         f"{' '.join(str(p.pid) for p in processes[1:])}; Ctrl-C ends them", flush=True)
+  return _supervise(processes, stopping, stop)
+
+
+def _supervise(processes, stopping, stop):
+  """Waits for a stop (a signal) or the dispatcher's end; reports workers
+  that end, as the others go on (the dispatcher gives them its share)."""
   reported = set()
   while not stopping:
     if processes[0].poll() is not None:
@@ -138,7 +144,7 @@ def run_local(num_workers, port, work_dir, worker_timeout_seconds):
       return 1
     for index, process in enumerate(processes[1:]):
       if process.poll() is not None and index not in reported:
-        reported.add(index)  # the others go on: the dispatcher gives them its share
+        reported.add(index)
         print(f"worker {index} (pid {process.pid}) ended with status {process.returncode}",
               file=sys.stderr, flush=True)
     time.sleep(0.5)

@@ -201,6 +201,9 @@ class Config:
            "make batches in an order that differs from run to run")
     _check(self.dataset != "synthetic",
            "--data_service has nothing to do for --dataset=synthetic (no input work)")
+    _check(not self.cache_data,
+           "--data_service and --cache_data do not go together: the cached records would "
+           "travel to the service inside the dataset's definition; its workers read the files")
 
 
 def _check(condition, message):

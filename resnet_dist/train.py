@@ -143,8 +143,9 @@ def run(config: Config, strategy=None):
     resumed = resume(setup, trainer)
     cost = report_start(setup, trainer, resumed)
     loop = HostLoop(setup, trainer, resumed, cost)
-    loop.run()
-    return write_summary(setup, trainer, cost, loop)
+    with loop.watch_service():  # to the end: the summary's input probe reads from it too
+      loop.run()
+      return write_summary(setup, trainer, cost, loop)
 
 
 # --- Resuming and reporting ---------------------------------------------------
@@ -297,8 +298,7 @@ class HostLoop:
     when a signal stopped the run (after saving)."""
     total = self.setup.total_steps
     # From here a SIGTERM or SIGINT asks the loop to stop after a step and save.
-    with preemption.StopRequest(self.trainer.stop_requested) as stop_request, \
-         self.watch_service():
+    with preemption.StopRequest(self.trainer.stop_requested) as stop_request:
       feed = [self.input_from(self.step)]  # its only reference, for drop_in_background()
       try:
         self.write_start_summaries()
@@ -317,7 +317,7 @@ class HostLoop:
 
   def watch_service(self):
     """With a tf.data service, a thread that warns of lost service workers and
-    stops the run when the dispatcher is gone (service.Watch)."""
+    stops the run when the dispatcher is gone (service.Watch); else nothing."""
     setup = self.setup
     if not setup.service_workers:
       return contextlib.nullcontext()

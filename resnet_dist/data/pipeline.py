@@ -416,8 +416,8 @@ def _synthetic_train(source, config, context):
 #
 # The dataset a pipeline sends to the service starts from an endless range of
 # split slots, which the dispatcher hands out one at a time to whichever
-# worker asks (ShardingPolicy.DYNAMIC): slot s is a chunk of SERVICE_CHUNK
-# examples of an epoch's order (indexed splits) or one file of an epoch's
+# worker asks (ShardingPolicy.DYNAMIC): slot s is a chunk of an epoch's
+# order (indexed splits; service_chunk examples) or one file of an epoch's
 # file order (record splits). Each slot goes to one worker, once. So, with no
 # worker lost, every example of an epoch is trained on exactly once; the
 # slots a lost worker held are skipped (at most once). Workers run at their
@@ -428,13 +428,17 @@ def _synthetic_train(source, config, context):
 # Undecodable images are skipped but not counted: each worker sees only its
 # own slots.
 
-SERVICE_CHUNK = 128
+def service_chunk(num_examples):
+  """Examples per slot: 128, or a 1024th of a larger epoch, as each slot
+  shuffles the whole epoch's indices to find its own."""
+  return max(128, num_examples // 1024)
 
 
 def _service_indexed(split, config, start, context):
   """(position, (index, position)) of this pipeline's slots (every
   num_pipelines-th chunk) from the one holding global position `start`."""
-  n, chunk = split.num_examples, SERVICE_CHUNK
+  n = split.num_examples
+  chunk = service_chunk(n)
   per_epoch = math.ceil(n / chunk)
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   first = start // n * per_epoch + start % n // chunk
@@ -465,6 +469,8 @@ def _service_records(split, config, start, context):
                                                             epoch]))
 
   first_epoch, offset = divmod(start // num_pipelines, count)
+  # Sharded by example, a pipeline has a num_pipelines-th of each file.
+  offset *= num_pipelines if example_level else 1
   done = tf.cumsum(tf.gather(counts, order(first_epoch))) <= offset
   first = first_epoch * num_files + tf.reduce_sum(tf.cast(done, tf.int64))
 

@@ -136,6 +136,11 @@ class Watch:
   def __exit__(self, *exc):
     self._stop.set()
     self._thread.join()
+    try:  # a last look, so that a worker lost in the last seconds is told and counted
+      with grpc.insecure_channel(self.address) as channel:
+        self._count(_workers(channel, POLL_SECONDS))
+    except grpc.RpcError:
+      pass
 
   def _run(self):
     healthy = time.monotonic()
