@@ -36,8 +36,8 @@ _HOST = flags.DEFINE_string(
     "(127.0.0.1 under --role=local).")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Local: worker processes.", lower_bound=1)
 _WORKER_TIMEOUT = flags.DEFINE_integer(
-    "worker_timeout_seconds", 10, "Dispatcher: a worker silent this long is taken as lost and "
-    "its share of the input goes to the others.", lower_bound=1)
+    "worker_timeout_seconds", 10, "Dispatcher: a worker that has not reported for this long "
+    "is taken as missing (TensorFlow's worker_timeout_ms).", lower_bound=1)
 
 # A worker reports to the dispatcher this often: it learns of new jobs and
 # the dispatcher of lost workers within a few of these.

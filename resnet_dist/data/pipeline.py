@@ -288,6 +288,18 @@ def shard_of(split, num_pipelines, pipeline_id):
   return split.files, len(range(pipeline_id, split.num_examples, num_pipelines)), True
 
 
+def _shard_counts(split, num_pipelines, pipeline_id, example_level):
+  """The record counts of a pipeline's files (of every file, sharded by example)."""
+  return split.counts if example_level else split.counts[pipeline_id::num_pipelines]
+
+
+def _file_order(num_files, seed, epoch):
+  """Indices of a pipeline's files in one epoch's order; the same on every
+  pipeline, as example-level sharding needs."""
+  return tf.random.experimental.stateless_shuffle(
+      tf.range(num_files), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+
+
 def _read(files, counts, num_files, remote, num_pipelines, pipeline_id, example_level):
   """(record, (path, index in the file)) of vectors of files and their record
   counts, in that order, interleaved deterministically."""
@@ -355,14 +367,11 @@ def _record_train(source, split, config, start_step, context):
   read = functools.partial(_read, num_files=len(files), remote=_remote(files),
                            num_pipelines=num_pipelines, pipeline_id=p,
                            example_level=example_level)
-  counts = tf.constant(split.counts if example_level else
-                       split.counts[p::num_pipelines], tf.int64)
+  counts = tf.constant(_shard_counts(split, num_pipelines, p, example_level), tf.int64)
   files = tf.constant(files)
 
   def epoch_records(epoch):
-    # The file order is the same on every pipeline, as example-level sharding needs.
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(tf.size(files)), seed=tf.stack([tf.constant(config.seed, tf.int64), epoch]))
+    order = _file_order(tf.size(files), config.seed, epoch)
     ds = read(tf.gather(files, order), tf.gather(counts, order))
     seed = _record_seed(config, epoch, p)
     shuffle_seed = tf.random.stateless_uniform([], seed=seed, minval=None, maxval=None,
@@ -387,7 +396,7 @@ def _record_eval(source, split, config, context):
   per_replica, pipeline_batch = _pipeline_batch(context, config)
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   files, _, example_level = shard_of(split, num_pipelines, p)
-  counts = split.counts if example_level else split.counts[p::num_pipelines]
+  counts = _shard_counts(split, num_pipelines, p, example_level)
   ds = _read(tf.constant(files), tf.constant(counts, tf.int64), len(files), _remote(files),
              num_pipelines, p, example_level)
 
@@ -459,23 +468,16 @@ def _service_records(split, config, start, context):
   from the file holding its share of global position `start`."""
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   files, count, example_level = shard_of(split, num_pipelines, p)
-  counts = tf.constant(split.counts if example_level else split.counts[p::num_pipelines],
-                       tf.int64)
+  counts = tf.constant(_shard_counts(split, num_pipelines, p, example_level), tf.int64)
   num_files, paths = len(files), tf.constant(files)
-
-  def order(epoch):
-    return tf.random.experimental.stateless_shuffle(
-        tf.range(num_files, dtype=tf.int64), seed=tf.stack([tf.constant(config.seed, tf.int64),
-                                                            epoch]))
-
   first_epoch, offset = divmod(start // num_pipelines, count)
   # Sharded by example, a pipeline has a num_pipelines-th of each file.
   offset *= num_pipelines if example_level else 1
-  done = tf.cumsum(tf.gather(counts, order(first_epoch))) <= offset
+  done = tf.cumsum(tf.gather(counts, _file_order(num_files, config.seed, first_epoch))) <= offset
   first = first_epoch * num_files + tf.reduce_sum(tf.cast(done, tf.int64))
 
   def file_of(slot):
-    index = order(slot // num_files)[slot % num_files]
+    index = _file_order(num_files, config.seed, slot // num_files)[slot % num_files]
     # The base gives each record of each epoch its own augmentation seed.
     return paths[index], counts[index], slot * 2**24
 
