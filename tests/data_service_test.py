@@ -16,8 +16,9 @@ from absl.testing import absltest
 from resnet_dist import data
 from resnet_dist.config import Config
 from resnet_dist.errors import ConfigError
-from resnet_dist.data import pipeline, records, sources
+from resnet_dist.data import pipeline, records
 from tests import launching
+from tests.fixtures import numbered_source
 
 CHUNK = pipeline.service_chunk(512)  # the tests' datasets have 512 examples
 
@@ -49,16 +50,6 @@ def alive(pid):
     return True
   except ProcessLookupError:
     return False
-
-
-def numbered_source(n):
-  """Image i is filled with i % 256 and labelled i."""
-  images = np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None],
-                           (n, 32, 32, 3)).copy()
-  split = sources._in_memory_split(images, np.arange(n, dtype=np.int64))  # pylint: disable=protected-access
-  return sources.Source(name="numbered", num_classes=n, train_split="train", eval_split="train",
-                        image_size=32, augment="none", mean=(0.0,) * 3, std=(1.0,) * 3,
-                        load_split=lambda _: split)
 
 
 def chunks_of(n, seed, epochs):

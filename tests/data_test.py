@@ -8,18 +8,9 @@ import tensorflow as tf
 from absl.testing import absltest, parameterized
 
 from resnet_dist import data
-from resnet_dist.data import digits, sources
+from resnet_dist.data import digits
 from resnet_dist.errors import ConfigError
-
-
-def numbered_source(n, size=32):
-  """Image i is filled with the value i % 256 and labelled i: examples are traceable."""
-  images = np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None],
-                           (n, size, size, 3)).copy()
-  split = sources._in_memory_split(images, np.arange(n, dtype=np.int64))
-  return sources.Source(name="numbered", num_classes=n, train_split="train",
-                        eval_split="test", image_size=size, augment="none",
-                        mean=(0.0,) * 3, std=(1.0,) * 3, load_split=lambda _: split)
+from tests.fixtures import numbered_source
 
 
 def context(num_pipelines, pipeline_id, num_replicas):
