@@ -60,8 +60,9 @@ flags.DEFINE_integer("data_service_timeout_seconds", _DEFAULTS.data_service_time
 
 # Distribution
 flags.DEFINE_enum("strategy", _DEFAULTS.strategy, strategy_lib.STRATEGIES,
-                  "auto: a TPU if --tpu names one or one is attached, else mirrored over "
-                  "GPUs, else over --num_cpu_devices logical CPU devices.")
+                  "auto: multi_worker_mirrored where TF_CONFIG names several tasks, else a "
+                  "TPU if --tpu names one or one is attached, else mirrored over GPUs, else "
+                  "over --num_cpu_devices logical CPU devices.")
 flags.DEFINE_integer("num_gpus", _DEFAULTS.num_gpus,
                      "GPUs for mirrored; default all visible.", lower_bound=0)
 flags.DEFINE_integer("num_cpu_devices", _DEFAULTS.num_cpu_devices,

@@ -28,9 +28,10 @@ def describe_run(config, strategy, source, train_size, eval_size, num_params, ma
   """The block printed at start: what runs where, on what, for how long."""
   per_replica = config.global_batch_size // strategy.num_replicas_in_sync
   recipe = describe_recipe(config)
+  devices = ", ".join(strategy_lib.replica_devices(strategy))
   return "\n".join([
-      f"strategy   {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s) "
-      f"on {', '.join(strategy_lib.replica_devices(strategy))}",
+      f"strategy   {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s)"
+      f"{strategy_lib.describe_tasks(strategy)}, on {devices}",
       f"batch      {config.global_batch_size} global, {per_replica} per replica",
       f"model      {config.model} ({config.resnet_variant}), {num_params:,} trainable "
       f"parameters, {macs / 1e9:.3f} GMACs per {config.image_size}x{config.image_size} image",

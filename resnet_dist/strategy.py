@@ -7,7 +7,6 @@ which devices) without looking at the strategy's type.
 
 import atexit
 import glob
-import json
 import os
 import socket
 import threading
@@ -16,6 +15,7 @@ from urllib.parse import urlparse
 
 import tensorflow as tf
 
+from resnet_dist import cluster as cluster_lib
 from resnet_dist.errors import ConfigError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
@@ -105,17 +105,41 @@ def _check_tpu_reachable(tpu):
                       "(metadata.google.internal is unreachable)") from None
 
 
-def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
-                    tpu_zone=None, gcp_project=None, collective_timeout_seconds=0):
-  """Returns the tf.distribute strategy for --strategy=kind.
+def choose_kind(kind, cluster, tpu=""):
+  """The strategy --strategy=kind means in this process's cluster (None: none).
 
-  auto: a TPU if one is named or attached, else mirrored over all GPUs, else
-  mirrored over num_cpu_devices logical CPU devices. tpu defaults to $TPU_NAME.
+  auto: multi_worker_mirrored when the cluster has several tasks, else a TPU
+  if one is named or attached, else mirrored. A strategy of one host in a
+  cluster of several tasks would train a separate model on every host (and
+  all of them into one model_dir), so it is refused.
   """
   if kind not in STRATEGIES:
     raise ConfigError(f"unknown strategy {kind!r}; choose from {', '.join(STRATEGIES)}")
+  if cluster_lib.is_multi_task(cluster):
+    if kind == "auto" and not tpu:
+      return "multi_worker_mirrored"
+    if kind != "multi_worker_mirrored":
+      chosen = f"--tpu={tpu}" if kind == "auto" else f"--strategy={kind}"
+      raise ConfigError(
+          f"{chosen} would train a separate model on each of the {cluster.num_tasks} tasks "
+          f"{cluster.source} names; give --strategy=auto or multi_worker_mirrored (after "
+          f"any --flagfile), or unset {cluster.source}")
+    return kind
+  if kind == "multi_worker_mirrored" and cluster is None:
+    raise ConfigError("--strategy=multi_worker_mirrored needs a cluster: set TF_CONFIG "
+                      "(`python -m launch.multi_worker --print_tf_config` prints it)")
   if kind == "auto":
-    kind = "tpu" if tpu or _tpu_attached() else "mirrored"
+    return "tpu" if tpu or _tpu_attached() else "mirrored"
+  return kind
+
+
+def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
+                    tpu_zone=None, gcp_project=None, collective_timeout_seconds=0):
+  """Returns the tf.distribute strategy for --strategy=kind (choose_kind).
+
+  tpu defaults to $TPU_NAME.
+  """
+  kind = choose_kind(kind, cluster_lib.from_environment(), tpu)
   if kind == "tpu":
     tpu = tpu or os.environ.get("TPU_NAME", "")
     _check_tpu_reachable(tpu)
@@ -126,13 +150,6 @@ def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   if kind == "multi_worker_mirrored":
-    if "TF_CONFIG" not in os.environ:
-      raise ConfigError("--strategy=multi_worker_mirrored needs TF_CONFIG "
-                        "(launch with `python -m launch.multi_worker`)")
-    try:
-      json.loads(os.environ["TF_CONFIG"])
-    except ValueError:
-      raise ConfigError("TF_CONFIG is not valid JSON") from None
     # A collective timeout starts a watchdog thread per collective that lives
     # as long as the timeout, so it stays off unless asked for (debugging); a
     # dead peer is detected by the coordination service's heartbeats instead.
@@ -170,6 +187,14 @@ def is_chief(strategy):
   # A cluster without a "chief" job makes worker 0 the chief.
   cluster = strategy.cluster_resolver.cluster_spec().as_dict()
   return task_type == "worker" and task_id == 0 and "chief" not in cluster
+
+
+def describe_tasks(strategy):
+  """", worker 0 of 2 tasks" for a multi-worker strategy, "" for the others."""
+  if kind_of(strategy) != "multi_worker_mirrored":
+    return ""
+  task_type, task_id = task_info(strategy)
+  return f", {task_type} {task_id} of {num_input_pipelines(strategy)} tasks"
 
 
 def kind_of(strategy):

@@ -1,5 +1,10 @@
 """Every strategy trains the same model: one device, 2 mirrored replicas, 2 workers.
 
+The workers are started as the README's cluster command says: each its own
+`launch.train` with the recipe's flag file (whose --strategy is auto) and the
+TF_CONFIG line `launch.multi_worker --print_tf_config` printed for it. A worker
+that ignored TF_CONFIG would train a model of its own, on a different batch.
+
 With --sync_bn, a fixed seed and --deterministic, the same global batches
 (the pipeline guarantees it) must give the same weights after several steps.
 
@@ -15,7 +20,10 @@ have moved by 10x the tolerance, so a lost or doubled replica gradient, which
 changes every update by half, fails.
 """
 
+import json
 import os
+import re
+import subprocess
 import tempfile
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
@@ -25,9 +33,10 @@ import tensorflow as tf
 from absl.testing import absltest
 
 from resnet_dist import checkpoints, models
+from launch import multi_worker
 from tests import launching
 
-COMMON = ["--model=resnet20", "--dataset=digits", "--global_batch_size=32",
+COMMON = ["--flagfile=launch/configs/digits.cfg", "--model=resnet20", "--dataset=digits", "--global_batch_size=32",
           "--train_steps=6", "--steps_per_loop=3", "--sync_bn", "--deterministic",
           "--seed=3", "--skip_eval", "--base_learning_rate=0.008", "--weight_decay=5e-4",
           "--label_smoothing=0.1", "--lr_schedule=cosine", "--warmup_epochs=0"]
@@ -46,16 +55,38 @@ class StrategyEquivalenceTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.data_dir = launching.digits_dir()  # prepared once, before any process starts
-    cls.runs = {}
-    for name, module, args in (
-        ("one_device", "launch.train", ["--strategy=one_device"]),
-        ("mirrored", "launch.train", ["--strategy=mirrored", "--num_cpu_devices=2"]),
-        ("multi_worker", "launch.multi_worker", ["--num_workers=2", "--"])):
+    cls.runs, cls.worker_logs = {}, []
+    for name, args in (("one_device", ["--strategy=one_device"]),
+                       ("mirrored", ["--strategy=mirrored", "--num_cpu_devices=2"]),
+                       ("multi_worker", None)):
       model_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=absltest.get_default_test_tmpdir())
-      result = launching.run(module, *args, *COMMON, f"--model_dir={model_dir}",
-                             f"--data_dir={cls.data_dir}")
-      assert result.returncode == 0, f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+      flags = [*COMMON, *(args or []), f"--model_dir={model_dir}", f"--data_dir={cls.data_dir}"]
+      if args is None:
+        cls.worker_logs = cls.run_as_the_readme_says(flags)
+      else:
+        result = launching.run_train(*flags)
+        if result.returncode != 0:
+          raise AssertionError(f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
       cls.runs[name] = model_weights(model_dir)
+
+  @staticmethod
+  def run_as_the_readme_says(flags):
+    """Two `launch.train` processes on 127.0.0.1, each with its line of
+    --print_tf_config; returns their outputs."""
+    hosts = ",".join(f"127.0.0.1:{port}" for port in multi_worker.free_ports(2))
+    printed = launching.run("launch.multi_worker", "--print_tf_config", f"--hosts={hosts}")
+    configs = re.findall(r"^127\.0\.0\.1:\d+: TF_CONFIG='(.*)'$", printed.stdout, re.M)
+    if printed.returncode != 0 or len(configs) != 2:
+      raise AssertionError(f"--print_tf_config printed:\n{printed.stdout}{printed.stderr}")
+    workers = [subprocess.Popen(launching.command("launch.train", *flags), cwd=launching.ROOT,
+                                env={**launching.ENV, "TF_CONFIG": config},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for config in configs]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    for worker, output in zip(workers, outputs):
+      if worker.returncode != 0:
+        raise AssertionError(f"a worker failed ({worker.returncode}):\n{output[-3000:]}")
+    return [json.loads(config)["task"]["index"] for config in configs], outputs
 
   def assert_same_weights(self, a, b):
     self.assertEqual(sorted(a), sorted(b))
@@ -81,6 +112,13 @@ class StrategyEquivalenceTest(absltest.TestCase):
 
   def test_multi_worker_equals_one_device(self):
     self.assert_same_weights(self.runs["one_device"], self.runs["multi_worker"])
+
+  def test_the_readme_cluster_command_made_one_run_of_two_tasks(self):
+    indices, (chief, worker) = self.worker_logs
+    self.assertEqual(indices, [0, 1])
+    self.assertIn("strategy   multi_worker_mirrored: 2 replica(s), worker 0 of 2 tasks", chief)
+    self.assertIn("done: 6 steps", chief)
+    self.assertEqual(worker, "")  # only the chief prints
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ class RecipesTest(absltest.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr[-2000:])
     self.assertIn("resnet50_imagenet_pod_lars.cfg resnet50 32768 tpu", result.stdout)
     self.assertIn("resnet20_cifar10.cfg resnet20 128 auto", result.stdout)
+    # auto, so that the same command on every host of a cluster trains one model.
+    self.assertIn("resnet50_imagenet_8gpu.cfg resnet50 1024 auto", result.stdout)
     self.assertIn("resnet50_imagenet_torchvision_v2.cfg resnet50 1024 auto 176 224 "
                   "trivialaugment_wide", result.stdout)
     self.assertIn("resnet50_imagenet_rsb_a3.cfg resnet50 2048 auto 160 224 randaugment",
