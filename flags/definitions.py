@@ -1,181 +1,187 @@
 """Every flag, defined once, grouped as the path of a batch: model, data,
 distribution, training, checkpointing, monitoring.
 
-Each flag is named after the resnet_dist.config.Config field it sets;
-config_from_flags() builds the Config, so no flag goes unread.
+The command line is flat; each flag sets the field of its name in one part
+of resnet_dist.config.Config (config.flag_field says which), and
+config_from_flags() builds the Config from all of them, so no flag goes
+unread.
 """
-
-import dataclasses
 
 from absl import flags
 
 from resnet_dist import data, losses, models, optim
 from resnet_dist.data import augment
 from resnet_dist import strategy as strategy_lib
+from resnet_dist import config as config_lib
 from resnet_dist.config import DTYPES, Config
 
-_DEFAULTS = Config()
+
+def _default(name):
+  part, field = config_lib.flag_field(name)
+  return getattr(getattr(Config(), part), field)
+
+
 
 # Model
-flags.DEFINE_enum("model", _DEFAULTS.model, models.list_models(), "The ResNet to train.")
-flags.DEFINE_enum("resnet_variant", _DEFAULTS.resnet_variant, models.VARIANTS,
+flags.DEFINE_enum("model", _default("model"), models.list_models(), "The ResNet to train.")
+flags.DEFINE_enum("resnet_variant", _default("resnet_variant"), models.VARIANTS,
                   "ImageNet ResNets: v1.5 (stride on the 3x3 conv), v1 (stride on "
                   "the first 1x1), d (ResNet-D). CIFAR ResNets ignore it.")
-flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Input height and width (>= 32).",
+flags.DEFINE_integer("image_size", _default("image_size"), "Input height and width (>= 32).",
                      lower_bound=32)
-flags.DEFINE_bool("zero_init_residual", _DEFAULTS.zero_init_residual,
+flags.DEFINE_bool("zero_init_residual", _default("zero_init_residual"),
                   "Start the last BN gamma of each residual block at zero.")
-flags.DEFINE_bool("sync_bn", _DEFAULTS.sync_bn,
+flags.DEFINE_bool("sync_bn", _default("sync_bn"),
                   "BatchNorm statistics over the global batch (all replicas).")
 
 # Data
-flags.DEFINE_string("dataset", _DEFAULTS.dataset, data.DATASETS_HELP + ".")
-flags.DEFINE_string("data_dir", _DEFAULTS.data_dir,
+flags.DEFINE_string("dataset", _default("dataset"), data.DATASETS_HELP + ".")
+flags.DEFINE_string("data_dir", _default("data_dir"),
                     "Where datasets live (local or gs://): ImageNet's TFRecords, or TFDS's "
                     "directory (empty: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
-flags.DEFINE_bool("download", _DEFAULTS.download,
+flags.DEFINE_bool("download", _default("download"),
                   "Allow TFDS to download and prepare a missing dataset.")
-flags.DEFINE_integer("num_classes", _DEFAULTS.num_classes,
+flags.DEFINE_integer("num_classes", _default("num_classes"),
                      "Classes of --dataset=synthetic or imagenet (the others know theirs).",
                      lower_bound=2)
-flags.DEFINE_integer("shuffle_buffer", _DEFAULTS.shuffle_buffer,
+flags.DEFINE_integer("shuffle_buffer", _default("shuffle_buffer"),
                      "Records in each input pipeline's shuffle buffer (TFRecord datasets).",
                      lower_bound=1)
-flags.DEFINE_bool("cache_data", _DEFAULTS.cache_data,
+flags.DEFINE_bool("cache_data", _default("cache_data"),
                   "Read a TFRecord dataset into memory once at start (each worker holds all of "
                   "it): a fresh permutation every epoch and the same global batches on "
                   "any number of replicas.")
-flags.DEFINE_bool("strict_data", _DEFAULTS.strict_data,
+flags.DEFINE_bool("strict_data", _default("strict_data"),
                   "Stop at the first undecodable image, naming its file, instead of "
                   "skipping and counting it.")
 
-flags.DEFINE_string("data_service", _DEFAULTS.data_service,
+flags.DEFINE_string("data_service", _default("data_service"),
                     "HOST:PORT of a tf.data service dispatcher (python -m launch.data_service): "
                     "its workers read, decode, augment and batch the training input. "
                     "Evaluation stays local.")
-flags.DEFINE_integer("data_service_timeout_seconds", _DEFAULTS.data_service_timeout_seconds,
+flags.DEFINE_integer("data_service_timeout_seconds", _default("data_service_timeout_seconds"),
                      "How long a run waits for the service's dispatcher at start, and how "
                      "long one that stops answering (or loses every worker) mid-run, "
                      "before it stops.", lower_bound=1)
 
 # Distribution
-flags.DEFINE_enum("strategy", _DEFAULTS.strategy, strategy_lib.STRATEGIES,
+flags.DEFINE_enum("strategy", _default("strategy"), strategy_lib.STRATEGIES,
                   "auto: multi_worker_mirrored where TF_CONFIG names several tasks, else a "
                   "TPU if --tpu names one or one is attached, else mirrored over GPUs, else "
                   "over --num_cpu_devices logical CPU devices.")
-flags.DEFINE_integer("num_gpus", _DEFAULTS.num_gpus,
+flags.DEFINE_integer("num_gpus", _default("num_gpus"),
                      "GPUs for mirrored; default all visible.", lower_bound=0)
-flags.DEFINE_integer("num_cpu_devices", _DEFAULTS.num_cpu_devices,
+flags.DEFINE_integer("num_cpu_devices", _default("num_cpu_devices"),
                      "Logical CPU devices for mirrored when there is no GPU.", lower_bound=1)
-flags.DEFINE_string("tpu", _DEFAULTS.tpu,
+flags.DEFINE_string("tpu", _default("tpu"),
                     "local (a single-host TPU VM), a Cloud TPU name (a pod slice, from its "
                     "worker 0; a TPU node), or grpc://HOST:PORT. Default: $TPU_NAME.")
-flags.DEFINE_string("tpu_zone", _DEFAULTS.tpu_zone, "Zone of a named Cloud TPU.")
-flags.DEFINE_string("gcp_project", _DEFAULTS.gcp_project, "Project of a named Cloud TPU.")
-flags.DEFINE_integer("collective_timeout_seconds", _DEFAULTS.collective_timeout_seconds,
+flags.DEFINE_string("tpu_zone", _default("tpu_zone"), "Zone of a named Cloud TPU.")
+flags.DEFINE_string("gcp_project", _default("gcp_project"), "Project of a named Cloud TPU.")
+flags.DEFINE_integer("collective_timeout_seconds", _default("collective_timeout_seconds"),
                      "multi_worker_mirrored, for debugging: a collective that waits longer "
                      "fails the run. Each collective then holds a thread for this long; "
                      "0: off (a dead peer is found by heartbeats).", lower_bound=0)
 
 # Training
-flags.DEFINE_integer("global_batch_size", _DEFAULTS.global_batch_size,
+flags.DEFINE_integer("global_batch_size", _default("global_batch_size"),
                      "Examples per step over all replicas.", lower_bound=1)
-flags.DEFINE_float("train_epochs", _DEFAULTS.train_epochs, "Epochs to train.", lower_bound=0)
-flags.DEFINE_integer("train_steps", _DEFAULTS.train_steps,
+flags.DEFINE_float("train_epochs", _default("train_epochs"), "Epochs to train.", lower_bound=0)
+flags.DEFINE_integer("train_steps", _default("train_steps"),
                      "Steps to train; > 0 overrides --train_epochs.", lower_bound=0)
-flags.DEFINE_integer("steps_per_loop", _DEFAULTS.steps_per_loop,
+flags.DEFINE_integer("steps_per_loop", _default("steps_per_loop"),
                      "Steps run inside one tf.function call.", lower_bound=1)
-flags.DEFINE_float("epochs_between_evals", _DEFAULTS.epochs_between_evals,
+flags.DEFINE_float("epochs_between_evals", _default("epochs_between_evals"),
                    "Evaluate every this many epochs; 0: at the end only.", lower_bound=0)
-flags.DEFINE_bool("skip_eval", _DEFAULTS.skip_eval, "Never evaluate.")
-flags.DEFINE_enum("dtype", _DEFAULTS.dtype, list(DTYPES),
+flags.DEFINE_bool("skip_eval", _default("skip_eval"), "Never evaluate.")
+flags.DEFINE_enum("dtype", _default("dtype"), list(DTYPES),
                   "fp32; bf16 (mixed_bfloat16); fp16 (mixed_float16, dynamic loss scaling).")
-flags.DEFINE_bool("enable_xla", _DEFAULTS.enable_xla, "Compile the replica step with XLA.")
-flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, optim.OPTIMIZERS,
+flags.DEFINE_bool("enable_xla", _default("enable_xla"), "Compile the replica step with XLA.")
+flags.DEFINE_enum("optimizer", _default("optimizer"), list(optim.OPTIMIZERS),
                   "sgd (momentum), lars (large batches) or lamb (timm's: Adam moments, "
                   "gradients clipped to norm 1, trust ratio on decayed kernels; ignores "
                   "--momentum).")
-flags.DEFINE_enum("loss", _DEFAULTS.loss, list(losses.LOSSES),
+flags.DEFINE_enum("loss", _default("loss"), list(losses.LOSSES),
                   "softmax cross-entropy, or bce: a sigmoid per class, averaged over the "
                   "classes (timm's, as in ResNet strikes back). Evaluation reports softmax "
                   "cross-entropy either way.")
-flags.DEFINE_float("base_learning_rate", _DEFAULTS.base_learning_rate,
+flags.DEFINE_float("base_learning_rate", _default("base_learning_rate"),
                    "Learning rate per 256 examples; scaled by global_batch_size / 256.")
-flags.DEFINE_enum("lr_schedule", _DEFAULTS.lr_schedule, optim.SCHEDULES,
+flags.DEFINE_enum("lr_schedule", _default("lr_schedule"), list(optim.SCHEDULES),
                   "piecewise (x0.1 at --lr_boundary_epochs) or cosine.")
-flags.DEFINE_list("lr_boundary_epochs", [f"{e:g}" for e in _DEFAULTS.lr_boundary_epochs],
+flags.DEFINE_list("lr_boundary_epochs", [f"{e:g}" for e in _default("lr_boundary_epochs")],
                   "piecewise: epochs at which the learning rate drops x0.1.")
-flags.DEFINE_float("warmup_epochs", _DEFAULTS.warmup_epochs, "Linear warmup length.",
+flags.DEFINE_float("warmup_epochs", _default("warmup_epochs"), "Linear warmup length.",
                    lower_bound=0)
-flags.DEFINE_float("momentum", _DEFAULTS.momentum, "Momentum.", lower_bound=0)
-flags.DEFINE_bool("nesterov", _DEFAULTS.nesterov, "Nesterov momentum.")
-flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay,
+flags.DEFINE_float("momentum", _default("momentum"), "Momentum.", lower_bound=0)
+flags.DEFINE_bool("nesterov", _default("nesterov"), "Nesterov momentum.")
+flags.DEFINE_float("weight_decay", _default("weight_decay"),
                    "L2 decay of conv and dense kernels.", lower_bound=0)
-flags.DEFINE_float("label_smoothing", _DEFAULTS.label_smoothing, "Label smoothing.",
+flags.DEFINE_float("label_smoothing", _default("label_smoothing"), "Label smoothing.",
                    lower_bound=0, upper_bound=1)
-flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of initialisation, data order and augmentation.")
-flags.DEFINE_bool("deterministic", _DEFAULTS.deterministic,
+flags.DEFINE_integer("seed", _default("seed"), "Seed of initialisation, data order and augmentation.")
+flags.DEFINE_bool("deterministic", _default("deterministic"),
                   "Deterministic kernels: bit-identical reruns, somewhat slower.")
 
 # Recipe: each is off by default (docs/recipes.md)
-flags.DEFINE_float("ema_decay", _DEFAULTS.ema_decay,
+flags.DEFINE_float("ema_decay", _default("ema_decay"),
                    "Keep an exponential moving average of the weights and BN statistics, "
                    "with this decay per step (0: none); evaluated beside the weights.",
                    lower_bound=0, upper_bound=1)
-flags.DEFINE_integer("ema_every_steps", _DEFAULTS.ema_every_steps,
+flags.DEFINE_integer("ema_every_steps", _default("ema_every_steps"),
                      "Update the EMA every this many steps, by ema_decay**K.", lower_bound=1)
-flags.DEFINE_float("mixup_alpha", _DEFAULTS.mixup_alpha,
+flags.DEFINE_float("mixup_alpha", _default("mixup_alpha"),
                    "Mixup: blend each image with another, lambda ~ Beta(A, A); 0: off.",
                    lower_bound=0)
-flags.DEFINE_float("cutmix_alpha", _DEFAULTS.cutmix_alpha,
+flags.DEFINE_float("cutmix_alpha", _default("cutmix_alpha"),
                    "CutMix: paste a box of another image, area ~ Beta(B, B); 0: off. With "
                    "mixup too, each batch gets one of the two.", lower_bound=0)
-flags.DEFINE_enum("augment", _DEFAULTS.augment, augment.POLICIES,
+flags.DEFINE_enum("augment", _default("augment"), list(augment.POLICIES),
                   "Automatic augmentation after the crop and flip, as torchvision's.")
-flags.DEFINE_integer("randaugment_num_ops", _DEFAULTS.randaugment_num_ops,
+flags.DEFINE_integer("randaugment_num_ops", _default("randaugment_num_ops"),
                      "randaugment: ops applied to each image.", lower_bound=1)
-flags.DEFINE_integer("randaugment_magnitude", _DEFAULTS.randaugment_magnitude,
+flags.DEFINE_integer("randaugment_magnitude", _default("randaugment_magnitude"),
                      f"randaugment: the magnitude bin of every op, 0..{augment.BINS - 1}.",
                      lower_bound=0, upper_bound=augment.BINS - 1)
-flags.DEFINE_float("random_erasing", _DEFAULTS.random_erasing,
+flags.DEFINE_float("random_erasing", _default("random_erasing"),
                    "Probability of erasing a random box of each image (after normalising) "
                    "with noise.", lower_bound=0, upper_bound=1)
-flags.DEFINE_integer("eval_image_size", _DEFAULTS.eval_image_size,
+flags.DEFINE_integer("eval_image_size", _default("eval_image_size"),
                      "Evaluation image size; 0: --image_size.", lower_bound=0)
-flags.DEFINE_integer("eval_resize_size", _DEFAULTS.eval_resize_size,
+flags.DEFINE_integer("eval_resize_size", _default("eval_resize_size"),
                      "ImageNet-style evaluation: the crop is eval_image_size of a shorter side "
                      "resized to this (232 with 224: torchvision's); 0: crop 87.5%.",
                      lower_bound=0)
 flags.DEFINE_string("progressive_resize", "",
                     "START:END:FROM_EPOCH:TO_EPOCH: training images grow from START to END "
                     "pixels, in steps of 32, between the two epochs (FFCV's ramp).")
-flags.DEFINE_integer("grad_accum_steps", _DEFAULTS.grad_accum_steps,
+flags.DEFINE_integer("grad_accum_steps", _default("grad_accum_steps"),
                      "Micro-batches per update: each step's batch is split into this many "
                      "forward and backward passes.", lower_bound=1)
 
 # Checkpointing
-flags.DEFINE_string("model_dir", _DEFAULTS.model_dir,
+flags.DEFINE_string("model_dir", _default("model_dir"),
                     "Checkpoints, summaries and summary.json; an existing run resumes. "
                     "Empty: runs/MODEL-DATASET-TIMESTAMP.")
-flags.DEFINE_string("init_checkpoint", _DEFAULTS.init_checkpoint,
+flags.DEFINE_string("init_checkpoint", _default("init_checkpoint"),
                     "Start from another run's weights (its model_dir or a checkpoint); the "
                     "classifier starts fresh when the number of classes differs. Ignored "
                     "when model_dir has a checkpoint to resume.")
-flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
+flags.DEFINE_integer("checkpoint_every_steps", _default("checkpoint_every_steps"),
                      "Save every this many steps (also at evaluations and at the end); "
                      "0: once an epoch.", lower_bound=0)
-flags.DEFINE_bool("start_over", _DEFAULTS.start_over,
+flags.DEFINE_bool("start_over", _default("start_over"),
                   "Train from step 0 even though model_dir has checkpoints, deleting them.")
-flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints,
+flags.DEFINE_integer("keep_checkpoints", _default("keep_checkpoints"),
                      "Checkpoints kept.", lower_bound=1)
 
 # Monitoring
-flags.DEFINE_integer("log_every_steps", _DEFAULTS.log_every_steps,
+flags.DEFINE_integer("log_every_steps", _default("log_every_steps"),
                      "Print a progress line every this many steps.", lower_bound=1)
 flags.DEFINE_string("profile_steps", "",
                     "START,END: trace steps START to END-1 with tf.profiler into "
                     "model_dir/plugins/profile (TensorBoard's Profile tab).")
-flags.DEFINE_float("peak_tflops", _DEFAULTS.peak_tflops,
+flags.DEFINE_float("peak_tflops", _default("peak_tflops"),
                    "Peak TFLOP/s of all replicas together, for the FLOP utilisation "
                    "summary; 0: measure a matmul on the replicas at start.", lower_bound=0)
 
@@ -227,9 +233,9 @@ FLAGS = flags.FLAGS
 def config_from_flags(**overrides):
   """The Config the parsed flags describe (the flags' values converted once),
   with `overrides` for fields whose flag the user did not give."""
-  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)}
+  values = {name: FLAGS[name].value for name in config_lib.flag_names()}
   values["lr_boundary_epochs"] = _epochs(values["lr_boundary_epochs"])
   values["profile_steps"] = _step_range(values["profile_steps"])
   values["progressive_resize"] = _ramp(values["progressive_resize"])
   values.update({k: v for k, v in overrides.items() if not FLAGS[k].present})
-  return Config(**values)
+  return Config.from_flat(**values)

@@ -135,14 +135,16 @@ def input_benchmark():
   directory = tempfile.mkdtemp(prefix="resnet_dist_bench_")
   images = natural_jpegs(FLAGS.num_images)
   files = records.write_imagenet_records(directory, "train", images,
-                                         [i % 1000 for i in range(len(images))], 8)
+                                         [i % 1000 for i in range(len(images))], num_files=8)
   source = data.get_source("imagenet", directory)
-  config = data.InputConfig(FLAGS.batch_size, FLAGS.image_size, shuffle_buffer=1000)
+  from resnet_dist.config import AugmentConfig  # pylint: disable=g-import-not-at-top
+  spec = data.InputSpec(FLAGS.batch_size, FLAGS.image_size, shuffle_buffer=1000)
   pipelines = {
-      name: data.train_dataset_fn(source, "train", dataclasses.replace(config, augment=policy))(
+      name: data.train_dataset_fn(source, "train", dataclasses.replace(spec, augment=augment))(
           tf.distribute.InputContext())
-      for name, policy in (("resnet_dist", "none"),
-                           ("resnet_dist trivialaugment_wide", "trivialaugment_wide"))}
+      for name, augment in (("resnet_dist", None),
+                            ("resnet_dist trivialaugment_wide",
+                             AugmentConfig(policy="trivialaugment_wide")))}
   pipelines["bare tf.data"] = _bare_pipeline(files, FLAGS.image_size, FLAGS.batch_size)
   measured = _input_turns(pipelines, FLAGS.batch_size, FLAGS.warmup_batches, FLAGS.seconds,
                           FLAGS.rounds)
@@ -202,20 +204,21 @@ def _ours(case, strategy):
   from resnet_dist import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   from resnet_dist.config import Config  # pylint: disable=g-import-not-at-top
   size = case["image_size"]
-  config = Config(model=case["model"], image_size=size, dtype=case["dtype"],
-                  enable_xla=case["xla"], global_batch_size=case["batch"],
-                  steps_per_loop=case["steps_per_loop"], dataset="synthetic", num_classes=1000)
+  config = Config.from_flat(model=case["model"], image_size=size, dtype=case["dtype"],
+                            enable_xla=case["xla"], global_batch_size=case["batch"],
+                            steps_per_loop=case["steps_per_loop"], dataset="synthetic",
+                            num_classes=1000)
   if case.get("input", "").startswith("jpeg"):
     source = data.get_source("imagenet", case["data_dir"], num_classes=10, image_size=size)
   else:
     source = data.get_source("synthetic", num_classes=10 if size <= 64 else 1000,
                              image_size=size)
   trainer = Trainer(config, strategy, source, steps_per_epoch=100, total_steps=10**6)
-  input_config = data.InputConfig(case["batch"], size, shuffle_buffer=1000,
-                                  data_service=case.get("data_service", ""),
-                                  job_name=f"benchmark-{os.getpid()}-{time.time_ns()}")
+  spec = data.InputSpec(case["batch"], size, shuffle_buffer=1000,
+                        data_service=case.get("data_service", ""),
+                        job_name=f"benchmark-{os.getpid()}-{time.time_ns()}")
   iterator = iter(strategy.distribute_datasets_from_function(
-      data.train_dataset_fn(source, source.train_split, input_config),
+      data.train_dataset_fn(source, source.train_split, spec),
       options=strategy_lib.input_options(strategy)))
   return (lambda n: trainer.train_loop(iterator, tf.constant(n)),
           models.count_macs(trainer.model, size), trainer.model.compute_dtype)
@@ -359,7 +362,7 @@ def _jpeg_records(num_images, size=32):
             for _ in range(num_images)]
   directory = tempfile.mkdtemp(prefix="resnet_dist_e2e_")
   records.write_imagenet_records(directory, "train", images,
-                                 [i % 10 for i in range(num_images)], 4)
+                                 [i % 10 for i in range(num_images)], num_files=4)
   return directory
 
 

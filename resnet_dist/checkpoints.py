@@ -37,11 +37,11 @@ def model_state(model):
 
 
 def resolve_model_dir(config):
-  if config.model_dir:
-    return config.model_dir
+  if config.checkpoint.model_dir:
+    return config.checkpoint.model_dir
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  name = config.dataset.replace(":", "-").replace("/", "-")
-  return os.path.join("runs", f"{config.model}-{name}-{stamp}")
+  name = config.data.dataset.replace(":", "-").replace("/", "-")
+  return os.path.join("runs", f"{config.model.name}-{name}-{stamp}")
 
 
 def check_writable(model_dir):
@@ -135,14 +135,14 @@ def save_manager(checkpoint, strategy, model_dir, keep, existing):
 
 
 def _model_identity(config, source):
-  return {"model": config.model, "resnet_variant": config.resnet_variant,
+  return {"model": config.model.name, "resnet_variant": config.model.resnet_variant,
           "num_classes": source.num_classes}
 
 
 def check_resumable(model_dir, config, source):
   """A model_dir resumes only the model and batch size it was made with
   (run.json says which); raises ConfigError saying what differs."""
-  if config.start_over or not tf.io.gfile.exists(os.path.join(model_dir, RUN_FILE)):
+  if config.checkpoint.start_over or not tf.io.gfile.exists(os.path.join(model_dir, RUN_FILE)):
     return
   saved = read_run(model_dir)
   differs = [f"{k} {saved.get(k)} there, {v} here"
@@ -150,27 +150,31 @@ def check_resumable(model_dir, config, source):
   if differs:
     raise ConfigError(f"--model_dir={model_dir} holds checkpoints of another model "
                       f"({'; '.join(differs)}); use a new --model_dir")
-  batch = saved.get("global_batch_size", config.global_batch_size)  # older run.json: unknown
-  if batch != config.global_batch_size:
+  here = config.schedule.global_batch_size
+  batch = saved.get("global_batch_size", here)  # older run.json: unknown
+  if batch != here:
     raise ConfigError(
         f"--model_dir={model_dir} was trained at --global_batch_size={batch}; resuming at "
-        f"{config.global_batch_size} would move the data position and the learning rate: "
+        f"{here} would move the data position and the learning rate: "
         f"pass --global_batch_size={batch}, or --start_over")
 
 
 def write_run_record(model_dir, config, source):
   """Writes run.json for a new run (or one started over): the model, and how
-  it sees its input, for resuming, evaluate and export."""
+  it sees its input, for resuming, evaluate and export; and under "config"
+  every setting, part by part."""
   path = os.path.join(model_dir, RUN_FILE)
-  if tf.io.gfile.exists(path) and not config.start_over:
+  if tf.io.gfile.exists(path) and not config.checkpoint.start_over:
     return
+  data = config.data
   with tf.io.gfile.GFile(path, "w") as f:
-    json.dump({**_model_identity(config, source), "image_size": config.image_size,
-               "dataset": config.dataset, "data_dir": config.data_dir,
-               "augment": source.augment, "mean": list(source.mean), "std": list(source.std),
-               "global_batch_size": config.global_batch_size,
-               "eval_image_size": config.eval_size, "eval_resize_size": config.eval_resize_size,
-               "eval_crop_fraction": config.eval_crop_fraction}, f, indent=2)
+    json.dump({**_model_identity(config, source), "image_size": data.image_size,
+               "dataset": data.dataset, "data_dir": data.data_dir,
+               "crop": source.crop, "mean": list(source.mean), "std": list(source.std),
+               "global_batch_size": config.schedule.global_batch_size,
+               "eval_image_size": data.eval_size, "eval_resize_size": data.eval_resize_size,
+               "eval_crop_fraction": data.eval_crop_fraction, "config": config.to_dict()},
+              f, indent=2)
 
 
 def read_run(model_dir):

@@ -1,10 +1,22 @@
-"""A run's settings, as one typed object that checks itself: the library never
-reads absl flags.
+"""A run's settings: a Config of typed parts, one per concern, each frozen and
+checking itself. The library never reads absl flags.
 
-flags/ defines one flag per field and converts the flags into a Config once;
-tests and notebooks build one directly. Config.validate() is the one place
-where settings are checked against each other and against the choices the
-library offers, before any TensorFlow work.
+  model       which network, its numerics          (ModelConfig)
+  data        what it reads, at which image sizes  (DataConfig)
+  augment     what training does to each image     (AugmentConfig)
+  optim       loss, optimizer, learning rate, EMA  (OptimConfig)
+  schedule    batch, length, loops, evaluations,   (ScheduleConfig)
+              seed and determinism
+  distribute  where it runs                        (DistributeConfig)
+  checkpoint  model_dir and what is saved there    (CheckpointConfig)
+  monitor     console, TensorBoard, profiling      (MonitorConfig)
+
+Code takes the part it needs (a Trainer's optimizer reads config.optim). A
+field is named as its flag (--weight_decay is optim.weight_decay), but for
+--model (model.name) and --augment (augment.policy): FLAG_FIELDS says where
+each flag goes, and Config.from_flat() builds a Config from flag-named
+values, as flags/ does and as tests and notebooks may. validate() checks each
+part, then what spans parts, before any TensorFlow work.
 """
 
 import dataclasses
@@ -12,34 +24,44 @@ import math
 from typing import Optional, Tuple
 
 from resnet_dist import losses, models, optim
-from resnet_dist.data import augment, preprocess, service
+from resnet_dist.data import augment as augment_lib
+from resnet_dist.data import preprocess, service
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.errors import ConfigError
 
 DTYPES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
-# The choices of each enumerated field, checked by validate().
-CHOICES = {
-    "model": models.list_models(),
-    "resnet_variant": models.VARIANTS,
-    "strategy": strategy_lib.STRATEGIES,
-    "dtype": tuple(DTYPES),
-    "optimizer": optim.OPTIMIZERS,
-    "lr_schedule": optim.SCHEDULES,
-    "loss": tuple(losses.LOSSES),
-    "augment": augment.POLICIES,
-}
+
+def _check(condition, message):
+  if not condition:
+    raise ConfigError(message)
+
+
+def _check_choice(flag, value, choices):
+  _check(value in choices, f"unknown --{flag}={value}; choose from {', '.join(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  # Model
-  model: str = "resnet20"
+class ModelConfig:
+  name: str = "resnet20"            # --model
   resnet_variant: str = "v1.5"
-  image_size: int = 32
   zero_init_residual: bool = False
   sync_bn: bool = False
-  # Data
+  dtype: str = "fp32"
+
+  @property
+  def dtype_policy(self):
+    """The Keras dtype policy of --dtype."""
+    return DTYPES[self.dtype]
+
+  def validate(self):
+    _check_choice("model", self.name, models.list_models())
+    _check_choice("resnet_variant", self.resnet_variant, models.VARIANTS)
+    _check_choice("dtype", self.dtype, tuple(DTYPES))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
   dataset: str = "digits"
   data_dir: str = ""
   download: bool = False
@@ -49,64 +71,11 @@ class Config:
   strict_data: bool = False
   data_service: str = ""            # HOST:PORT of a tf.data service dispatcher; "": local input
   data_service_timeout_seconds: int = 60
-  # Distribution
-  strategy: str = "auto"
-  num_gpus: Optional[int] = None    # None: every visible GPU
-  num_cpu_devices: int = 2
-  tpu: str = ""
-  tpu_zone: Optional[str] = None
-  gcp_project: Optional[str] = None
-  collective_timeout_seconds: int = 0   # 0: no timeout (a debugging aid)
-  # Training
-  global_batch_size: int = 128
-  train_epochs: float = 30.0
-  train_steps: int = 0              # > 0 overrides train_epochs
-  steps_per_loop: int = 10
-  epochs_between_evals: float = 0.0  # 0: evaluate at the end only
-  skip_eval: bool = False
-  dtype: str = "fp32"
-  enable_xla: bool = False
-  optimizer: str = "sgd"           # sgd (momentum), lars, lamb
-  loss: str = "softmax"            # softmax cross-entropy, or bce (one sigmoid per class)
-  base_learning_rate: float = 0.1   # per 256 examples
-  lr_schedule: str = "cosine"
-  # piecewise: x0.1 at each (Goyal et al. 2017, for 90 ImageNet epochs)
-  lr_boundary_epochs: Tuple[float, ...] = (30.0, 60.0, 80.0)
-  warmup_epochs: float = 0.0
-  momentum: float = 0.9
-  nesterov: bool = False
-  weight_decay: float = 1e-4
-  label_smoothing: float = 0.0
-  seed: int = 0
-  deterministic: bool = False
-  # Recipe (docs/recipes.md); each off by default
-  ema_decay: float = 0.0            # per step; 0: no EMA of the weights
-  ema_every_steps: int = 1          # update the EMA every K steps, by ema_decay**K
-  mixup_alpha: float = 0.0
-  cutmix_alpha: float = 0.0
-  augment: str = "none"             # none, trivialaugment_wide, randaugment, autoaugment
-  randaugment_num_ops: int = 2
-  randaugment_magnitude: int = 9    # of 31 bins, as torchvision's RandAugment
-  random_erasing: float = 0.0       # probability per image
+  image_size: int = 32              # training's, and the model's where it is fixed
   eval_image_size: int = 0          # 0: image_size
   eval_resize_size: int = 0         # 0: eval_image_size / 0.875 (the central 87.5%)
   # (START, END, FROM_EPOCH, TO_EPOCH): training size ramps START -> END
   progressive_resize: Optional[Tuple[int, int, float, float]] = None
-  grad_accum_steps: int = 1         # micro-batches per update
-  # Checkpointing
-  model_dir: str = ""
-  init_checkpoint: str = ""         # fine-tune from another run's weights
-  checkpoint_every_steps: int = 0   # 0: every epoch (and at evaluations and the end)
-  start_over: bool = False          # train from step 0, replacing model_dir's checkpoints
-  keep_checkpoints: int = 3
-  # Monitoring
-  log_every_steps: int = 10
-  profile_steps: Optional[Tuple[int, int]] = None  # (START, END): trace START..END-1
-  peak_tflops: float = 0.0          # the hardware's peak, for FLOP utilisation; 0: measure
-
-  @property
-  def policy(self):
-    return DTYPES[self.dtype]
 
   @property
   def eval_size(self):
@@ -120,9 +89,9 @@ class Config:
     return self.eval_size / self.eval_resize_size
 
   @property
-  def micro_batch_size(self):
-    """Examples per forward and backward pass, over all replicas."""
-    return self.global_batch_size // self.grad_accum_steps
+  def fixed_size(self):
+    """Whether every image the model sees, in training and evaluation, is image_size."""
+    return self.progressive_resize is None and self.eval_size == self.image_size
 
   def train_image_size(self, epoch):
     """The training images' size at `epoch` (steps done / steps per epoch):
@@ -135,70 +104,23 @@ class Config:
     progress = min(max((epoch - first) / (last - first), 0.0), 1.0)
     return end if progress == 1 else start + round(progress * (end - start) / 32) * 32
 
-  @property
-  def mixes(self):
-    return self.mixup_alpha > 0 or self.cutmix_alpha > 0
-
   def validate(self):
-    """Raises ConfigError naming the first setting that cannot work."""
-    for name, choices in CHOICES.items():
-      if getattr(self, name) not in choices:
-        raise ConfigError(f"unknown --{name}={getattr(self, name)}; choose from "
-                          f"{', '.join(choices)}")
     _check(self.image_size >= 32, f"--image_size={self.image_size} is below the minimum of 32")
-    _check(self.global_batch_size >= 1, "--global_batch_size must be positive")
-    _check(self.train_steps > 0 or self.train_epochs > 0,
-           "set --train_steps or --train_epochs to a positive value")
-    _check(self.steps_per_loop >= 1, "--steps_per_loop must be at least 1")
-    _check(math.isfinite(self.base_learning_rate) and self.base_learning_rate > 0,
-           f"--base_learning_rate={self.base_learning_rate} must be a positive number")
-    _check(not self.tpu or self.strategy in ("tpu", "auto"),
-           f"--tpu={self.tpu} is for --strategy=tpu, not --strategy={self.strategy}")
-    epochs = self.lr_boundary_epochs
-    _check(epochs and list(epochs) == sorted(set(epochs)) and epochs[0] > 0,
-           f"--lr_boundary_epochs={','.join(map(str, epochs))} must be increasing positive "
-           f"epochs")
-    self._validate_recipe()
-    self._validate_service()
-    if self.profile_steps is not None:
-      start, end = self.profile_steps
-      _check(0 <= start < end,
-             f"--profile_steps={start},{end} must be START,END with 0 <= START < END")
-    return self
-
-  def _validate_recipe(self):
-    _check(0 <= self.ema_decay < 1, f"--ema_decay={self.ema_decay} must be in [0, 1)")
-    _check(self.ema_every_steps >= 1, "--ema_every_steps must be at least 1")
-    _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
-           "--mixup_alpha and --cutmix_alpha must be >= 0")
-    _check(0 <= self.random_erasing <= 1,
-           f"--random_erasing={self.random_erasing} must be a probability")
-    _check(1 <= self.randaugment_num_ops and 0 <= self.randaugment_magnitude < augment.BINS,
-           f"--randaugment_num_ops must be >= 1 and --randaugment_magnitude in "
-           f"0..{augment.BINS - 1}")
     _check(self.eval_size >= 32, f"--eval_image_size={self.eval_size} is below the minimum of 32")
     _check(not self.eval_resize_size or self.eval_resize_size >= self.eval_size,
            f"--eval_resize_size={self.eval_resize_size} is smaller than the evaluation crop "
            f"({self.eval_size})")
-    _check(self.grad_accum_steps >= 1, "--grad_accum_steps must be at least 1")
-    _check(self.global_batch_size % self.grad_accum_steps == 0,
-           f"--global_batch_size={self.global_batch_size} does not divide into "
-           f"--grad_accum_steps={self.grad_accum_steps} micro-batches")
     if self.progressive_resize is not None:
       start, end, first, last = self.progressive_resize
       _check(32 <= start and 32 <= end and 0 <= first < last,
              f"--progressive_resize={':'.join(f'{v:g}' for v in self.progressive_resize)} must "
              f"be START:END:FROM_EPOCH:TO_EPOCH with sizes >= 32 and FROM_EPOCH < TO_EPOCH")
-
+    if self.data_service:
+      self._validate_service()
 
   def _validate_service(self):
-    if not self.data_service:
-      return
     service.check_address(self.data_service)
     _check(self.data_service_timeout_seconds >= 1, "--data_service_timeout_seconds must be >= 1")
-    _check(not self.deterministic,
-           "--data_service and --deterministic do not go together: the service's workers "
-           "make batches in an order that differs from run to run")
     _check(self.dataset != "synthetic",
            "--data_service has nothing to do for --dataset=synthetic (no input work)")
     _check(not self.cache_data,
@@ -206,6 +128,198 @@ class Config:
            "travel to the service inside the dataset's definition; its workers read the files")
 
 
-def _check(condition, message):
-  if not condition:
-    raise ConfigError(message)
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  policy: str = "none"              # --augment: an augment.POLICIES entry
+  randaugment_num_ops: int = 2
+  randaugment_magnitude: int = 9    # of 31 bins, as torchvision's RandAugment
+  random_erasing: float = 0.0       # probability per image
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+
+  @property
+  def mixes(self):
+    return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+  def validate(self):
+    _check_choice("augment", self.policy, augment_lib.POLICIES)
+    _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
+           "--mixup_alpha and --cutmix_alpha must be >= 0")
+    _check(0 <= self.random_erasing <= 1,
+           f"--random_erasing={self.random_erasing} must be a probability")
+    _check(1 <= self.randaugment_num_ops and 0 <= self.randaugment_magnitude < augment_lib.BINS,
+           f"--randaugment_num_ops must be >= 1 and --randaugment_magnitude in "
+           f"0..{augment_lib.BINS - 1}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  optimizer: str = "sgd"            # an optim.OPTIMIZERS entry
+  loss: str = "softmax"             # softmax cross-entropy, or bce (one sigmoid per class)
+  base_learning_rate: float = 0.1   # per 256 examples
+  lr_schedule: str = "cosine"       # an optim.SCHEDULES entry
+  # piecewise: x0.1 at each (Goyal et al. 2017, for 90 ImageNet epochs)
+  lr_boundary_epochs: Tuple[float, ...] = (30.0, 60.0, 80.0)
+  warmup_epochs: float = 0.0
+  momentum: float = 0.9
+  nesterov: bool = False
+  weight_decay: float = 1e-4
+  label_smoothing: float = 0.0
+  ema_decay: float = 0.0            # per step; 0: no EMA of the weights
+  ema_every_steps: int = 1          # update the EMA every K steps, by ema_decay**K
+
+  def validate(self):
+    _check_choice("optimizer", self.optimizer, optim.OPTIMIZERS)
+    _check_choice("lr_schedule", self.lr_schedule, optim.SCHEDULES)
+    _check_choice("loss", self.loss, losses.LOSSES)
+    _check(math.isfinite(self.base_learning_rate) and self.base_learning_rate > 0,
+           f"--base_learning_rate={self.base_learning_rate} must be a positive number")
+    epochs = self.lr_boundary_epochs
+    _check(epochs and list(epochs) == sorted(set(epochs)) and epochs[0] > 0,
+           f"--lr_boundary_epochs={','.join(map(str, epochs))} must be increasing positive "
+           f"epochs")
+    _check(0 <= self.ema_decay < 1, f"--ema_decay={self.ema_decay} must be in [0, 1)")
+    _check(self.ema_every_steps >= 1, "--ema_every_steps must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+  global_batch_size: int = 128
+  grad_accum_steps: int = 1         # micro-batches per update
+  train_epochs: float = 30.0
+  train_steps: int = 0              # > 0 overrides train_epochs
+  steps_per_loop: int = 10
+  epochs_between_evals: float = 0.0  # 0: evaluate at the end only
+  skip_eval: bool = False
+  enable_xla: bool = False
+  seed: int = 0
+  deterministic: bool = False
+
+  @property
+  def micro_batch_size(self):
+    """Examples per forward and backward pass, over all replicas."""
+    return self.global_batch_size // self.grad_accum_steps
+
+  def total_steps(self, steps_per_epoch):
+    return self.train_steps or math.ceil(self.train_epochs * steps_per_epoch)
+
+  def validate(self):
+    _check(self.global_batch_size >= 1, "--global_batch_size must be positive")
+    _check(self.train_steps > 0 or self.train_epochs > 0,
+           "set --train_steps or --train_epochs to a positive value")
+    _check(self.steps_per_loop >= 1, "--steps_per_loop must be at least 1")
+    _check(self.grad_accum_steps >= 1, "--grad_accum_steps must be at least 1")
+    _check(self.global_batch_size % self.grad_accum_steps == 0,
+           f"--global_batch_size={self.global_batch_size} does not divide into "
+           f"--grad_accum_steps={self.grad_accum_steps} micro-batches")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributeConfig:
+  strategy: str = "auto"
+  num_gpus: Optional[int] = None    # None: every visible GPU
+  num_cpu_devices: int = 2
+  tpu: str = ""
+  tpu_zone: Optional[str] = None
+  gcp_project: Optional[str] = None
+  collective_timeout_seconds: int = 0   # 0: no timeout (a debugging aid)
+
+  def validate(self):
+    _check_choice("strategy", self.strategy, strategy_lib.STRATEGIES)
+    _check(not self.tpu or self.strategy in ("tpu", "auto"),
+           f"--tpu={self.tpu} is for --strategy=tpu, not --strategy={self.strategy}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  model_dir: str = ""
+  init_checkpoint: str = ""         # fine-tune from another run's weights
+  checkpoint_every_steps: int = 0   # 0: every epoch (and at evaluations and the end)
+  start_over: bool = False          # train from step 0, replacing model_dir's checkpoints
+  keep_checkpoints: int = 3
+
+  def validate(self):
+    _check(self.keep_checkpoints >= 1, "--keep_checkpoints must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+  log_every_steps: int = 10
+  profile_steps: Optional[Tuple[int, int]] = None  # (START, END): trace START..END-1
+  peak_tflops: float = 0.0          # the hardware's peak, for FLOP utilisation; 0: measure
+
+  def validate(self):
+    _check(self.log_every_steps >= 1, "--log_every_steps must be at least 1")
+    if self.profile_steps is not None:
+      start, end = self.profile_steps
+      _check(0 <= start < end,
+             f"--profile_steps={start},{end} must be START,END with 0 <= START < END")
+
+
+# Where a flag's value goes when it is not the field of the same name.
+FLAG_FIELDS = {"model": ("model", "name"), "augment": ("augment", "policy")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  augment: AugmentConfig = AugmentConfig()
+  optim: OptimConfig = OptimConfig()
+  schedule: ScheduleConfig = ScheduleConfig()
+  distribute: DistributeConfig = DistributeConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  monitor: MonitorConfig = MonitorConfig()
+
+  @classmethod
+  def from_flat(cls, **values):
+    """A Config from flag-named values (model="resnet50", weight_decay=5e-5, ...);
+    a name no part has is a TypeError, as for any keyword."""
+    return cls().replace(**values)
+
+  def replace(self, **values):
+    """A copy with flag-named values changed, each in its part."""
+    changes = {}
+    for name, value in values.items():
+      part, field = flag_field(name)
+      changes.setdefault(part, {})[field] = value
+    return dataclasses.replace(self, **{part: dataclasses.replace(getattr(self, part), **fields)
+                                        for part, fields in changes.items()})
+
+  def to_dict(self):
+    """{part: {field: value}}, as run.json records it."""
+    return dataclasses.asdict(self)
+
+  def flag_values(self):
+    """{flag name: value} of every setting, as the command line names them."""
+    values = {}
+    for name in flag_names():
+      part, field = flag_field(name)
+      values[name] = getattr(getattr(self, part), field)
+    return values
+
+  def validate(self):
+    """Raises ConfigError naming the first setting that cannot work."""
+    for part in dataclasses.fields(self):
+      getattr(self, part.name).validate()
+    _check(not (self.data.data_service and self.schedule.deterministic),
+           "--data_service and --deterministic do not go together: the service's workers "
+           "make batches in an order that differs from run to run")
+    return self
+
+
+def flag_field(name):
+  """(part, field) of the flag --name; a TypeError for a name no part has."""
+  if name in FLAG_FIELDS:
+    return FLAG_FIELDS[name]
+  for part in dataclasses.fields(Config):
+    if name in {f.name for f in dataclasses.fields(part.type)}:
+      return part.name, name
+  raise TypeError(f"no part of Config has a setting {name!r}")
+
+
+def flag_names():
+  """Every flag a Config takes, part by part."""
+  fields = {value: key for key, value in FLAG_FIELDS.items()}
+  return [fields.get((part.name, f.name), f.name)
+          for part in dataclasses.fields(Config) for f in dataclasses.fields(part.type)]

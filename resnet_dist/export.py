@@ -20,19 +20,19 @@ from resnet_dist.data import preprocess
 class Classifier(tf.Module):
   """The model behind the run's evaluation preprocessing."""
 
-  def __init__(self, model, image_size, augment, mean, std,
+  def __init__(self, model, image_size, crop, mean, std,
                crop_fraction=preprocess.EVAL_CROP_FRACTION, of_ema=False):
     super().__init__(name="classifier")
     self.model = model
     self.image_size = image_size
-    self.augment = augment
+    self.crop = crop
     self.mean, self.std = tuple(mean), tuple(std)
     self.crop_fraction = crop_fraction
     self.of_ema = of_ema
 
   def _classify(self, images, encoded):
     def one(image):
-      return preprocess.preprocess(image, self.augment, self.image_size, training=False,
+      return preprocess.preprocess(image, self.crop, self.image_size, training=False,
                                    seed=tf.zeros([2], tf.int64), encoded=encoded,
                                    crop_fraction=self.crop_fraction)
     batch = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(
@@ -62,8 +62,11 @@ def load_classifier(model_dir, checkpoint_path=None, use_ema=True):
                            variant=run["resnet_variant"], image_size=size)
   of_ema = use_ema and checkpoints.has_ema(path)
   checkpoints.restore_model(model, path, checkpoints.EMA_KEY if of_ema else checkpoints.MODEL_KEY)
-  return Classifier(model, size, run["augment"], run["mean"], run["std"],
-                    run.get("eval_crop_fraction", preprocess.EVAL_CROP_FRACTION), of_ema), path
+  # run.json's "crop" was "augment" before --augment named the policies.
+  crop = run.get("crop") or run["augment"]
+  return Classifier(model, size, crop, mean=run["mean"], std=run["std"],
+                    crop_fraction=run.get("eval_crop_fraction", preprocess.EVAL_CROP_FRACTION),
+                    of_ema=of_ema), path
 
 
 def save_weights(classifier, path):

@@ -23,25 +23,27 @@ def log(message, chief=True):
     print(message, flush=True)
 
 
-def describe_run(config, strategy, source, train_size, eval_size, num_params, macs,
+def describe_run(config, strategy, source, *, train_size, eval_size, num_params, macs,
                  steps_per_epoch, total_steps, model_dir):
   """The block printed at start: what runs where, on what, for how long."""
-  per_replica = config.global_batch_size // strategy.num_replicas_in_sync
+  model, schedule, size = config.model, config.schedule, config.data.image_size
+  per_replica = schedule.global_batch_size // strategy.num_replicas_in_sync
   recipe = describe_recipe(config)
   devices = ", ".join(strategy_lib.replica_devices(strategy))
   return "\n".join([
       f"strategy   {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s)"
       f"{strategy_lib.describe_tasks(strategy)}, on {devices}",
-      f"batch      {config.global_batch_size} global, {per_replica} per replica",
-      f"model      {config.model} ({config.resnet_variant}), {num_params:,} trainable "
-      f"parameters, {macs / 1e9:.3f} GMACs per {config.image_size}x{config.image_size} image",
-      f"dtype      {config.dtype}{', XLA' if config.enable_xla else ''}; CPU kernels "
+      f"batch      {schedule.global_batch_size} global, {per_replica} per replica",
+      f"model      {model.name} ({model.resnet_variant}), {num_params:,} trainable "
+      f"parameters, {macs / 1e9:.3f} GMACs per {size}x{size} image",
+      f"dtype      {model.dtype}{', XLA' if schedule.enable_xla else ''}; CPU kernels "
       f"{perf.cpu_kernels()}",
-      f"dataset    {config.dataset}: {train_size:,} train / {eval_size:,} eval examples, "
+      f"dataset    {config.data.dataset}: {train_size:,} train / {eval_size:,} eval examples, "
       f"{source.num_classes} classes",
       f"schedule   {total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs of "
-      f"{steps_per_epoch}), {config.optimizer}, base lr {config.base_learning_rate} per 256"
-      + (f", {config.loss} loss" if config.loss != "softmax" else ""),
+      f"{steps_per_epoch}), {config.optim.optimizer}, base lr "
+      f"{config.optim.base_learning_rate} per 256"
+      + (f", {config.optim.loss} loss" if config.optim.loss != "softmax" else ""),
       *([f"recipe     {', '.join(recipe)}"] if recipe else []),
       f"model_dir  {model_dir}",
   ])
@@ -49,28 +51,31 @@ def describe_run(config, strategy, source, train_size, eval_size, num_params, ma
 
 def describe_recipe(config):
   """The recipe features a run has on, in words; [] for none."""
+  options, optimizer, data_config = config.augment, config.optim, config.data
   parts = []
-  if config.grad_accum_steps > 1:
-    parts.append(f"{config.grad_accum_steps} micro-batches of {config.micro_batch_size} a step")
-  if config.augment != "none":
-    parts.append(config.augment + (f" ({config.randaugment_num_ops} ops at "
-                                   f"{config.randaugment_magnitude})"
-                                   if config.augment == "randaugment" else ""))
-  if config.random_erasing:
-    parts.append(f"random erasing {config.random_erasing:g}")
-  for name, alpha in (("mixup", config.mixup_alpha), ("cutmix", config.cutmix_alpha)):
+  if config.schedule.grad_accum_steps > 1:
+    parts.append(f"{config.schedule.grad_accum_steps} micro-batches of "
+                 f"{config.schedule.micro_batch_size} a step")
+  if options.policy != "none":
+    parts.append(options.policy + (f" ({options.randaugment_num_ops} ops at "
+                                   f"{options.randaugment_magnitude})"
+                                   if options.policy == "randaugment" else ""))
+  if options.random_erasing:
+    parts.append(f"random erasing {options.random_erasing:g}")
+  for name, alpha in (("mixup", options.mixup_alpha), ("cutmix", options.cutmix_alpha)):
     if alpha:
       parts.append(f"{name} {alpha:g}")
-  if config.label_smoothing:
-    parts.append(f"label smoothing {config.label_smoothing:g}")
-  if config.ema_decay:
-    parts.append(f"EMA {config.ema_decay:g} every {config.ema_every_steps}")
-  if config.progressive_resize:
-    start, end, first, last = config.progressive_resize
+  if optimizer.label_smoothing:
+    parts.append(f"label smoothing {optimizer.label_smoothing:g}")
+  if optimizer.ema_decay:
+    parts.append(f"EMA {optimizer.ema_decay:g} every {optimizer.ema_every_steps}")
+  if data_config.progressive_resize:
+    start, end, first, last = data_config.progressive_resize
     parts.append(f"train {start}->{end} px over epochs {first:g}-{last:g}")
-  if config.eval_size != config.image_size or config.eval_resize_size:
-    parts.append(f"eval at {config.eval_size}"
-                 + (f" of {config.eval_resize_size}" if config.eval_resize_size else ""))
+  if data_config.eval_size != data_config.image_size or data_config.eval_resize_size:
+    parts.append(f"eval at {data_config.eval_size}"
+                 + (f" of {data_config.eval_resize_size}" if data_config.eval_resize_size
+                    else ""))
   return parts
 
 
@@ -133,7 +138,7 @@ class Summaries:
   def start(self, config, images, step, macs, peak_flops):
     """At start: the run's flags (hparams plugin), some input images, the model's cost."""
     hparams = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v
-               for k, v in dataclasses.asdict(config).items()
+               for k, v in config.flag_values().items()
                if isinstance(v, (bool, int, float, str, tuple))}
     with self.train.as_default(step=step):
       hparams_api.hparams(hparams)

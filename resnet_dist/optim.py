@@ -1,4 +1,7 @@
-"""Learning-rate schedules and the optimisers (momentum SGD, LARS), with loss scaling.
+"""Learning-rate schedules and the optimisers (momentum SGD, LARS, LAMB), with loss scaling.
+
+Each is looked up by name in a table: SCHEDULES (--lr_schedule) and
+OPTIMIZERS (--optimizer); another is a function or class here and an entry.
 
 The optimisers are small on purpose. The replica step all-reduces the
 gradients itself, once; apply() then updates each replica's own copy of each
@@ -23,22 +26,37 @@ import tensorflow as tf
 from resnet_dist import models
 from resnet_dist.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "lars", "lamb")
-# LAMB (You et al. 2019) as timm's Lamb, which "ResNet strikes back" trains with:
-# Adam's moments with bias correction, the gradients first clipped to a global
-# norm of 1, and the trust ratio only on the variables that decay.
+# LAMB's constants, timm's.
 LAMB_BETAS = (0.9, 0.999)
 LAMB_EPSILON = 1e-6
 LAMB_MAX_GRAD_NORM = 1.0
-SCHEDULES = ("piecewise", "cosine")
+
+
+def piecewise(step, schedule):
+  """x0.1 at each boundary step."""
+  decay = tf.constant(1.0)
+  for boundary in schedule.boundaries:
+    decay = tf.where(step >= boundary, decay * 0.1, decay)
+  return decay
+
+
+def cosine(step, schedule):
+  """From 1 at the end of warmup to 0 at the last step."""
+  span = max(schedule.total_steps - schedule.warmup_steps, 1)
+  progress = tf.clip_by_value((step - schedule.warmup_steps) / span, 0.0, 1.0)
+  return 0.5 * (1.0 + tf.cos(math.pi * progress))
+
+
+# The schedule table (--lr_schedule): name -> decay(step, LearningRate), a
+# factor of the peak after warmup; step is a float32 tensor.
+SCHEDULES = {"piecewise": piecewise, "cosine": cosine}
 
 
 class LearningRate:
-  """lr(step): linear warmup, then piecewise or cosine decay. A function of the step.
+  """lr(step): linear warmup, then a decay of SCHEDULES. A function of the step.
 
-  peak = base_learning_rate * global_batch_size / 256. Piecewise multiplies by
-  0.1 at each boundary epoch; cosine decays from the end of warmup to 0 at
-  total_steps.
+  peak = base_learning_rate * global_batch_size / 256. boundary_epochs are
+  piecewise's; every schedule ends at total_steps.
   """
 
   def __init__(self, base_learning_rate, global_batch_size, steps_per_epoch,
@@ -49,20 +67,19 @@ class LearningRate:
     self.peak = base_learning_rate * global_batch_size / 256.0
     self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     self.total_steps = total_steps
-    self.schedule = schedule
+    self.decay = SCHEDULES[schedule]
     self.boundaries = [int(round(e * steps_per_epoch)) for e in boundary_epochs]
+
+  @classmethod
+  def of(cls, options, global_batch_size, steps_per_epoch, total_steps):
+    """The schedule a config.OptimConfig describes."""
+    return cls(options.base_learning_rate, global_batch_size, steps_per_epoch, total_steps,
+               warmup_epochs=options.warmup_epochs, schedule=options.lr_schedule,
+               boundary_epochs=options.lr_boundary_epochs)
 
   def __call__(self, step):
     step = tf.cast(step, tf.float32)
-    if self.schedule == "piecewise":
-      decay = tf.constant(1.0)
-      for boundary in self.boundaries:
-        decay = tf.where(step >= boundary, decay * 0.1, decay)
-    else:
-      span = max(self.total_steps - self.warmup_steps, 1)
-      progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
-      decay = 0.5 * (1.0 + tf.cos(math.pi * progress))
-    lr = self.peak * decay
+    lr = self.peak * self.decay(step, self)
     if self.warmup_steps:
       lr = tf.where(step < self.warmup_steps, self.peak * step / self.warmup_steps, lr)
     return lr
@@ -73,45 +90,66 @@ class LearningRate:
 
 
 class Optimizer(tf.Module):
-  """Momentum SGD (optionally Nesterov), LARS or LAMB over a fixed list of variables.
+  """What every optimizer here shares: a fixed list of variables, which of
+  them decay, the step count and a first slot per variable. apply() runs
+  updates(grads, lr, apply), each subclass's own, and counts the step.
 
   decay_variables: the variables weight decay applies to (conv and dense
   kernels). LARS and LAMB also adapt only these; the others (BN parameters,
-  biases) get the plain update, as in the MLPerf reference and timm.
+  biases) get the plain update, as in the MLPerf reference and timm. The
+  attribute names (iterations, velocities, second_moments) are checkpoint keys.
   """
 
-  def __init__(self, variables, decay_variables, kind="sgd", momentum=0.9,
-               nesterov=False, weight_decay=0.0, lars_eta=0.001, name="optimizer"):
+  def __init__(self, variables, decay_variables, momentum=0.9, nesterov=False,
+               weight_decay=0.0, name="optimizer"):
     super().__init__(name=name)
-    if kind not in OPTIMIZERS:
-      raise ConfigError(f"unknown --optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")
-    self.kind = kind
     self.momentum = momentum
     self.nesterov = nesterov
     self.weight_decay = weight_decay
-    self.lars_eta = lars_eta
     self.variables_ = [models.plain_variable(v) for v in variables]
     decay_ids = {id(models.plain_variable(v)) for v in decay_variables}
     self.decays = [id(v) in decay_ids for v in self.variables_]
     self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
     # SGD and LARS: the momentum buffer; LAMB: the first moment.
     self.velocities = self._slots("velocity")
-    self.second_moments = self._slots("second_moment") if kind == "lamb" else []
 
   def _slots(self, what):
     return [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
                         name=v.name.split(":")[0].replace("/", "_") + "_" + what)
             for v in self.variables_]
 
+  def apply(self, grads, lr, apply=None):
+    """Applies all-reduced grads on every replica; call in replica context.
+
+    Every variable here has aggregation NONE, so an assignment in replica
+    context writes this replica's copy only; all replicas apply the same
+    all-reduced gradients and so stay identical.
+
+    apply: None, or a scalar bool tensor (False skips the step everywhere,
+    e.g. a non-finite fp16 gradient), identical on all replicas because it is
+    computed from all-reduced values.
+    """
+    with tf.control_dependencies(self.updates(grads, lr, apply)):
+      return self.iterations.assign_add(1)
+
+
+class Momentum(Optimizer):
+  """Momentum SGD, optionally Nesterov (--optimizer=sgd)."""
+
+  def scaled_lr(self, variable, grad, lr):
+    del variable, grad
+    return lr
+
+  def updates(self, grads, lr, apply):
+    return [self._update(variable, velocity, grad, lr, decays, apply)
+            for variable, velocity, grad, decays in zip(
+                self.variables_, self.velocities, grads, self.decays)]
+
   def _update(self, variable, velocity, grad, lr, decays, apply):
     """One variable, on one device. apply: a bool tensor; False leaves all state as is."""
     if decays and self.weight_decay:
       grad = grad + self.weight_decay * variable
-    scaled_lr = lr
-    if self.kind == "lars" and decays:
-      w_norm, g_norm = tf.norm(variable), tf.norm(grad)
-      trust = tf.where((w_norm > 0) & (g_norm > 0), self.lars_eta * w_norm / g_norm, 1.0)
-      scaled_lr = lr * trust
+    scaled_lr = self.scaled_lr(variable, grad, lr) if decays else lr
     new_velocity = self.momentum * velocity + scaled_lr * grad
     step = self.momentum * new_velocity + scaled_lr * grad if self.nesterov else new_velocity
     if apply is not None:
@@ -119,7 +157,39 @@ class Optimizer(tf.Module):
       step = tf.where(apply, step, tf.zeros_like(step))
     return tf.group(velocity.assign(new_velocity), variable.assign_sub(step))
 
-  def _lamb_update(self, variable, first, second, grad, lr, decays, apply, t):
+
+class Lars(Momentum):
+  """LARS (You et al. 2017): momentum SGD with a layer-wise trust ratio on the
+  decayed variables, eta * |w| / |g|."""
+
+  def __init__(self, variables, decay_variables, lars_eta=0.001, **options):
+    super().__init__(variables, decay_variables, **options)
+    self.lars_eta = lars_eta
+
+  def scaled_lr(self, variable, grad, lr):
+    w_norm, g_norm = tf.norm(variable), tf.norm(grad)
+    return lr * tf.where((w_norm > 0) & (g_norm > 0), self.lars_eta * w_norm / g_norm, 1.0)
+
+
+class Lamb(Optimizer):
+  """LAMB (You et al. 2019) as timm's Lamb, which "ResNet strikes back" trains
+  with: Adam's moments with bias correction, the gradients first clipped to a
+  global norm of 1, and the trust ratio only on the variables that decay.
+  Ignores momentum and nesterov."""
+
+  def __init__(self, variables, decay_variables, **options):
+    super().__init__(variables, decay_variables, **options)
+    self.second_moments = self._slots("second_moment")
+
+  def updates(self, grads, lr, apply):
+    norm = tf.linalg.global_norm(grads)
+    clip = tf.where(norm > LAMB_MAX_GRAD_NORM, norm / LAMB_MAX_GRAD_NORM, 1.0)
+    t = tf.cast(self.iterations + 1, tf.float32)
+    return [self._update(variable, first, second, grad / clip, lr, decays, apply, t)
+            for variable, first, second, grad, decays in zip(
+                self.variables_, self.velocities, self.second_moments, grads, self.decays)]
+
+  def _update(self, variable, first, second, grad, lr, decays, apply, t):
     """LAMB on one variable; t: the 1-based step, for the bias corrections."""
     beta1, beta2 = LAMB_BETAS
     new_first = beta1 * first + (1 - beta1) * grad
@@ -138,33 +208,17 @@ class Optimizer(tf.Module):
     return tf.group(first.assign(new_first), second.assign(new_second),
                     variable.assign_sub(step))
 
-  def _lamb_updates(self, grads, lr, apply):
-    norm = tf.linalg.global_norm(grads)
-    clip = tf.where(norm > LAMB_MAX_GRAD_NORM, norm / LAMB_MAX_GRAD_NORM, 1.0)
-    t = tf.cast(self.iterations + 1, tf.float32)
-    return [self._lamb_update(variable, first, second, grad / clip, lr, decays, apply, t)
-            for variable, first, second, grad, decays in zip(
-                self.variables_, self.velocities, self.second_moments, grads, self.decays)]
 
-  def apply(self, grads, lr, apply=None):
-    """Applies all-reduced grads on every replica; call in replica context.
+# The optimizer table (--optimizer): name -> class(variables, decay_variables,
+# momentum=, nesterov=, weight_decay=).
+OPTIMIZERS = {"sgd": Momentum, "lars": Lars, "lamb": Lamb}
 
-    Every variable here has aggregation NONE, so an assignment in replica
-    context writes this replica's copy only; all replicas apply the same
-    all-reduced gradients and so stay identical.
 
-    apply: None, or a scalar bool tensor (False skips the step everywhere,
-    e.g. a non-finite fp16 gradient), identical on all replicas because it is
-    computed from all-reduced values.
-    """
-    if self.kind == "lamb":
-      updates = self._lamb_updates(grads, lr, apply)
-    else:
-      updates = [self._update(variable, velocity, grad, lr, decays, apply)
-                 for variable, velocity, grad, decays in zip(
-                     self.variables_, self.velocities, grads, self.decays)]
-    with tf.control_dependencies(updates):
-      return self.iterations.assign_add(1)
+def create_optimizer(kind, variables, decay_variables, **options):
+  """The OPTIMIZERS entry `kind` over variables; options by keyword."""
+  if kind not in OPTIMIZERS:
+    raise ConfigError(f"unknown --optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")
+  return OPTIMIZERS[kind](variables, decay_variables, **options)
 
 
 class DynamicLossScale(tf.Module):

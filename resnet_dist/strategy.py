@@ -133,18 +133,19 @@ def choose_kind(kind, cluster, tpu=""):
   return kind
 
 
-def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
-                    tpu_zone=None, gcp_project=None, collective_timeout_seconds=0):
-  """Returns the tf.distribute strategy for --strategy=kind (choose_kind).
+def create_strategy(distribute):
+  """Returns the tf.distribute strategy of a config.DistributeConfig: its
+  --strategy as choose_kind() reads it in this process's cluster.
 
   tpu defaults to $TPU_NAME.
   """
-  kind = choose_kind(kind, cluster_lib.from_environment(), tpu)
+  kind = choose_kind(distribute.strategy, cluster_lib.from_environment(), distribute.tpu)
+  tpu = distribute.tpu
   if kind == "tpu":
     tpu = tpu or os.environ.get("TPU_NAME", "")
     _check_tpu_reachable(tpu)
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu=tpu or "local", zone=tpu_zone, project=gcp_project)
+        tpu=tpu or "local", zone=distribute.tpu_zone, project=distribute.gcp_project)
     if tpu not in ("", "local"):
       tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
@@ -154,8 +155,13 @@ def create_strategy(kind="auto", num_gpus=None, num_cpu_devices=2, tpu="",
     # as long as the timeout, so it stays off unless asked for (debugging); a
     # dead peer is detected by the coordination service's heartbeats instead.
     options = tf.distribute.experimental.CommunicationOptions(
-        timeout_seconds=collective_timeout_seconds or None)
+        timeout_seconds=distribute.collective_timeout_seconds or None)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+  return _one_host_strategy(kind, distribute.num_gpus, distribute.num_cpu_devices)
+
+
+def _one_host_strategy(kind, num_gpus, num_cpu_devices):
+  """one_device or mirrored: over this host's GPUs, else its logical CPU devices."""
   gpus = tf.config.list_physical_devices("GPU")
   if num_gpus is not None and num_gpus > len(gpus):
     raise ConfigError(f"--num_gpus={num_gpus} but {len(gpus)} GPU(s) are visible")

@@ -43,7 +43,7 @@ class RunSetup:
   config: Config
   strategy: tf.distribute.Strategy
   source: data.Source
-  input_config: data.InputConfig
+  input_spec: data.InputSpec
   model_dir: str
   init_path: str          # --init_checkpoint's checkpoint, or ""
   train_size: int
@@ -58,62 +58,62 @@ class RunSetup:
 
 
 def create_strategy(config):
-  return strategy_lib.create_strategy(
-      config.strategy, config.num_gpus, config.num_cpu_devices, config.tpu,
-      config.tpu_zone, config.gcp_project, config.collective_timeout_seconds)
+  return strategy_lib.create_strategy(config.distribute)
 
 
 def open_source(config, strategy):
   """The dataset, once the (micro-)batch is known to divide among the replicas."""
-  data.check_batch_divides(config.micro_batch_size, strategy.num_replicas_in_sync)
-  return data.get_source(config.dataset, config.data_dir, config.download,
-                         config.num_classes, config.image_size, config.cache_data)
+  data.check_batch_divides(config.schedule.micro_batch_size, strategy.num_replicas_in_sync)
+  d = config.data
+  return data.get_source(d.dataset, d.data_dir, download=d.download, num_classes=d.num_classes,
+                         image_size=d.image_size, cache=d.cache_data)
 
 
-def input_config(config):
-  """The training input's settings; evaluation's are eval_input(...) of them."""
-  return data.InputConfig(
-      config.micro_batch_size, config.image_size, config.seed, config.shuffle_buffer,
-      config.strict_data, config.augment, config.randaugment_num_ops,
-      config.randaugment_magnitude, config.eval_crop_fraction, config.data_service)
+def input_spec(config):
+  """What the training input makes; evaluation's is eval_input(...) of it."""
+  d = config.data
+  return data.InputSpec(
+      global_batch_size=config.schedule.micro_batch_size, image_size=d.image_size,
+      seed=config.schedule.seed, shuffle_buffer=d.shuffle_buffer, strict=d.strict_data,
+      augment=config.augment if config.augment.policy != "none" else None,
+      crop_fraction=d.eval_crop_fraction, data_service=d.data_service)
 
 
-def eval_input(config, input_settings):
+def eval_input(config, spec):
   """Evaluation reads its split here, exactly once, with or without a service."""
-  return dataclasses.replace(input_settings, image_size=config.eval_size, data_service="")
+  return dataclasses.replace(spec, image_size=config.data.eval_size, data_service="")
 
 
 def prepare(config, strategy):
   """Seeds, opens and probes the data (and the tf.data service), checks
   model_dir: a RunSetup, or a ConfigError before anything is built or written."""
-  service_workers = (service.wait_for_workers(config.data_service,
-                                              config.data_service_timeout_seconds)
-                     if config.data_service else 0)
-  if config.deterministic:
+  d, schedule = config.data, config.schedule
+  service_workers = (service.wait_for_workers(d.data_service, d.data_service_timeout_seconds)
+                     if d.data_service else 0)
+  if schedule.deterministic:
     tf.config.experimental.enable_op_determinism()
-  keras.utils.set_random_seed(config.seed)
+  keras.utils.set_random_seed(schedule.seed)
   source = open_source(config, strategy)
-  read_splits = [source.train_split] + ([] if config.skip_eval else [source.eval_split])
+  read_splits = [source.train_split] + ([] if schedule.skip_eval else [source.eval_split])
   for split_name in dict.fromkeys(read_splits):  # once each, in this order
     data.check_decodable(source.split(split_name), split_name)
-  init_path = (checkpoints.find_initial_weights(config.init_checkpoint)
-               if config.init_checkpoint else "")
+  init_checkpoint = config.checkpoint.init_checkpoint
+  init_path = checkpoints.find_initial_weights(init_checkpoint) if init_checkpoint else ""
   if weights.is_weights_file(init_path):
     source = _pretrained_normalization(source, strategy)
   model_dir = checkpoints.resolve_model_dir(config)
   if strategy_lib.is_chief(strategy):
     checkpoints.check_writable(model_dir)
   train_size = source.split(source.train_split).num_examples
-  steps_per_epoch = max(train_size // config.global_batch_size, 1)
-  settings = input_config(config)
-  if config.data_service:
-    settings = dataclasses.replace(settings, job_name=service.job_prefix(model_dir))
+  steps_per_epoch = max(train_size // schedule.global_batch_size, 1)
+  spec = input_spec(config)
+  if d.data_service:
+    spec = dataclasses.replace(spec, job_name=service.job_prefix(model_dir))
   return RunSetup(
-      config=config, strategy=strategy, source=source, input_config=settings,
+      config=config, strategy=strategy, source=source, input_spec=spec,
       model_dir=model_dir, init_path=init_path, train_size=train_size,
       eval_size=source.split(source.eval_split).num_examples,
-      steps_per_epoch=steps_per_epoch,
-      total_steps=config.train_steps or math.ceil(config.train_epochs * steps_per_epoch),
+      steps_per_epoch=steps_per_epoch, total_steps=schedule.total_steps(steps_per_epoch),
       service_workers=service_workers)
 
 
@@ -138,8 +138,8 @@ def run(config: Config, strategy=None):
     if setup.chief:
       checkpoints.write_run_record(setup.model_dir, config, setup.source)
     checkpoints.save_class_names(setup.model_dir, setup.source, setup.chief)
-    trainer = Trainer(config, setup.strategy, setup.source, setup.steps_per_epoch,
-                      setup.total_steps)
+    trainer = Trainer(config, setup.strategy, setup.source,
+                      steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
     resumed = resume(setup, trainer)
     cost = report_start(setup, trainer, resumed)
     loop = HostLoop(setup, trainer, resumed, cost)
@@ -160,15 +160,15 @@ class Resumed:
 def resume(setup, trainer):
   """Restores model_dir's newest readable checkpoint (or, in a new run, the
   --init_checkpoint weights) into the trainer."""
-  config, chief = setup.config, setup.chief
+  options, chief = setup.config.checkpoint, setup.chief
   checkpoint = tf.train.Checkpoint(**trainer.checkpoint_state())
-  if config.start_over and chief:
+  if options.start_over and chief:
     checkpoints.remove_checkpoints(setup.model_dir)
-  existing = ([] if config.start_over else
+  existing = ([] if options.start_over else
               checkpoints.saved_checkpoints(checkpoints.checkpoint_dir(setup.model_dir)))
   restored = checkpoints.restore_latest(checkpoint, existing, chief)
   manager = checkpoints.save_manager(checkpoint, setup.strategy, setup.model_dir,
-                                     config.keep_checkpoints, existing)
+                                     keep=options.keep_checkpoints, existing=existing)
   if setup.init_path and not restored:
     fresh = checkpoints.init_from(trainer.model, setup.init_path)
     monitor.log(f"initial weights from {setup.init_path}"
@@ -189,22 +189,23 @@ def report_start(setup, trainer, resumed):
   """Prints what runs where, on what and for how long; returns the run's cost."""
   config, strategy, chief = setup.config, setup.strategy, setup.chief
   num_params = sum(int(tf.size(v)) for v in trainer.variables)
-  macs = models.count_macs(trainer.model, config.image_size) if chief else 0
+  macs = models.count_macs(trainer.model, config.data.image_size) if chief else 0
   peak_flops = 0.0
   if chief:
-    peak_flops = config.peak_tflops * 1e12 or perf.measure_peak_flops(
+    peak_flops = config.monitor.peak_tflops * 1e12 or perf.measure_peak_flops(
         strategy, trainer.model.compute_dtype, seconds=0.25)
-  monitor.log(monitor.describe_run(config, strategy, setup.source, setup.train_size,
-                                   setup.eval_size, num_params, macs, setup.steps_per_epoch,
-                                   setup.total_steps, setup.model_dir), chief)
-  warning = perf.emulated_bf16_warning(config.dtype, strategy_lib.all_on_cpu(strategy))
+  monitor.log(monitor.describe_run(
+      config, strategy, setup.source, train_size=setup.train_size, eval_size=setup.eval_size,
+      num_params=num_params, macs=macs, steps_per_epoch=setup.steps_per_epoch,
+      total_steps=setup.total_steps, model_dir=setup.model_dir), chief)
+  warning = perf.emulated_bf16_warning(config.model.dtype, strategy_lib.all_on_cpu(strategy))
   if warning:
     monitor.log(warning, chief)
   if peak_flops:
     monitor.log(f"peak       {peak_flops / 1e9:.1f} GFLOP/s ({trainer.model.compute_dtype} "
-                f"matmul, {'given' if config.peak_tflops else 'measured'})", chief)
+                f"matmul, {'given' if config.monitor.peak_tflops else 'measured'})", chief)
   if setup.service_workers:
-    monitor.log(f"input      tf.data service at {config.data_service}, "
+    monitor.log(f"input      tf.data service at {config.data.data_service}, "
                 f"{setup.service_workers} worker{'s' if setup.service_workers > 1 else ''}; "
                 "evaluation reads here", chief)
   if resumed.start_step:
@@ -213,7 +214,7 @@ def report_start(setup, trainer, resumed):
       monitor.log("the data service starts at the split holding that step's data position; "
                   "examples in flight at the checkpoint may be seen twice, or not at all, in "
                   "this epoch", chief)
-  if setup.source.eval_split == setup.source.train_split and not config.skip_eval:
+  if setup.source.eval_split == setup.source.train_split and not config.schedule.skip_eval:
     monitor.log(f"warning: {setup.source.name} has no evaluation split; evaluating on the "
                 f"training split", chief)
   return Cost(num_params, macs, peak_flops)
@@ -222,18 +223,18 @@ def report_start(setup, trainer, resumed):
 # --- The host loop ------------------------------------------------------------
 
 def train_image_size(setup, step):
-  return setup.config.train_image_size(step / setup.steps_per_epoch)
+  return setup.config.data.train_image_size(step / setup.steps_per_epoch)
 
 
 def train_input(setup, step):
-  """(dataset_fn, its InputConfig): the training input from `step` on, of
+  """(dataset_fn, its InputSpec): the training input from `step` on, of
   images the size that step trains at. With --grad_accum_steps=N it yields
   micro-batches, N a step."""
-  settings = dataclasses.replace(setup.input_config, image_size=train_image_size(setup, step))
-  if settings.data_service:  # a job of its own: each job's position is where it began
-    settings = dataclasses.replace(settings, job_name=f"{settings.job_name}-step{step}")
-  return data.train_dataset_fn(setup.source, setup.source.train_split, settings,
-                               step * setup.config.grad_accum_steps), settings
+  spec = dataclasses.replace(setup.input_spec, image_size=train_image_size(setup, step))
+  if spec.data_service:  # a job of its own: each job's position is where it began
+    spec = dataclasses.replace(spec, job_name=f"{spec.job_name}-step{step}")
+  return data.train_dataset_fn(setup.source, setup.source.train_split, spec,
+                               step * setup.config.schedule.grad_accum_steps), spec
 
 
 class HostLoop:
@@ -252,11 +253,11 @@ class HostLoop:
     self.manager = resumed.manager
     self.start_step = self.step = resumed.start_step
     self.summaries = monitor.Summaries(setup.model_dir, setup.chief)
-    self.profiler = monitor.Profiler(setup.model_dir, config.profile_steps, setup.chief)
-    self.eval_every = (round(config.epochs_between_evals * setup.steps_per_epoch)
-                       if config.epochs_between_evals > 0 else 0)
+    self.profiler = monitor.Profiler(setup.model_dir, config.monitor.profile_steps, setup.chief)
+    self.eval_every = (round(config.schedule.epochs_between_evals * setup.steps_per_epoch)
+                       if config.schedule.epochs_between_evals > 0 else 0)
     # Every epoch by default: a crash, an OOM or a SIGKILL then loses at most one.
-    self.save_every = config.checkpoint_every_steps or setup.steps_per_epoch
+    self.save_every = config.checkpoint.checkpoint_every_steps or setup.steps_per_epoch
     self.resize_steps = self._resize_steps()
     self.timed_loops = []   # LoopStats of every loop but the first, which includes tracing
     self.last = {"loss": float("nan"), "top1": float("nan")}
@@ -268,18 +269,18 @@ class HostLoop:
 
   def _resize_steps(self):
     """The steps at which --progressive_resize changes the training size."""
-    if self.config.progressive_resize is None:
+    if self.config.data.progressive_resize is None:
       return []
     per_epoch = self.setup.steps_per_epoch
-    _, _, first, last = self.config.progressive_resize
+    _, _, first, last = self.config.data.progressive_resize
     ramp = range(max(math.floor(first * per_epoch), 1),
                  min(math.ceil(last * per_epoch), self.setup.total_steps) + 1)
     return [s for s in ramp if self.image_size_at(s) != self.image_size_at(s - 1)]
 
   def input_from(self, step):
     """The training iterator, positioned at `step` (see train_input)."""
-    dataset_fn, settings = train_input(self.setup, step)
-    self.fed_size = settings.image_size
+    dataset_fn, spec = train_input(self.setup, step)
+    self.fed_size = spec.image_size
     return iter(self.setup.strategy.distribute_datasets_from_function(
         dataset_fn, options=strategy_lib.input_options(self.setup.strategy)))
 
@@ -308,7 +309,7 @@ class HostLoop:
           self.between_loops(stopped, stop_request)
         self.profiler.at(self.step)
         self.profiler.close()
-        if not self.config.skip_eval and (self.eval_result is None
+        if not self.config.schedule.skip_eval and (self.eval_result is None
                                           or self.eval_result["step"] != self.step):
           self.evaluate()
       finally:
@@ -322,21 +323,21 @@ class HostLoop:
     if not setup.service_workers:
       return contextlib.nullcontext()
     self.service_watch = service.Watch(
-        self.config.data_service, self.config.data_service_timeout_seconds,
+        self.config.data.data_service, self.config.data.data_service_timeout_seconds,
         setup.service_workers, lambda line: monitor.log(line, setup.chief))
     return self.service_watch
 
   def write_start_summaries(self):
     if self.setup.chief:
       with data.data_errors(self.setup.source.num_classes):
-        images = _first_images(self.setup.source, self.setup.input_config)
-      self.summaries.start(self.config, images, self.start_step, self.cost.macs,
-                           self.cost.peak_flops)
+        images = _first_images(self.setup.source, self.setup.input_spec)
+      self.summaries.start(self.config, images, step=self.start_step, macs=self.cost.macs,
+                           peak_flops=self.cost.peak_flops)
 
   def next_stop(self):
     """The step at which the next loop returns to Python."""
-    stops = [self.setup.total_steps,
-             (self.step // self.config.steps_per_loop + 1) * self.config.steps_per_loop]
+    per_loop = self.config.schedule.steps_per_loop
+    stops = [self.setup.total_steps, (self.step // per_loop + 1) * per_loop]
     stops += [s for s in self.resize_steps if s > self.step][:1]
     for every in (self.eval_every, self.save_every):
       if every:
@@ -359,10 +360,12 @@ class HostLoop:
     self.last = trainer.train_metrics.result()
     previous, self.step = self.step, int(trainer.step.numpy())
     stats = monitor.LoopStats(
-        self.step, self.step - previous, elapsed,
-        float(trainer.input_seconds.numpy()) if trainer.times_input else None,
-        self.config.global_batch_size, self.setup.strategy.num_replicas_in_sync,
-        perf.training_flops_per_image(self.cost.macs), self.cost.peak_flops)
+        step=self.step, num_steps=self.step - previous, seconds=elapsed,
+        input_seconds=float(trainer.input_seconds.numpy()) if trainer.times_input else None,
+        global_batch_size=self.config.schedule.global_batch_size,
+        num_replicas=self.setup.strategy.num_replicas_in_sync,
+        flops_per_image=perf.training_flops_per_image(self.cost.macs),
+        peak_flops=self.cost.peak_flops)
     if previous != self.start_step:
       self.timed_loops.append(stats)
     self.report_loop(stats)
@@ -373,16 +376,18 @@ class HostLoop:
     trainer, step, config = self.trainer, self.step, self.config
     lr = trainer.schedule.value_at(step - 1)
     self.summaries.write_train(
-        stats, self.last, lr, float(trainer.grad_norm_sum.read_value()) / stats.num_steps,
-        float(trainer.skipped_records.read_value()),
-        trainer.loss_scale.scale.read_value() if trainer.loss_scale else None)
+        stats, self.last, lr=lr,
+        grad_norm=float(trainer.grad_norm_sum.read_value()) / stats.num_steps,
+        skipped_records=float(trainer.skipped_records.read_value()),
+        loss_scale=trainer.loss_scale.scale.read_value() if trainer.loss_scale else None)
     if not math.isfinite(self.last["loss"]):
       raise FloatingPointError(f"non-finite training loss at step {step}; {self.last_good()}")
     previous = step - stats.num_steps
-    if (step // config.log_every_steps != previous // config.log_every_steps
+    if (step // config.monitor.log_every_steps != previous // config.monitor.log_every_steps
         or step == self.setup.total_steps):
-      monitor.log(monitor.progress_line(step, self.setup.total_steps, self.setup.steps_per_epoch,
-                                        self.last, lr, stats), self.setup.chief)
+      monitor.log(monitor.progress_line(
+          step, self.setup.total_steps, steps_per_epoch=self.setup.steps_per_epoch,
+          metrics=self.last, lr=lr, stats=stats), self.setup.chief)
 
   def between_loops(self, stopped, stop_request):
     step, total = self.step, self.setup.total_steps
@@ -396,7 +401,7 @@ class HostLoop:
       monitor.log(f"{reason}: saved a checkpoint at step {step}; run again to resume",
                   self.setup.chief)
       raise preemption.Preempted(step, reason)
-    if at_eval and not self.config.skip_eval and step < total:
+    if at_eval and not self.config.schedule.skip_eval and step < total:
       self.evaluate()
 
   def save(self):
@@ -409,14 +414,14 @@ class HostLoop:
   def evaluate(self):
     """The weights, and their EMA where the run keeps one."""
     setup = self.setup
-    settings = eval_input(self.config, setup.input_config)
+    spec = eval_input(self.config, setup.input_spec)
     self.eval_result = evaluate_split(self.trainer, setup.source, setup.source.eval_split,
-                                      settings)
+                                      spec)
     monitor.log(monitor.eval_line(self.eval_result, setup.eval_size), setup.chief)
     self.summaries.write_eval(self.eval_result)
     if self.trainer.ema_model is not None:
       self.ema_result = evaluate_split(self.trainer, setup.source, setup.source.eval_split,
-                                       settings, ema=True)
+                                       spec, ema=True)
       monitor.log(monitor.eval_line(self.ema_result, setup.eval_size, of_ema=True), setup.chief)
       self.summaries.write_eval(self.ema_result, ema=True)
 
@@ -426,12 +431,12 @@ class HostLoop:
     return "no checkpoint was saved before it"
 
 
-def _first_images(source, config):
+def _first_images(source, spec):
   """A training batch as the model sees it, for TensorBoard: the stream's
   first, so a resumed streamed dataset does not skip up to an epoch of raw
   records for it, and a small shuffle buffer, so it does not fill 10,000."""
-  config = dataclasses.replace(config, shuffle_buffer=1, strict=False, data_service="")
-  dataset = data.train_dataset_fn(source, source.train_split, config)(
+  spec = dataclasses.replace(spec, shuffle_buffer=1, strict=False, data_service="")
+  dataset = data.train_dataset_fn(source, source.train_split, spec)(
       tf.distribute.InputContext())
   return next(iter(dataset.take(1)))[0]
 
@@ -445,7 +450,8 @@ def _timed_rates(loop, config):
   if not timed:
     return {"examples_per_second": None, "input_wait_fraction": None, "flop_utilization": None}
   return {
-      "examples_per_second": sum(s.num_steps for s in loops) * config.global_batch_size / timed,
+      "examples_per_second": (sum(s.num_steps for s in loops)
+                              * config.schedule.global_batch_size / timed),
       "input_wait_fraction": (sum(s.input_seconds for s in loops) / timed
                               if loop.trainer.times_input else None),
       "flop_utilization": (sum(s.flop_utilization * s.seconds for s in loops) / timed
@@ -459,9 +465,9 @@ def probe_input(setup, step, seconds):
   strategy = setup.strategy
   context = tf.distribute.InputContext(strategy_lib.num_input_pipelines(strategy), 0,
                                        strategy.num_replicas_in_sync)
-  dataset_fn, settings = train_input(setup, step)
+  dataset_fn, spec = train_input(setup, step)
   dataset = dataset_fn(context)
-  per_batch = context.get_per_replica_batch_size(settings.global_batch_size)
+  per_batch = context.get_per_replica_batch_size(spec.global_batch_size)
   holder = [iter(dataset)]
   try:
     with data.data_errors(setup.source.num_classes):
@@ -509,7 +515,7 @@ def write_summary(setup, trainer, cost, loop):
       # A service's workers skip undecodable images without counting them.
       "skipped_train_records": (None if setup.service_workers else
                                 round(float(trainer.skipped_records.read_value()))),
-      **({"data_service": {"address": config.data_service,
+      **({"data_service": {"address": config.data.data_service,
                            "workers_at_start": setup.service_workers,
                            "workers_at_end": loop.service_watch.workers}}
          if setup.service_workers else {}),
@@ -520,11 +526,11 @@ def write_summary(setup, trainer, cost, loop):
       "cpu_kernels": perf.cpu_kernels(),
       "strategy": strategy_lib.kind_of(strategy),
       "num_replicas": strategy.num_replicas_in_sync,
-      "model": config.model,
-      "resnet_variant": config.resnet_variant,
-      "dataset": config.dataset,
-      "dtype": config.dtype,
-      "global_batch_size": config.global_batch_size,
+      "model": config.model.name,
+      "resnet_variant": config.model.resnet_variant,
+      "dataset": config.data.dataset,
+      "dtype": config.model.dtype,
+      "global_batch_size": config.schedule.global_batch_size,
       "trainable_parameters": cost.num_params,
       "model_dir": setup.model_dir,
   }
@@ -543,17 +549,17 @@ def write_summary(setup, trainer, cost, loop):
 
 # --- Evaluation ---------------------------------------------------------------
 
-def evaluate_split(trainer, source, split_name, config, ema=False):
+def evaluate_split(trainer, source, split_name, spec, ema=False):
   """Loss, top-1, top-5 and count over a whole split, every example exactly
   once; of the weights' EMA when ema."""
   strategy = trainer.strategy
   split = source.split(split_name)
-  steps = data.eval_steps(split, config.global_batch_size,
+  steps = data.eval_steps(split, spec.global_batch_size,
                           strategy_lib.num_input_pipelines(strategy))
   trainer.eval_metrics.reset()
   trainer.sync_moving_statistics()
   dataset = strategy.distribute_datasets_from_function(
-      data.eval_dataset_fn(source, split_name, config),
+      data.eval_dataset_fn(source, split_name, spec),
       options=strategy_lib.input_options(strategy))
   with data.data_errors(source.num_classes):
     trainer.eval_loop(iter(dataset), tf.constant(steps), ema)
@@ -571,11 +577,11 @@ def evaluate(config: Config, checkpoint_path, split_name=None, strategy=None, us
   strategy = strategy or create_strategy(config)
   source = open_source(config, strategy)
   split_name = split_name or source.eval_split
-  trainer = Trainer(dataclasses.replace(config, ema_decay=0.0), strategy, source,
+  trainer = Trainer(config.replace(ema_decay=0.0), strategy, source,
                     steps_per_epoch=1, total_steps=1)
   checkpoints.restore_model(trainer.model, checkpoint_path,
                             checkpoints.EMA_KEY if use_ema else checkpoints.MODEL_KEY)
-  result = evaluate_split(trainer, source, split_name, eval_input(config, input_config(config)))
+  result = evaluate_split(trainer, source, split_name, eval_input(config, input_spec(config)))
   result.update(checkpoint=checkpoint_path, split=split_name,
                 split_examples=source.split(split_name).num_examples)
   del result["step"]

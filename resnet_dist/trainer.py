@@ -66,21 +66,21 @@ class Trainer:
     self.strategy = strategy
     self.source = source
     self.num_classes = source.num_classes
-    self.loss = losses.LOSSES[config.loss]
+    self.loss = losses.LOSSES[config.optim.loss]
     self.steps_per_epoch = steps_per_epoch
     self.total_steps = total_steps
-    self.schedule = optim.LearningRate(
-        config.base_learning_rate, config.global_batch_size, steps_per_epoch,
-        total_steps, config.warmup_epochs, config.lr_schedule, config.lr_boundary_epochs)
+    self.schedule = optim.LearningRate.of(config.optim, config.schedule.global_batch_size,
+                                          steps_per_epoch, total_steps)
     with strategy.scope():
       self.model = self._build_model()
       # The EMA of the weights and BN statistics, in float32 like the weights.
-      self.ema_model = self._build_model() if config.ema_decay else None
+      self.ema_model = self._build_model() if config.optim.ema_decay else None
       self.variables = self.model.trainable_variables
-      self.optimizer = optim.Optimizer(
-          self.variables, models.weight_decay_variables(self.model), config.optimizer,
-          config.momentum, config.nesterov, config.weight_decay)
-      self.loss_scale = optim.DynamicLossScale() if config.dtype == "fp16" else None
+      self.optimizer = optim.create_optimizer(
+          config.optim.optimizer, self.variables, models.weight_decay_variables(self.model),
+          momentum=config.optim.momentum, nesterov=config.optim.nesterov,
+          weight_decay=config.optim.weight_decay)
+      self.loss_scale = optim.DynamicLossScale() if config.model.dtype == "fp16" else None
       self.train_metrics = Metrics("train_metrics")
       self.eval_metrics = Metrics("eval_metrics")
       self.grad_norm_sum = tf.Variable(
@@ -96,9 +96,10 @@ class Trainer:
           tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
                       synchronization=tf.VariableSynchronization.ON_READ,
                       aggregation=tf.VariableAggregation.SUM)
-          for v in self.variables] if config.grad_accum_steps > 1 else []
+          for v in self.variables] if config.schedule.grad_accum_steps > 1 else []
     # Host-side: seconds the train loop waited for input (see train_loop).
-    self.times_input = not config.deterministic and strategy_lib.input_wait_measurable(strategy)
+    self.times_input = (not config.schedule.deterministic
+                        and strategy_lib.input_wait_measurable(strategy))
     self.input_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
     # Host-side, this process's own: set when a SIGTERM or SIGINT asks the run
     # to stop (preemption.StopRequest); every step reads it.
@@ -106,21 +107,22 @@ class Trainer:
     self.moving_statistics = models.moving_statistics(self.model)
     if self.ema_model is not None:
       self.moving_statistics += models.moving_statistics(self.ema_model)
-    if config.enable_xla:
+    xla = config.schedule.enable_xla
+    if xla:
       strategy_lib.check_xla(strategy)
-    compile_ = (lambda f: tf.function(f, jit_compile=True)) if config.enable_xla else (lambda f: f)
+    compile_ = (lambda f: tf.function(f, jit_compile=True)) if xla else (lambda f: f)
     self._compiled_step = compile_(self.replica_step)
     self._compiled_accumulate = compile_(self.accumulate_step)
     self._compiled_apply = compile_(self.apply_accumulated)
 
   def _build_model(self):
-    config = self.config
     # A fixed input size where training and evaluation share one.
-    fixed = (config.progressive_resize is None and config.eval_size == config.image_size)
+    model, data_config = self.config.model, self.config.data
     return models.get_model(
-        config.model, num_classes=self.num_classes, variant=config.resnet_variant,
-        sync_bn=config.sync_bn, zero_init_residual=config.zero_init_residual,
-        image_size=config.image_size if fixed else None, dtype=config.policy)
+        model.name, num_classes=self.num_classes, variant=model.resnet_variant,
+        sync_bn=model.sync_bn, zero_init_residual=model.zero_init_residual,
+        image_size=data_config.image_size if data_config.fixed_size else None,
+        dtype=model.dtype_policy)
 
   @property
   def step(self):
@@ -154,20 +156,21 @@ class Trainer:
   def _step_seed(self, micro, salt):
     """A stateless seed unique to (--seed, step, micro-batch, replica)."""
     context = tf.distribute.get_replica_context()
-    counter = ((self.optimizer.iterations * self.config.grad_accum_steps
+    counter = ((self.optimizer.iterations * self.config.schedule.grad_accum_steps
                 + tf.cast(micro, tf.int64)) * context.num_replicas_in_sync
                + tf.cast(context.replica_id_in_sync_group, tf.int64))
-    return tf.stack([tf.constant(self.config.seed + salt, tf.int64), counter])
+    return tf.stack([tf.constant(self.config.schedule.seed + salt, tf.int64), counter])
 
   def _regularize(self, images, targets, micro):
     """Random erasing, then mixup or CutMix, as the flags ask."""
-    config = self.config
-    if config.random_erasing:
+    options = self.config.augment
+    if options.random_erasing:
       images = mixing.random_erasing(images, self._step_seed(micro, _ERASE_SALT),
-                                     config.random_erasing)
-    if config.mixes:
+                                     options.random_erasing)
+    if options.mixes:
       images, targets = mixing.mix(images, targets, self._step_seed(micro, _MIX_SALT),
-                                   config.mixup_alpha, config.cutmix_alpha)
+                                   mixup_alpha=options.mixup_alpha,
+                                   cutmix_alpha=options.cutmix_alpha)
     return images, targets
 
   def _gradients(self, images, labels, skipped, micro):
@@ -179,14 +182,15 @@ class Trainer:
                                        tf.one_hot(labels, self.num_classes), micro)
     with tf.GradientTape() as tape:
       logits = self.model(images, training=True)
-      per_example = self.loss(targets, logits, config.label_smoothing)
-      loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.global_batch_size)
+      per_example = self.loss(targets, logits, config.optim.label_smoothing)
+      loss = tf.nn.compute_average_loss(per_example,
+                                        global_batch_size=config.schedule.global_batch_size)
       if self.loss_scale is not None:
         loss = loss * self.loss_scale.scale
     grads = tape.gradient(loss, self.variables)
     self.skipped_records.assign_add(tf.cast(tf.reduce_sum(skipped), tf.float32))
     # Mixed targets count against the label that weighs most.
-    dominant = tf.argmax(targets, axis=-1) if config.mixes else labels
+    dominant = tf.argmax(targets, axis=-1) if config.augment.mixes else labels
     self.train_metrics.update(dominant, logits, per_example, tf.ones_like(per_example))
     return grads
 
@@ -214,9 +218,9 @@ class Trainer:
   def _update_ema(self, step):
     """Every ema_every_steps steps, by ema_decay**ema_every_steps; during the
     learning-rate warmup the EMA copies the weights, as torchvision's does."""
-    every = self.config.ema_every_steps
+    every = self.config.optim.ema_every_steps
     decay = tf.where(step <= self.schedule.warmup_steps, 0.0,
-                     self.config.ema_decay ** every)
+                     self.config.optim.ema_decay ** every)
     tf.cond(step % every == 0, lambda: self._move_ema(decay), lambda: None)
 
   def replica_step(self, images, labels, skipped, stop_requested):
@@ -278,11 +282,11 @@ class Trainer:
     """
     stopping = tf.constant(False)
     for _ in tf.range(num_steps):
-      if self.config.grad_accum_steps == 1:
+      if self.config.schedule.grad_accum_steps == 1:
         stops = self.strategy.run(self._compiled_step,
                                   args=(*self._next(iterator), self.stop_requested.read_value()))
       else:
-        for micro in tf.range(self.config.grad_accum_steps):
+        for micro in tf.range(self.config.schedule.grad_accum_steps):
           self.strategy.run(self._compiled_accumulate, args=(*self._next(iterator), micro))
         stops = self.strategy.run(self._compiled_apply, args=(self.stop_requested.read_value(),))
       stopping = self.strategy.experimental_local_results(stops)[0]

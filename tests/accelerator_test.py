@@ -19,20 +19,21 @@ from tensorflow.python.distribute import mirrored_run, mirrored_strategy
 from resnet_dist import data
 from resnet_dist import trainer as trainer_lib
 from resnet_dist import strategy as strategy_lib
-from resnet_dist.config import Config
+from resnet_dist.config import Config, DistributeConfig
 from resnet_dist.data import sources
 
 BATCH = 4
+MIRRORED = DistributeConfig(strategy="mirrored", num_cpu_devices=2)
 
 
 def build(strategy, **options):
   """A Trainer on synthetic 32x32 data and a distributed iterator over it."""
-  config = Config(global_batch_size=BATCH, **options)
-  source = sources.synthetic_source(10, config.image_size, num_examples=16)
+  config = Config.from_flat(global_batch_size=BATCH, **options)
+  source = sources.synthetic_source(10, config.data.image_size, num_examples=16)
   keras.utils.set_random_seed(0)
   trainer = trainer_lib.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
   dataset = strategy.distribute_datasets_from_function(
-      data.train_dataset_fn(source, "train", data.InputConfig(BATCH, config.image_size)),
+      data.train_dataset_fn(source, "train", data.InputSpec(BATCH, config.data.image_size)),
       options=strategy_lib.input_options(strategy))
   return trainer, iter(dataset)
 
@@ -63,7 +64,7 @@ class CollectivesTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.strategy = strategy_lib.create_strategy("mirrored", num_cpu_devices=2)
+    cls.strategy = strategy_lib.create_strategy(MIRRORED)
 
   def test_a_step_is_one_all_reduce_whatever_the_depth(self):
     # The gradients (with the stop request riding along) in one batch; BN
@@ -101,7 +102,7 @@ class XlaOnGpusTest(parameterized.TestCase):
 
   @parameterized.parameters("fp32", "fp16")
   def test_train_loop_traces_with_xla_on_mirrored_gpus(self, dtype):
-    strategy = strategy_lib.create_strategy("mirrored", num_cpu_devices=2)
+    strategy = strategy_lib.create_strategy(MIRRORED)
     # TensorFlow takes its no-merge_call XLA path only when every device is a
     # GPU; tell it they are. Tracing is all a CPU can check: XLA cannot run
     # across logical CPU devices (strategy.check_xla refuses it).

@@ -12,6 +12,7 @@ from absl.testing import absltest, parameterized
 
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
+from resnet_dist.config import DistributeConfig
 from resnet_dist.errors import ConfigError
 
 
@@ -97,7 +98,7 @@ class ChooseKindTest(parameterized.TestCase):
     with mock.patch.dict("os.environ", {"TF_CONFIG": tf_config(2)}), \
         mock.patch.object(strategy_lib.tf.distribute, "MirroredStrategy") as built:
       with self.assertRaisesRegex(ConfigError, "^--strategy=mirrored would train"):
-        strategy_lib.create_strategy("mirrored")
+        strategy_lib.create_strategy(DistributeConfig(strategy="mirrored"))
     built.assert_not_called()
 
 

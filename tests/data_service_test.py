@@ -76,7 +76,7 @@ class ServiceTest(absltest.TestCase):
     super().tearDownClass()
 
   def stream(self, source, batch, start_step=0, pipelines=(1, 0), replicas=1, job=""):
-    config = data.InputConfig(batch, 32, seed=3, shuffle_buffer=8, data_service=self.address,
+    config = data.InputSpec(batch, 32, seed=3, shuffle_buffer=8, data_service=self.address,
                               job_name=job or f"{self.id()}-{time.time_ns()}")
     context = tf.distribute.InputContext(*pipelines, replicas)
     return data.train_dataset_fn(source, "train", config, start_step)(context)
@@ -183,8 +183,8 @@ class SettingsTest(absltest.TestCase):
         ({"data_service": "h:1", "cache_data": True}, r"--cache_data do not go together"),
         ({"data_service": "h:1", "data_service_timeout_seconds": 0}, r"timeout_seconds must")):
       with self.assertRaisesRegex(ConfigError, message):
-        Config(**changes).validate()
-    Config(data_service="dispatcher.example.com:5050").validate()
+        Config.from_flat(**changes).validate()
+    Config.from_flat(data_service="dispatcher.example.com:5050").validate()
 
 
 class FaultTest(absltest.TestCase):

@@ -63,7 +63,7 @@ class PipelineTest(parameterized.TestCase):
   def test_pipelines_partition_every_global_batch(self, num_pipelines):
     n, global_batch = 60, 12
     source = numbered_source(n)
-    config = data.InputConfig(global_batch, 32, seed=3)
+    config = data.InputSpec(global_batch, 32, seed=3)
     single = labels_of(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)), 15)
     replicas = num_pipelines * 2  # each pipeline feeds two replicas
     per_pipeline = [labels_of(data.train_dataset_fn(source, "train", config)(
@@ -79,7 +79,7 @@ class PipelineTest(parameterized.TestCase):
 
   def test_epochs_are_different_permutations(self):
     source = numbered_source(24)
-    ds = data.train_dataset_fn(source, "train", data.InputConfig(24, 32))(context(1, 0, 1))
+    ds = data.train_dataset_fn(source, "train", data.InputSpec(24, 32))(context(1, 0, 1))
     first, second = labels_of(ds, 2)
     self.assertCountEqual(first, range(24))
     self.assertCountEqual(second, range(24))
@@ -87,7 +87,7 @@ class PipelineTest(parameterized.TestCase):
 
   def test_resume_continues_the_same_stream(self):
     source = numbered_source(50)
-    config = data.InputConfig(8, 32, seed=7)
+    config = data.InputSpec(8, 32, seed=7)
     full = labels_of(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)), 20)
     resumed = labels_of(data.train_dataset_fn(source, "train", config, start_step=13)(
         context(1, 0, 1)), 7)
@@ -95,7 +95,7 @@ class PipelineTest(parameterized.TestCase):
 
   def test_augmentation_depends_on_stream_position_not_on_pipeline(self):
     source = data.get_source("digits", self.create_tempdir().full_path)
-    config = data.InputConfig(16, 32, seed=1)
+    config = data.InputSpec(16, 32, seed=1)
     one = next(iter(data.train_dataset_fn(source, "train", config)(context(1, 0, 2))))
     two = next(iter(data.train_dataset_fn(source, "train", config)(context(2, 0, 2))))
     np.testing.assert_array_equal(one[0].numpy(), two[0].numpy())
@@ -104,7 +104,7 @@ class PipelineTest(parameterized.TestCase):
   def test_eval_counts_every_example_exactly_once_with_two_replicas(self):
     n = 37  # odd, and not a multiple of the global batch
     source = numbered_source(n)
-    config = data.InputConfig(8, 32)
+    config = data.InputSpec(8, 32)
     steps = data.eval_steps(source.split("test"), 8)
     counts = np.zeros(n)
     for pipeline in range(2):
@@ -123,7 +123,7 @@ class PipelineTest(parameterized.TestCase):
 
   def test_images_leave_as_uint8_and_normalize_on_the_device(self):
     source = numbered_source(16)
-    images = next(iter(data.eval_dataset_fn(source, "test", data.InputConfig(8, 32))(
+    images = next(iter(data.eval_dataset_fn(source, "test", data.InputSpec(8, 32))(
         context(1, 0, 1))))[0]
     self.assertEqual(images.dtype, tf.uint8)
     for dtype in (tf.float32, tf.bfloat16, tf.float16):

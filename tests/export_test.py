@@ -31,9 +31,9 @@ def make_run(model_dir, model="resnet20", num_classes=10, seed=0):
   tf.keras.utils.set_random_seed(seed)
   net = models.get_model(model, num_classes=num_classes, image_size=32)
   source = sources.Source(name="test", num_classes=num_classes, train_split="train",
-                          eval_split="test", image_size=32, augment="inception",
+                          eval_split="test", image_size=32, crop="inception",
                           mean=(100.0, 110.0, 120.0), std=(50.0, 60.0, 70.0))
-  checkpoints.write_run_record(model_dir, Config(model=model, image_size=32), source)
+  checkpoints.write_run_record(model_dir, Config.from_flat(model=model, image_size=32), source)
   tf.train.CheckpointManager(tf.train.Checkpoint(model=checkpoints.model_state(net)),
                              os.path.join(model_dir, "checkpoints"), 1).save(checkpoint_number=1)
   return net

@@ -11,5 +11,5 @@ def numbered_source(n, size=32):
                            (n, size, size, 3)).copy()
   split = sources._in_memory_split(images, np.arange(n, dtype=np.int64))  # pylint: disable=protected-access
   return sources.Source(name="numbered", num_classes=n, train_split="train",
-                        eval_split="test", image_size=size, augment="none",
+                        eval_split="test", image_size=size, crop="none",
                         mean=(0.0,) * 3, std=(1.0,) * 3, load_split=lambda _: split)

@@ -87,8 +87,9 @@ class RecipesTest(absltest.TestCase):
         "  exits.parse_flags(['x', '--flagfile=' + path])\n"
         "  config = definitions.config_from_flags()\n"
         "  config.validate()\n"
-        "  print(path, config.model, config.global_batch_size, config.strategy,\n"
-        "        config.image_size, config.eval_size, config.augment)\n")
+        "  print(path, config.model.name, config.schedule.global_batch_size,\n"
+        "        config.distribute.strategy, config.data.image_size, config.data.eval_size,\n"
+        "        config.augment.policy)\n")
     result = subprocess.run([sys.executable, "-c", script, *recipes], env=launching.ENV,
                             cwd=launching.ROOT, capture_output=True, text=True, timeout=300)
     self.assertEqual(result.returncode, 0, result.stderr[-2000:])

@@ -16,7 +16,10 @@ from resnet_dist import models, optim
 PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
           "resnet101": 44_549_160, "resnet152": 60_192_808, "resnet20": 269_722,
           "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018,
-          "resnet110": 1_727_962}
+          "resnet110": 1_727_962,
+          # Not in the paper: ResNet-20's figure less two basic blocks per stage
+          # (2 x (2 x 3 x 3 x w x w + 4 w) for w = 16, 32, 64).
+          "resnet8": 75_290}
 MACS_224 = {("resnet18", "v1.5"): 1.814e9, ("resnet34", "v1.5"): 3.664e9,
             ("resnet50", "v1.5"): 4.089e9, ("resnet50", "v1"): 3.858e9,
             ("resnet101", "v1.5"): 7.801e9, ("resnet152", "v1.5"): 11.514e9}
@@ -104,11 +107,11 @@ class ArchitectureTest(parameterized.TestCase):
   def test_list_models(self):
     self.assertEqual(models.list_models(),
                      ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                      "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"])
+                      "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"])
 
   @parameterized.parameters(*PARAMS)
   def test_trainable_parameters(self, name):
-    cifar = name in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+    cifar = name in ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
     variants = ["v1.5"] if cifar else ["v1.5", "v1"]
     for variant in variants:
       model = models.get_model(name, num_classes=10 if cifar else 1000, variant=variant)
@@ -240,8 +243,8 @@ class BehaviourTest(parameterized.TestCase):
     model = models.get_model("resnet20", num_classes=10)
     images = tf.random.normal([16, 32, 32, 3])
     labels = tf.constant(np.arange(16) % 10)
-    opt = optim.Optimizer(model.trainable_variables, models.weight_decay_variables(model),
-                          momentum=0.9)
+    opt = optim.Momentum(model.trainable_variables, models.weight_decay_variables(model),
+                         momentum=0.9)
 
     @tf.function
     def step():

@@ -152,7 +152,7 @@ class InputWaitTest(absltest.TestCase):
 
   def wait_fraction(self, delay):
     strategy = tf.distribute.get_strategy()
-    config = Config(global_batch_size=8)
+    config = Config.from_flat(global_batch_size=8)
     source = sources.synthetic_source(10, 32, num_examples=64)
     keras.utils.set_random_seed(0)
     trainer = trainer_lib.Trainer(config, strategy, source, steps_per_epoch=8, total_steps=100)

@@ -10,6 +10,7 @@ from resnet_dist import data, losses, optim
 from resnet_dist import trainer as trainer_lib
 from resnet_dist.config import Config
 from resnet_dist.data import sources
+from resnet_dist.errors import ConfigError
 
 
 class LearningRateTest(absltest.TestCase):
@@ -38,7 +39,7 @@ class OptimizerTest(absltest.TestCase):
 
   def test_momentum_and_decay_match_the_formula(self):
     w = tf.Variable([1.0, -2.0])
-    opt = optim.Optimizer([w], [w], momentum=0.9, weight_decay=0.1)
+    opt = optim.Momentum([w], [w], momentum=0.9, weight_decay=0.1)
     g = tf.constant([0.5, 0.5])
     opt.apply([g], 0.1)
     v1 = 0.1 * (g.numpy() + 0.1 * np.array([1.0, -2.0]))
@@ -51,16 +52,41 @@ class OptimizerTest(absltest.TestCase):
 
   def test_lars_scales_decayed_variables_by_the_trust_ratio_only(self):
     kernel, bias = tf.Variable([3.0, 4.0]), tf.Variable([3.0, 4.0])
-    opt = optim.Optimizer([kernel, bias], [kernel], kind="lars", momentum=0.0,
-                          weight_decay=0.0, lars_eta=0.001)
+    opt = optim.Lars([kernel, bias], [kernel], momentum=0.0, weight_decay=0.0,
+                     lars_eta=0.001)
     g = tf.constant([0.6, 0.8])  # norm 1; the weights' norm is 5
     opt.apply([g, g], 1.0)
     np.testing.assert_allclose(kernel.numpy(), [3.0, 4.0] - 0.005 * g.numpy(), rtol=1e-6)
     np.testing.assert_allclose(bias.numpy(), [3.0, 4.0] - g.numpy(), rtol=1e-6)
 
+  def test_lars_with_momentum_and_decay_matches_the_formula_over_two_steps(self):
+    """A LARS that took the trust ratio before adding the decay, or left the
+    momentum buffer unscaled, differs here in the first or the second step."""
+    kernel = tf.Variable([3.0, 4.0])
+    opt = optim.Lars([kernel], [kernel], momentum=0.9, weight_decay=0.01, lars_eta=0.002)
+    w, v = np.array([3.0, 4.0]), np.zeros(2)
+    for g in (np.array([0.6, 0.8]), np.array([-0.3, 0.1])):
+      opt.apply([tf.constant(g, tf.float32)], 0.5)
+      decayed = g + 0.01 * w
+      trust = 0.002 * np.linalg.norm(w) / np.linalg.norm(decayed)
+      v = 0.9 * v + 0.5 * trust * decayed
+      w = w - v
+      np.testing.assert_allclose(kernel.numpy(), w, rtol=1e-6)
+    np.testing.assert_allclose(opt.velocities[0].numpy(), v, rtol=1e-6)
+
+  def test_the_tables_name_every_choice_and_build_it(self):
+    self.assertEqual(list(optim.OPTIMIZERS), ["sgd", "lars", "lamb"])
+    self.assertEqual(list(optim.SCHEDULES), ["piecewise", "cosine"])
+    w = tf.Variable([1.0])
+    for kind, cls in optim.OPTIMIZERS.items():
+      self.assertIsInstance(optim.create_optimizer(kind, [w], [w], momentum=0.5), cls)
+    with self.assertRaisesRegex(ConfigError, "unknown --optimizer 'adam'; choose from sgd, "
+                                             "lars, lamb"):
+      optim.create_optimizer("adam", [w], [w])
+
   def test_a_skipped_step_changes_nothing(self):
     w = tf.Variable([1.0])
-    opt = optim.Optimizer([w], [], momentum=0.9)
+    opt = optim.Momentum([w], [], momentum=0.9)
     opt.apply([tf.constant([1.0])], 0.1, apply=tf.constant(False))
     self.assertEqual(float(w.numpy()[0]), 1.0)
     self.assertEqual(float(opt.velocities[0].numpy()[0]), 0.0)
@@ -68,7 +94,7 @@ class OptimizerTest(absltest.TestCase):
 
   def test_lamb_matches_the_formula_of_timms_lamb(self):
     kernel, bias = tf.Variable([3.0, -4.0]), tf.Variable([0.5, 1.0])
-    opt = optim.Optimizer([kernel, bias], [kernel], kind="lamb", weight_decay=0.1)
+    opt = optim.Lamb([kernel, bias], [kernel], weight_decay=0.1)
     w = {"kernel": np.array([3.0, -4.0]), "bias": np.array([0.5, 1.0])}
     m = {k: np.zeros(2) for k in w}
     v = {k: np.zeros(2) for k in w}
@@ -116,12 +142,12 @@ class LossTest(absltest.TestCase):
 
 def make_trainer(dtype="fp32", enable_xla=False, batch=16):
   strategy = tf.distribute.get_strategy()
-  config = Config(dtype=dtype, enable_xla=enable_xla, global_batch_size=batch,
+  config = Config.from_flat(dtype=dtype, enable_xla=enable_xla, global_batch_size=batch,
                   base_learning_rate=0.8, weight_decay=1e-4)
   source = sources.synthetic_source(10, 32, num_examples=64)
   keras.utils.set_random_seed(0)
   trainer = trainer_lib.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
-  input_config = data.InputConfig(batch, 32)
+  input_config = data.InputSpec(batch, 32)
   dataset = data.train_dataset_fn(source, "train", input_config)(
       tf.distribute.InputContext())
   return trainer, iter(strategy.experimental_distribute_dataset(dataset))

@@ -17,7 +17,7 @@ from absl.testing import absltest, parameterized
 
 from resnet_dist import checkpoints, export, models, train
 from resnet_dist import strategy as strategy_lib
-from resnet_dist.config import Config
+from resnet_dist.config import AugmentConfig, Config
 from resnet_dist.data import augment, mixing
 from tests import launching
 from resnet_dist.errors import ConfigError
@@ -33,11 +33,11 @@ def setUpModule():
   SEED = tf.constant([3, 4], tf.int64)
   # One for every run: a second MirroredStrategy in a process reuses the
   # first one's collective instance keys.
-  MIRRORED = train.create_strategy(Config(strategy="mirrored", num_cpu_devices=2))
+  MIRRORED = train.create_strategy(Config.from_flat(strategy="mirrored", num_cpu_devices=2))
 
 
 def strategy_of(config):
-  return MIRRORED if config.strategy == "mirrored" else None
+  return MIRRORED if config.distribute.strategy == "mirrored" else None
 
 
 class AugmentOpsTest(parameterized.TestCase):
@@ -99,15 +99,18 @@ class AugmentOpsTest(parameterized.TestCase):
     self.assertEqual((stretched.min(), stretched.max()), (0, 255))
     flat = tf.fill([8, 8, 3], tf.constant(7, tf.uint8))
     np.testing.assert_array_equal(augment.equalize(flat), flat)
+    # Its own inverse, and not the identity (which is its own inverse too).
+    np.testing.assert_array_equal(augment.invert(IMAGE), 255 - image)
     np.testing.assert_array_equal(augment.invert(augment.invert(IMAGE)), IMAGE)
 
   @parameterized.parameters("trivialaugment_wide", "randaugment", "autoaugment")
   def test_policies_are_stateless_and_keep_shape_and_dtype(self, policy):
-    outputs = [augment.augment(IMAGE, policy, tf.constant([3, i], tf.int64)) for i in range(8)]
+    options = AugmentConfig(policy=policy)
+    outputs = [augment.augment(IMAGE, options, tf.constant([3, i], tf.int64)) for i in range(8)]
     for out in outputs:
       self.assertEqual((out.shape, out.dtype), (IMAGE.shape, tf.uint8))
     np.testing.assert_array_equal(outputs[0],
-                                  augment.augment(IMAGE, policy, tf.constant([3, 0], tf.int64)))
+                                  augment.augment(IMAGE, options, tf.constant([3, 0], tf.int64)))
     self.assertGreater(len({out.numpy().tobytes() for out in outputs}), 2)
 
 
@@ -189,16 +192,16 @@ class MixingTest(absltest.TestCase):
 class ResolutionTest(absltest.TestCase):
 
   def test_progressive_resize_ramps_in_steps_of_32(self):
-    config = Config(image_size=160, progressive_resize=(160, 256, 10, 20))
-    sizes = [config.train_image_size(epoch) for epoch in (0, 10, 12, 15.5, 18, 20, 30)]
+    config = Config.from_flat(image_size=160, progressive_resize=(160, 256, 10, 20))
+    sizes = [config.data.train_image_size(epoch) for epoch in (0, 10, 12, 15.5, 18, 20, 30)]
     # FFCV: round(interpolated / 32) * 32; 179.2 at epoch 12 rounds to 192.
     self.assertEqual(sizes, [160, 160, 192, 224, 224, 256, 256])
     self.assertTrue(all((s - 160) % 32 == 0 for s in sizes))
 
   def test_eval_crop_follows_the_resize_size(self):
-    self.assertEqual(Config(image_size=176, eval_image_size=224,
-                            eval_resize_size=232).eval_crop_fraction, 224 / 232)
-    self.assertEqual(Config(image_size=224).eval_crop_fraction, 0.875)
+    self.assertEqual(Config.from_flat(image_size=176, eval_image_size=224,
+                                      eval_resize_size=232).data.eval_crop_fraction, 224 / 232)
+    self.assertEqual(Config.from_flat(image_size=224).data.eval_crop_fraction, 0.875)
 
   def test_bad_settings_name_the_flag(self):
     for changes, flag in (({"grad_accum_steps": 3}, "--grad_accum_steps"),
@@ -207,7 +210,7 @@ class ResolutionTest(absltest.TestCase):
                           ({"progressive_resize": (64, 32, 5, 5)}, "--progressive_resize"),
                           ({"augment": "autoaugment_cifar"}, "--augment")):
       with self.assertRaisesRegex(ConfigError, flag):
-        Config(global_batch_size=32, **changes).validate()
+        Config.from_flat(global_batch_size=32, **changes).validate()
 
 
 class RecipeRunTest(absltest.TestCase):
@@ -229,7 +232,7 @@ class RecipeRunTest(absltest.TestCase):
         label_smoothing=0.1, ema_decay=0.98, ema_every_steps=2, mixup_alpha=0.2,
         cutmix_alpha=1.0, augment="randaugment", randaugment_magnitude=5, random_erasing=0.1,
         grad_accum_steps=2, eval_image_size=40)
-    return Config(**{**settings, **changes})
+    return Config.from_flat(**{**settings, **changes})
 
   def test_all_flags_on_still_learns_and_evaluate_uses_the_ema(self):
     model_dir = self.create_tempdir().full_path
@@ -284,7 +287,7 @@ class RecipeRunTest(absltest.TestCase):
     for name, changes in (("accumulated", {"strategy": "one_device", "grad_accum_steps": 2}),
                           ("replicas", {"strategy": "mirrored", "grad_accum_steps": 1})):
       model_dir = self.create_tempdir().full_path
-      config = Config(model="resnet20", dataset="digits", data_dir=self.data_dir,
+      config = Config.from_flat(model="resnet20", dataset="digits", data_dir=self.data_dir,
                       global_batch_size=32, train_steps=3, steps_per_loop=3, seed=2,
                       base_learning_rate=0.008, skip_eval=True, model_dir=model_dir,
                       **recipe, **changes)

@@ -40,7 +40,7 @@ def tiny(model_dir, **changes):
   settings = dict(model="resnet20", dataset="synthetic", num_classes=10, image_size=32,
                   global_batch_size=8, train_steps=2, steps_per_loop=1, num_cpu_devices=2,
                   peak_tflops=1.0, model_dir=model_dir)
-  return Config(**{**settings, **changes})
+  return Config.from_flat(**{**settings, **changes})
 
 
 def setUpModule():
@@ -120,7 +120,7 @@ def source_of(seconds_per_image):
 
   split = splits.IndexedSplit(4096, fetch)
   return data.Source(name="made", num_classes=10, train_split="train", eval_split="train",
-                     image_size=32, augment="none", load_split=lambda _: split)
+                     image_size=32, crop="none", load_split=lambda _: split)
 
 
 class InputVerdictTest(parameterized.TestCase):
@@ -193,6 +193,24 @@ class HouseRulesTest(absltest.TestCase):
                     for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
     self.assertGreater(files, 25)
     self.assertLessEqual(max(longest)[0], 60, sorted(longest)[-3:])
+
+  def test_no_call_between_modules_passes_more_than_four_arguments_by_position(self):
+    """A function of another module takes its settings by keyword (or as a
+    config part): ten values by position, as InputConfig once took, break
+    silently when one is added in the middle."""
+    trees = [(path, tree) for package in (resnet_dist, flags, launch)
+             for path, tree in python_files(package)]
+    public = {node.name for _, tree in trees for node in ast.walk(tree)
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")}
+    self.assertIn("create_strategy", public)
+    long_calls = []
+    for path, tree in trees:
+      for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and len(node.args) > 4:
+          name = getattr(node.func, "id", getattr(node.func, "attr", None))
+          if name in public:
+            long_calls.append(f"{path}:{node.lineno} {name}")
+    self.assertEqual(long_calls, [])
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class ImagenetRecordsTest(parameterized.TestCase):
           tf.data.TFRecordDataset(f.name).as_numpy_iterator())))
     self.assertEqual(first.features.feature["image/class/label"].int64_list.value[0], 1)
     source = data.get_source("imagenet", directory, num_classes=100)
-    ds = data.eval_dataset_fn(source, "validation", data.InputConfig(4, 32))(context(1, 0, 1))
+    ds = data.eval_dataset_fn(source, "validation", data.InputSpec(4, 32))(context(1, 0, 1))
     labels, pixels = [], []
     for images, batch_labels, weights in ds:
       self.assertEqual(images.shape, (4, 32, 32, 3))
@@ -75,7 +75,7 @@ class ImagenetRecordsTest(parameterized.TestCase):
       _, count, example_level = data.pipeline.shard_of(split, num_pipelines, p)
       self.assertEqual(example_level, num_pipelines > 2)
       # One replica per pipeline, per-replica batch 1: one epoch is `count` batches.
-      config = data.InputConfig(num_pipelines, 32, shuffle_buffer=8)
+      config = data.InputSpec(num_pipelines, 32, shuffle_buffer=8)
       ds = data.train_dataset_fn(source, "train", config)(context(num_pipelines, p, num_pipelines))
       epoch = [int(b[1][0]) for b in ds.take(count)]
       self.assertLen(set(epoch), count)       # no example twice within the epoch
@@ -91,7 +91,7 @@ class ImagenetRecordsTest(parameterized.TestCase):
     steps = data.eval_steps(split, 8, num_pipelines=2)
     counts = np.zeros(n)
     for p in range(2):
-      batches = list(data.eval_dataset_fn(source, "validation", data.InputConfig(8, 32))(
+      batches = list(data.eval_dataset_fn(source, "validation", data.InputSpec(8, 32))(
           context(2, p, 2)))
       self.assertLen(batches, steps)
       for _, labels, weights in batches:
@@ -102,7 +102,7 @@ class ImagenetRecordsTest(parameterized.TestCase):
     directory = self.create_tempdir().full_path
     numbered_records(directory, 20, 3)
     source = data.get_source("imagenet", directory, num_classes=100)
-    config = data.InputConfig(4, 32, seed=5, shuffle_buffer=6)
+    config = data.InputSpec(4, 32, seed=5, shuffle_buffer=6)
     full = [b[1].numpy().tolist() for b in
             data.train_dataset_fn(source, "train", config)(context(1, 0, 1)).take(14)]
     resumed = [b[1].numpy().tolist() for b in
@@ -117,7 +117,7 @@ class ImagenetRecordsTest(parameterized.TestCase):
     source = data.get_source("imagenet", directory, num_classes=100, cache=True)
     split = source.split("train")
     self.assertIsInstance(split, sources.IndexedSplit)
-    ds = data.train_dataset_fn(source, "train", data.InputConfig(10, 32))(context(1, 0, 1))
+    ds = data.train_dataset_fn(source, "train", data.InputSpec(10, 32))(context(1, 0, 1))
     self.assertCountEqual(next(iter(ds))[1].numpy(), range(10))
 
   def test_record_counts_come_from_headers_and_truncation_is_named(self):
@@ -155,7 +155,7 @@ class BadImagesTest(absltest.TestCase):
     self.source = data.get_source("imagenet", self.directory, num_classes=10)
 
   def test_bad_images_are_skipped_and_counted(self):
-    config = data.InputConfig(4, 32, shuffle_buffer=1)
+    config = data.InputSpec(4, 32, shuffle_buffer=1)
     batches = list(data.train_dataset_fn(self.source, "train", config)(
         context(1, 0, 1)).take(4))   # 16 good examples: two epochs of 8
     labels = np.concatenate([b[1].numpy() for b in batches])
@@ -168,7 +168,7 @@ class BadImagesTest(absltest.TestCase):
     self.assertEqual(counted, 8)  # the eval weights: 8 good examples of 10
 
   def test_strict_data_stops_naming_the_file(self):
-    config = data.InputConfig(4, 32, shuffle_buffer=1, strict=True)
+    config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True)
     ds = data.train_dataset_fn(self.source, "train", config)(context(1, 0, 1))
     with self.assertRaisesRegex(DataError,
                                 "^undecodable image: record 3 of .*/train-00000-of-00001 "):
@@ -183,7 +183,7 @@ class BadImagesTest(absltest.TestCase):
     directory = self.create_tempdir().full_path
     records.write_imagenet_records(directory, "train", images, list(range(4)), 1)
     source = data.get_source("imagenet", directory, num_classes=10)
-    config = data.InputConfig(4, 32, shuffle_buffer=1, strict=True)
+    config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True)
     with self.assertRaisesRegex(DataError, r"^undecodable image \(Invalid JPEG data.*\); "
                                            r"--strict_data stops at such images"):
       with data.data_errors(10):
@@ -192,7 +192,7 @@ class BadImagesTest(absltest.TestCase):
   def test_labels_outside_the_classes_stop_the_run(self):
     records.write_imagenet_records(self.directory, "validation", [jpeg(1)], [12], 1)
     source = data.get_source("imagenet", self.directory, num_classes=10)
-    ds = data.eval_dataset_fn(source, "validation", data.InputConfig(4, 32))(context(1, 0, 1))
+    ds = data.eval_dataset_fn(source, "validation", data.InputSpec(4, 32))(context(1, 0, 1))
     with self.assertRaisesRegex(DataError, "^label 12 is outside 0..9: record 0 of .*/validation-"):
       with data.data_errors(10):
         list(ds)
@@ -224,7 +224,7 @@ class CorruptRecordTest(parameterized.TestCase):
   @parameterized.parameters(False, True)
   def test_the_records_after_a_corrupt_one_are_skipped_and_counted(self, cache_data):
     source = data.get_source("imagenet", self.directory, num_classes=20, cache=cache_data)
-    config = data.InputConfig(4, 32, shuffle_buffer=1)
+    config = data.InputSpec(4, 32, shuffle_buffer=1)
     # 12 good records an epoch: two epochs and the first batch of a third.
     batches = list(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)).take(7))
     labels = np.concatenate([b[1].numpy() for b in batches])
@@ -238,7 +238,7 @@ class CorruptRecordTest(parameterized.TestCase):
 
   def test_strict_data_names_the_corrupt_record(self):
     source = data.get_source("imagenet", self.directory, num_classes=20)
-    config = data.InputConfig(4, 32, shuffle_buffer=1, strict=True)
+    config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True)
     ds = data.train_dataset_fn(source, "train", config)(context(1, 0, 1))
     with self.assertRaisesRegex(DataError, "^corrupt TFRecord: record 2 of "
                                 ".*/train-00000-of-00002 and the rest of that file"):
@@ -270,7 +270,7 @@ class FolderTest(absltest.TestCase):
     self.assertEqual((source.train_split, source.eval_split), ("train", "val"))
     self.assertEqual(source.split("train").num_examples, 9)
     for split in ("train", "val"):
-      ds = data.eval_dataset_fn(source, split, data.InputConfig(3, 32))(context(1, 0, 1))
+      ds = data.eval_dataset_fn(source, split, data.InputSpec(3, 32))(context(1, 0, 1))
       for images, labels, _ in ds:
         for image, label in zip(images.numpy(), labels.numpy()):
           self.assertAlmostEqual(image.mean(), PIXELS[source.class_names[label]], delta=2)
@@ -300,7 +300,7 @@ class TfdsTest(absltest.TestCase):
       sources.MAX_IN_MEMORY_BYTES = original
     self.assertIsInstance(split, sources.RecordSplit)
     self.assertEqual(split.num_examples, 359)
-    config = data.InputConfig(359, 32)
+    config = data.InputSpec(359, 32)
     a = next(iter(data.eval_dataset_fn(in_memory, "test", config)(context(1, 0, 1))))
     b = next(iter(data.eval_dataset_fn(streamed, "test", config)(context(1, 0, 1))))
     np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())  # PNG decoding == arrays
@@ -321,8 +321,8 @@ class TfdsTest(absltest.TestCase):
     with tfds.testing.mock_data(num_examples=24, data_dir=data_dir):
       source = data.get_source("tfds:cifar10", data_dir)
       self.assertEqual(source.num_classes, 10)
-      self.assertEqual(source.augment, "pad_crop_flip")
-      ds = data.train_dataset_fn(source, "train", data.InputConfig(8, 32))(context(1, 0, 1))
+      self.assertEqual(source.crop, "pad_crop_flip")
+      ds = data.train_dataset_fn(source, "train", data.InputSpec(8, 32))(context(1, 0, 1))
       images, labels, skipped = next(iter(ds))
     self.assertEqual(images.shape, (8, 32, 32, 3))
     self.assertTrue(np.all((labels.numpy() >= 0) & (labels.numpy() < 10)))

@@ -1,7 +1,7 @@
 """Input: sources (digits, synthetic, imagenet, tfds:NAME, folder:PATH) and the
 sharded tf.data pipeline."""
 
-from resnet_dist.data.pipeline import (BAD_IMAGE, BAD_LABEL, InputConfig, check_batch_divides,
+from resnet_dist.data.pipeline import (BAD_IMAGE, BAD_LABEL, InputSpec, check_batch_divides,
                                        check_decodable, data_errors, eval_dataset_fn,
                                        eval_steps, train_dataset_fn)
 from resnet_dist.data.preprocess import normalize
@@ -9,7 +9,7 @@ from resnet_dist.data.sources import (DATASETS_HELP, IMAGENET_MEAN, IMAGENET_STD
                                       default_data_dir, get_source, is_dataset_name)
 
 __all__ = ["BAD_IMAGE", "BAD_LABEL", "DATASETS_HELP", "IMAGENET_MEAN", "IMAGENET_STD",
-           "InputConfig", "Source",
+           "InputSpec", "Source",
            "check_batch_divides", "check_decodable", "data_errors", "default_data_dir",
            "eval_dataset_fn", "eval_steps", "get_source", "is_dataset_name", "normalize",
            "train_dataset_fn"]

@@ -22,7 +22,6 @@ import math
 import numpy as np
 import tensorflow as tf
 
-POLICIES = ("none", "trivialaugment_wide", "randaugment", "autoaugment")
 BINS = 31            # magnitude bins of TrivialAugment-wide and RandAugment
 AUTOAUGMENT_BINS = 10
 
@@ -233,23 +232,32 @@ def _signed(table, signs, op, level, sign_seed):
   return tf.where(flip, -value, value)
 
 
-def trivialaugment_wide(image, seed, size):
-  table, signs = magnitudes("trivialaugment_wide", BINS, size)
+def none(image, seed, options):
+  del seed, options
+  return image
+
+
+def trivialaugment_wide(image, seed, options):
+  del options
+  table, signs = magnitudes("trivialaugment_wide", BINS, image.shape[0])
   op = _draw(seed, [], len(DRAWN))
   return apply_op(image, op, _signed(table, signs, op, _draw(seed + 1, [], BINS), seed + 2))
 
 
-def randaugment(image, seed, size, num_ops, magnitude):
-  table, signs = magnitudes("randaugment", BINS, size)
-  for i in range(num_ops):
+def randaugment(image, seed, options):
+  """options.randaugment_num_ops ops, each at bin options.randaugment_magnitude."""
+  table, signs = magnitudes("randaugment", BINS, image.shape[0])
+  for i in range(options.randaugment_num_ops):
     op_seed = seed + 3 * i
     op = _draw(op_seed, [], len(DRAWN))
-    image = apply_op(image, op, _signed(table, signs, op, magnitude, op_seed + 1))
+    image = apply_op(image, op, _signed(table, signs, op, options.randaugment_magnitude,
+                                        op_seed + 1))
   return image
 
 
-def autoaugment(image, seed, size):
-  table, signs = magnitudes("autoaugment", AUTOAUGMENT_BINS, size)
+def autoaugment(image, seed, options):
+  del options
+  table, signs = magnitudes("autoaugment", AUTOAUGMENT_BINS, image.shape[0])
   ops = tf.constant([[OPS.index(op) for op, _, _ in sub] for sub in IMAGENET_POLICY])
   probabilities = tf.constant([[p for _, p, _ in sub] for sub in IMAGENET_POLICY])
   levels = tf.constant([[level or 0 for _, _, level in sub] for sub in IMAGENET_POLICY])
@@ -262,15 +270,16 @@ def autoaugment(image, seed, size):
   return image
 
 
-def augment(image, policy, seed, num_ops=2, magnitude=9):
-  """image: uint8 [size, size, 3]; seed: int64 [2], this example's."""
-  size = image.shape[0]
-  if policy == "none":
-    return image
-  if policy == "trivialaugment_wide":
-    return trivialaugment_wide(image, seed, size)
-  if policy == "randaugment":
-    return randaugment(image, seed, size, num_ops, magnitude)
-  if policy == "autoaugment":
-    return autoaugment(image, seed, size)
-  raise ValueError(f"unknown augmentation policy {policy!r}; choose from {', '.join(POLICIES)}")
+# The policy table (--augment): name -> policy(image, seed, options), where
+# options is the run's config.AugmentConfig (a policy's parameters live there).
+POLICIES = {"none": none, "trivialaugment_wide": trivialaugment_wide,
+            "randaugment": randaugment, "autoaugment": autoaugment}
+
+
+def augment(image, options, seed):
+  """image: uint8 [size, size, 3]; options: a config.AugmentConfig, whose
+  policy names the POLICIES entry; seed: int64 [2], this example's."""
+  if options.policy not in POLICIES:
+    raise ValueError(f"unknown augmentation policy {options.policy!r}; choose from "
+                     f"{', '.join(POLICIES)}")
+  return POLICIES[options.policy](image, seed, options)

@@ -36,13 +36,14 @@ import functools
 import math
 import os
 import re
+from typing import Any
 
 import tensorflow as tf
 
 from resnet_dist.data import augment as augment_lib
 from resnet_dist.data import preprocess as preprocess_lib
 from resnet_dist.data import records as records_lib
-from resnet_dist.data.splits import RecordSplit
+from resnet_dist.data.splits import IndexedSplit, RecordSplit
 from resnet_dist.errors import ConfigError, DataError
 
 _AUGMENT_SALT = 0x5EED
@@ -53,15 +54,14 @@ _GCS_READ_BUFFER = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True)
-class InputConfig:
+class InputSpec:
+  """What one input pipeline makes: train.py derives it from a run's Config."""
   global_batch_size: int          # per (micro-)batch: what one next() yields, over all replicas
   image_size: int
   seed: int = 0
   shuffle_buffer: int = 10000     # records; record splits only
   strict: bool = False            # stop at a bad image instead of skipping it
-  augment: str = "none"           # an augment.POLICIES policy, after crop and flip
-  randaugment_num_ops: int = 2
-  randaugment_magnitude: int = 9
+  augment: Any = None             # a config.AugmentConfig: its policy, after crop and flip
   crop_fraction: float = preprocess_lib.EVAL_CROP_FRACTION  # evaluation's central crop
   data_service: str = ""          # HOST:PORT of a tf.data service for training input
   job_name: str = ""              # the service job's name, unique to the run and input
@@ -90,8 +90,8 @@ def _parallelism():
   return os.cpu_count() or 1
 
 
-def _pipeline_batch(context, config):
-  per_replica = context.get_per_replica_batch_size(config.global_batch_size)
+def _pipeline_batch(context, spec):
+  per_replica = context.get_per_replica_batch_size(spec.global_batch_size)
   return per_replica, per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
 
 
@@ -152,7 +152,7 @@ def _describe(where):
   return [where]
 
 
-def _load(ds, fetch, source, split, config, training, parallel=None):
+def _load(ds, fetch, source, split, spec, training, parallel=None):
   """(position, element) -> (position, image, label, where), in one parallel map.
 
   fetch(position, element) -> (seed position, image or encoded image, label,
@@ -169,17 +169,17 @@ def _load(ds, fetch, source, split, config, training, parallel=None):
                                   [BAD_IMAGE] + _describe(where))
       with tf.control_dependencies([check]):
         image = tf.identity(image)
-    seed = tf.stack([tf.constant(config.seed + _AUGMENT_SALT, tf.int64), seed_position])
-    image = preprocess_lib.preprocess(image, source.augment, config.image_size, training, seed,
-                                      split.encoded, config.crop_fraction)
-    if training and config.augment != "none":
-      image = augment_lib.augment(image, config.augment, seed + 8, config.randaugment_num_ops,
-                                  config.randaugment_magnitude)
+    seed = tf.stack([tf.constant(spec.seed + _AUGMENT_SALT, tf.int64), seed_position])
+    image = preprocess_lib.preprocess(image, source.crop, size=spec.image_size, training=training,
+                                      seed=seed, encoded=split.encoded,
+                                      crop_fraction=spec.crop_fraction)
+    if training and spec.augment is not None:
+      image = augment_lib.augment(image, spec.augment, seed + 8)
     return position, image, label, where
 
   ds = ds.map(load_and_preprocess, num_parallel_calls=parallel or _parallelism(),
               deterministic=True)
-  if split.encoded and not config.strict:
+  if split.encoded and not spec.strict:
     ds = ds.ignore_errors()
   return ds
 
@@ -205,10 +205,10 @@ def _train_batches(ds, per_replica_batch, first_position, num_classes):
   return _finish(ds.scan(tf.constant(first_position - 1, tf.int64), check))
 
 
-def _eval_batches(ds, num_examples, per_replica_batch, config, num_classes):
+def _eval_batches(ds, num_examples, per_replica_batch, spec, num_classes):
   """(images, labels, weights): the examples with weight 1, then zero-weight
   padding up to exactly num_examples."""
-  size = config.image_size
+  size = spec.image_size
   where_spec = ds.element_spec[3]
   ds = ds.map(lambda position, image, label, where: (image, label, tf.constant(1.0), where))
   padding = tf.data.Dataset.from_tensors(
@@ -245,16 +245,16 @@ def _keep_own_chunks(ds, context, per_replica_batch):
   return ds.unbatch()
 
 
-def _indexed_train(source, split, config, start_step, context):
-  per_replica, pipeline_batch = _pipeline_batch(context, config)
+def _indexed_train(source, split, spec, start_step, context):
+  per_replica, pipeline_batch = _pipeline_batch(context, spec)
   n = split.num_examples
-  start = start_step * config.global_batch_size
+  start = start_step * spec.global_batch_size
   first_epoch, offset = start // n, start % n
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
-      lambda epoch: _epoch_indices(n, config.seed, epoch)).skip(offset)
+      lambda epoch: _epoch_indices(n, spec.seed, epoch)).skip(offset)
   ds = _keep_own_chunks(ds, context, per_replica)
   first_position = start_step * pipeline_batch
-  ds = _load(ds.enumerate(first_position), _indexed_fetch(split), source, split, config, True)
+  ds = _load(ds.enumerate(first_position), _indexed_fetch(split), source, split, spec, True)
   return _train_batches(ds, per_replica, first_position, source.num_classes)
 
 
@@ -267,16 +267,16 @@ def _indexed_fetch(split):
   return fetch
 
 
-def _indexed_eval(source, split, config, context):
-  per_replica, pipeline_batch = _pipeline_batch(context, config)
+def _indexed_eval(source, split, spec, context):
+  per_replica, pipeline_batch = _pipeline_batch(context, spec)
   n = split.num_examples
-  steps = math.ceil(n / config.global_batch_size)
-  ds = _keep_own_chunks(tf.data.Dataset.range(steps * config.global_batch_size),
+  steps = math.ceil(n / spec.global_batch_size)
+  ds = _keep_own_chunks(tf.data.Dataset.range(steps * spec.global_batch_size),
                         context, per_replica)
   ds = ds.filter(lambda position: position < n).enumerate()
-  ds = _load(ds, lambda position, index: (index,) + split.fetch(index), source, split, config,
+  ds = _load(ds, lambda position, index: (index,) + split.fetch(index), source, split, spec,
              False)
-  return _eval_batches(ds, steps * pipeline_batch, per_replica, config, source.num_classes)
+  return _eval_batches(ds, steps * pipeline_batch, per_replica, spec, source.num_classes)
 
 
 # --- Record splits -----------------------------------------------------------
@@ -353,12 +353,12 @@ def _remote(files):
   return any(f.startswith("gs://") for f in files)
 
 
-def _record_seed(config, epoch, pipeline_id):
-  return tf.stack([tf.constant(config.seed, tf.int64), epoch * 1000003 + pipeline_id])
+def _record_seed(spec, epoch, pipeline_id):
+  return tf.stack([tf.constant(spec.seed, tf.int64), epoch * 1000003 + pipeline_id])
 
 
-def _record_train(source, split, config, start_step, context):
-  per_replica, pipeline_batch = _pipeline_batch(context, config)
+def _record_train(source, split, spec, start_step, context):
+  per_replica, pipeline_batch = _pipeline_batch(context, spec)
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   files, count, example_level = shard_of(split, num_pipelines, p)
   if count < pipeline_batch:
@@ -371,16 +371,16 @@ def _record_train(source, split, config, start_step, context):
   files = tf.constant(files)
 
   def epoch_records(epoch):
-    order = _file_order(tf.size(files), config.seed, epoch)
+    order = _file_order(tf.size(files), spec.seed, epoch)
     ds = read(tf.gather(files, order), tf.gather(counts, order))
-    seed = _record_seed(config, epoch, p)
+    seed = _record_seed(spec, epoch, p)
     shuffle_seed = tf.random.stateless_uniform([], seed=seed, minval=None, maxval=None,
                                                dtype=tf.int64)
     # shuffle() pairs its op seed with the graph seed, and fails on a tensor op
     # seed when the graph seed is 0 (tf.random.set_seed(0)); this graph's own
     # seed makes the order depend on shuffle_seed alone.
     tf.compat.v1.get_default_graph().seed = 1
-    return ds.shuffle(config.shuffle_buffer, seed=shuffle_seed)
+    return ds.shuffle(spec.shuffle_buffer, seed=shuffle_seed)
 
   first_position = start_step * pipeline_batch
   first_epoch, offset = divmod(first_position, count)
@@ -388,37 +388,22 @@ def _record_train(source, split, config, start_step, context):
 
   # A position in the global stream seeds the example's augmentation.
   parse = _parser(split, lambda position: position * num_pipelines + p)
-  ds = _load(ds.enumerate(first_position), parse, source, split, config, True)
+  ds = _load(ds.enumerate(first_position), parse, source, split, spec, True)
   return _train_batches(ds, per_replica, first_position, source.num_classes)
 
 
-def _record_eval(source, split, config, context):
-  per_replica, pipeline_batch = _pipeline_batch(context, config)
+def _record_eval(source, split, spec, context):
+  per_replica, pipeline_batch = _pipeline_batch(context, spec)
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   files, _, example_level = shard_of(split, num_pipelines, p)
   counts = _shard_counts(split, num_pipelines, p, example_level)
   ds = _read(tf.constant(files), tf.constant(counts, tf.int64), len(files), _remote(files),
              num_pipelines, p, example_level)
 
-  steps = eval_steps(split, config.global_batch_size, num_pipelines)
-  ds = _load(ds.enumerate(), _parser(split, lambda position: position), source, split, config,
+  steps = eval_steps(split, spec.global_batch_size, num_pipelines)
+  ds = _load(ds.enumerate(), _parser(split, lambda position: position), source, split, spec,
              False)
-  return _eval_batches(ds, steps * pipeline_batch, per_replica, config, source.num_classes)
-
-
-# --- Synthetic ---------------------------------------------------------------
-
-def _synthetic_train(source, config, context):
-  """One random batch per pipeline, repeated: no input work at all."""
-  per_replica, _ = _pipeline_batch(context, config)
-  seed = tf.constant([config.seed, context.input_pipeline_id], tf.int64)
-  size = config.image_size
-  images = tf.random.stateless_uniform([per_replica, size, size, 3], seed=seed, maxval=256,
-                                       dtype=tf.int32)
-  labels = tf.random.stateless_uniform([per_replica], seed=seed + 1, maxval=source.num_classes,
-                                       dtype=tf.int64)
-  batch = (tf.cast(images, tf.uint8), labels, tf.zeros([per_replica], tf.int32))
-  return tf.data.Dataset.from_tensors(batch).repeat()
+  return _eval_batches(ds, steps * pipeline_batch, per_replica, spec, source.num_classes)
 
 
 # --- Through a tf.data service -------------------------------------------------
@@ -443,7 +428,7 @@ def service_chunk(num_examples):
   return max(128, num_examples // 1024)
 
 
-def _service_indexed(split, config, start, context):
+def _service_indexed(split, spec, start, context):
   """(position, (index, position)) of this pipeline's slots (every
   num_pipelines-th chunk) from the one holding global position `start`."""
   n = split.num_examples
@@ -457,13 +442,13 @@ def _service_indexed(split, config, start, context):
     epoch, begin = slot // per_epoch, slot % per_epoch * chunk
     end = tf.minimum(begin + chunk, n)
     positions = epoch * n + tf.range(begin, end)
-    order = _epoch_order(n, config.seed, epoch)[begin:end]
+    order = _epoch_order(n, spec.seed, epoch)[begin:end]
     return tf.data.Dataset.from_tensor_slices((positions, (order, positions)))
 
   return tf.data.Dataset.range(first, 2**62, num_pipelines).flat_map(examples)
 
 
-def _service_records(split, config, start, context):
+def _service_records(split, spec, start, context):
   """(position, (record, where)) of this pipeline's files, one slot each,
   from the file holding its share of global position `start`."""
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
@@ -473,31 +458,31 @@ def _service_records(split, config, start, context):
   first_epoch, offset = divmod(start // num_pipelines, count)
   # Sharded by example, a pipeline has a num_pipelines-th of each file.
   offset *= num_pipelines if example_level else 1
-  done = tf.cumsum(tf.gather(counts, _file_order(num_files, config.seed, first_epoch))) <= offset
+  done = tf.cumsum(tf.gather(counts, _file_order(num_files, spec.seed, first_epoch))) <= offset
   first = first_epoch * num_files + tf.reduce_sum(tf.cast(done, tf.int64))
 
   def file_of(slot):
-    index = _file_order(num_files, config.seed, slot // num_files)[slot % num_files]
+    index = _file_order(num_files, spec.seed, slot // num_files)[slot % num_files]
     # The base gives each record of each epoch its own augmentation seed.
     return paths[index], counts[index], slot * 2**24
 
   keep = (lambda index: index % num_pipelines == p) if example_level else None
   ds = _interleave(tf.data.Dataset.range(first, 2**62).map(file_of), num_files,
                    _remote(files), keep)
-  return ds.shuffle(config.shuffle_buffer, seed=config.seed)
+  return ds.shuffle(spec.shuffle_buffer, seed=spec.seed)
 
 
-def _service_train(source, split, config, start_step, context):
+def _service_train(source, split, spec, start_step, context):
   """The training input of one pipeline, made by the service's workers."""
-  per_replica, _ = _pipeline_batch(context, config)
-  start = start_step * config.global_batch_size
+  per_replica, _ = _pipeline_batch(context, spec)
+  start = start_step * spec.global_batch_size
   if isinstance(split, RecordSplit):
-    ds = _service_records(split, config, start, context)
+    ds = _service_records(split, spec, start, context)
     fetch = _parser(split, lambda position: position)
   else:
-    ds, fetch = _service_indexed(split, config, start, context), _indexed_fetch(split)
+    ds, fetch = _service_indexed(split, spec, start, context), _indexed_fetch(split)
   # On the workers: their own cores, however many the trainer has.
-  ds = _load(ds, fetch, source, split, config, True, parallel=tf.data.AUTOTUNE)
+  ds = _load(ds, fetch, source, split, spec, True, parallel=tf.data.AUTOTUNE)
 
   def check(positions, images, labels, where):
     del positions
@@ -507,25 +492,27 @@ def _service_train(source, split, config, start_step, context):
   ds = ds.batch(per_replica, drop_remainder=True).map(check).prefetch(tf.data.AUTOTUNE)
   service = tf.data.experimental.service
   ds = ds.apply(service.distribute(
-      processing_mode=service.ShardingPolicy.DYNAMIC, service=f"grpc://{config.data_service}",
-      job_name=f"{config.job_name}-pipeline{context.input_pipeline_id}"))
+      processing_mode=service.ShardingPolicy.DYNAMIC, service=f"grpc://{spec.data_service}",
+      job_name=f"{spec.job_name}-pipeline{context.input_pipeline_id}"))
   return _finish(ds)
 
 
 # --- The dataset_fns ---------------------------------------------------------
 
-def train_dataset_fn(source, split_name, config, start_step=0):
+# How each kind of split is read, for training and for evaluation.
+_TRAIN_READERS = {IndexedSplit: _indexed_train, RecordSplit: _record_train}
+_EVAL_READERS = {IndexedSplit: _indexed_eval, RecordSplit: _record_eval}
+
+def train_dataset_fn(source, split_name, spec, start_step=0):
   """A dataset_fn yielding (images, labels, skipped) from start_step on."""
   split = source.split(split_name)
 
   def dataset_fn(context):
-    if source.name == "synthetic":
-      return _synthetic_train(source, config, context)
-    if config.data_service:
-      return _service_train(source, split, config, start_step, context)
-    if isinstance(split, RecordSplit):
-      return _record_train(source, split, config, start_step, context)
-    return _indexed_train(source, split, config, start_step, context)
+    if source.train_batches is not None:  # a source that makes its own (synthetic)
+      return source.train_batches(spec, context)
+    if spec.data_service:
+      return _service_train(source, split, spec, start_step, context)
+    return _TRAIN_READERS[type(split)](source, split, spec, start_step, context)
 
   return dataset_fn
 
@@ -538,14 +525,12 @@ def eval_steps(split, global_batch_size, num_pipelines=1):
   return math.ceil(split.num_examples / global_batch_size)
 
 
-def eval_dataset_fn(source, split_name, config):
+def eval_dataset_fn(source, split_name, spec):
   """A dataset_fn yielding (images, labels, weights); weights are 0 on the padding."""
   split = source.split(split_name)
 
   def dataset_fn(context):
-    if isinstance(split, RecordSplit):
-      return _record_eval(source, split, config, context)
-    return _indexed_eval(source, split, config, context)
+    return _EVAL_READERS[type(split)](source, split, spec, context)
 
   return dataset_fn
 

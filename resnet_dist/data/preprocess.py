@@ -11,7 +11,7 @@ Every random choice is stateless, seeded by (seed, position of the example in
 its stream), so an example is augmented the same way whichever replica or
 restart sees it.
 
-Styles (Source.augment):
+Crops (Source.crop):
   inception      ImageNet training: a random crop of 8%..100% of the area with
                  aspect ratio 3/4..4/3 covering at least 10% of the image,
                  decoded fused with the JPEG (only the crop is decoded),
@@ -24,7 +24,7 @@ Styles (Source.augment):
 
 import tensorflow as tf
 
-AUGMENTS = ("inception", "pad_crop_flip", "pad_crop", "none")
+CROPS = ("inception", "pad_crop_flip", "pad_crop", "none")
 EVAL_CROP_FRACTION = 0.875
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
@@ -118,16 +118,16 @@ def _pad_crop(image, size, seed, flip):
   return image
 
 
-def preprocess(image, augment, size, training, seed, encoded,
+def preprocess(image, crop, size, training, seed, encoded,
                crop_fraction=EVAL_CROP_FRACTION):
-  """One example -> uint8 [size, size, 3].
+  """One example -> uint8 [size, size, 3], cropped as `crop` (CROPS) says.
 
   image: uint8 [H, W, C], or encoded bytes (JPEG, PNG, ...) when encoded.
   seed: int64 [2], used only when training.
   crop_fraction: evaluation's central crop, of the shorter side (inception):
   224 / 232 is torchvision's "resize to 232, crop 224".
   """
-  if augment == "inception":
+  if crop == "inception":
     if training:
       image = _decode_crop(image, encoded, lambda shape: _random_window(shape, seed))
     else:
@@ -140,8 +140,8 @@ def preprocess(image, augment, size, training, seed, encoded,
     if encoded:
       image = _decode(image)
     image = _resized(image, size)
-    if training and augment in ("pad_crop_flip", "pad_crop"):
-      image = _pad_crop(image, size, seed, flip=augment == "pad_crop_flip")
+    if training and crop in ("pad_crop_flip", "pad_crop"):
+      image = _pad_crop(image, size, seed, flip=crop == "pad_crop_flip")
   image.set_shape([size, size, 3])
   return image
 

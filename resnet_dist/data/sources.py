@@ -14,7 +14,7 @@ A split is one of two kinds:
 import dataclasses
 import fcntl
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -35,7 +35,7 @@ MAX_IN_MEMORY_BYTES = 4 << 30
 class Source:
   """A dataset the pipeline can read.
 
-  augment: a preprocess.AUGMENTS style. mean/std normalise the 0..255
+  crop: how training crops its images, a preprocess.CROPS entry. mean/std normalise the 0..255
   pixels. image_size is the size the source's images naturally have (0:
   they vary). class_names: label id -> name, when the source names its classes.
   """
@@ -44,7 +44,7 @@ class Source:
   train_split: str
   eval_split: str
   image_size: int
-  augment: str = "pad_crop_flip"
+  crop: str = "pad_crop_flip"
   mean: tuple = IMAGENET_MEAN
   std: tuple = IMAGENET_STD
   load_split: Callable = None   # split name -> IndexedSplit or RecordSplit
@@ -52,6 +52,9 @@ class Source:
   _loaded: dict = dataclasses.field(default_factory=dict, repr=False)
 
   cache: bool = False  # hold a TFRecord split in memory (--cache_data)
+  # A source that makes its training batches itself: (InputSpec, InputContext)
+  # -> dataset of (images, labels, skipped); None: the pipeline reads its splits.
+  train_batches: Optional[Callable] = None
 
   def split(self, name):
     """The split, loaded once: every evaluation reuses it."""
@@ -118,7 +121,7 @@ def _check_labels(labels, num_classes, where):
 
 
 def _style(image_size):
-  """Augmentation for a source's native image size (0: sizes vary)."""
+  """The crop for a source's native image size (0: sizes vary)."""
   return "pad_crop_flip" if 0 < image_size <= 64 else "inception"
 
 
@@ -152,7 +155,7 @@ def tfds_source(name, data_dir=None, download=False):
   return Source(
       name=name, num_classes=num_classes,
       train_split=train_split, eval_split=eval_split, image_size=image_size,
-      augment="pad_crop" if digits else _style(image_size),
+      crop="pad_crop" if digits else _style(image_size),
       # digits: a foreground stroke on a zero background; mid-range statistics.
       mean=(64.0,) * 3 if digits else IMAGENET_MEAN,
       std=(96.0,) * 3 if digits else IMAGENET_STD,
@@ -164,14 +167,14 @@ def imagenet_source(data_dir, num_classes=1000, image_size=224):
   itself, or a dataset of one's own written so (at --image_size <= 64, the
   32x32 augmentation applies)."""
   return Source(name="imagenet", num_classes=num_classes, train_split="train",
-                eval_split="validation", image_size=0, augment=_style(image_size),
+                eval_split="validation", image_size=0, crop=_style(image_size),
                 load_split=lambda split: records.imagenet_split(data_dir, split))
 
 
 def folder_source(root, image_size):
   names, train_split, eval_split, load_split = folder.folder_splits(root)
   return Source(name=f"folder:{root}", num_classes=len(names), train_split=train_split,
-                eval_split=eval_split, image_size=0, augment=_style(image_size),
+                eval_split=eval_split, image_size=0, crop=_style(image_size),
                 load_split=load_split, class_names=tuple(names))
 
 
@@ -186,41 +189,74 @@ def synthetic_source(num_classes, image_size, num_examples=1024):
     label = tf.random.stateless_uniform([], seed=seed + 1, maxval=num_classes, dtype=tf.int64)
     return tf.cast(image, tf.uint8), label, tf.constant("")
 
+  def train_batches(spec, context):
+    """One random batch per pipeline, repeated: no input work at all."""
+    per_replica = context.get_per_replica_batch_size(spec.global_batch_size)
+    seed = tf.constant([spec.seed, context.input_pipeline_id], tf.int64)
+    size = spec.image_size
+    images = tf.random.stateless_uniform([per_replica, size, size, 3], seed=seed, maxval=256,
+                                         dtype=tf.int32)
+    labels = tf.random.stateless_uniform([per_replica], seed=seed + 1, maxval=num_classes,
+                                         dtype=tf.int64)
+    batch = (tf.cast(images, tf.uint8), labels, tf.zeros([per_replica], tf.int32))
+    return tf.data.Dataset.from_tensors(batch).repeat()
+
   split = IndexedSplit(num_examples, fetch)
   return Source(name="synthetic", num_classes=num_classes, train_split="train",
-                eval_split="validation", image_size=image_size, augment="none",
-                load_split=lambda _: split)
+                eval_split="validation", image_size=image_size, crop="none",
+                load_split=lambda _: split, train_batches=train_batches)
 
 
-DATASETS_HELP = ("digits (embedded), synthetic, imagenet (TFRecords in --data_dir), "
-                 "tfds:NAME (e.g. tfds:cifar10) or folder:PATH (PATH/<split>/<class>/*.jpg)")
+@dataclasses.dataclass(frozen=True)
+class Opening:
+  """What opening a source may need besides its --dataset argument."""
+  data_dir: str = ""
+  download: bool = False
+  num_classes: int = 1000
+  image_size: int = 224
+
+
+# The source table (--dataset): a name, or a prefix ending in ":" that takes an
+# argument, -> (open(argument, Opening) -> Source, the words --helpshort gives).
+SOURCES = {
+    "digits": (lambda _, o: tfds_source("digits", o.data_dir or default_data_dir()),
+               "digits (embedded)"),
+    "synthetic": (lambda _, o: synthetic_source(o.num_classes, o.image_size), "synthetic"),
+    "imagenet": (lambda _, o: imagenet_source(o.data_dir, o.num_classes, o.image_size),
+                 "imagenet (TFRecords in --data_dir)"),
+    "tfds:": (lambda name, o: tfds_source(name, o.data_dir or default_data_dir(), o.download),
+              "tfds:NAME (e.g. tfds:cifar10)"),
+    "folder:": (lambda root, o: folder_source(root, o.image_size),
+                "folder:PATH (PATH/<split>/<class>/*.jpg)"),
+}
+DATASETS_HELP = ", ".join(help_ for _, help_ in SOURCES.values())
+
+
+def _entry(dataset):
+  """(SOURCES key, its argument) of a --dataset value; (None, None) if none fits."""
+  if dataset in SOURCES and not dataset.endswith(":"):
+    return dataset, ""
+  prefix = dataset.split(":", 1)[0] + ":"
+  if ":" in dataset and prefix in SOURCES and len(dataset) > len(prefix):
+    return prefix, dataset[len(prefix):]
+  return None, None
 
 
 def is_dataset_name(dataset):
-  return (dataset in ("digits", "synthetic", "imagenet")
-          or any(dataset.startswith(p) and len(dataset) > len(p) for p in ("tfds:", "folder:")))
+  return _entry(dataset)[0] is not None
 
 
 def get_source(dataset, data_dir=None, download=False, num_classes=1000, image_size=224,
                cache=False):
-  """Resolves a --dataset value (DATASETS_HELP)."""
-  source = _source(dataset, data_dir, download, num_classes, image_size)
+  """Opens a --dataset value (DATASETS_HELP) through its SOURCES entry."""
+  key, argument = _entry(dataset)
+  if key is None:
+    raise ConfigError(f"unknown dataset {dataset!r}; use {DATASETS_HELP}")
+  opening = Opening(data_dir=data_dir or "", download=download, num_classes=num_classes,
+                    image_size=image_size)
+  source = SOURCES[key][0](argument, opening)
   source.cache = cache
   return source
-
-
-def _source(dataset, data_dir, download, num_classes, image_size):
-  if not is_dataset_name(dataset):
-    raise ConfigError(f"unknown dataset {dataset!r}; use {DATASETS_HELP}")
-  if dataset == "synthetic":
-    return synthetic_source(num_classes, image_size)
-  if dataset == "digits":
-    return tfds_source("digits", data_dir or default_data_dir())
-  if dataset == "imagenet":
-    return imagenet_source(data_dir, num_classes, image_size)
-  if dataset.startswith("folder:"):
-    return folder_source(dataset[len("folder:"):], image_size)
-  return tfds_source(dataset[len("tfds:"):], data_dir or default_data_dir(), download)
 
 
 def default_data_dir():

@@ -3,13 +3,21 @@ count_macs, and load_weights / save_weights for torchvision's and timm's files."
 
 from resnet_dist.models.layers import BatchNorm
 from resnet_dist.models.macs import graph_macs
-from resnet_dist.models.resnet import SPECS, VARIANTS, ResidualBlock, build_resnet
+from resnet_dist.models import resnet
+from resnet_dist.models.resnet import VARIANTS, ResidualBlock
 from resnet_dist.models.weights import load_weights, save_weights
+
+# The model table: name -> builder(num_classes=..., **options) of a keras.Model.
+# A family is a module with its own MODELS and one entry here; --model's
+# choices, get_model and list_models all read this table.
+MODELS = {
+    **resnet.MODELS,
+}
 
 
 def list_models():
-  """Names accepted by get_model, shallowest first within each family."""
-  return sorted(SPECS, key=lambda n: (SPECS[n].cifar, int(n[len("resnet"):])))
+  """Names accepted by get_model, in the table's order."""
+  return list(MODELS)
 
 
 def get_model(name, num_classes=1000, **options):
@@ -19,9 +27,9 @@ def get_model(name, num_classes=1000, **options):
   zero_init_residual, image_size (None: any size >= 32), dtype (a Keras dtype
   policy name such as "mixed_bfloat16").
   """
-  if name not in SPECS:
+  if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(list_models())}")
-  return build_resnet(name, num_classes=num_classes, **options)
+  return MODELS[name](num_classes=num_classes, **options)
 
 
 def count_macs(name_or_model, image_size=224, **options):
@@ -49,6 +57,6 @@ def moving_statistics(model):
   return [v for v in model.variables if v.synchronization == "on_read"]
 
 
-__all__ = ["BatchNorm", "ResidualBlock", "VARIANTS", "count_macs", "get_model",
+__all__ = ["BatchNorm", "MODELS", "ResidualBlock", "VARIANTS", "count_macs", "get_model",
            "list_models", "load_weights", "moving_statistics", "plain_variable",
            "save_weights", "weight_decay_variables"]

@@ -9,6 +9,7 @@ residual branch ends in BN without ReLU; ReLU follows the add (He et al. 2016).
 """
 
 import dataclasses
+import functools
 
 import keras
 import tensorflow as tf
@@ -29,6 +30,7 @@ class Spec:
 _IMAGENET_WIDTHS = (64, 128, 256, 512)
 _CIFAR_WIDTHS = (16, 32, 64)
 
+# Shallowest first within each family: the order list_models() gives.
 SPECS = {
     "resnet18": Spec("basic", (2, 2, 2, 2), _IMAGENET_WIDTHS),
     "resnet34": Spec("basic", (3, 4, 6, 3), _IMAGENET_WIDTHS),
@@ -36,8 +38,9 @@ SPECS = {
     "resnet101": Spec("bottleneck", (3, 4, 23, 3), _IMAGENET_WIDTHS),
     "resnet152": Spec("bottleneck", (3, 8, 36, 3), _IMAGENET_WIDTHS),
     # He et al. 2015, section 4.2: depth 6n + 2, n blocks in each of 3 stages.
+    # ResNet-8 (n = 1) is the tests' model: the family's every layer kind, fast to trace.
     **{f"resnet{6 * n + 2}": Spec("basic", (n, n, n), _CIFAR_WIDTHS, cifar=True)
-       for n in (3, 5, 7, 9, 18)},
+       for n in (1, 3, 5, 7, 9, 18)},
 }
 
 EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -73,23 +76,23 @@ class ResidualBlock(keras.layers.Layer):
                        name=name, dtype=dtype)
 
     if block == "basic":
-      self.branch = [*conv(width, 3, stride, "conv1", dtype), bn("bn1"),
+      self.branch = [*conv(width, 3, stride, "conv1", dtype=dtype), bn("bn1"),
                      keras.layers.ReLU(dtype=dtype),
-                     *conv(width, 3, 1, "conv2", dtype), bn("bn2", last=True)]
+                     *conv(width, 3, 1, "conv2", dtype=dtype), bn("bn2", last=True)]
     else:
       s1, s3 = (stride, 1) if stride_on == "1x1" else (1, stride)
-      self.branch = [*conv(width, 1, s1, "conv1", dtype), bn("bn1"),
+      self.branch = [*conv(width, 1, s1, "conv1", dtype=dtype), bn("bn1"),
                      keras.layers.ReLU(dtype=dtype),
-                     *conv(width, 3, s3, "conv2", dtype), bn("bn2"),
+                     *conv(width, 3, s3, "conv2", dtype=dtype), bn("bn2"),
                      keras.layers.ReLU(dtype=dtype),
-                     *conv(self.out_channels, 1, 1, "conv3", dtype), bn("bn3", last=True)]
+                     *conv(self.out_channels, 1, 1, "conv3", dtype=dtype), bn("bn3", last=True)]
     if shortcut == "conv":
-      self.downsample = [*conv(self.out_channels, 1, stride, "downsample_conv", dtype),
+      self.downsample = [*conv(self.out_channels, 1, stride, "downsample_conv", dtype=dtype),
                          bn("downsample_bn")]
     elif shortcut == "avgpool_conv":
       pool = ([keras.layers.AveragePooling2D(2, stride, padding="same", dtype=dtype)]
               if stride > 1 else [])
-      self.downsample = [*pool, *conv(self.out_channels, 1, 1, "downsample_conv", dtype),
+      self.downsample = [*pool, *conv(self.out_channels, 1, 1, "downsample_conv", dtype=dtype),
                          bn("downsample_bn")]
     else:
       self.downsample = []
@@ -138,17 +141,17 @@ def build_resnet(name, num_classes=1000, variant="v1.5", sync_bn=False,
   inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
   x = inputs
   if spec.cifar:
-    stem = [*conv(16, 3, 1, "conv1", dtype), BatchNorm(name="bn1", **bn_kwargs),
+    stem = [*conv(16, 3, 1, "conv1", dtype=dtype), BatchNorm(name="bn1", **bn_kwargs),
             keras.layers.ReLU(name="relu", dtype=dtype)]
   elif variant == "d":
     # Bag of Tricks (He et al. 2019): three 3x3 convs replace the 7x7 stem conv.
     stem = []
     for i, (filters, stride) in enumerate([(32, 2), (32, 1), (64, 1)], start=1):
-      stem += [*conv(filters, 3, stride, f"conv1_{i}", dtype),
+      stem += [*conv(filters, 3, stride, f"conv1_{i}", dtype=dtype),
                BatchNorm(name=f"bn1_{i}", **bn_kwargs),
                keras.layers.ReLU(name=f"relu1_{i}", dtype=dtype)]
   else:
-    stem = [*conv(64, 7, 2, "conv1", dtype), BatchNorm(name="bn1", **bn_kwargs),
+    stem = [*conv(64, 7, 2, "conv1", dtype=dtype), BatchNorm(name="bn1", **bn_kwargs),
             keras.layers.ReLU(name="relu", dtype=dtype)]
   if not spec.cifar:
     # Zero padding equals torchvision's -inf padding here: the inputs are >= 0 after ReLU.
@@ -180,3 +183,7 @@ def build_resnet(name, num_classes=1000, variant="v1.5", sync_bn=False,
       kernel_initializer=keras.initializers.RandomNormal(stddev=0.01))(x)
   suffix = "" if spec.cifar or variant == "v1.5" else f"_{variant.replace('.', '')}"
   return keras.Model(inputs, logits, name=name + suffix)
+
+
+# This family's entries of the model table (models.MODELS): name -> builder.
+MODELS = {name: functools.partial(build_resnet, name) for name in SPECS}
