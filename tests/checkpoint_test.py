@@ -171,7 +171,7 @@ class FaultPathTest(absltest.TestCase):
                     keep_checkpoints=10, strategy="one_device", model_dir=model_dir)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-      train.run(Config(**{**settings, **changes}))
+      train.run(Config.from_flat(**{**settings, **changes}))
     return out.getvalue()
 
   def two_checkpoints(self):
@@ -272,29 +272,33 @@ class FaultPathTest(absltest.TestCase):
 
 class PreemptionNoticeTest(absltest.TestCase):
 
-  def test_sigterm_saves_within_seconds_whatever_steps_per_loop(self):
-    # One host loop covers the whole run: the stop must come from inside it.
+  def test_sigterm_stops_inside_a_host_loop_and_saves_within_seconds(self):
+    """One host loop covers the whole run (22,000 steps). The signal comes
+    once the loop has trained for a while (15 s of CPU after the handler is
+    in place: tracing takes a few), so a loop that looked at the stop request
+    only as it began would train on for minutes, and one that stopped only at
+    its end would save step 22,000: the saved step must be past the first and
+    far below the last, and the exit come within seconds."""
     model_dir = self.create_tempdir().full_path
-    args = ["--flagfile=launch/configs/digits.cfg", "--train_epochs=4", "--steps_per_loop=100000",
-            "--checkpoint_every_steps=100000",
+    args = ["--flagfile=launch/configs/digits.cfg", "--train_epochs=1000",
+            "--steps_per_loop=100000", "--checkpoint_every_steps=100000",
             f"--model_dir={model_dir}", f"--data_dir={model_dir}/data"]
     process = launching.start("launch.train", *args)
-    for line in process.stdout:  # the start block ends with the measured peak
-      if line.startswith("peak"):
-        break
-    time.sleep(10)
-    self.assertIsNone(process.poll(), "the run ended before the signal; nothing was tested")
+    total = next(int(line.split()[1]) for line in process.stdout
+                 if line.startswith("schedule"))
+    launching.wait_until_catches(process, signal.SIGTERM)  # the host loop has begun
+    launching.wait_for_cpu_seconds(process, 15)
     signalled = time.time()
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     latency = time.time() - signalled
     self.assertEqual(process.returncode, 75, err[-3000:])
     step = registered_step(model_dir)
-    self.assertGreater(step, 0)
+    self.assertBetween(step, 2, total // 10)
     self.assertIn(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", out)
-    # A hang detector: the step in progress, a save and the exit take seconds.
+    # A hang detector: tracing, the step in progress, a save and the exit take seconds.
     self.assertLess(latency, 15, "from the signal to the exit, checkpoint saved")
-    print(f"exited {latency:.1f} s after SIGTERM, at step {step}")
+    print(f"exited {latency:.1f} s after SIGTERM, at step {step} of {total}")
     # That the run resumes from it: CheckpointTest.test_sigterm_saves_then_resumes_exactly.
 
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # As a user's shell: TensorFlow's log level left to the entrypoints (Bazel sets one for tests).
@@ -42,3 +43,42 @@ def start(module, *args):
 
 def run_train(*args, timeout=600):
   return run("launch.train", *args, timeout=timeout)
+
+
+def catches(pid, signum):
+  """Whether process `pid` has a handler for signal `signum` (its SigCgt mask)."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+  except (OSError, StopIteration):
+    return False
+  return bool(mask & (1 << (signum - 1)))
+
+
+def wait_until_catches(process, signum, timeout=300):
+  """Waits, without a fixed sleep, until a running process handles signum: a
+  signal sent then reaches the handler, not the default action."""
+  deadline = time.time() + timeout
+  while not catches(process.pid, signum):
+    if process.poll() is not None or time.time() > deadline:
+      raise AssertionError(f"process {process.pid} never handled signal {signum} "
+                           f"(exit status {process.poll()})")
+    time.sleep(0.02)
+
+
+def cpu_seconds(pid):
+  """User and system CPU time process `pid` has used so far."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_cpu_seconds(process, seconds, timeout=300):
+  """Waits until a running process has used `seconds` more CPU time: work
+  done, whatever the machine's speed, rather than a fixed wall-clock sleep."""
+  target, deadline = cpu_seconds(process.pid) + seconds, time.time() + timeout
+  while cpu_seconds(process.pid) < target:
+    if process.poll() is not None or time.time() > deadline:
+      raise AssertionError(f"process {process.pid} ended or stalled before using {seconds} s "
+                           f"of CPU (exit status {process.poll()})")
+    time.sleep(0.05)
