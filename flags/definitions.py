@@ -119,7 +119,8 @@ flags.DEFINE_float("weight_decay", _default("weight_decay"),
                    "L2 decay of conv and dense kernels.", lower_bound=0)
 flags.DEFINE_float("label_smoothing", _default("label_smoothing"), "Label smoothing.",
                    lower_bound=0, upper_bound=1)
-flags.DEFINE_integer("seed", _default("seed"), "Seed of initialisation, data order and augmentation.")
+flags.DEFINE_integer("seed", _default("seed"),
+                     "Seed of initialisation, data order and augmentation.")
 flags.DEFINE_bool("deterministic", _default("deterministic"),
                   "Deterministic kernels: bit-identical reruns, somewhat slower.")
 

@@ -1,15 +1,17 @@
-"""Checkpoints: exact resume after SIGKILL and SIGTERM, and the fault paths."""
+"""Checkpoints, in this process: what a checkpoint holds, and what a run does
+with damaged, foreign or unwritable ones (train.run(); launch_test and
+exits_test cover the one-line errors and exit statuses the entrypoints make
+of these exceptions). Exact resume: tests/resume_test.py; killed and
+signalled processes: tests/interruption_test.py.
+"""
 
-import contextlib
+
 import glob
-import io
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import numpy as np
@@ -19,34 +21,13 @@ from absl.testing import absltest
 from resnet_dist import checkpoints, models, train
 from resnet_dist.config import Config
 from resnet_dist.errors import ConfigError, StorageError
-from tests import launching
-
-COMMON = ["--model=resnet20", "--dataset=digits", "--global_batch_size=32",
-          "--train_steps=16", "--steps_per_loop=2", "--checkpoint_every_steps=4",
-          "--deterministic", "--seed=5", "--skip_eval", "--base_learning_rate=0.4",
-          "--keep_checkpoints=10"]
-# Every recipe flag, for the resumed runs: each of their random draws must
-# replay exactly on resume. The training size grows to 64 at step 13, after
-# the kill.
-RECIPE = ["--ema_decay=0.9", "--ema_every_steps=2", "--mixup_alpha=0.2", "--cutmix_alpha=1.0",
-          "--augment=trivialaugment_wide", "--random_erasing=0.25", "--label_smoothing=0.1",
-          "--progressive_resize=32:64:0.2:0.35", "--grad_accum_steps=2", "--optimizer=lamb",
-          "--loss=bce", "--base_learning_rate=0.01"]
+from tests import fixtures
 
 
-def variables(model_dir, number=None):
-  directory = os.path.join(model_dir, "checkpoints")
-  path = os.path.join(directory, f"ckpt-{number}") if number else tf.train.latest_checkpoint(directory)
-  reader = tf.train.load_checkpoint(path)
-  # save_counter counts saves (a SIGTERM adds one), not training state.
+def variables(model_dir):
+  reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
   return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
           if not k.startswith(("_CHECKPOINTABLE", "save_counter"))}
-
-
-def registered_step(model_dir):
-  """The step of the latest checkpoint the manager has registered, or 0."""
-  latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-  return int(latest.rsplit("-", 1)[1]) if latest else 0
 
 
 def saved_steps(model_dir):
@@ -75,80 +56,6 @@ class ModelStateTest(absltest.TestCase):
     self.assertLen([k for k in keys if "moving_variance" in k], 19)  # every BN, blocks included
 
 
-class CheckpointTest(absltest.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.data_dir = launching.digits_dir()  # prepared once, before any process starts
-    cls.reference = {}
-
-  def args(self, model_dir, *extra):
-    return [*COMMON, f"--model_dir={model_dir}", f"--data_dir={self.data_dir}", *extra]
-
-  def train(self, model_dir, *extra):
-    return launching.run_train(*self.args(model_dir, *extra))
-
-  def start_and_signal_after_first_checkpoint(self, model_dir, sig, *extra):
-    process = launching.start("launch.train", *self.args(model_dir, *extra))
-    deadline = time.time() + 300
-    while not registered_step(model_dir) and process.poll() is None and time.time() < deadline:
-      time.sleep(0.05)
-    process.send_signal(sig)
-    out, err = process.communicate(timeout=300)
-    return process.returncode, out, err
-
-  def uninterrupted(self, strategy_flags):
-    key = tuple(strategy_flags)
-    if key not in self.reference:
-      model_dir = self.create_tempdir().full_path
-      result = self.train(model_dir, *strategy_flags)
-      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-      self.reference[key] = variables(model_dir)
-    return self.reference[key]
-
-  def assert_bit_identical(self, a, b):
-    self.assertEqual(sorted(a), sorted(b))
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-  def test_sigkill_then_resume_is_bit_exact(self):
-    # On one device with every recipe flag (their steps trace once per replica).
-    strategy_flags = ["--strategy=one_device", *RECIPE]
-    model_dir = self.create_tempdir().full_path
-    code, _, _ = self.start_and_signal_after_first_checkpoint(
-        model_dir, signal.SIGKILL, *strategy_flags)
-    self.assertEqual(code, -signal.SIGKILL)
-    killed_at = registered_step(model_dir)
-    self.assertLess(killed_at, 16, "the run finished before the kill; nothing was tested")
-    result = self.train(model_dir, *strategy_flags)
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    self.assertIn(f"resuming from step {killed_at}", result.stdout)
-    self.assertIn("training images are 64x64 from step 13", result.stdout)
-    reference = self.uninterrupted(strategy_flags)
-    self.assertTrue(any(key.startswith("ema/") for key in reference))
-    self.assert_bit_identical(reference, variables(model_dir))
-
-  def test_sigterm_saves_then_resumes_exactly(self):
-    # On one device: over several replicas a checkpoint between the regular
-    # saves holds the replicas' mean BN statistics, which the uninterrupted
-    # run averages only at its next save, so the two differ in the last bit
-    # (docs/checkpoints.md). With the recipe flags, as the SIGKILL case: the
-    # two share their uninterrupted run.
-    strategy_flags = ["--strategy=one_device", *RECIPE]
-    model_dir = self.create_tempdir().full_path
-    code, out, _ = self.start_and_signal_after_first_checkpoint(
-        model_dir, signal.SIGTERM, *strategy_flags)
-    self.assertEqual(code, 75)
-    self.assertIn("SIGTERM: saved a checkpoint at step", out)
-    stopped_at = registered_step(model_dir)
-    self.assertLess(stopped_at, 16)
-    result = self.train(model_dir, *strategy_flags)
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    self.assertIn(f"resuming from step {stopped_at}", result.stdout)
-    self.assert_bit_identical(self.uninterrupted(strategy_flags), variables(model_dir))
-
-
 class FaultPathTest(absltest.TestCase):
   """What a run does with damaged, foreign or unwritable checkpoints: train.run()
   in this process (launch_test and exits_test cover the one-line errors and
@@ -157,7 +64,7 @@ class FaultPathTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = launching.digits_dir()  # prepared once, before any process starts
+    cls.data_dir = fixtures.digits_dir()
     # A run of 8 steps with ckpt-4 and ckpt-8, copied by the tests that damage it.
     cls.two = os.path.join(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()), "two")
     cls.train(cls.two, train_steps=8)
@@ -165,12 +72,11 @@ class FaultPathTest(absltest.TestCase):
   @classmethod
   def train(cls, model_dir, **changes):
     """train.run() of the COMMON settings on one device; its console output."""
-    settings = dict(model="resnet20", dataset="digits", data_dir=cls.data_dir,
+    settings = dict(model="resnet8", dataset="digits", data_dir=cls.data_dir,
                     global_batch_size=32, train_steps=16, steps_per_loop=2,
                     checkpoint_every_steps=4, seed=5, skip_eval=True, base_learning_rate=0.4,
                     keep_checkpoints=10, strategy="one_device", model_dir=model_dir)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with fixtures.quiet() as out:
       train.run(Config.from_flat(**{**settings, **changes}))
     return out.getvalue()
 
@@ -224,8 +130,8 @@ class FaultPathTest(absltest.TestCase):
     for changes, message in (
         ({"dtype": "fp16"}, r"ckpt-8 was saved by a run without --dtype=fp16 .*resume it with "
                             r"the same"),
-        ({"model": "resnet32"}, r"^--model_dir=.* holds checkpoints of another model "
-                                r"\(model resnet20 there, resnet32 here\)"),
+        ({"model": "resnet20"}, r"^--model_dir=.* holds checkpoints of another model "
+                                r"\(model resnet8 there, resnet20 here\)"),
         ({"global_batch_size": 16}, r"was trained at --global_batch_size=32; resuming at 16 "
                                     r"would move the data position and the learning rate")):
       with self.assertRaisesRegex(ConfigError, message, msg=str(changes)):
@@ -268,38 +174,6 @@ class FaultPathTest(absltest.TestCase):
       self.train(model_dir, train_steps=8)
     self.assertEqual(saved_steps(model_dir), [4])
     self.assertEqual(glob.glob(os.path.join(model_dir, "checkpoints", "*_temp*")), [])
-
-
-class PreemptionNoticeTest(absltest.TestCase):
-
-  def test_sigterm_stops_inside_a_host_loop_and_saves_within_seconds(self):
-    """One host loop covers the whole run (22,000 steps). The signal comes
-    once the loop has trained for a while (15 s of CPU after the handler is
-    in place: tracing takes a few), so a loop that looked at the stop request
-    only as it began would train on for minutes, and one that stopped only at
-    its end would save step 22,000: the saved step must be past the first and
-    far below the last, and the exit come within seconds."""
-    model_dir = self.create_tempdir().full_path
-    args = ["--flagfile=launch/configs/digits.cfg", "--train_epochs=1000",
-            "--steps_per_loop=100000", "--checkpoint_every_steps=100000",
-            f"--model_dir={model_dir}", f"--data_dir={model_dir}/data"]
-    process = launching.start("launch.train", *args)
-    total = next(int(line.split()[1]) for line in process.stdout
-                 if line.startswith("schedule"))
-    launching.wait_until_catches(process, signal.SIGTERM)  # the host loop has begun
-    launching.wait_for_cpu_seconds(process, 15)
-    signalled = time.time()
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    latency = time.time() - signalled
-    self.assertEqual(process.returncode, 75, err[-3000:])
-    step = registered_step(model_dir)
-    self.assertBetween(step, 2, total // 10)
-    self.assertIn(f"SIGTERM: saved a checkpoint at step {step}; run again to resume", out)
-    # A hang detector: tracing, the step in progress, a save and the exit take seconds.
-    self.assertLess(latency, 15, "from the signal to the exit, checkpoint saved")
-    print(f"exited {latency:.1f} s after SIGTERM, at step {step} of {total}")
-    # That the run resumes from it: CheckpointTest.test_sigterm_saves_then_resumes_exactly.
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ class ServiceTest(absltest.TestCase):
 
   def test_a_digits_run_trains_through_it_evaluates_every_example_and_resumes(self):
     model_dir = self.create_tempdir().full_path
-    args = ["--flagfile=launch/configs/digits.cfg", f"--data_dir={self.data_dir}",
+    args = ["--flagfile=launch/configs/digits.cfg", "--model=resnet8",
+            f"--data_dir={self.data_dir}",
             f"--model_dir={model_dir}", f"--data_service={self.address}",
             "--steps_per_loop=4"]
     result = launching.run_train(*args, "--train_steps=8")
@@ -192,7 +193,7 @@ class FaultTest(absltest.TestCase):
   def test_a_lost_worker_is_a_warning_and_a_lost_dispatcher_ends_the_run(self):
     data_dir = launching.digits_dir()
     service, address, dispatcher, workers = start_service(2)
-    args = ["--flagfile=launch/configs/digits.cfg", f"--data_dir={data_dir}",
+    args = ["--flagfile=launch/configs/digits.cfg", "--model=resnet8", f"--data_dir={data_dir}",
             f"--data_service={address}", "--train_epochs=2", "--skip_eval",
             "--log_every_steps=4", "--steps_per_loop=2", "--data_service_timeout_seconds=3"]
     try:

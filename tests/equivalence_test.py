@@ -36,7 +36,8 @@ from resnet_dist import checkpoints, models
 from launch import multi_worker
 from tests import launching
 
-COMMON = ["--flagfile=launch/configs/digits.cfg", "--model=resnet20", "--dataset=digits", "--global_batch_size=32",
+COMMON = ["--flagfile=launch/configs/digits.cfg", "--model=resnet20", "--dataset=digits",
+          "--global_batch_size=32",
           "--train_steps=6", "--steps_per_loop=3", "--sync_bn", "--deterministic",
           "--seed=3", "--skip_eval", "--base_learning_rate=0.008", "--weight_decay=5e-4",
           "--label_smoothing=0.1", "--lr_schedule=cosine", "--warmup_epochs=0"]

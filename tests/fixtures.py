@@ -1,4 +1,9 @@
-"""Datasets made in the test process, for the input pipeline's tests."""
+"""What in-process tests share: datasets made in the test process, the
+embedded digits prepared once per target, a quiet console."""
+
+import contextlib
+import io
+import os
 
 import numpy as np
 
@@ -13,3 +18,19 @@ def numbered_source(n, size=32):
   return sources.Source(name="numbered", num_classes=n, train_split="train",
                         eval_split="test", image_size=size, crop="none",
                         mean=(0.0,) * 3, std=(1.0,) * 3, load_split=lambda _: split)
+
+
+def digits_dir():
+  """The embedded digits, prepared once per test target in its temp dir."""
+  from absl.testing import absltest  # pylint: disable=g-import-not-at-top
+  path = os.path.join(absltest.get_default_test_tmpdir(), "data")
+  sources.tfds_source("digits", path)
+  return path
+
+
+@contextlib.contextmanager
+def quiet():
+  """A run's console lines kept off the test's output; yields what they were."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    yield out

@@ -222,7 +222,7 @@ class BadDataTest(absltest.TestCase):
     records.write_imagenet_records(data_dir, "train", [jpeg] * 8, [0] * 7 + [12], 1)
     records.write_imagenet_records(data_dir, "validation", [jpeg] * 4, [0] * 4, 1)
     result = run_train("--dataset=imagenet", f"--data_dir={data_dir}", "--num_classes=10",
-                       "--model=resnet20", "--global_batch_size=8", "--train_steps=2",
+                       "--model=resnet8", "--global_batch_size=8", "--train_steps=2",
                        "--strategy=one_device", f"--model_dir={data_dir}/run")
     self.assertEqual(result.returncode, 2, result.stderr[-2000:])
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
@@ -236,7 +236,7 @@ class BadDataTest(absltest.TestCase):
     records.write_imagenet_records(data_dir, "train", [jpeg] * 8, [0] * 8, 1)
     records.write_imagenet_records(data_dir, "validation", [b"", jpeg[:100]] * 2, [0] * 4, 1)
     result = run_train("--dataset=imagenet", f"--data_dir={data_dir}", "--num_classes=10",
-                       "--model=resnet20", "--global_batch_size=8", "--train_steps=2",
+                       "--model=resnet8", "--global_batch_size=8", "--train_steps=2",
                        "--strategy=one_device", f"--model_dir={data_dir}/run")
     self.assertEqual(result.returncode, 2, result.stderr[-2000:])
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
@@ -256,7 +256,7 @@ class BadDataTest(absltest.TestCase):
         writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
                      .SerializeToString())
     result = run_train("--dataset=imagenet", f"--data_dir={data_dir}", "--num_classes=10",
-                       "--model=resnet20", "--global_batch_size=8", "--train_steps=2",
+                       "--model=resnet8", "--global_batch_size=8", "--train_steps=2",
                        "--strategy=one_device", "--strict_data", f"--model_dir={data_dir}/run")
     self.assertEqual(result.returncode, 2, result.stderr[-2000:])
     self.assertEqual(result.stderr.strip(), "error: a record has no image/class/label; every "
@@ -269,7 +269,7 @@ class BadDataTest(absltest.TestCase):
         os.makedirs(os.path.join(root, split, label))
         for i in range(3):
           open(os.path.join(root, split, label, f"{i}.jpg"), "wb").close()
-    result = run_train(f"--dataset=folder:{root}", "--model=resnet20", "--global_batch_size=2",
+    result = run_train(f"--dataset=folder:{root}", "--model=resnet8", "--global_batch_size=2",
                        "--train_steps=2", "--strategy=one_device", f"--model_dir={root}/run",
                        timeout=300)
     self.assertEqual(result.returncode, 2, result.stderr[-2000:])
@@ -288,7 +288,7 @@ class StartAndEndTest(absltest.TestCase):
 
   def test_a_killed_runs_temp_files_go_with_the_next_start_and_sigint_there_is_one_line(self):
     tmp = self.create_tempdir().full_path
-    killed = self.start(tmp, "--dataset=synthetic", "--num_classes=10", "--model=resnet20",
+    killed = self.start(tmp, "--dataset=synthetic", "--num_classes=10", "--model=resnet8",
                         "--strategy=one_device", "--global_batch_size=8", "--train_steps=10000",
                         "--steps_per_loop=1", "--log_every_steps=1", "--skip_eval",
                         f"--model_dir={tmp}/run")

@@ -16,13 +16,9 @@ if "TEST_TMPDIR" in os.environ:
 
 
 def digits_dir():
-  """The embedded digits, prepared once per test target in its temp dir, where
-  every run and worker process of its tests reads them."""
-  from absl.testing import absltest  # pylint: disable=g-import-not-at-top
-  from resnet_dist.data import sources  # pylint: disable=g-import-not-at-top
-  path = os.path.join(absltest.get_default_test_tmpdir(), "data")
-  sources.tfds_source("digits", path)
-  return path
+  """The embedded digits, prepared before any process of the target starts."""
+  from tests import fixtures  # pylint: disable=g-import-not-at-top
+  return fixtures.digits_dir()
 
 
 def command(module, *args):

@@ -19,7 +19,8 @@ from tests import launching
 def two_workers(model_dir):
   """launch.multi_worker and its arguments: 2 local workers training digits into model_dir."""
   return ("launch.multi_worker", "--num_workers=2", "--", "--flagfile=launch/configs/digits.cfg",
-          "--global_batch_size=32", "--steps_per_loop=2", f"--model_dir={model_dir}",
+          "--model=resnet8", "--global_batch_size=32", "--steps_per_loop=2",
+          f"--model_dir={model_dir}",
           f"--data_dir={model_dir}/data")
 
 

@@ -36,8 +36,8 @@ SUMMARY_KEYS = {
 
 
 def tiny(model_dir, **changes):
-  """Two steps of resnet20 on synthetic 32x32 images, evaluated on 1024."""
-  settings = dict(model="resnet20", dataset="synthetic", num_classes=10, image_size=32,
+  """Two steps of the tests' resnet8 on synthetic 32x32 images, evaluated on 1024."""
+  settings = dict(model="resnet8", dataset="synthetic", num_classes=10, image_size=32,
                   global_batch_size=8, train_steps=2, steps_per_loop=1, num_cpu_devices=2,
                   peak_tflops=1.0, model_dir=model_dir)
   return Config.from_flat(**{**settings, **changes})
@@ -71,7 +71,7 @@ class SmokeTest(parameterized.TestCase):
   def test_fine_tuning_from_a_weights_file_normalises_as_imagenet(self):
     directory = self.create_tempdir().full_path
     path = os.path.join(directory, "published.safetensors")
-    models.save_weights(models.get_model("resnet20", num_classes=100), path)
+    models.save_weights(models.get_model("resnet8", num_classes=100), path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
       train.run(tiny(f"{directory}/run", dataset="digits", data_dir=f"{directory}/data",
@@ -201,7 +201,8 @@ class HouseRulesTest(absltest.TestCase):
     trees = [(path, tree) for package in (resnet_dist, flags, launch)
              for path, tree in python_files(package)]
     public = {node.name for _, tree in trees for node in ast.walk(tree)
-              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")}
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+              and not node.name.startswith("_")}
     self.assertIn("create_strategy", public)
     long_calls = []
     for path, tree in trees:
