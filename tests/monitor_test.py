@@ -1,6 +1,11 @@
-"""What a run shows: TensorBoard summaries read back, the console, a profile trace."""
+"""What a run shows: TensorBoard summaries read back, the console, a profile
+trace, and its evaluation, which launch.evaluate and a plain loop over the
+test images reproduce. One run of the default recipe, in this process.
+"""
 
+import contextlib
 import glob
+import io
 import json
 import os
 import platform
@@ -9,20 +14,47 @@ import time
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import keras
+import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 from tensorboard.backend.event_processing import event_accumulator
 
-from resnet_dist import optim, perf
+from flags import definitions
+from resnet_dist import checkpoints, models, optim, perf, train
+from resnet_dist import strategy as strategy_lib
 from resnet_dist import trainer as trainer_lib
 from resnet_dist.config import Config
 from resnet_dist.data import sources
-from tests import launching
+from tests import fixtures
 
 STEPS, BATCH = 12, 32
 RUN = ["--flagfile=launch/configs/digits.cfg", f"--train_steps={STEPS}",
        f"--global_batch_size={BATCH}", "--steps_per_loop=4", "--log_every_steps=4",
        "--profile_steps=4,8", "--warmup_epochs=0.5"]
+
+
+def setUpModule():
+  strategy_lib.split_cpu(2)  # as digits.cfg's 2 logical CPU devices, before any op
+
+
+def parse(*args):
+  """The flags of an entrypoint's command line, parsed as it would."""
+  definitions.FLAGS.unparse_flags()
+  definitions.FLAGS(["test", *args])
+
+
+def evaluate_as_launched(*args):
+  """launch.evaluate's main in this process: (status, stdout, stderr).
+
+  Imported here: launch.exits, which every entrypoint imports first, gives
+  the process a temp dir of its own, which must not happen before the test's
+  own directories exist."""
+  from launch import evaluate as evaluate_entrypoint  # pylint: disable=g-import-not-at-top
+  parse(*args)
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = evaluate_entrypoint.main.__wrapped__(["evaluate"])
+  return status, out.getvalue(), err.getvalue()
 
 
 def scalars(directory):
@@ -55,9 +87,11 @@ class RunMonitoringTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.model_dir = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
-    cls.result = launching.run_train(*RUN, f"--model_dir={cls.model_dir}",
-                                     f"--data_dir={cls.model_dir}/data")
-    assert cls.result.returncode == 0, cls.result.stderr[-3000:]
+    cls.data_dir = fixtures.digits_dir()
+    parse(*RUN, f"--model_dir={cls.model_dir}", f"--data_dir={cls.data_dir}")
+    with fixtures.quiet() as out:
+      train.run(definitions.config_from_flags())
+    cls.stdout = out.getvalue()
     with open(os.path.join(cls.model_dir, "summary.json")) as f:
       cls.summary = json.load(f)
     cls.train, cls.train_events = scalars(os.path.join(cls.model_dir, "train"))
@@ -104,7 +138,7 @@ class RunMonitoringTest(absltest.TestCase):
     self.assertGreater(os.path.getsize(traces[0]), 1000)
 
   def test_console_block_progress_and_end(self):
-    out = self.result.stdout
+    out = self.stdout
     for line in ("strategy   mirrored: 2 replica(s)", f"batch      {BATCH} global, 16 per replica",
                  "model      resnet20 (v1.5), 269,722 trainable parameters, 0.041 GMACs",
                  "dataset    digits: 1,438 train / 359 eval examples, 10 classes",
@@ -132,19 +166,45 @@ class RunMonitoringTest(absltest.TestCase):
     self.assertTrue(os.listdir(os.path.join(self.model_dir, "checkpoints")))
 
   def test_evaluate_reproduces_the_final_evaluation(self):
-    result = launching.run("launch.evaluate", f"--model_dir={self.model_dir}")
-    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-    evaluation = json.loads(result.stdout.strip().splitlines()[-1])
+    # On one device, as the run's 2 replicas: a second MirroredStrategy in one
+    # process would reuse the first one's collective keys.
+    status, out, err = evaluate_as_launched(f"--model_dir={self.model_dir}",
+                                            "--strategy=one_device")
+    self.assertEqual((status, err), (0, ""))
+    evaluation = json.loads(out.strip().splitlines()[-1])
     self.assertEqual(evaluation["count"], 359)
     self.assertEqual(evaluation["split"], "test")
     self.assertAlmostEqual(evaluation["top1"], self.summary["eval_top1"], places=6)
     self.assertAlmostEqual(evaluation["loss"], self.summary["eval_loss"], places=4)
 
+  def test_evaluation_equals_a_plain_loop_over_every_test_image(self):
+    """Exact evaluation (#33 item 10): the run's metrics against Keras's
+    forward pass over all 359 raw test arrays, preprocessed by hand (resized
+    to 32x32, normalised by digits' 64 and 96). An evaluation that dropped,
+    doubled or padded examples into the counts, or cropped, differs here."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    test = tfds.as_numpy(tfds.builder("digits", data_dir=self.data_dir).as_dataset(
+        split="test", batch_size=-1))
+    images = tf.cast(tf.round(tf.image.resize(tf.image.grayscale_to_rgb(
+        tf.constant(test["image"])) if test["image"].shape[-1] == 1 else test["image"],
+        [32, 32])), tf.float32)
+    model = models.get_model("resnet20", num_classes=10, image_size=32)
+    checkpoints.restore_model(model, checkpoints.find_checkpoint(self.model_dir))
+    logits = model.predict((images - 64.0) / 96.0, batch_size=64, verbose=0)
+    labels = test["label"]
+    self.assertLen(labels, 359)
+    top1 = np.mean(np.argmax(logits, -1) == labels)
+    top5 = np.mean([label in np.argsort(row)[-5:] for row, label in zip(logits, labels)])
+    loss = np.mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    self.assertAlmostEqual(self.summary["eval_top1"], top1, places=6)
+    self.assertAlmostEqual(self.summary["eval_top5"], top5, places=6)
+    self.assertAlmostEqual(self.summary["eval_loss"], loss, places=4)
 
   def test_evaluate_with_another_model_is_one_line(self):
-    result = launching.run("launch.evaluate", f"--model_dir={self.model_dir}", "--model=resnet32")
-    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
-    self.assertRegex(result.stderr.strip(), r"^error: \S+ does not hold this model's weights \(")
+    status, _, err = evaluate_as_launched(f"--model_dir={self.model_dir}", "--model=resnet32",
+                                          "--strategy=one_device")
+    self.assertEqual(status, 2)
+    self.assertRegex(err, r"^error: \S+ does not hold this model's weights \([^\n]*\n$")
 
 
 class InputWaitTest(absltest.TestCase):
