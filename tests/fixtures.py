@@ -1,12 +1,16 @@
 """What in-process tests share: datasets made in the test process, the
-embedded digits prepared once per target, a quiet console."""
+embedded digits prepared once per target, a run's directory without
+training, a quiet console."""
 
 import contextlib
 import io
 import os
 
 import numpy as np
+import tensorflow as tf
 
+from resnet_dist import checkpoints, models
+from resnet_dist.config import Config
 from resnet_dist.data import sources
 
 
@@ -34,3 +38,17 @@ def quiet():
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     yield out
+
+
+def make_run(model_dir, model="resnet8", num_classes=10, seed=0):
+  """A model_dir with run.json and one checkpoint of a randomly initialised
+  model, as a run's; returns the model."""
+  tf.keras.utils.set_random_seed(seed)
+  net = models.get_model(model, num_classes=num_classes, image_size=32)
+  source = sources.Source(name="test", num_classes=num_classes, train_split="train",
+                          eval_split="test", image_size=32, crop="inception",
+                          mean=(100.0, 110.0, 120.0), std=(50.0, 60.0, 70.0))
+  checkpoints.write_run_record(model_dir, Config.from_flat(model=model, image_size=32), source)
+  tf.train.CheckpointManager(tf.train.Checkpoint(model=checkpoints.model_state(net)),
+                             os.path.join(model_dir, "checkpoints"), 1).save(checkpoint_number=1)
+  return net

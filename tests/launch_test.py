@@ -12,9 +12,61 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
+from resnet_dist import export, models
 from resnet_dist.data import records
+from tests import fixtures
 from tests import launching
 from tests.launching import run_train
+
+
+# Loads a SavedModel and prints its probabilities for images.npy, in a fresh process.
+PREDICT = """
+import sys, numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+images = np.load(sys.argv[2])
+out = model.signatures["serving_default"](images=tf.constant(images))
+np.save(sys.argv[3], out["probabilities"].numpy())
+"""
+
+
+class ExportEntrypointTest(absltest.TestCase):
+  """launch.export as users run it; its refusals are export_test's, in-process."""
+
+  def test_saved_model_in_a_fresh_process_predicts_as_the_model(self):
+    model_dir = self.create_tempdir().full_path
+    fixtures.make_run(model_dir)
+    export_dir = os.path.join(model_dir, "exported")
+    result = launching.run("launch.export", f"--model_dir={model_dir}",
+                           f"--checkpoint={model_dir}/checkpoints/ckpt-1",
+                           f"--export_dir={export_dir}")
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    # Any size, not square, not the model's 32x32.
+    images = np.random.RandomState(1).randint(0, 256, (5, 45, 61, 3)).astype(np.uint8)
+    np.save(os.path.join(model_dir, "images.npy"), images)
+    subprocess.run([sys.executable, "-c", PREDICT, export_dir, f"{model_dir}/images.npy",
+                    f"{model_dir}/exported.npy"], check=True, env=launching.ENV)
+    exported = np.load(f"{model_dir}/exported.npy")
+    classifier, _ = export.load_classifier(model_dir)
+    expected = classifier.serve(tf.constant(images))["probabilities"].numpy()
+    self.assertEqual(exported.shape, (5, 10))
+    np.testing.assert_allclose(exported.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(exported, expected, atol=1e-6)
+    # The same preprocessing as evaluation: centre crop, resize, normalise.
+    centre = tf.image.resize(images[:, 3:42, 11:50], [32, 32])
+    logits = classifier.model((centre - (100.0, 110.0, 120.0)) / (50.0, 60.0, 70.0))
+    np.testing.assert_allclose(tf.nn.softmax(logits), expected, atol=2e-3)
+
+  def test_safetensors_export_loads_back_as_the_model(self):
+    model_dir = self.create_tempdir().full_path
+    net = fixtures.make_run(model_dir)
+    result = launching.run("launch.export", f"--model_dir={model_dir}", "--format=safetensors")
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    path = os.path.join(model_dir, "export", "1", "model.safetensors")
+    self.assertEqual(result.stdout.strip(), f"exported {model_dir}/checkpoints/ckpt-1 to {path}")
+    again = models.get_model("resnet8", num_classes=10, image_size=32)
+    models.load_weights(again, path)
+    for a, b in zip(net.variables, again.variables):
+      np.testing.assert_array_equal(a.numpy(), b.numpy(), a.path)
 
 
 class BadInputTest(absltest.TestCase):
@@ -225,7 +277,7 @@ class BadDataTest(absltest.TestCase):
                        "--model=resnet8", "--global_batch_size=8", "--train_steps=2",
                        "--strategy=one_device", f"--model_dir={data_dir}/run")
     self.assertEqual(result.returncode, 2, result.stderr[-2000:])
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    errors = result.stderr.splitlines()  # all of stderr: the one line, nothing beside it
     self.assertEqual(errors, [f"error: label 12 is outside 0..9: record 7 of "
                               f"{data_dir}/train-00000-of-00001"])
 
@@ -239,7 +291,7 @@ class BadDataTest(absltest.TestCase):
                        "--model=resnet8", "--global_batch_size=8", "--train_steps=2",
                        "--strategy=one_device", f"--model_dir={data_dir}/run")
     self.assertEqual(result.returncode, 2, result.stderr[-2000:])
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    errors = result.stderr.splitlines()  # all of stderr: the one line, nothing beside it
     self.assertEqual(errors, ["error: none of 4 images sampled from the validation split can "
                               "be decoded (empty, cut short, or not JPEG, PNG, GIF, BMP or WebP)"])
     self.assertFalse(os.path.exists(f"{data_dir}/run/checkpoints"))
@@ -273,7 +325,7 @@ class BadDataTest(absltest.TestCase):
                        "--train_steps=2", "--strategy=one_device", f"--model_dir={root}/run",
                        timeout=300)
     self.assertEqual(result.returncode, 2, result.stderr[-2000:])
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    errors = result.stderr.splitlines()  # all of stderr: the one line, nothing beside it
     self.assertLen(errors, 1, result.stderr[-2000:])
     self.assertRegex(errors[0], r"^error: none of 6 images sampled from the \w+ split can be "
                                 r"decoded")

@@ -355,6 +355,41 @@ class PreprocessTest(absltest.TestCase):
     self.assertFalse(bool(preprocess.looks_decodable(tf.io.encode_jpeg(pixels).numpy()[:-40])))
     self.assertFalse(bool(preprocess.looks_decodable(encoded.numpy()[:-20])))
 
+  def test_the_evaluation_crop_is_the_central_87_5_percent_of_the_shorter_side(self):
+    """Pixels that encode their own row and column: a crop off centre, of
+    another size or none at all moves every value, and fails here (a mean
+    over symmetric halves, the test above, cannot see it)."""
+    rows, cols = np.meshgrid(np.arange(300), np.arange(400), indexing="ij")
+    pixels = np.stack([cols // 2, rows // 2, np.zeros_like(rows)], -1).astype(np.uint8)
+    out = preprocess.preprocess(tf.io.encode_png(pixels), "inception", 64, training=False,
+                                seed=tf.constant([0, 0], tf.int64), encoded=True)
+    side = int(0.875 * 300)  # 262, at rows 19..280 and columns 69..330
+    top, left = (300 - side) // 2, (400 - side) // 2
+    expected = tf.cast(tf.round(tf.image.resize(pixels[top:top + side, left:left + side],
+                                                [64, 64])), tf.uint8)
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=1)
+    whole = tf.cast(tf.round(tf.image.resize(pixels, [64, 64])), tf.uint8)
+    self.assertGreater(np.abs(out.numpy().astype(int) - whole.numpy()).mean(), 5)
+
+  def test_training_crops_cover_8_to_100_percent_at_aspect_3_4_to_4_3(self):
+    """torchvision's RandomResizedCrop ranges, over 300 seeds: a crop of one
+    fixed size or shape, or one outside the ranges, fails."""
+    shape = tf.constant([300, 400], tf.int32)
+    areas, aspects = [], []
+    for i in range(300):
+      _, _, height, width = preprocess._random_window(  # pylint: disable=protected-access
+          shape, tf.constant([i, 7], tf.int64)).numpy()
+      areas.append(height * width / (300 * 400))
+      aspects.append(width / height)
+    self.assertGreaterEqual(min(areas), 0.08 - 0.005)
+    self.assertLessEqual(max(areas), 1.0)
+    self.assertGreaterEqual(min(aspects), 3 / 4 - 0.02)
+    self.assertLessEqual(max(aspects), 4 / 3 + 0.02)
+    self.assertLess(min(areas), 0.15)   # the ranges are used, not one crop
+    self.assertGreater(max(areas), 0.7)
+    self.assertLess(min(aspects), 0.85)
+    self.assertGreater(max(aspects), 1.2)
+
 
 if __name__ == "__main__":
   # TFDS leaves an empty temp dir for each dataset it looks up unprepared: in the test's own.
