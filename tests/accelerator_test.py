@@ -21,6 +21,7 @@ from resnet_dist import trainer as trainer_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config, DistributeConfig
 from resnet_dist.data import sources
+from resnet_dist.errors import ConfigError
 
 BATCH = 4
 MIRRORED = DistributeConfig(strategy="mirrored", num_cpu_devices=2)
@@ -120,6 +121,15 @@ class XlaOnGpusTest(parameterized.TestCase):
       trainer, iterator = build(strategy, model="resnet20", dtype=dtype, enable_xla=True)
       trainer.train_loop.get_concrete_function(iterator, tf.constant(1))
     self.assertIn(False, decisions, "the replica step did not take the XLA path")
+
+
+  def test_xla_across_logical_cpu_devices_is_refused_before_anything_is_traced(self):
+    """The combination XLA cannot place (its variables on several CPU
+    devices) is one line at start, not a failure at the first step."""
+    strategy = strategy_lib.create_strategy(MIRRORED)
+    with self.assertRaisesRegex(ConfigError, r"^--enable_xla needs one device, GPUs or a TPU"):
+      build(strategy, model="resnet8", enable_xla=True)
+    strategy_lib.check_xla(tf.distribute.OneDeviceStrategy("/cpu:0"))  # one device: fine
 
 
 class TpuStepTest(absltest.TestCase):

@@ -19,13 +19,19 @@ from tests import launching
 from tests.launching import run_train
 
 
-# Loads a SavedModel and prints its probabilities for images.npy, in a fresh process.
+# Loads a SavedModel in a fresh process and saves what both its signatures
+# return for images.npy: uint8 arrays (serving_default) and their PNG bytes
+# (encoded).
 PREDICT = """
 import sys, numpy as np, tensorflow as tf
 model = tf.saved_model.load(sys.argv[1])
 images = np.load(sys.argv[2])
 out = model.signatures["serving_default"](images=tf.constant(images))
-np.save(sys.argv[3], out["probabilities"].numpy())
+png = tf.stack([tf.io.encode_png(image) for image in images])
+coded = model.signatures["encoded"](images=png)
+np.savez(sys.argv[3], probabilities=out["probabilities"].numpy(), classes=out["classes"].numpy(),
+         encoded_probabilities=coded["probabilities"].numpy(),
+         encoded_classes=coded["classes"].numpy())
 """
 
 
@@ -44,13 +50,18 @@ class ExportEntrypointTest(absltest.TestCase):
     images = np.random.RandomState(1).randint(0, 256, (5, 45, 61, 3)).astype(np.uint8)
     np.save(os.path.join(model_dir, "images.npy"), images)
     subprocess.run([sys.executable, "-c", PREDICT, export_dir, f"{model_dir}/images.npy",
-                    f"{model_dir}/exported.npy"], check=True, env=launching.ENV)
-    exported = np.load(f"{model_dir}/exported.npy")
+                    f"{model_dir}/exported.npz"], check=True, env=launching.ENV)
+    outputs = np.load(f"{model_dir}/exported.npz")
+    exported = outputs["probabilities"]
     classifier, _ = export.load_classifier(model_dir)
     expected = classifier.serve(tf.constant(images))["probabilities"].numpy()
     self.assertEqual(exported.shape, (5, 10))
     np.testing.assert_allclose(exported.sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(exported, expected, atol=1e-6)
+    np.testing.assert_array_equal(outputs["classes"], np.argmax(exported, -1))
+    # PNG is lossless: the bytes signature decodes to the same pixels, and answers the same.
+    np.testing.assert_allclose(outputs["encoded_probabilities"], exported, atol=1e-6)
+    np.testing.assert_array_equal(outputs["encoded_classes"], outputs["classes"])
     # The same preprocessing as evaluation: centre crop, resize, normalise.
     centre = tf.image.resize(images[:, 3:42, 11:50], [32, 32])
     logits = classifier.model((centre - (100.0, 110.0, 120.0)) / (50.0, 60.0, 70.0))
@@ -354,7 +365,12 @@ class StartAndEndTest(absltest.TestCase):
     self.assertCountEqual(os.listdir(tmp), ["run", os.path.basename(own)])
 
     starting = self.start(tmp, "--flagfile=launch/configs/digits.cfg", f"--model_dir={tmp}/b")
-    time.sleep(1.5)  # past the imports of Python and absl, in TensorFlow's
+    # launch.exits makes its temp dir once its SIGINT handler is in place;
+    # TensorFlow's imports, seconds of them, follow.
+    deadline = time.time() + 60
+    while (not os.path.exists(os.path.join(tmp, f"resnet_dist-{starting.pid}"))
+           and starting.poll() is None and time.time() < deadline):
+      time.sleep(0.01)
     starting.send_signal(signal.SIGINT)
     _, stderr = starting.communicate(timeout=60)
     self.assertEqual(starting.returncode, 130, stderr)

@@ -20,7 +20,7 @@ from absl.testing import absltest
 from tensorboard.backend.event_processing import event_accumulator
 
 from flags import definitions
-from resnet_dist import checkpoints, models, optim, perf, train
+from resnet_dist import checkpoints, models, monitor, optim, perf, train
 from resnet_dist import strategy as strategy_lib
 from resnet_dist import trainer as trainer_lib
 from resnet_dist.config import Config
@@ -205,6 +205,18 @@ class RunMonitoringTest(absltest.TestCase):
                                           "--strategy=one_device")
     self.assertEqual(status, 2)
     self.assertRegex(err, r"^error: \S+ does not hold this model's weights \([^\n]*\n$")
+
+
+class LinesTest(absltest.TestCase):
+
+  def test_the_eval_line_says_how_many_images_were_left_out(self):
+    result = {"step": 7, "loss": 1.5, "top1": 0.5, "top5": 0.9, "count": 350.0}
+    self.assertEqual(monitor.eval_line(result, 359),
+                     "eval at step 7: loss 1.5000 top-1 0.5000 top-5 0.9000 over 350 examples "
+                     "(9 undecodable, skipped)")
+    self.assertEqual(monitor.eval_line({**result, "count": 359.0}, 359, of_ema=True),
+                     "eval (EMA) at step 7: loss 1.5000 top-1 0.5000 top-5 0.9000 over 359 "
+                     "examples")
 
 
 class InputWaitTest(absltest.TestCase):

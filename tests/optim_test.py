@@ -163,7 +163,8 @@ class PrecisionTest(parameterized.TestCase):
     for _ in range(3):  # the loss falls to about a quarter of the first loop's
       trainer.train_metrics.reset()
       trainer.train_loop(iterator, tf.constant(4))
-    self.assertLess(trainer.train_metrics.result()["loss"], first * 0.7)
+    # Half, not a quarter: bf16's and fp16's rounding leave some room.
+    self.assertLess(trainer.train_metrics.result()["loss"], first * 0.5)
 
   def test_fp16_overflow_skips_the_step_and_halves_the_scale(self):
     trainer, iterator = make_trainer("fp16")

@@ -277,6 +277,28 @@ class RecipeRunTest(absltest.TestCase):
       for expected, v in zip(ema, trainer.ema_model.variables):
         np.testing.assert_allclose(v.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=v.path)
 
+  def test_the_ema_copies_the_weights_during_warmup(self):
+    """As torchvision's: an EMA that averaged from the first step would hold
+    the random initialisation's traces after warmup."""
+    config = self.config(self.create_tempdir().full_path, train_steps=6, warmup_epochs=0.1,
+                         ema_decay=0.9, ema_every_steps=1, grad_accum_steps=1, model="resnet8")
+    config.validate()
+    setup = train.prepare(config, train.create_strategy(config))
+    trainer = train.Trainer(config, setup.strategy, setup.source,
+                            steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
+    self.assertEqual(trainer.schedule.warmup_steps, 4)  # 0.1 of 44 steps
+    trainer.reset_ema()
+    loop = train.HostLoop(setup, trainer, train.Resumed(None, 0, None), train.Cost(0, 0, 0.0))
+    iterator = loop.input_from(0)
+    for step in range(1, 7):
+      before = [v.numpy() for v in trainer.ema_model.variables]
+      trainer.train_loop(iterator, tf.constant(1))
+      weights = [v.numpy() for v in trainer.model.variables]
+      for old, new, w in zip(before, trainer.ema_model.variables, weights):
+        expected = w if step <= 4 else 0.9 * old + 0.1 * w
+        np.testing.assert_allclose(new.numpy(), expected, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"step {step} {new.path}")
+
   def test_accumulating_two_micro_batches_equals_one_step_on_two_replicas(self):
     # Each micro-batch is exactly what one of the 2 replicas gets, and BN
     # normalises over it in both, so only the BN moving statistics differ.

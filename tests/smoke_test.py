@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import threading
 import time
 from unittest import mock
 
@@ -108,12 +109,23 @@ class SmokeTest(parameterized.TestCase):
       train.run(tiny(f"{blocker}/run"))
 
 
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def _slowly(seconds, image):
+  # One image at a time, whatever the pipeline's parallelism: as slow on 64
+  # cores as on 2.
+  with _ONE_AT_A_TIME:
+    time.sleep(seconds)
+  return image
+
+
 def source_of(seconds_per_image):
-  """32x32 images made from their index, each taking seconds_per_image to load."""
+  """32x32 images made from their index, at most 1 / seconds_per_image a second."""
   def fetch(index):
     image = tf.fill([32, 32, 3], tf.cast(index % 256, tf.uint8))
     if seconds_per_image:
-      image = tf.numpy_function(lambda x: (time.sleep(seconds_per_image), x)[1], [image],
+      image = tf.numpy_function(lambda x: _slowly(seconds_per_image, x), [image],
                                 tf.uint8, stateful=False)
       image = tf.ensure_shape(image, [32, 32, 3])
     return image, index % 10, tf.constant("")
