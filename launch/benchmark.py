@@ -259,7 +259,9 @@ def run_cases(cases):
   """The cases of one process (one strategy), alternating: their rows."""
   from resnet_dist import perf  # pylint: disable=g-import-not-at-top
   from resnet_dist import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
-  strategy = strategy_lib.create_strategy(cases[0]["strategy"], num_cpu_devices=2)
+  from resnet_dist.config import DistributeConfig  # pylint: disable=g-import-not-at-top
+  strategy = strategy_lib.create_strategy(
+      DistributeConfig(strategy=cases[0]["strategy"], num_cpu_devices=2))
   built = [(_peer if case["kind"] == "keras_peer" else _ours)(case, strategy) for case in cases]
   for (run_loop, _, _), case in zip(built, cases):
     run_loop(case["steps_per_loop"])  # warm-up: tracing, first allocations
