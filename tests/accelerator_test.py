@@ -70,17 +70,17 @@ class CollectivesTest(absltest.TestCase):
   def test_a_step_is_one_all_reduce_whatever_the_depth(self):
     # The gradients (with the stop request riding along) in one batch; BN
     # moving statistics are per replica and cost nothing.
+    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet8"), 1)
     self.assertEqual(reductions_in_one_step(self.strategy, model="resnet20"), 1)
-    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet32"), 1)
 
   def test_sync_bn_adds_two_all_reduces_per_bn_layer(self):
-    # The moments forward and their gradient backward, for each of resnet20's
-    # 19 BN layers (the stem's and two in each of 9 blocks).
-    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet20", sync_bn=True),
-                     1 + 2 * 19)
+    # The moments forward and their gradient backward, for each of resnet8's
+    # 7 BN layers (the stem's and two in each of 3 blocks).
+    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet8", sync_bn=True),
+                     1 + 2 * 7)
 
   def test_replicas_share_the_mean_of_their_moving_statistics(self):
-    trainer, _ = build(self.strategy, model="resnet20")
+    trainer, _ = build(self.strategy, model="resnet8")
     examples = (tf.random.uniform([BATCH, 32, 32, 3], 0, 255, tf.int32, seed=1),
                 tf.range(BATCH, dtype=tf.int64), tf.zeros([BATCH], tf.int32))
     # Each replica gets its half of the global batch, so their statistics differ.
@@ -118,7 +118,7 @@ class XlaOnGpusTest(parameterized.TestCase):
          mock.patch.object(mirrored_strategy, "_is_gpu_device", return_value=True), \
          mock.patch.object(strategy.extended, "_use_merge_call", recorded), \
          mock.patch.object(strategy_lib, "check_xla"):
-      trainer, iterator = build(strategy, model="resnet20", dtype=dtype, enable_xla=True)
+      trainer, iterator = build(strategy, model="resnet8", dtype=dtype, enable_xla=True)
       trainer.train_loop.get_concrete_function(iterator, tf.constant(1))
     self.assertIn(False, decisions, "the replica step did not take the XLA path")
 

@@ -1,6 +1,8 @@
 """Every strategy trains the same model: one device, 2 mirrored replicas, 2 workers.
 
-The workers are started as the README's cluster command says: each its own
+One device and 2 mirrored replicas run in this process, from the same
+command line as launch.train's. The workers are started as the README's
+cluster command says: each its own
 `launch.train` with the recipe's flag file (whose --strategy is auto) and the
 TF_CONFIG line `launch.multi_worker --print_tf_config` printed for it. A worker
 that ignored TF_CONFIG would train a model of its own, on a different batch.
@@ -32,9 +34,11 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
-from resnet_dist import checkpoints, models
+from flags import definitions
 from launch import multi_worker
-from tests import launching
+from resnet_dist import checkpoints, models, train
+from resnet_dist import strategy as strategy_lib
+from tests import fixtures, launching
 
 COMMON = ["--flagfile=launch/configs/digits.cfg", "--model=resnet20", "--dataset=digits",
           "--global_batch_size=32",
@@ -42,6 +46,10 @@ COMMON = ["--flagfile=launch/configs/digits.cfg", "--model=resnet20", "--dataset
           "--seed=3", "--skip_eval", "--base_learning_rate=0.008", "--weight_decay=5e-4",
           "--label_smoothing=0.1", "--lr_schedule=cosine", "--warmup_epochs=0"]
 TOLERANCE = 1e-5
+
+
+def setUpModule():
+  strategy_lib.split_cpu(2)  # before any op: the mirrored run's 2 logical devices
 
 
 def model_weights(model_dir):
@@ -64,10 +72,11 @@ class StrategyEquivalenceTest(absltest.TestCase):
       flags = [*COMMON, *(args or []), f"--model_dir={model_dir}", f"--data_dir={cls.data_dir}"]
       if args is None:
         cls.worker_logs = cls.run_as_the_readme_says(flags)
-      else:
-        result = launching.run_train(*flags)
-        if result.returncode != 0:
-          raise AssertionError(f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+      else:  # one process's strategies: in this one, from the same command line
+        definitions.FLAGS.unparse_flags()
+        definitions.FLAGS(["train", *flags])
+        with fixtures.quiet():
+          train.run(definitions.config_from_flags())
       cls.runs[name] = model_weights(model_dir)
 
   @staticmethod

@@ -239,7 +239,7 @@ class RecipeRunTest(absltest.TestCase):
     config = self.config(model_dir)
     summary = train.run(config)
     self.assertTrue(math.isfinite(summary["train_loss"]))
-    self.assertGreater(summary["eval_top1"], 0.15)  # chance: 0.1
+    self.assertGreater(summary["eval_top1"], 0.18)  # chance: 0.1; it reaches 0.22-0.25
     with open(os.path.join(model_dir, "summary.json")) as f:
       self.assertEqual(json.load(f)["eval_top1_ema"], summary["eval_top1_ema"])
     path = checkpoints.find_checkpoint(model_dir)
@@ -260,7 +260,7 @@ class RecipeRunTest(absltest.TestCase):
 
   def test_ema_moves_every_k_steps_by_decay_to_the_k(self):
     config = self.config(self.create_tempdir().full_path, train_steps=4, warmup_epochs=0.0,
-                         ema_decay=0.9, grad_accum_steps=1)
+                         ema_decay=0.9, grad_accum_steps=1, model="resnet8")
     config.validate()
     setup = train.prepare(config, train.create_strategy(config))
     trainer = train.Trainer(config, setup.strategy, setup.source, setup.steps_per_epoch,
@@ -309,7 +309,7 @@ class RecipeRunTest(absltest.TestCase):
     for name, changes in (("accumulated", {"strategy": "one_device", "grad_accum_steps": 2}),
                           ("replicas", {"strategy": "mirrored", "grad_accum_steps": 1})):
       model_dir = self.create_tempdir().full_path
-      config = Config.from_flat(model="resnet20", dataset="digits", data_dir=self.data_dir,
+      config = Config.from_flat(model="resnet8", dataset="digits", data_dir=self.data_dir,
                       global_batch_size=32, train_steps=3, steps_per_loop=3, seed=2,
                       base_learning_rate=0.008, skip_eval=True, model_dir=model_dir,
                       **recipe, **changes)
@@ -317,11 +317,11 @@ class RecipeRunTest(absltest.TestCase):
       reader = tf.train.load_checkpoint(checkpoints.find_checkpoint(model_dir))
       weights[name] = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
                        if k.startswith("model/") and "moving_" not in k}
-    self.assertGreater(len(weights["replicas"]), 50)
+    self.assertGreater(len(weights["replicas"]), 20)  # every kernel, gamma and beta
     for key, value in weights["replicas"].items():
       self.assertLess(float(np.max(np.abs(value - weights["accumulated"][key]))), 1e-5, key)
     keras.utils.set_random_seed(2)
-    initial = models.get_model("resnet20", num_classes=10, image_size=32)
+    initial = models.get_model("resnet8", num_classes=10, image_size=32)
     moved = max(float(np.max(np.abs(
         weights["accumulated"][checkpoints.checkpoint_key(v.path)] - v.numpy())))
                 for v in initial.trainable_variables)
