@@ -211,6 +211,22 @@ class FaultTest(absltest.TestCase):
     finally:
       stop_service(service)
 
+  def test_a_service_that_loses_every_worker_ends_the_run_with_69(self):
+    """The dispatcher still answers, with no worker to feed the run: a run
+    that waited on it would hang; this one says so and ends."""
+    data_dir = launching.digits_dir()
+    service, address, _, workers = start_service(1)
+    args = ["--flagfile=launch/configs/digits.cfg", "--model=resnet8", f"--data_dir={data_dir}",
+            f"--data_service={address}", "--train_epochs=2", "--skip_eval",
+            "--log_every_steps=4", "--steps_per_loop=2", "--data_service_timeout_seconds=3"]
+    try:
+      _, err, code = self.run_and_kill(workers[0], *args)
+      self.assertEqual(code, 69, err[-3000:])
+      self.assertIn(f"error: the tf.data service dispatcher at {address} has had no workers "
+                    f"for 3 s; restart it", err)
+    finally:
+      stop_service(service)
+
   def run_and_kill(self, pid, *args):
     """(stdout, stderr, status) of a run in which `pid` is killed at step 8."""
     process = launching.start("launch.train", f"--model_dir={self.create_tempdir().full_path}",

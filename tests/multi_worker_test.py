@@ -11,7 +11,7 @@ import time
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import tensorflow as tf
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 
 from tests import launching
 
@@ -78,19 +78,20 @@ class MultiWorkerLauncherTest(absltest.TestCase):
     self.assertIn("[worker 0] done: 16 steps", again.stdout)
 
 
-class LauncherSignalTest(absltest.TestCase):
+class LauncherSignalTest(parameterized.TestCase):
 
-  def test_ctrl_c_to_the_launcher_stops_every_worker_with_a_checkpoint(self):
+  @parameterized.parameters(("SIGINT",), ("SIGTERM",))  # Ctrl-C; a scheduler or a preemption
+  def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint(self, name):
     model_dir = self.create_tempdir().full_path
     launcher = launching.start(*two_workers(model_dir), "--train_steps=400",
                                "--log_every_steps=2")
     for line in launcher.stdout:
       if line.startswith("[worker 0] step "):
         break
-    launcher.send_signal(signal.SIGINT)
+    launcher.send_signal(getattr(signal, name))
     out, err = launcher.communicate(timeout=120)
     self.assertEqual(launcher.returncode, 75, err[-3000:])
-    saved = re.findall(r"\[worker 0\] SIGINT: saved a checkpoint at step (\d+)", out)
+    saved = re.findall(rf"\[worker 0\] {name}: saved a checkpoint at step (\d+)", out)
     self.assertLen(saved, 1, out[-3000:])
     self.assertEqual(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")),
                      os.path.join(model_dir, "checkpoints", f"ckpt-{saved[0]}"))

@@ -8,6 +8,7 @@ expectations, then short runs of train.run.
 import json
 import math
 import os
+from unittest import mock
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import keras
@@ -102,6 +103,57 @@ class AugmentOpsTest(parameterized.TestCase):
     # Its own inverse, and not the identity (which is its own inverse too).
     np.testing.assert_array_equal(augment.invert(IMAGE), 255 - image)
     np.testing.assert_array_equal(augment.invert(augment.invert(IMAGE)), IMAGE)
+
+  def test_the_blends_and_the_y_ops_match_their_definitions(self):
+    """color, contrast and sharpness against torchvision's formulas written
+    in numpy; shear_y and translate_y as shear_x and translate_x of the
+    transposed image, which is what they are."""
+    f32 = np.float32  # torchvision computes in float32, then truncates to uint8
+    image = PIXELS.astype(f32)
+    gray = np.floor(image @ np.array([0.2989, 0.587, 0.114], f32))[..., None]
+
+    def blend(a, b, factor):
+      factor = f32(factor)
+      return np.floor(np.clip(factor * a + (f32(1) - factor) * b, 0, 255))
+
+    np.testing.assert_array_equal(augment.color(IMAGE, tf.constant(0.6)),
+                                  blend(image, gray, f32(1) + f32(0.6)))
+    np.testing.assert_array_equal(augment.contrast(IMAGE, tf.constant(-0.4)),
+                                  blend(image, gray.mean(dtype=f32), f32(1) + f32(-0.4)))
+    smooth = image.copy()
+    kernel = np.ones((3, 3)) / 13.0
+    kernel[1, 1] = 5 / 13.0
+    for y in range(1, 31):
+      for x in range(1, 31):
+        smooth[y, x] = np.round(np.tensordot(kernel, image[y - 1:y + 2, x - 1:x + 2],
+                                             axes=([0, 1], [0, 1])))
+    np.testing.assert_allclose(augment.sharpness(IMAGE, tf.constant(0.8)),
+                               blend(image, smooth, f32(1) + f32(0.8)), atol=1)
+    transposed = tf.transpose(IMAGE, [1, 0, 2])
+    for y_op, x_op, m in ((augment.shear_y, augment.shear_x, 0.3),
+                          (augment.translate_y, augment.translate_x, -4.0)):
+      np.testing.assert_array_equal(
+          y_op(IMAGE, tf.constant(m)),
+          tf.transpose(x_op(transposed, tf.constant(m)), [1, 0, 2]), err_msg=y_op.__name__)
+
+  def test_the_imagenet_policy_applies_each_sub_policy_as_defined(self):
+    """Every one of the 25 sub-policies, with both of its ops forced to
+    apply, equals its two ops at their bins applied by hand, in order."""
+    table, _ = augment.magnitudes("autoaugment", augment.AUTOAUGMENT_BINS, 32)
+    for index, sub_policy in enumerate(augment.IMAGENET_POLICY):
+      expected = IMAGE
+      for op, _, level in sub_policy:
+        magnitude = table[augment.OPS.index(op), level or 0]
+        expected = augment.apply_op(expected, tf.constant(augment.OPS.index(op)),
+                                    tf.abs(magnitude))
+      seed = tf.constant([11, index], tf.int64)
+      with mock.patch.object(augment, "_draw", lambda s, shape, n, i=index: tf.constant(i)), \
+           mock.patch.object(augment.tf.random, "stateless_uniform",
+                             lambda shape, seed: tf.zeros(shape)), \
+           mock.patch.object(augment, "_signed",
+                             lambda table, signs, op, level, sign_seed: tf.abs(table[op, level])):
+        got = augment.autoaugment(IMAGE, seed, AugmentConfig(policy="autoaugment"))
+      np.testing.assert_array_equal(got, expected, err_msg=str(sub_policy))
 
   @parameterized.parameters("trivialaugment_wide", "randaugment", "autoaugment")
   def test_policies_are_stateless_and_keep_shape_and_dtype(self, policy):

@@ -134,9 +134,13 @@ def max_pool(x):  # 3x3, stride 2, padding 1
       axis=(4, 5))
 
 
-def avg_pool_2x2(x):  # even sizes: ceil_mode and count_include_pad change nothing
+def avg_pool_2x2(x):
+  """timm's AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False): at an odd
+  size the last window holds one row or column, and averages only that."""
   n, c, h, w = x.shape
-  return x.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+  padded = np.full((n, c, h + h % 2, w + w % 2), np.nan, x.dtype)
+  padded[:, :, :h, :w] = x
+  return np.nanmean(padded.reshape(n, c, (h + 1) // 2, 2, (w + 1) // 2, 2), axis=(3, 5))
 
 
 def reference_logits(s, images, resnet_d=False):
@@ -191,6 +195,17 @@ def images(size=64, seed=1):
 
 # --- torch.save's format, for the .pth reader --------------------------------
 
+# bfloat16 has no numpy type: its storages are written as the upper 16 bits of
+# float32, in a structured dtype of its own so that write_pth can tell it apart.
+_BFLOAT16 = np.dtype([("bfloat16", "<u2")])
+
+
+def as_bfloat16(array):
+  """float32 -> (bytes of bfloat16 in _BFLOAT16, the float32 values they hold)."""
+  bits = (np.asarray(array, np.float32).view(np.uint32) >> 16).astype("<u2")
+  return bits.view(_BFLOAT16), (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def write_pth(path, state, wrapped_in=None):
   """`state` as torch.save(state) writes it: a zip of data.pkl, whose tensors
   torch._utils._rebuild_tensor_v2 rebuilds from storages ("storage" persistent
@@ -198,7 +213,8 @@ def write_pth(path, state, wrapped_in=None):
   torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
   storage_types = {}
   for dtype, name in ((np.float32, "FloatStorage"), (np.int64, "LongStorage"),
-                      (np.float16, "HalfStorage")):
+                      (np.float16, "HalfStorage"), (np.int32, "IntStorage"),
+                      (_BFLOAT16, "BFloat16Storage")):
     storage_types[np.dtype(dtype)] = type(name, (), {"__module__": "torch"})
     setattr(torch, name, storage_types[np.dtype(dtype)])
 
@@ -269,6 +285,18 @@ class LoadTest(parameterized.TestCase):
                                atol=1e-4 * np.abs(expected).max())
     self.assertGreater(np.abs(before - expected).max(), 0.1 * np.abs(expected).max())
 
+  def test_resnet_d_at_an_odd_size_pools_its_shortcut_as_timm(self):
+    """At 48 pixels layer4's input is 3x3: its shortcut's pool makes 2x2 of
+    windows of 2, 1 and 1 pixels (timm's ceil_mode, padding not counted); a
+    pool that dropped the last row or averaged in zeros differs here."""
+    state = random_state(torchvision_layout(50, 7, True))
+    model = models.get_model("resnet50", num_classes=7, variant="d")
+    models.load_weights(model, self.write(state))
+    odd = images(size=48)
+    expected = reference_logits(state, odd, True)
+    np.testing.assert_allclose(our_logits(model, odd), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+
   def test_a_pth_file_loads_as_its_safetensors_twin_without_pytorch(self):
     state = random_state(torchvision_layout(18, 7))
     from_pth = models.get_model("resnet18", num_classes=7)
@@ -288,6 +316,24 @@ class LoadTest(parameterized.TestCase):
     models.load_weights(model, path)
     np.testing.assert_allclose(model.get_layer("fc").kernel.numpy(),
                                half["fc.weight"].astype(np.float32).T)
+
+  def test_bfloat16_and_integer_storages(self):
+    """A bf16 checkpoint (as timm saves some) loads as the float32 its bits
+    mean, and an int32 counter beside it (num_batches_tracked) is read too."""
+    state = random_state(torchvision_layout(18, 7))
+    stored, values = {}, {}
+    for key, value in state.items():
+      if value.dtype == np.float32:
+        stored[key], values[key] = as_bfloat16(value)
+      else:
+        stored[key] = value.astype(np.int32)
+    path = os.path.join(self.create_tempdir().full_path, "bf16.pth")
+    write_pth(path, stored)
+    model = models.get_model("resnet18", num_classes=7)
+    models.load_weights(model, path)
+    np.testing.assert_array_equal(model.get_layer("fc").kernel.numpy(), values["fc.weight"].T)
+    np.testing.assert_array_equal(model.get_layer("bn1").moving_variance.numpy(),
+                                  values["bn1.running_var"])
 
   def test_what_does_not_fit_is_one_line_naming_the_first_tensor(self):
     resnet50 = models.get_model("resnet50", num_classes=10)
