@@ -191,11 +191,8 @@ class SettingsTest(absltest.TestCase):
 class FaultTest(absltest.TestCase):
 
   def test_a_lost_worker_is_a_warning_and_a_lost_dispatcher_ends_the_run(self):
-    data_dir = launching.digits_dir()
     service, address, dispatcher, workers = start_service(2)
-    args = ["--flagfile=launch/configs/digits.cfg", "--model=resnet8", f"--data_dir={data_dir}",
-            f"--data_service={address}", "--train_epochs=2", "--skip_eval",
-            "--log_every_steps=4", "--steps_per_loop=2", "--data_service_timeout_seconds=3"]
+    args = self.args(address)
     try:
       out, err, code = self.run_and_kill(workers[0], *args)
       self.assertEqual(code, 0, err[-3000:])
@@ -214,18 +211,22 @@ class FaultTest(absltest.TestCase):
   def test_a_service_that_loses_every_worker_ends_the_run_with_69(self):
     """The dispatcher still answers, with no worker to feed the run: a run
     that waited on it would hang; this one says so and ends."""
-    data_dir = launching.digits_dir()
     service, address, _, workers = start_service(1)
-    args = ["--flagfile=launch/configs/digits.cfg", "--model=resnet8", f"--data_dir={data_dir}",
-            f"--data_service={address}", "--train_epochs=2", "--skip_eval",
-            "--log_every_steps=4", "--steps_per_loop=2", "--data_service_timeout_seconds=3"]
     try:
-      _, err, code = self.run_and_kill(workers[0], *args)
+      _, err, code = self.run_and_kill(workers[0], *self.args(address))
       self.assertEqual(code, 69, err[-3000:])
       self.assertIn(f"error: the tf.data service dispatcher at {address} has had no workers "
                     f"for 3 s; restart it", err)
     finally:
       stop_service(service)
+
+  def args(self, address):
+    """A digits run of 44 steps through the service at address, which gives up
+    3 s after losing the service."""
+    return ["--flagfile=launch/configs/digits.cfg", "--model=resnet8",
+            f"--data_dir={launching.digits_dir()}", f"--data_service={address}",
+            "--train_epochs=2", "--skip_eval", "--log_every_steps=4", "--steps_per_loop=2",
+            "--data_service_timeout_seconds=3"]
 
   def run_and_kill(self, pid, *args):
     """(stdout, stderr, status) of a run in which `pid` is killed at step 8."""
