@@ -130,12 +130,13 @@ class ServiceTest(absltest.TestCase):
                              for i in range(96)], list(range(96)), 6)
     source = data.get_source("imagenet", directory, num_classes=96)
     labels = []
-    for images, batch_labels, _ in self.stream(source, 8).take(3 * 96 // 8):
+    for images, batch_labels, _ in self.stream(source, 8).take(10 * 96 // 8):
       pixels = np.round(images.numpy().reshape(8, -1).mean(1) / 2).astype(int)
       np.testing.assert_array_equal(pixels, batch_labels.numpy())
       labels += batch_labels.numpy().tolist()
-    # Each worker reads up to 16 files at once, so which files the first 3
-    # epochs' worth of records come from varies; every file is among them.
+    # Each worker reads up to 16 files (of 6 an epoch) at once, ahead of the
+    # stream, and shuffles what it reads: 3 epochs' worth of records once
+    # missed 3 of the 96. 10 epochs' worth holds whole epochs read through.
     self.assertEqual(set(labels), set(range(96)))
 
   def test_a_digits_run_trains_through_it_evaluates_every_example_and_resumes(self):
