@@ -6,7 +6,6 @@ replicas, is tests/resume_test.py, in-process; these are what only a process
 shows: a kill that leaves what it leaves, a real signal.)
 """
 
-import glob
 import os
 import signal
 import time
