@@ -11,6 +11,7 @@ from absl import flags
 
 from resnet_dist import data, losses, models, optim
 from resnet_dist.data import augment
+from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist import config as config_lib
 from resnet_dist.config import DTYPES, Config
@@ -82,6 +83,24 @@ flags.DEFINE_integer("collective_timeout_seconds", _default("collective_timeout_
                      "multi_worker_mirrored, for debugging: a collective that waits longer "
                      "fails the run. Each collective then holds a thread for this long; "
                      "0: off (a dead peer is found by heartbeats).", lower_bound=0)
+flags.DEFINE_enum("cluster", _default("cluster"), cluster_lib.SOURCES,
+                  "Where the cluster of a multi-worker run is read: auto (TF_CONFIG if set, "
+                  "else an srun job step, else a pod of launch/k8s/'s Indexed Job), "
+                  "tf_config, slurm or kubernetes.")
+flags.DEFINE_integer("cluster_port", _default("cluster_port"),
+                     "SLURM: the port of each node's first task (the next tasks take the next "
+                     "ports); 0: one derived from the job ID.", lower_bound=0)
+flags.DEFINE_enum("all_reduce", _default("all_reduce"), strategy_lib.ALL_REDUCE,
+                  "The gradients' collective between replicas: auto (NCCL between GPUs, "
+                  "within and across hosts; ring between CPUs), nccl or ring.")
+flags.DEFINE_float("all_reduce_pack_mb", _default("all_reduce_pack_mb"),
+                   "The gradients cross in packs of at least this many MB, the last "
+                   "layers' first, so a pack can cross while the backward pass goes on; "
+                   "0: one pack.", lower_bound=0)
+flags.DEFINE_enum("all_reduce_dtype", _default("all_reduce_dtype"),
+                  tuple(strategy_lib.ALL_REDUCE_DTYPES),
+                  "The gradients' dtype on the wire (fp16, bf16: half the bytes); the "
+                  "update reads them back as float32.")
 
 # Training
 flags.DEFINE_integer("global_batch_size", _default("global_batch_size"),

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(bazel-bootstrap bazel-rules-java bazel-platforms)
+# slurm-wlm and munge: the SLURM tests start a real slurmctld and slurmd.
+apt_packages=(bazel-bootstrap bazel-rules-java bazel-platforms slurm-wlm munge)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

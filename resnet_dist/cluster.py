@@ -1,33 +1,57 @@
 """Which cluster this process is one task of, read from its environment.
 
 Every host of a multi-worker run starts the same command; what tells them
-apart is the environment the launcher gives each (TF_CONFIG, set by hand or
-by `launch.multi_worker`). from_environment() reads it into a Cluster, from
-which strategy.choose_kind() decides, so that a host that was handed a
-cluster of several tasks never trains a model of its own.
+apart is the environment its launcher gives each process:
+
+- TF_CONFIG, set by hand or printed by `launch.multi_worker --print_tf_config`;
+- SLURM: the variables `srun` sets in each task of a job step;
+- Kubernetes: JOB_COMPLETION_INDEX of an Indexed Job's pod, with the worker
+  count and address pattern the manifest (launch/k8s/) sets.
+
+from_environment() reads one of them into a Cluster, from which
+strategy.choose_kind() decides, so that a process that was handed a cluster
+of several tasks never trains a model of its own.
 """
 
 import dataclasses
 import json
 import os
+import re
 from typing import Optional, Tuple
 
 from resnet_dist.errors import ConfigError
 
+SOURCES = ("auto", "tf_config", "slurm", "kubernetes")
 # The jobs whose tasks each hold replicas under MultiWorkerMirroredStrategy.
 _TRAINING_JOBS = ("chief", "worker")
+# Set by the manifests of launch/k8s/ (Kubernetes itself sets JOB_COMPLETION_INDEX).
+K8S_NUM_WORKERS = "RESNET_DIST_NUM_WORKERS"
+K8S_WORKER_ADDRESS = "RESNET_DIST_WORKER_ADDRESS"   # HOST:PORT with {index} in it
 
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
-  source: str               # where it was read: "TF_CONFIG"
+  source: str               # where it was read: "TF_CONFIG", "SLURM", "Kubernetes"
   tasks: Tuple[str, ...]    # HOST:PORT of every training task, the chief first
   task_type: str
   task_index: int
+  local_tasks: int = 1      # tasks on this host (SLURM: one per GPU, or one per node)
+  local_index: int = 0
+  gpus_on_host: int = 0     # as the scheduler says (SLURM_GPUS_ON_NODE); 0: not said
 
   @property
   def num_tasks(self):
     return len(self.tasks)
+
+  def resolver(self):
+    """A cluster resolver for MultiWorkerMirroredStrategy."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  # this module is light
+    resolvers = tf.distribute.cluster_resolver
+    if self.source == "TF_CONFIG":
+      return resolvers.TFConfigClusterResolver()
+    return resolvers.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": list(self.tasks)}), task_type=self.task_type,
+        task_id=self.task_index, rpc_layer="grpc")
 
 
 def from_tf_config(text):
@@ -50,12 +74,152 @@ def from_tf_config(text):
   return Cluster("TF_CONFIG", tasks, task_type, task_index)
 
 
-def from_environment(environ=None):
-  """This process's Cluster, or None where nothing in its environment names one."""
+# --- SLURM ----------------------------------------------------------------------
+
+def expand_hostlist(text):
+  """SLURM's compressed host list as names: "gpu[01-02,7],login" ->
+  gpu01, gpu02, gpu7, login (zero padding kept, several brackets too)."""
+  hosts = []
+  for part in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", text):
+    match = re.match(r"([^\[]*)\[([^\]]*)\](.*)$", part)
+    if not match:
+      hosts.append(part)
+      continue
+    prefix, ranges, rest = match.groups()
+    for item in ranges.split(","):
+      first, _, last = item.partition("-")
+      numbers = range(int(first), int(last or first) + 1)
+      hosts.extend(f"{prefix}{n:0{len(first)}d}{tail}"
+                   for n in numbers for tail in (expand_hostlist(rest) if rest else [""]))
+  return hosts
+
+
+def expand_tasks_per_node(text):
+  """SLURM's tasks per node, "2(x3),1" -> [2, 2, 2, 1]."""
+  counts = []
+  for item in text.split(","):
+    match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+    if not match:
+      raise ConfigError(f"SLURM_STEP_TASKS_PER_NODE={text!r} is not SLURM's N(xM),... form")
+    counts += [int(match.group(1))] * int(match.group(2) or 1)
+  return counts
+
+
+def slurm_port(environ, port):
+  """The first port of a job's tasks on each node: --cluster_port, else one
+  of its own from the job ID, so that jobs sharing a node do not collide."""
+  if port:
+    return port
+  return 20000 + 16 * (int(environ.get("SLURM_JOB_ID", "0")) % 2500)
+
+
+def from_slurm(environ, port=0):
+  """The Cluster of an `srun` job step: one task per process srun started,
+  ranked in SLURM's block order (node by node), each at PORT + its local ID."""
+  missing = [name for name in ("SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE",
+                               "SLURM_PROCID", "SLURM_LOCALID") if name not in environ]
+  if missing:
+    raise ConfigError(f"--cluster=slurm outside an srun job step ({', '.join(missing)} "
+                      f"unset): start every task with srun (launch/slurm/train.sbatch does)")
+  hosts = expand_hostlist(environ["SLURM_STEP_NODELIST"])
+  counts = expand_tasks_per_node(environ["SLURM_STEP_TASKS_PER_NODE"])
+  if len(counts) != len(hosts):
+    raise ConfigError(f"SLURM_STEP_NODELIST names {len(hosts)} node(s) but "
+                      f"SLURM_STEP_TASKS_PER_NODE {len(counts)}")
+  base = slurm_port(environ, port)
+  places = [(host, local) for host, count in zip(hosts, counts) for local in range(count)]
+  tasks = tuple(f"{host}:{base + local}" for host, local in places)
+  index, local = int(environ["SLURM_PROCID"]), int(environ["SLURM_LOCALID"])
+  node = environ.get("SLURMD_NODENAME")
+  if not 0 <= index < len(places) or places[index][1] != local or (
+      node and places[index][0] != node):
+    raise ConfigError(f"SLURM task {index} (local {local} on {node}) is not where block "
+                      f"distribution puts it: run srun with --distribution=block")
+  return Cluster("SLURM", tasks, "worker", index,
+                 local_tasks=counts[hosts.index(places[index][0])], local_index=local,
+                 gpus_on_host=int(environ.get("SLURM_GPUS_ON_NODE") or 0))
+
+
+def _in_slurm_step(environ):
+  return "SLURM_STEP_NODELIST" in environ and "SLURM_PROCID" in environ
+
+
+# --- Kubernetes -----------------------------------------------------------------
+
+def from_kubernetes(environ):
+  """The Cluster of an Indexed Job's pod: worker JOB_COMPLETION_INDEX of
+  RESNET_DIST_NUM_WORKERS, at the addresses RESNET_DIST_WORKER_ADDRESS
+  gives for each index (the pods' DNS names under the headless Service)."""
+  missing = [name for name in ("JOB_COMPLETION_INDEX", K8S_NUM_WORKERS, K8S_WORKER_ADDRESS)
+             if not environ.get(name)]
+  if missing:
+    raise ConfigError(f"--cluster=kubernetes needs {', '.join(missing)}: run it in a pod "
+                      f"of an Indexed Job as launch/k8s/job.py writes it")
+  try:
+    num_workers, index = int(environ[K8S_NUM_WORKERS]), int(environ["JOB_COMPLETION_INDEX"])
+  except ValueError:
+    raise ConfigError(f"{K8S_NUM_WORKERS} and JOB_COMPLETION_INDEX must be integers") from None
+  pattern = environ[K8S_WORKER_ADDRESS]
+  if "{index}" not in pattern:
+    raise ConfigError(f"{K8S_WORKER_ADDRESS}={pattern!r} has no {{index}} for the worker's index")
+  if not 0 <= index < num_workers:
+    raise ConfigError(f"JOB_COMPLETION_INDEX={index} is outside {num_workers} workers")
+  tasks = tuple(pattern.replace("{index}", str(i)) for i in range(num_workers))
+  return Cluster("Kubernetes", tasks, "worker", index)
+
+
+def _in_kubernetes_job(environ):
+  return "JOB_COMPLETION_INDEX" in environ and K8S_NUM_WORKERS in environ
+
+
+# --- Choosing -------------------------------------------------------------------
+
+def from_environment(source="auto", environ=None, port=0):
+  """This process's Cluster, or None where nothing in its environment names one.
+
+  auto: TF_CONFIG where it is set (a launcher's or a user's explicit word),
+  else an srun job step, else a pod of an Indexed Job of launch/k8s/.
+  """
   environ = os.environ if environ is None else environ
+  if source not in SOURCES:
+    raise ConfigError(f"unknown --cluster={source}; choose from {', '.join(SOURCES)}")
   text = environ.get("TF_CONFIG", "").strip()
-  return from_tf_config(text) if text else None
+  if source == "tf_config" or (source == "auto" and text):
+    if not text:
+      raise ConfigError("--cluster=tf_config but TF_CONFIG is unset")
+    return from_tf_config(text)
+  if source == "slurm" or (source == "auto" and _in_slurm_step(environ)):
+    return from_slurm(environ, port)
+  if source == "kubernetes" or (source == "auto" and _in_kubernetes_job(environ)):
+    return from_kubernetes(environ)
+  return None
 
 
 def is_multi_task(cluster: Optional[Cluster]):
   return cluster is not None and cluster.num_tasks > 1
+
+
+def local_gpus(cluster, environ):
+  """CUDA_VISIBLE_DEVICES for this task where the scheduler shows every task
+  of a host all of its GPUs (SLURM's --gres without --gpus-per-task): the
+  task's equal share. None where nothing needs changing."""
+  if cluster.local_tasks <= 1 or not cluster.gpus_on_host:
+    return None
+  visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  visible = visible or [str(i) for i in range(cluster.gpus_on_host)]
+  if len(visible) != cluster.gpus_on_host:  # bound per task already
+    return None
+  if len(visible) % cluster.local_tasks:
+    raise ConfigError(f"{len(visible)} GPUs on this node do not divide among its "
+                      f"{cluster.local_tasks} tasks")
+  share = len(visible) // cluster.local_tasks
+  return ",".join(visible[cluster.local_index * share:(cluster.local_index + 1) * share])
+
+
+def claim_local_gpus(cluster, environ=None):
+  """Sets this task's CUDA_VISIBLE_DEVICES (see local_gpus); must run before
+  TensorFlow first lists the GPUs."""
+  environ = os.environ if environ is None else environ
+  devices = local_gpus(cluster, environ)
+  if devices is not None:
+    environ["CUDA_VISIBLE_DEVICES"] = devices

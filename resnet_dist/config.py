@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 from resnet_dist import losses, models, optim
 from resnet_dist.data import augment as augment_lib
 from resnet_dist.data import preprocess, service
+from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.errors import ConfigError
 
@@ -223,9 +224,18 @@ class DistributeConfig:
   tpu_zone: Optional[str] = None
   gcp_project: Optional[str] = None
   collective_timeout_seconds: int = 0   # 0: no timeout (a debugging aid)
+  cluster: str = "auto"             # where the cluster is read from (cluster.SOURCES)
+  cluster_port: int = 0             # SLURM: the tasks' first port; 0: from the job ID
+  all_reduce: str = "auto"          # the gradients' collective (strategy.ALL_REDUCE)
+  all_reduce_pack_mb: float = 32.0  # 0: one pack
+  all_reduce_dtype: str = "fp32"    # what crosses the wire
 
   def validate(self):
     _check_choice("strategy", self.strategy, strategy_lib.STRATEGIES)
+    _check_choice("cluster", self.cluster, cluster_lib.SOURCES)
+    _check_choice("all_reduce", self.all_reduce, strategy_lib.ALL_REDUCE)
+    _check_choice("all_reduce_dtype", self.all_reduce_dtype, tuple(strategy_lib.ALL_REDUCE_DTYPES))
+    _check(self.all_reduce_pack_mb >= 0, "--all_reduce_pack_mb must be 0 (one pack) or more")
     _check(not self.tpu or self.strategy in ("tpu", "auto"),
            f"--tpu={self.tpu} is for --strategy=tpu, not --strategy={self.strategy}")
 

@@ -24,7 +24,7 @@ def log(message, chief=True):
 
 
 def describe_run(config, strategy, source, *, train_size, eval_size, num_params, macs,
-                 steps_per_epoch, total_steps, model_dir):
+                 steps_per_epoch, total_steps, model_dir, all_reduce):
   """The block printed at start: what runs where, on what, for how long."""
   model, schedule, size = config.model, config.schedule, config.data.image_size
   per_replica = schedule.global_batch_size // strategy.num_replicas_in_sync
@@ -33,6 +33,7 @@ def describe_run(config, strategy, source, *, train_size, eval_size, num_params,
   return "\n".join([
       f"strategy   {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s)"
       f"{strategy_lib.describe_tasks(strategy)}, on {devices}",
+      f"all-reduce {all_reduce}",
       f"batch      {schedule.global_batch_size} global, {per_replica} per replica",
       f"model      {model.name} ({model.resnet_variant}), {num_params:,} trainable "
       f"parameters, {macs / 1e9:.3f} GMACs per {size}x{size} image",

@@ -6,6 +6,7 @@ which devices) without looking at the strategy's type.
 """
 
 import atexit
+import dataclasses
 import glob
 import os
 import socket
@@ -19,6 +20,12 @@ from resnet_dist import cluster as cluster_lib
 from resnet_dist.errors import ConfigError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+ALL_REDUCE = ("auto", "nccl", "ring")
+ALL_REDUCE_DTYPES = {"fp32": tf.float32, "fp16": tf.float16, "bf16": tf.bfloat16}
+_IMPLEMENTATIONS = {
+    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+}
 
 
 def split_cpu(num_devices):
@@ -123,11 +130,12 @@ def choose_kind(kind, cluster, tpu=""):
       raise ConfigError(
           f"{chosen} would train a separate model on each of the {cluster.num_tasks} tasks "
           f"{cluster.source} names; give --strategy=auto or multi_worker_mirrored (after "
-          f"any --flagfile), or unset {cluster.source}")
+          f"any --flagfile)" + (", or unset TF_CONFIG" if cluster.source == "TF_CONFIG" else ""))
     return kind
   if kind == "multi_worker_mirrored" and cluster is None:
     raise ConfigError("--strategy=multi_worker_mirrored needs a cluster: set TF_CONFIG "
-                      "(`python -m launch.multi_worker --print_tf_config` prints it)")
+                      "(`python -m launch.multi_worker --print_tf_config` prints it), or "
+                      "start the tasks with srun or as launch/k8s/'s Indexed Job")
   if kind == "auto":
     return "tpu" if tpu or _tpu_attached() else "mirrored"
   return kind
@@ -135,46 +143,156 @@ def choose_kind(kind, cluster, tpu=""):
 
 def create_strategy(distribute):
   """Returns the tf.distribute strategy of a config.DistributeConfig: its
-  --strategy as choose_kind() reads it in this process's cluster.
+  --strategy as choose_kind() reads it in this process's cluster, with its
+  collectives as choose_all_reduce() reads --all_reduce.
 
   tpu defaults to $TPU_NAME.
   """
-  kind = choose_kind(distribute.strategy, cluster_lib.from_environment(), distribute.tpu)
-  tpu = distribute.tpu
+  cluster = cluster_lib.from_environment(distribute.cluster, port=distribute.cluster_port)
+  kind = choose_kind(distribute.strategy, cluster, distribute.tpu)
+  if cluster is not None and cluster.source != "TF_CONFIG":
+    cluster_lib.claim_local_gpus(cluster)  # before TensorFlow lists its GPUs
   if kind == "tpu":
-    tpu = tpu or os.environ.get("TPU_NAME", "")
-    _check_tpu_reachable(tpu)
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu=tpu or "local", zone=distribute.tpu_zone, project=distribute.gcp_project)
-    if tpu not in ("", "local"):
-      tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return tf.distribute.TPUStrategy(resolver)
+    return _tpu_strategy(distribute)
+  gpus = tf.config.list_physical_devices("GPU")
   if kind == "multi_worker_mirrored":
+    all_reduce = choose_all_reduce(distribute, kind, bool(gpus))
     # A collective timeout starts a watchdog thread per collective that lives
     # as long as the timeout, so it stays off unless asked for (debugging); a
     # dead peer is detected by the coordination service's heartbeats instead.
     options = tf.distribute.experimental.CommunicationOptions(
+        implementation=_IMPLEMENTATIONS[all_reduce.implementation],
         timeout_seconds=distribute.collective_timeout_seconds or None)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-  return _one_host_strategy(kind, distribute.num_gpus, distribute.num_cpu_devices)
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=cluster.resolver(), communication_options=options)
+  strategy = _one_host_strategy(kind, distribute.num_gpus, distribute.num_cpu_devices, gpus)
+  all_reduce = choose_all_reduce(distribute, kind, not all_on_cpu(strategy))
+  if all_reduce.implementation in _IMPLEMENTATIONS:
+    # MirroredStrategy takes no communication options, and left to itself
+    # hints nothing, which TensorFlow's collectives read as ring, on GPUs
+    # too; every collective of the run (sync BN's too) should use the one
+    # chosen. It is the default its batch_reduce_to and reduce_to merge in.
+    strategy.extended._communication_options = all_reduce.options()  # pylint: disable=protected-access
+  return strategy
 
 
-def _one_host_strategy(kind, num_gpus, num_cpu_devices):
+def _tpu_strategy(distribute):
+  tpu = distribute.tpu or os.environ.get("TPU_NAME", "")
+  _check_tpu_reachable(tpu)
+  choose_all_reduce(distribute, "tpu", False)
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+      tpu=tpu or "local", zone=distribute.tpu_zone, project=distribute.gcp_project)
+  if tpu not in ("", "local"):
+    tf.config.experimental_connect_to_cluster(resolver)
+  tf.tpu.experimental.initialize_tpu_system(resolver)
+  return tf.distribute.TPUStrategy(resolver)
+
+
+def _one_host_strategy(kind, num_gpus, num_cpu_devices, gpus):
   """one_device or mirrored: over this host's GPUs, else its logical CPU devices."""
-  gpus = tf.config.list_physical_devices("GPU")
   if num_gpus is not None and num_gpus > len(gpus):
     raise ConfigError(f"--num_gpus={num_gpus} but {len(gpus)} GPU(s) are visible")
   if kind == "one_device":
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
   if gpus and num_gpus != 0:
-    devices = [f"/gpu:{i}" for i in range(num_gpus or len(gpus))]
-    return tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=tf.distribute.NcclAllReduce())
+    return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(num_gpus or len(gpus))])
   if num_cpu_devices < 1:
     raise ConfigError("--num_cpu_devices must be at least 1")
   split_cpu(num_cpu_devices)
   return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_cpu_devices)])
+
+
+# --- The gradients' all-reduce ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AllReduce:
+  """How a step's gradients cross the replicas.
+
+  implementation: "nccl" or "ring" (TensorFlow's collectives, within a host
+  and between hosts), "tpu" (XLA's cross-replica sum over the TPU
+  interconnect) or "none" (one replica). TensorFlow groups the gradients,
+  last layer first, into packs of at least pack_bytes (0: one pack), one
+  collective each: a pack of the last layers can cross while the backward
+  pass computes the first layers' gradients. dtype: what crosses; the
+  update always reads float32.
+  """
+  implementation: str
+  pack_bytes: int = 0
+  dtype: str = "fp32"
+
+  def options(self):
+    return tf.distribute.experimental.CommunicationOptions(
+        bytes_per_pack=self.pack_bytes, implementation=_IMPLEMENTATIONS.get(
+            self.implementation,
+            tf.distribute.experimental.CommunicationImplementation.AUTO))
+
+  def sum(self, values):
+    """The sum over the replicas of each of values (float32 tensors), in replica context."""
+    context = tf.distribute.get_replica_context()
+    if self.implementation == "none" or context.num_replicas_in_sync == 1:
+      return list(values)
+    wire = ALL_REDUCE_DTYPES[self.dtype]
+    sums = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                              [tf.cast(v, wire) for v in values], options=self.options())
+    return [tf.cast(total, v.dtype) for total, v in zip(sums, values)]
+
+  def num_packs(self, values):
+    """The collectives sum(values) launches: TensorFlow's grouping
+    (cross_device_utils.group_by_size), last value first, each pack at
+    least pack_bytes where the values last."""
+    if self.implementation in ("none", "tpu"):
+      return 0 if self.implementation == "none" else 1
+    if not self.pack_bytes:
+      return 1
+    size = ALL_REDUCE_DTYPES[self.dtype].size
+    packs, filled = 0, 0
+    for v in reversed(values):
+      if not packs or filled > self.pack_bytes:
+        packs, filled = packs + 1, 0
+      filled += v.shape.num_elements() * size
+    return packs
+
+  def describe(self, values):
+    """"nccl, 48.8 MB a step in 2 packs (--all_reduce_pack_mb=32), in bf16"."""
+    if self.implementation == "none":
+      return "none (one replica)"
+    if self.implementation == "tpu":
+      return f"the TPU interconnect (XLA's cross-replica sum), in {self.dtype}"
+    total = sum(v.shape.num_elements() for v in values) * ALL_REDUCE_DTYPES[self.dtype].size
+    packs = self.num_packs(values)
+    return (f"{self.implementation}, {total / 2**20:.1f} MB a step in {packs} "
+            f"pack{'s' if packs > 1 else ''} (--all_reduce_pack_mb="
+            f"{self.pack_bytes / 2**20:g}), in {self.dtype}")
+
+
+def choose_all_reduce(distribute, kind, on_gpus):
+  """The AllReduce of --all_reduce* for a strategy kind; a ConfigError where
+  the implementation asked for cannot run on these devices.
+
+  auto: NCCL between GPUs, within a host and between hosts; ring between CPUs.
+  """
+  requested = distribute.all_reduce
+  if requested not in ALL_REDUCE:
+    raise ConfigError(f"unknown --all_reduce={requested}; choose from {', '.join(ALL_REDUCE)}")
+  if kind in ("one_device", "tpu"):
+    if requested != "auto":
+      raise ConfigError(f"--all_reduce={requested} is for mirrored and multi_worker_mirrored; "
+                        f"--strategy={kind} " + ("all-reduces over the TPU interconnect"
+                                                 if kind == "tpu" else "has one replica"))
+    return AllReduce("tpu" if kind == "tpu" else "none", dtype=distribute.all_reduce_dtype)
+  if requested == "nccl" and not on_gpus:
+    raise ConfigError("--all_reduce=nccl needs GPUs; this run's replicas are CPU devices "
+                      "(--all_reduce=auto or ring)")
+  implementation = "nccl" if requested == "nccl" or (requested == "auto" and on_gpus) else "ring"
+  return AllReduce(implementation, int(distribute.all_reduce_pack_mb * 2**20),
+                   distribute.all_reduce_dtype)
+
+
+def gradient_all_reduce(distribute, strategy):
+  """The AllReduce a built strategy's gradients use (see choose_all_reduce)."""
+  if strategy.num_replicas_in_sync == 1 and kind_of(strategy) != "tpu":
+    return AllReduce("none", dtype=distribute.all_reduce_dtype)
+  return choose_all_reduce(distribute, kind_of(strategy), not all_on_cpu(strategy))
 
 
 def task_info(strategy):

@@ -1,7 +1,7 @@
 """One step of training, as every replica runs it, and the loops around it.
 
 Trainer owns the model, the optimizer and what a step updates: replica_step()
-(forward, backward, one all-reduce, update), train_loop() and eval_loop()
+(forward, backward, the gradients' all-reduce, update), train_loop() and eval_loop()
 (many steps in one tf.function), and the BN statistics sync before a save or
 an evaluation. When to save, evaluate or stop is the host loop's (train.py).
 
@@ -76,6 +76,7 @@ class Trainer:
       # The EMA of the weights and BN statistics, in float32 like the weights.
       self.ema_model = self._build_model() if config.optim.ema_decay else None
       self.variables = self.model.trainable_variables
+      self.all_reduce = strategy_lib.gradient_all_reduce(config.distribute, strategy)
       self.optimizer = optim.create_optimizer(
           config.optim.optimizer, self.variables, models.weight_decay_variables(self.model),
           momentum=config.optim.momentum, nesterov=config.optim.nesterov,
@@ -200,9 +201,7 @@ class Trainer:
     every worker learns in the same step that some process was, at no cost of
     its own. Returns that answer."""
     stops = tf.reshape(tf.cast(stop_requested, tf.float32), [1])
-    context = tf.distribute.get_replica_context()
-    if context.num_replicas_in_sync > 1:
-      *grads, stops = context.all_reduce(tf.distribute.ReduceOp.SUM, [*grads, stops])
+    *grads, stops = self.all_reduce.sum([*grads, stops])
     apply = None
     if self.loss_scale is not None:
       grads = [g / self.loss_scale.scale for g in grads]

@@ -1,6 +1,8 @@
 """The accelerator paths, checked on the CPU as far as a CPU can check them.
 
-- What a training step communicates: one all-reduce, whatever the depth.
+- What a training step communicates, counted in the ops of its trace: one
+  collective per pack of gradients (--all_reduce_pack_mb), in the dtype and
+  with the implementation hint --all_reduce* ask for.
 - --enable_xla under MirroredStrategy on GPUs: the real train_loop traces with
   TensorFlow told that the devices are GPUs (its XLA path then runs the
   replica step without merge_call).
@@ -39,28 +41,30 @@ def build(strategy, **options):
   return trainer, iter(dataset)
 
 
-def reductions_in_one_step(strategy, **options):
-  """Cross-replica reductions the trace of one training step asks for."""
+def collectives(function):
+  """(op, communication hint, dtype) -> count of the collective ops in a
+  traced function and every function it calls, per replica device."""
+  graph = function.graph.as_graph_def()
+  counts, devices = {}, set()
+  for node in [*graph.node, *(n for f in graph.library.function for n in f.node_def)]:
+    if node.op.startswith("Collective"):
+      key = (node.op, node.attr["communication_hint"].s.decode(),
+             tf.dtypes.as_dtype(node.attr["T"].type).name)
+      counts[key] = counts.get(key, 0) + 1
+      devices.add(node.device)
+  return {key: count / max(len(devices), 1) for key, count in counts.items()}
+
+
+def collectives_in_one_step(strategy, **options):
+  """The collectives a trace of one training step launches, per replica."""
   trainer, iterator = build(strategy, **options)
-  calls = []
-  extended = strategy.extended
-  for name in ("reduce_to", "batch_reduce_to"):
-    original = getattr(extended, name)
-
-    def counted(*args, original=original, name=name, **kwargs):
-      calls.append(name)
-      return original(*args, **kwargs)
-
-    setattr(extended, name, counted)
-  try:
-    trainer.train_loop.get_concrete_function(iterator, tf.constant(1))
-  finally:
-    for name in ("reduce_to", "batch_reduce_to"):
-      delattr(extended, name)
-  return len(calls)
+  return collectives(trainer.train_loop.get_concrete_function(iterator, tf.constant(1))), trainer
 
 
 class CollectivesTest(absltest.TestCase):
+  """The ops of the traced step themselves, not the calls that ask for them:
+  a step that all-reduced each gradient alone, ignored --all_reduce_pack_mb
+  or _dtype, or sent the stop request in a collective of its own fails here."""
 
   @classmethod
   def setUpClass(cls):
@@ -68,16 +72,33 @@ class CollectivesTest(absltest.TestCase):
     cls.strategy = strategy_lib.create_strategy(MIRRORED)
 
   def test_a_step_is_one_all_reduce_whatever_the_depth(self):
-    # The gradients (with the stop request riding along) in one batch; BN
+    # The gradients (with the stop request riding along) in one pack; BN
     # moving statistics are per replica and cost nothing.
-    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet8"), 1)
-    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet20"), 1)
+    for model in ("resnet8", "resnet20"):
+      counts, _ = collectives_in_one_step(self.strategy, model=model)
+      self.assertEqual(counts, {("CollectiveReduceV2", "ring", "float32"): 1}, model)
+
+  def test_gradients_cross_in_packs_of_the_size_asked_for(self):
+    # resnet20's 1.03 MB of float32 gradients in packs of at least 0.25 MB:
+    # 4 packs, TensorFlow's grouping and AllReduce.num_packs agreeing.
+    counts, trainer = collectives_in_one_step(self.strategy, model="resnet20",
+                                              all_reduce_pack_mb=0.25)
+    self.assertEqual(counts, {("CollectiveReduceV2", "ring", "float32"): 4})
+    self.assertEqual(trainer.all_reduce.num_packs(trainer.variables), 4)
+    self.assertIn("1.0 MB a step in 4 packs (--all_reduce_pack_mb=0.25), in fp32",
+                  trainer.all_reduce.describe(trainer.variables))
+
+  def test_gradients_cross_in_the_dtype_asked_for(self):
+    counts, trainer = collectives_in_one_step(self.strategy, model="resnet20",
+                                              all_reduce_pack_mb=0, all_reduce_dtype="bf16")
+    self.assertEqual(counts, {("CollectiveReduceV2", "ring", "bfloat16"): 1})
+    self.assertEqual(trainer.variables[0].dtype, tf.float32)  # the update's
 
   def test_sync_bn_adds_two_all_reduces_per_bn_layer(self):
     # The moments forward and their gradient backward, for each of resnet8's
     # 7 BN layers (the stem's and two in each of 3 blocks).
-    self.assertEqual(reductions_in_one_step(self.strategy, model="resnet8", sync_bn=True),
-                     1 + 2 * 7)
+    counts, _ = collectives_in_one_step(self.strategy, model="resnet8", sync_bn=True)
+    self.assertEqual(counts, {("CollectiveReduceV2", "ring", "float32"): 1 + 2 * 7})
 
   def test_replicas_share_the_mean_of_their_moving_statistics(self):
     trainer, _ = build(self.strategy, model="resnet8")
@@ -114,13 +135,22 @@ class XlaOnGpusTest(parameterized.TestCase):
       decisions.append(use_merge_call())
       return decisions[-1]
 
+    # What --all_reduce=auto and _pack_mb=0 choose where the replicas are GPUs.
+    with mock.patch.object(strategy_lib, "all_on_cpu", return_value=False):
+      all_reduce = strategy_lib.gradient_all_reduce(
+          DistributeConfig(all_reduce_pack_mb=0), strategy)
+    self.assertEqual(all_reduce.implementation, "nccl")
     with mock.patch.object(mirrored_run, "_is_gpu_device", return_value=True), \
          mock.patch.object(mirrored_strategy, "_is_gpu_device", return_value=True), \
          mock.patch.object(strategy.extended, "_use_merge_call", recorded), \
-         mock.patch.object(strategy_lib, "check_xla"):
+         mock.patch.object(strategy_lib, "check_xla"), \
+         mock.patch.object(strategy_lib, "gradient_all_reduce", return_value=all_reduce):
       trainer, iterator = build(strategy, model="resnet8", dtype=dtype, enable_xla=True)
-      trainer.train_loop.get_concrete_function(iterator, tf.constant(1))
+      step = trainer.train_loop.get_concrete_function(iterator, tf.constant(1))
     self.assertIn(False, decisions, "the replica step did not take the XLA path")
+    # This path launches its collectives without merge_call, where patching
+    # TensorFlow's reduce calls sees nothing: the ops show what crosses.
+    self.assertEqual(collectives(step), {("CollectiveReduceV2", "nccl", "float32"): 1})
 
 
   def test_xla_across_logical_cpu_devices_is_refused_before_anything_is_traced(self):

@@ -26,7 +26,22 @@ def tf_config(num_workers, index=0, chief=False):
 
 
 def cluster_of(num_workers, **kwargs):
-  return cluster_lib.from_environment({"TF_CONFIG": tf_config(num_workers, **kwargs)})
+  return cluster_lib.from_environment(environ={"TF_CONFIG": tf_config(num_workers, **kwargs)})
+
+
+def srun_environment(procid, localid, node="n01", **extra):
+  """What srun -N2 --ntasks-per-node=2 sets in one task (SLURM 22.05)."""
+  return {"SLURM_JOB_ID": "4321", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "n[01-02]",
+          "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NUM_TASKS": "4",
+          "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid),
+          "SLURMD_NODENAME": node, **extra}
+
+
+def pod_environment(index, num_workers=3):
+  """What launch/k8s/job.py's manifest gives a pod (Kubernetes adds the index)."""
+  return {"JOB_COMPLETION_INDEX": str(index), "RESNET_DIST_NUM_WORKERS": str(num_workers),
+          "RESNET_DIST_WORKER_ADDRESS": "train-{index}.train-workers:2222",
+          "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
 
 
 class ClusterTest(parameterized.TestCase):
@@ -38,8 +53,8 @@ class ClusterTest(parameterized.TestCase):
     self.assertEqual(cluster.source, "TF_CONFIG")
 
   def test_no_or_empty_tf_config_is_no_cluster(self):
-    self.assertIsNone(cluster_lib.from_environment({}))
-    self.assertIsNone(cluster_lib.from_environment({"TF_CONFIG": " "}))
+    self.assertIsNone(cluster_lib.from_environment(environ={}))
+    self.assertIsNone(cluster_lib.from_environment(environ={"TF_CONFIG": " "}))
 
   @parameterized.named_parameters(
       ("not_json", "{worker", "TF_CONFIG is not valid JSON"),
@@ -50,7 +65,7 @@ class ClusterTest(parameterized.TestCase):
        "is not one of its cluster's chief or worker"))
   def test_a_malformed_tf_config_is_one_line_naming_it(self, text, message):
     with self.assertRaisesRegex(ConfigError, message) as raised:
-      cluster_lib.from_environment({"TF_CONFIG": text})
+      cluster_lib.from_environment(environ={"TF_CONFIG": text})
     self.assertNotIn("\n", str(raised.exception))
 
 
@@ -100,6 +115,144 @@ class ChooseKindTest(parameterized.TestCase):
       with self.assertRaisesRegex(ConfigError, "^--strategy=mirrored would train"):
         strategy_lib.create_strategy(DistributeConfig(strategy="mirrored"))
     built.assert_not_called()
+
+
+class SlurmTest(parameterized.TestCase):
+  """The cluster of an srun job step (the real srun's tasks: slurm_test)."""
+
+  def test_hostlists_expand_as_slurm_writes_them(self):
+    self.assertEqual(cluster_lib.expand_hostlist("gpu[01-03,7],login"),
+                     ["gpu01", "gpu02", "gpu03", "gpu7", "login"])
+    self.assertEqual(cluster_lib.expand_hostlist("rack[1-2]-n[8-9]"),
+                     ["rack1-n8", "rack1-n9", "rack2-n8", "rack2-n9"])
+    self.assertEqual(cluster_lib.expand_hostlist("a-host"), ["a-host"])
+    self.assertEqual(cluster_lib.expand_tasks_per_node("2(x3),1"), [2, 2, 2, 1])
+
+  def test_tasks_are_ranked_node_by_node_each_on_its_own_port(self):
+    cluster = cluster_lib.from_environment(environ=srun_environment(3, 1, node="n02"))
+    base = 20000 + 16 * (4321 % 2500)
+    self.assertEqual(cluster.tasks, (f"n01:{base}", f"n01:{base + 1}",
+                                     f"n02:{base}", f"n02:{base + 1}"))
+    self.assertEqual((cluster.source, cluster.task_index, cluster.local_tasks,
+                      cluster.local_index), ("SLURM", 3, 2, 1))
+    self.assertEqual(strategy_lib.choose_kind("auto", cluster), "multi_worker_mirrored")
+    given = cluster_lib.from_environment("slurm", srun_environment(0, 0), port=7000)
+    self.assertEqual(given.tasks[:2], ("n01:7000", "n01:7001"))
+
+  def test_tf_config_wins_over_slurm_under_auto(self):
+    environ = {**srun_environment(0, 0), "TF_CONFIG": tf_config(2)}
+    self.assertEqual(cluster_lib.from_environment(environ=environ).source, "TF_CONFIG")
+
+  def test_a_task_out_of_block_order_is_refused(self):
+    # srun --distribution=cyclic puts rank 1 on the second node.
+    with self.assertRaisesRegex(ConfigError, "run srun with --distribution=block"):
+      cluster_lib.from_environment(environ=srun_environment(1, 0, node="n02"))
+
+  def test_slurm_asked_for_outside_srun_is_one_line(self):
+    environ = {"SLURM_JOB_ID": "4321", "SLURM_PROCID": "0"}  # a batch script's own shell
+    self.assertIsNone(cluster_lib.from_environment(environ=environ))
+    with self.assertRaisesRegex(ConfigError, "^--cluster=slurm outside an srun job step"):
+      cluster_lib.from_environment("slurm", environ)
+
+  def test_every_task_of_a_node_takes_its_share_of_the_gpus(self):
+    # --gres=gpu:4 with 2 tasks a node: SLURM shows both tasks all four.
+    environ = srun_environment(3, 1, node="n02", SLURM_GPUS_ON_NODE="4",
+                               CUDA_VISIBLE_DEVICES="0,1,2,3")
+    cluster = cluster_lib.from_environment(environ=environ)
+    cluster_lib.claim_local_gpus(cluster, environ)
+    self.assertEqual(environ["CUDA_VISIBLE_DEVICES"], "2,3")
+    # --gpus-per-task=2: bound already, left alone.
+    environ = srun_environment(3, 1, node="n02", SLURM_GPUS_ON_NODE="4",
+                               CUDA_VISIBLE_DEVICES="1,3")
+    self.assertIsNone(cluster_lib.local_gpus(cluster_lib.from_environment(environ=environ),
+                                             environ))
+    # No GPUs: nothing to share.
+    environ = srun_environment(3, 1, node="n02")
+    self.assertIsNone(cluster_lib.local_gpus(cluster_lib.from_environment(environ=environ),
+                                             environ))
+
+
+class KubernetesTest(parameterized.TestCase):
+  """The cluster of an Indexed Job's pod (two such processes train one model
+  in k8s_test)."""
+
+  def test_the_pods_index_is_the_task_and_the_service_names_every_worker(self):
+    cluster = cluster_lib.from_environment(environ=pod_environment(2))
+    self.assertEqual(cluster.tasks, tuple(f"train-{i}.train-workers:2222" for i in range(3)))
+    self.assertEqual((cluster.source, cluster.task_type, cluster.task_index),
+                     ("Kubernetes", "worker", 2))
+
+  @parameterized.named_parameters(
+      ("no_workers", {"RESNET_DIST_NUM_WORKERS": ""}, "needs RESNET_DIST_NUM_WORKERS"),
+      ("index_outside", {"JOB_COMPLETION_INDEX": "3"}, "outside 3 workers"),
+      ("no_index_in_address", {"RESNET_DIST_WORKER_ADDRESS": "w:2222"}, "has no {index}"))
+  def test_a_wrong_pod_environment_is_one_line(self, change, message):
+    with self.assertRaisesRegex(ConfigError, message):
+      cluster_lib.from_environment("kubernetes", {**pod_environment(0), **change})
+
+
+class AllReduceTest(parameterized.TestCase):
+  """--all_reduce as the devices allow it (the ops a step then launches:
+  accelerator_test.CollectivesTest)."""
+
+  @parameterized.parameters(
+      ("auto", "mirrored", True, "nccl"), ("auto", "mirrored", False, "ring"),
+      ("auto", "multi_worker_mirrored", True, "nccl"),
+      ("auto", "multi_worker_mirrored", False, "ring"),
+      ("ring", "multi_worker_mirrored", True, "ring"), ("nccl", "mirrored", True, "nccl"),
+      ("auto", "tpu", False, "tpu"), ("auto", "one_device", True, "none"))
+  def test_auto_is_nccl_between_gpus_and_ring_between_cpus(self, asked, kind, gpus, chosen):
+    all_reduce = strategy_lib.choose_all_reduce(DistributeConfig(all_reduce=asked), kind, gpus)
+    self.assertEqual(all_reduce.implementation, chosen)
+
+  @parameterized.parameters(
+      ("nccl", "mirrored", False, "^--all_reduce=nccl needs GPUs"),
+      ("nccl", "multi_worker_mirrored", False, "^--all_reduce=nccl needs GPUs"),
+      ("ring", "tpu", False, "all-reduces over the TPU interconnect"),
+      ("nccl", "one_device", True, "has one replica"))
+  def test_an_implementation_the_devices_lack_is_one_line(self, asked, kind, gpus, message):
+    with self.assertRaisesRegex(ConfigError, message):
+      strategy_lib.choose_all_reduce(DistributeConfig(all_reduce=asked), kind, gpus)
+
+  def test_the_strategy_is_built_with_the_chosen_collectives(self):
+    # Mocked: a real MultiWorkerMirroredStrategy waits for its peers.
+    environ = {"TF_CONFIG": tf_config(2)}
+    with mock.patch.dict("os.environ", environ), \
+        mock.patch.object(strategy_lib.tf.distribute, "MultiWorkerMirroredStrategy") as built:
+      strategy_lib.create_strategy(DistributeConfig(collective_timeout_seconds=30))
+      # TFConfigClusterResolver reads TF_CONFIG when asked.
+      self.assertEqual(built.call_args.kwargs["cluster_resolver"].task_type, "worker")
+    options = built.call_args.kwargs["communication_options"]
+    self.assertEqual(options.implementation,
+                     strategy_lib.tf.distribute.experimental.CommunicationImplementation.RING)
+    self.assertEqual(options.timeout_seconds, 30)
+
+  def test_nccl_on_cpus_is_refused_before_a_strategy_is_built(self):
+    with mock.patch.dict("os.environ", {"TF_CONFIG": tf_config(2)}), \
+        mock.patch.object(strategy_lib.tf.distribute, "MultiWorkerMirroredStrategy") as built:
+      with self.assertRaisesRegex(ConfigError, "^--all_reduce=nccl needs GPUs"):
+        strategy_lib.create_strategy(DistributeConfig(all_reduce="nccl"))
+    built.assert_not_called()
+
+  def test_a_slurm_cluster_reaches_the_strategy_as_its_resolver(self):
+    with mock.patch.dict("os.environ", srun_environment(2, 0, node="n02"), clear=True), \
+        mock.patch.object(strategy_lib.tf.distribute, "MultiWorkerMirroredStrategy") as built:
+      strategy_lib.create_strategy(DistributeConfig(cluster_port=9000))
+    resolver = built.call_args.kwargs["cluster_resolver"]
+    self.assertEqual(resolver.cluster_spec().as_dict(),
+                     {"worker": ["n01:9000", "n01:9001", "n02:9000", "n02:9001"]})
+    self.assertEqual((resolver.task_type, resolver.task_id), ("worker", 2))
+
+  def test_packs_are_counted_as_tensorflow_groups_them(self):
+    shapes = [[600], [100], [300], [50]]  # float32: 2400, 400, 1200, 200 bytes
+    values = [strategy_lib.tf.zeros(s) for s in shapes]
+    packs = lambda n, dtype="fp32": strategy_lib.AllReduce("ring", n, dtype).num_packs(values)
+    # Last value first; a pack closes once it holds more than the pack size.
+    self.assertEqual(packs(1000), 2)   # [200, 1200] [400, 2400]
+    self.assertEqual(packs(100), 4)
+    self.assertEqual(packs(0), 1)
+    self.assertEqual(packs(500, "bf16"), 2)   # [100, 600] [200, 1200]
+    self.assertEqual(packs(150, "bf16"), 3)   # [100, 600] [200] [1200]
 
 
 if __name__ == "__main__":
