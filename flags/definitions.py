@@ -85,7 +85,7 @@ flags.DEFINE_integer("collective_timeout_seconds", _default("collective_timeout_
                      "0: off (a dead peer is found by heartbeats).", lower_bound=0)
 flags.DEFINE_enum("cluster", _default("cluster"), cluster_lib.SOURCES,
                   "Where the cluster of a multi-worker run is read: auto (TF_CONFIG if set, "
-                  "else an srun job step, else a pod of launch/k8s/'s Indexed Job), "
+                  "else an srun job step, else a pod of an Indexed Job), "
                   "tf_config, slurm or kubernetes.")
 flags.DEFINE_integer("cluster_port", _default("cluster_port"),
                      "SLURM: the port of each node's first task (the next tasks take the next "

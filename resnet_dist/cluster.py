@@ -6,7 +6,7 @@ apart is the environment its launcher gives each process:
 - TF_CONFIG, set by hand or printed by `launch.multi_worker --print_tf_config`;
 - SLURM: the variables `srun` sets in each task of a job step;
 - Kubernetes: JOB_COMPLETION_INDEX of an Indexed Job's pod, with the worker
-  count and address pattern the manifest (launch/k8s/) sets.
+  count and address pattern its manifest sets (docs/distributed.md).
 
 from_environment() reads one of them into a Cluster, from which
 strategy.choose_kind() decides, so that a process that was handed a cluster
@@ -24,7 +24,7 @@ from resnet_dist.errors import ConfigError
 SOURCES = ("auto", "tf_config", "slurm", "kubernetes")
 # The jobs whose tasks each hold replicas under MultiWorkerMirroredStrategy.
 _TRAINING_JOBS = ("chief", "worker")
-# Set by the manifests of launch/k8s/ (Kubernetes itself sets JOB_COMPLETION_INDEX).
+# Set by the Job's manifest (Kubernetes itself sets JOB_COMPLETION_INDEX).
 K8S_NUM_WORKERS = "RESNET_DIST_NUM_WORKERS"
 K8S_WORKER_ADDRESS = "RESNET_DIST_WORKER_ADDRESS"   # HOST:PORT with {index} in it
 
@@ -154,7 +154,7 @@ def from_kubernetes(environ):
              if not environ.get(name)]
   if missing:
     raise ConfigError(f"--cluster=kubernetes needs {', '.join(missing)}: run it in a pod "
-                      f"of an Indexed Job as launch/k8s/job.py writes it")
+                      f"of an Indexed Job that sets them (docs/distributed.md)")
   try:
     num_workers, index = int(environ[K8S_NUM_WORKERS]), int(environ["JOB_COMPLETION_INDEX"])
   except ValueError:
@@ -178,7 +178,7 @@ def from_environment(source="auto", environ=None, port=0):
   """This process's Cluster, or None where nothing in its environment names one.
 
   auto: TF_CONFIG where it is set (a launcher's or a user's explicit word),
-  else an srun job step, else a pod of an Indexed Job of launch/k8s/.
+  else an srun job step, else a pod of an Indexed Job (docs/distributed.md).
   """
   environ = os.environ if environ is None else environ
   if source not in SOURCES:

@@ -135,7 +135,7 @@ def choose_kind(kind, cluster, tpu=""):
   if kind == "multi_worker_mirrored" and cluster is None:
     raise ConfigError("--strategy=multi_worker_mirrored needs a cluster: set TF_CONFIG "
                       "(`python -m launch.multi_worker --print_tf_config` prints it), or "
-                      "start the tasks with srun or as launch/k8s/'s Indexed Job")
+                      "start the tasks with srun or as a Kubernetes Indexed Job")
   if kind == "auto":
     return "tpu" if tpu or _tpu_attached() else "mirrored"
   return kind

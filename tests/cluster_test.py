@@ -38,7 +38,7 @@ def srun_environment(procid, localid, node="n01", **extra):
 
 
 def pod_environment(index, num_workers=3):
-  """What launch/k8s/job.py's manifest gives a pod (Kubernetes adds the index)."""
+  """What an Indexed Job's manifest gives a pod (Kubernetes adds the index)."""
   return {"JOB_COMPLETION_INDEX": str(index), "RESNET_DIST_NUM_WORKERS": str(num_workers),
           "RESNET_DIST_WORKER_ADDRESS": "train-{index}.train-workers:2222",
           "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
@@ -173,8 +173,8 @@ class SlurmTest(parameterized.TestCase):
 
 
 class KubernetesTest(parameterized.TestCase):
-  """The cluster of an Indexed Job's pod (two such processes train one model
-  in k8s_test)."""
+  """The cluster of an Indexed Job's pod (no manifest of ours yet: the
+  variables are what docs/distributed.md asks a manifest to set)."""
 
   def test_the_pods_index_is_the_task_and_the_service_names_every_worker(self):
     cluster = cluster_lib.from_environment(environ=pod_environment(2))
