@@ -150,7 +150,7 @@ def create_strategy(distribute):
   """
   cluster = cluster_lib.from_environment(distribute.cluster, port=distribute.cluster_port)
   kind = choose_kind(distribute.strategy, cluster, distribute.tpu)
-  if cluster is not None and cluster.source != "TF_CONFIG":
+  if cluster is not None:
     cluster_lib.claim_local_gpus(cluster)  # before TensorFlow lists its GPUs
   if kind == "tpu":
     return _tpu_strategy(distribute)
