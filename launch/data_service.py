@@ -42,6 +42,9 @@ _WORKER_TIMEOUT = flags.DEFINE_integer(
 # A worker reports to the dispatcher this often: it learns of new jobs and
 # the dispatcher of lost workers within a few of these.
 _HEARTBEAT_MS = 1000
+# A server ends within a fraction of a second of SIGTERM; one that has not
+# after this long is killed, so that --role=local never outlives its stop.
+_STOP_SECONDS = 10
 
 
 def _service():
@@ -63,8 +66,11 @@ def _serve(server, what):
     signal.signal(signum, _end)
   port = server._address.rsplit(":", 1)[1]  # pylint: disable=protected-access
   print(f"{what} serving on port {port}", flush=True)
-  while True:  # not server.join(): a signal's handler runs only between Python calls
-    signal.pause()
+  # Not server.join() nor signal.pause(): Python runs a handler in the main
+  # thread between bytecodes, and the kernel may deliver the signal to one of
+  # the server's threads, which would leave the main thread asleep for good.
+  while True:
+    time.sleep(0.2)
 
 
 def dispatcher(port, work_dir, worker_timeout_seconds):
@@ -149,7 +155,11 @@ def _supervise(processes, stopping, stop):
               file=sys.stderr, flush=True)
     time.sleep(0.5)
   for process in processes:
-    process.wait()
+    try:
+      process.wait(timeout=_STOP_SECONDS)
+    except subprocess.TimeoutExpired:  # a server that did not end on SIGTERM
+      process.kill()
+      process.wait()
   return exits.OK
 
 

@@ -10,6 +10,7 @@ from unittest import mock
 
 from absl.testing import absltest, parameterized
 
+from launch import kubernetes
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import DistributeConfig
@@ -37,11 +38,13 @@ def srun_environment(procid, localid, node="n01", **extra):
           "SLURMD_NODENAME": node, **extra}
 
 
-def pod_environment(index, num_workers=3):
-  """What an Indexed Job's manifest gives a pod (Kubernetes adds the index)."""
-  return {"JOB_COMPLETION_INDEX": str(index), "RESNET_DIST_NUM_WORKERS": str(num_workers),
-          "RESNET_DIST_WORKER_ADDRESS": "train-{index}.train-workers:2222",
-          "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+def pod_environment(index, num_workers=3, **job):
+  """What a pod of launch.kubernetes's Indexed Job sees: the container's
+  variables from the manifest, and the index Kubernetes adds."""
+  items = kubernetes.manifest(kubernetes.Job("train", "image", [], num_workers, **job))["items"]
+  container = items[1]["spec"]["template"]["spec"]["containers"][0]
+  return {"JOB_COMPLETION_INDEX": str(index), "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+          **{variable["name"]: variable["value"] for variable in container["env"]}}
 
 
 class ClusterTest(parameterized.TestCase):
@@ -173,14 +176,43 @@ class SlurmTest(parameterized.TestCase):
 
 
 class KubernetesTest(parameterized.TestCase):
-  """The cluster of an Indexed Job's pod (no manifest of ours yet: the
-  variables are what docs/distributed.md asks a manifest to set)."""
+  """launch.kubernetes's manifest and the cluster its pods read from it."""
 
   def test_the_pods_index_is_the_task_and_the_service_names_every_worker(self):
-    cluster = cluster_lib.from_environment(environ=pod_environment(2))
-    self.assertEqual(cluster.tasks, tuple(f"train-{i}.train-workers:2222" for i in range(3)))
+    cluster = cluster_lib.from_environment(environ=pod_environment(2, port=2345))
+    self.assertEqual(cluster.tasks, tuple(f"train-{i}.train:2345" for i in range(3)))
     self.assertEqual((cluster.source, cluster.task_type, cluster.task_index),
                      ("Kubernetes", "worker", 2))
+
+  def test_the_manifest_is_an_indexed_job_whose_pods_resolve_under_its_service(self):
+    job = kubernetes.Job("r50", "registry/resnet_dist:1", ["--flagfile=f.cfg"], num_workers=4,
+                         gpus_per_worker=8, volume="runs:/runs")
+    service, indexed = json.loads(json.dumps(kubernetes.manifest(job)))["items"]
+    pod = indexed["spec"]["template"]
+    self.assertEqual((service["kind"], service["spec"]["clusterIP"]), ("Service", "None"))
+    self.assertEqual(service["spec"]["selector"], pod["metadata"]["labels"])
+    # Pod i is named r50-i (Indexed Job) in the subdomain r50 (the Service).
+    self.assertEqual(pod["spec"]["subdomain"], service["metadata"]["name"])
+    spec = indexed["spec"]
+    self.assertEqual((spec["completionMode"], spec["completions"], spec["parallelism"]),
+                     ("Indexed", 4, 4))
+    container, = pod["spec"]["containers"]
+    self.assertEqual(container["args"], ["--flagfile=f.cfg", "--cluster=kubernetes"])
+    self.assertEqual(container["resources"], {"limits": {"nvidia.com/gpu": 8}})
+    self.assertIn({"name": "shared", "mountPath": "/runs"}, container["volumeMounts"])
+    # Bad flags and a non-finite loss end the Job; a preemption is not a failure.
+    fail, ignore = spec["podFailurePolicy"]["rules"]
+    self.assertEqual((fail["action"], fail["onExitCodes"]["values"]), ("FailJob", [2, 3]))
+    self.assertEqual(ignore["onPodConditions"], [{"type": "DisruptionTarget"}])
+
+  @parameterized.named_parameters(
+      ("capitals", {"name": "R50"}, "must be a DNS label"),
+      ("too_long", {"name": "r" * 62}, "short enough for"),
+      ("relative_mount", {"name": "r", "volume": "runs:runs"}, "CLAIM:/absolute/path"))
+  def test_a_manifest_that_kubernetes_would_refuse_is_one_line(self, fields, message):
+    job = kubernetes.Job(**{"image": "i", "train_args": [], "num_workers": 10, **fields})
+    with self.assertRaisesRegex(kubernetes.ManifestError, message):
+      kubernetes.manifest(job)
 
   @parameterized.named_parameters(
       ("no_workers", {"RESNET_DIST_NUM_WORKERS": ""}, "needs RESNET_DIST_NUM_WORKERS"),

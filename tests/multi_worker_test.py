@@ -1,11 +1,16 @@
-"""The local multi-worker launcher: a dead worker, and SIGTERM to one worker.
+"""Several workers as processes: the local launcher (a dead worker, SIGTERM to
+one worker or to the launcher) and the pods of launch.kubernetes's Job.
 
 (That 2 workers train the weights one device does is tests/equivalence_test.py.)
 """
 
 import os
+import random
 import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,6 +18,7 @@ import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CP
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 
+from launch import kubernetes
 from tests import launching
 
 
@@ -106,37 +112,66 @@ def thread_count(pid):
     return None
 
 
-class ThreadsTest(absltest.TestCase):
+def free_port_pair():
+  """A base B for which ports B0 and B1 are free: worker {index} at B{index}."""
+  for _ in range(100):
+    base = random.randrange(2000, 6500)
+    try:
+      for index in (0, 1):
+        with socket.socket() as s:
+          s.bind(("127.0.0.1", int(f"{base}{index}")))
+      return base
+    except OSError:
+      continue
+  raise AssertionError("no two free ports")
 
-  def test_a_worker_threads_stay_bounded_over_a_run(self):
+
+def start_pods(model_dir, *train_args):
+  """The 2 pods of launch.kubernetes's Job as processes of this machine: each
+  runs the container's command with the container's variables and the index
+  Kubernetes adds. Only the address changes: the pods' DNS names do not
+  resolve here, and two local workers cannot share a port."""
+  job = kubernetes.Job("train", "image", ["--flagfile=launch/configs/digits.cfg",
+                                          "--model=resnet8", f"--model_dir={model_dir}",
+                                          f"--data_dir={model_dir}/data", *train_args])
+  container = kubernetes.manifest(job)["items"][1]["spec"]["template"]["spec"]["containers"][0]
+  env = {variable["name"]: variable["value"] for variable in container["env"]}
+  env["RESNET_DIST_WORKER_ADDRESS"] = f"127.0.0.1:{free_port_pair()}{{index}}"
+  command = [sys.executable, *container["command"][1:], *container["args"]]
+  return [subprocess.Popen(command, cwd=launching.ROOT,
+                           env={**launching.ENV, **env, "JOB_COMPLETION_INDEX": str(index)},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for index in (0, 1)]
+
+
+class KubernetesPodsTest(absltest.TestCase):
+
+  def test_the_jobs_pods_train_one_model_and_their_threads_stay_bounded(self):
     # A collective timeout held a thread per collective for its whole length
     # (thousands within minutes); nothing may grow with the number of steps.
     model_dir = self.create_tempdir().full_path
-    launcher = launching.start(*two_workers(model_dir), "--train_steps=50",
-                               "--steps_per_loop=10", "--log_every_steps=10", "--skip_eval")
-    lines, pids = [], []
-
-    def read():
-      for line in launcher.stdout:
-        lines.append(line)
-        found = re.match(r"\[launcher\] worker \d: pid (\d+)", line)
-        if found:
-          pids.append(int(found.group(1)))
-
-    reader = threading.Thread(target=read)
-    reader.start()
+    pods = start_pods(model_dir, "--global_batch_size=32", "--train_steps=50",
+                      "--steps_per_loop=10", "--log_every_steps=10", "--skip_eval")
+    outputs = [[], []]
+    readers = [threading.Thread(target=lambda p=p, o=o: o.extend(p.stdout))
+               for p, o in zip(pods, outputs)]
+    for reader in readers:
+      reader.start()
     at_step = {}  # worker threads when worker 0 reports step N
-    while launcher.poll() is None:
-      steps = [int(m.group(1)) for m in map(re.compile(r"\[worker 0\] step (\d+)/").match,
-                                             list(lines)) if m]
-      counts = [c for c in map(thread_count, pids) if c is not None]
+    while any(pod.poll() is None for pod in pods):
+      steps = [int(m.group(1)) for m in map(re.compile(r"step (\d+)/").match,
+                                             list(outputs[0])) if m]
+      counts = [c for c in (thread_count(pod.pid) for pod in pods) if c is not None]
       if steps and steps[-1] not in at_step and len(counts) == 2:
         at_step[steps[-1]] = max(counts)
       time.sleep(0.1)
-    reader.join()
-    out = "".join(lines)
-    self.assertEqual(launcher.returncode, 0, out[-3000:] + launcher.stderr.read()[-3000:])
-    self.assertIn("[worker 0] done: 50 steps", out)
+    for reader in readers:
+      reader.join()
+    chief, other = ("".join(lines) for lines in outputs)
+    self.assertEqual([pod.returncode for pod in pods], [0, 0], chief[-3000:] + other[-3000:])
+    self.assertIn("strategy   multi_worker_mirrored: 2 replica(s), worker 0 of 2 tasks", chief)
+    self.assertIn("done: 50 steps", chief)
+    self.assertNotIn("done:", other)  # one run of two tasks, reported by its chief
     print(f"threads per worker at step N: {at_step}")
     self.assertGreaterEqual(len(at_step), 3, at_step)
     self.assertGreater(min(at_step.values()), 20)  # a TensorFlow process: counted, not gone
