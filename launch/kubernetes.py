@@ -181,9 +181,10 @@ def main(argv):
     if not flag.value:
       exits.error(f"--{flag.name} is required")
       return exits.USAGE
-  job = Job(_NAME.value, _IMAGE.value, argv[1:], _NUM_WORKERS.value, _GPUS.value, _PORT.value,
-            _NAMESPACE.value, _MAX_RESTARTS.value, _GRACE.value, _WORKDIR.value, _PYTHON.value,
-            _VOLUME.value)
+  job = Job(_NAME.value, _IMAGE.value, argv[1:], num_workers=_NUM_WORKERS.value,
+            gpus_per_worker=_GPUS.value, port=_PORT.value, namespace=_NAMESPACE.value,
+            max_restarts=_MAX_RESTARTS.value, grace_seconds=_GRACE.value,
+            workdir=_WORKDIR.value, python=_PYTHON.value, volume=_VOLUME.value)
   try:
     text = manifest(job)
   except ManifestError as e:

@@ -5,13 +5,14 @@ started by this test with a slurm.conf and munge key of its own in its temp
 dir, one node of this machine's CPUs. Nothing is mocked: the tasks read the
 SLURM_* variables the real srun sets.
 
-- `srun -n2 python -m launch.train` (no --strategy, no TF_CONFIG) trains one
-  model across both tasks, the weights one device trains. A task that read
-  no cluster would train a model of its own on half the batches and fail.
-- launch/slurm/train.sbatch as users submit it: `scancel --signal=TERM`
-  (what --signal=TERM@grace and preemption send) ends both tasks with 75
-  after a checkpoint, the script requeues the job, and the rerun of the same
-  command resumes from that checkpoint.
+launch/slurm/train.sbatch as users submit it: its `srun` starts two tasks
+of `python -m launch.train` (no --strategy, no TF_CONFIG) that train one
+model, the cluster read from srun's variables; `scancel --signal=TERM` (what
+--signal=TERM@grace and preemption send) ends both tasks with 75 after a
+checkpoint, the script requeues the job, and the rerun of the same command
+resumes from that checkpoint. (That the tasks of such a cluster train the
+weights one device does is tests/equivalence_test.py, with TF_CONFIG; that
+srun's variables give the same cluster is tests/cluster_test.py.)
 """
 
 import os
@@ -25,10 +26,8 @@ import time
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 from absl.testing import absltest
 
-from flags import definitions
 from launch import multi_worker
-from resnet_dist import train
-from tests import equivalence_test, fixtures, launching
+from tests import launching
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
@@ -76,13 +75,16 @@ class LocalSlurm:
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
     controller_port, node_port = multi_worker.free_ports(2)
     paths = {name: os.path.join(self.root, name) for name in ("spool", "state")}
+    # cred_expire is also how long SLURM holds a requeued job back (120 s by
+    # default), and the scheduler's full pass runs every sched_interval (60 s):
+    # both short here, so that the requeued job starts within seconds.
     with open(self.conf, "w") as f:
       f.write(f"""ClusterName=resnet-dist-test
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={controller_port}
 SlurmdPort={node_port}
 AuthType=auth/munge
-AuthInfo=socket={self.socket}
+AuthInfo=socket={self.socket},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 ProctrackType=proctrack/linuxproc
@@ -90,6 +92,7 @@ TaskPlugin=task/none
 SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+SchedulerParameters=sched_interval=2
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 ReturnToService=2
@@ -122,6 +125,9 @@ PartitionName=debug Nodes=ALL Default=YES OverSubscribe=YES MaxTime=INFINITE Sta
                           text=True, timeout=timeout, cwd=launching.ROOT)
 
   def stop(self):
+    """Ends the daemons, then whatever they started: slurmstepd and a job's
+    tasks outlive slurmd, and a task left training would hold the cores and
+    its ports for the rest of the suite."""
     for daemon in reversed(self.daemons):
       daemon.send_signal(signal.SIGTERM)
     for daemon in self.daemons:
@@ -129,6 +135,35 @@ PartitionName=debug Nodes=ALL Default=YES OverSubscribe=YES MaxTime=INFINITE Sta
         daemon.wait(timeout=20)
       except subprocess.TimeoutExpired:
         daemon.kill()
+    deadline = time.time() + 30
+    while self.processes() and time.time() < deadline:
+      for pid in self.processes():
+        try:
+          os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+          pass
+      time.sleep(0.2)
+    if self.processes():
+      raise AssertionError(f"processes of the test's SLURM outlived it: {self.processes()}")
+
+  def processes(self):
+    """Live processes of this cluster: those whose environment names its
+    slurm.conf (the daemons', slurmstepd's and the jobs' tasks')."""
+    marker = f"SLURM_CONF={self.conf}".encode()
+    return [int(pid) for pid in os.listdir("/proc")
+            if pid.isdigit() and int(pid) != os.getpid() and _runs_with(int(pid), marker)]
+
+
+def _runs_with(pid, variable):
+  """Whether process pid is alive (not a zombie) with `variable` (NAME=value) set."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+        return False
+    with open(f"/proc/{pid}/environ", "rb") as f:
+      return variable in f.read().split(b"\0")
+  except OSError:  # gone, or not ours to read
+    return False
 
 
 class SlurmTest(absltest.TestCase):
@@ -145,27 +180,7 @@ class SlurmTest(absltest.TestCase):
     cls.slurm.stop()
     super().tearDownClass()
 
-  def test_srun_tasks_train_the_weights_one_device_does(self):
-    flags = [*equivalence_test.COMMON, f"--data_dir={self.data_dir}"]
-    reference = self.create_tempdir().full_path
-    definitions.FLAGS.unparse_flags()
-    definitions.FLAGS(["train", *flags, "--strategy=one_device", f"--model_dir={reference}"])
-    with fixtures.quiet():
-      train.run(definitions.config_from_flags())
-    model_dir = self.create_tempdir().full_path
-    result = self.slurm.command(
-        "srun", "-N1", "-n2", "--cpus-per-task=1",
-        *launching.command("launch.train", *flags, f"--model_dir={model_dir}"), timeout=600)
-    self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
-    self.assertIn("strategy   multi_worker_mirrored: 2 replica(s), worker 0 of 2 tasks",
-                  result.stdout)
-    self.assertRegex(result.stdout, r"all-reduce ring, [\d.]+ MB a step in 1 pack")
-    self.assertEqual(result.stdout.count("done: 6 steps"), 1)  # one chief, one run
-    equivalence = equivalence_test.StrategyEquivalenceTest("assert_same_weights")
-    equivalence.assert_same_weights(equivalence_test.model_weights(reference),
-                                    equivalence_test.model_weights(model_dir))
-
-  def test_the_sbatch_script_saves_on_sigterm_and_its_requeue_resumes(self):
+  def test_the_sbatch_scripts_tasks_train_one_model_save_on_sigterm_and_resume(self):
     model_dir = self.create_tempdir().full_path
     output = os.path.join(model_dir, "job.out")
     # The copy-and-edit lines overridden for a node of CPUs, as users do.
@@ -188,6 +203,11 @@ class SlurmTest(absltest.TestCase):
     finally:
       self.slurm.command("scancel", job)
     text = read(output)
+    # One model across srun's two tasks: the cluster read from its variables,
+    # and one log of one run, its chief's.
+    self.assertIn("strategy   multi_worker_mirrored: 2 replica(s), worker 0 of 2 tasks", text)
+    self.assertRegex(text, r"all-reduce ring, [\d.]+ MB a step in 1 pack")
+    self.assertEqual(text.count(f"SIGTERM: saved a checkpoint at step {saved.group(1)}"), 1)
     self.assertRegex(text, r"srun: error: \S+: tasks 0-1: Exited with exit code 75")
     self.assertIn("srun ended with status 75", text)
     self.assertIn("(restart 1)", text)
@@ -198,6 +218,7 @@ class SlurmTest(absltest.TestCase):
       text = read(path)
       match = re.search(pattern, text, re.M)
       if match:
+        print(f"{time.strftime('%X')} {what}", flush=True)
         return match
       time.sleep(0.2)
     raise AssertionError(f"waiting for {what}; the job wrote:\n{text[-3000:]}")
