@@ -52,12 +52,3 @@ def make_run(model_dir, model="resnet8", num_classes=10, seed=0):
   tf.train.CheckpointManager(tf.train.Checkpoint(model=checkpoints.model_state(net)),
                              os.path.join(model_dir, "checkpoints"), 1).save(checkpoint_number=1)
   return net
-
-
-def least_moved(initial, trained):
-  """(change, key) of the trainable variable of `initial` (a model) that
-  training moved least, by the largest change of any of its elements, in
-  `trained` ({checkpoint key: array}). A guard on the one variable that moved
-  most passes when most of the model never trains; this one does not."""
-  return min((float(np.max(np.abs(trained[checkpoints.checkpoint_key(v.path)] - v.numpy()))),
-              checkpoints.checkpoint_key(v.path)) for v in initial.trainable_variables)
