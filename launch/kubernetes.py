@@ -35,29 +35,6 @@ from absl import flags
 
 from resnet_dist.cluster import K8S_NUM_WORKERS, K8S_WORKER_ADDRESS
 
-_NAME = flags.DEFINE_string(
-    "name", None, "The Job's and the Service's name (a DNS label: a-z, 0-9, '-').")
-_IMAGE = flags.DEFINE_string(
-    "image", None, "A container image with this project at --workdir and its dependencies.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Pods, one worker each.", lower_bound=1)
-_GPUS = flags.DEFINE_integer(
-    "gpus_per_worker", 0, "nvidia.com/gpu each pod asks for.", lower_bound=0)
-_PORT = flags.DEFINE_integer(
-    "port", 2222, "The workers' gRPC port.", lower_bound=1, upper_bound=65535)
-_NAMESPACE = flags.DEFINE_string("namespace", "", "Namespace; default kubectl's.")
-_MAX_RESTARTS = flags.DEFINE_integer(
-    "max_restarts", 3, "Failures of each worker the Job retries (preemptions not counted).",
-    lower_bound=0)
-_GRACE = flags.DEFINE_integer(
-    "grace_seconds", 120, "Between SIGTERM and SIGKILL: time for the checkpoint.",
-    lower_bound=1)
-_WORKDIR = flags.DEFINE_string("workdir", "/workspace/resnet_dist",
-                               "Where the image holds this project.")
-_PYTHON = flags.DEFINE_string("python", "python", "The image's Python with the dependencies.")
-_VOLUME = flags.DEFINE_string(
-    "volume", "", "CLAIM:PATH: a PersistentVolumeClaim mounted at PATH in every pod (for a "
-    "--model_dir or --data_dir on a shared file system).")
-
 CONTAINER = "train"
 # Statuses (launch/exits.py) that fail the Job at once: the next try would fail alike.
 _FINAL_STATUSES = (exits.USAGE, exits.NONFINITE)
@@ -70,7 +47,7 @@ class ManifestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """What the manifest is made from; the defaults are the flags'."""
+  """What the manifest is made from; its defaults are the flags'."""
   name: str
   image: str
   train_args: Sequence[str]
@@ -93,6 +70,30 @@ class Job:
     claim, _, path = self.volume.partition(":")
     if self.volume and not (claim and path.startswith("/")):
       raise ManifestError(f"--volume={self.volume} must be CLAIM:/absolute/path")
+
+
+_NAME = flags.DEFINE_string(
+    "name", None, "The Job's and the Service's name (a DNS label: a-z, 0-9, '-').")
+_IMAGE = flags.DEFINE_string(
+    "image", None, "A container image with this project at --workdir and its dependencies.")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", Job.num_workers, "Pods, one worker each.", lower_bound=1)
+_GPUS = flags.DEFINE_integer(
+    "gpus_per_worker", Job.gpus_per_worker, "nvidia.com/gpu each pod asks for.", lower_bound=0)
+_PORT = flags.DEFINE_integer(
+    "port", Job.port, "The workers' gRPC port.", lower_bound=1, upper_bound=65535)
+_NAMESPACE = flags.DEFINE_string("namespace", Job.namespace, "Namespace; default kubectl's.")
+_MAX_RESTARTS = flags.DEFINE_integer(
+    "max_restarts", Job.max_restarts,
+    "Failures of each worker the Job retries (preemptions not counted).", lower_bound=0)
+_GRACE = flags.DEFINE_integer(
+    "grace_seconds", Job.grace_seconds,
+    "Between SIGTERM and SIGKILL: time for the checkpoint.", lower_bound=1)
+_WORKDIR = flags.DEFINE_string("workdir", Job.workdir, "Where the image holds this project.")
+_PYTHON = flags.DEFINE_string("python", Job.python, "The image's Python with the dependencies.")
+_VOLUME = flags.DEFINE_string(
+    "volume", Job.volume, "CLAIM:PATH: a PersistentVolumeClaim mounted at PATH in every pod "
+    "(for a --model_dir or --data_dir on a shared file system).")
 
 
 def worker_address(name, port):

@@ -6,6 +6,7 @@ tests/equivalence_test.py, started as the README says.)
 """
 
 import json
+import subprocess
 from unittest import mock
 
 from absl.testing import absltest, parameterized
@@ -15,6 +16,7 @@ from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import DistributeConfig
 from resnet_dist.errors import ConfigError
+from tests import launching
 
 
 def tf_config(num_workers, index=0, chief=False):
@@ -204,6 +206,25 @@ class KubernetesTest(parameterized.TestCase):
     fail, ignore = spec["podFailurePolicy"]["rules"]
     self.assertEqual((fail["action"], fail["onExitCodes"]["values"]), ("FailJob", [2, 3]))
     self.assertEqual(ignore["onPodConditions"], [{"type": "DisruptionTarget"}])
+
+  def test_the_readme_command_prints_the_manifest_and_refuses_a_bad_name_in_one_line(self):
+    command = launching.command("launch.kubernetes", "--name=r50", "--image=registry/r:1",
+                                "--num_workers=3", "--gpus_per_worker=8", "--",
+                                "--flagfile=launch/configs/resnet50_imagenet_8gpu.cfg")
+    result = subprocess.run(command, cwd=launching.ROOT, env=launching.ENV,
+                            capture_output=True, text=True, timeout=60)
+    self.assertEqual(result.returncode, 0, result.stderr)
+    service, job = json.loads(result.stdout)["items"]  # what kubectl apply -f - reads
+    self.assertEqual((service["kind"], job["kind"], job["spec"]["completions"]),
+                     ("Service", "Job", 3))
+    self.assertEqual(job["spec"]["template"]["spec"]["containers"][0]["args"],
+                     ["--flagfile=launch/configs/resnet50_imagenet_8gpu.cfg",
+                      "--cluster=kubernetes"])
+    bad = subprocess.run([*command[:3], "--name=R50", "--image=i"], cwd=launching.ROOT,
+                         env=launching.ENV, capture_output=True, text=True, timeout=60)
+    self.assertEqual((bad.returncode, bad.stdout), (2, ""))
+    self.assertEqual(bad.stderr.count("\n"), 1, bad.stderr)
+    self.assertRegex(bad.stderr, r"^error: --name='R50' must be a DNS label")
 
   @parameterized.named_parameters(
       ("capitals", {"name": "R50"}, "must be a DNS label"),
