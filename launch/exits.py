@@ -167,8 +167,23 @@ def _end_without_final_collection():
 
 # A temp dir of this process's own, for what TensorFlow writes there
 # (autograph's generated sources, deleted at a normal exit): what a killed
-# process leaves behind is removed by the next entrypoint that starts.
+# process leaves behind is removed by the next entrypoint that starts. Its
+# name holds the PID namespace with the pid: processes of several namespaces
+# (containers, Bazel's sandboxes) may share one /tmp and the same pids, and a
+# pid is alive or dead only within its own namespace.
 _TEMP_PREFIX = "resnet_dist-"
+
+
+def _pid_namespace():
+  try:
+    return os.stat("/proc/self/ns/pid").st_ino
+  except OSError:  # no /proc: one namespace as far as we can tell
+    return 0
+
+
+def tempdir_of(parent, pid):
+  """The temp dir that process `pid` of this PID namespace makes in parent."""
+  return os.path.join(parent, f"{_TEMP_PREFIX}{_pid_namespace()}-{pid}")
 
 
 def _alive(pid):
@@ -182,21 +197,22 @@ def _alive(pid):
 
 
 def _remove_dead_tempdirs(parent):
-  for path in glob.glob(os.path.join(parent, _TEMP_PREFIX + "*")):
-    pid = os.path.basename(path)[len(_TEMP_PREFIX):]
+  prefix = f"{_TEMP_PREFIX}{_pid_namespace()}-"
+  for path in glob.glob(os.path.join(parent, prefix + "*")):
+    pid = os.path.basename(path)[len(prefix):]
     if pid.isdigit() and not _alive(int(pid)):
       shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_own_tempdir():
-  if tempfile.tempdir and os.path.basename(tempfile.tempdir) == f"{_TEMP_PREFIX}{os.getpid()}":
+  if tempfile.tempdir == tempdir_of(os.path.dirname(tempfile.tempdir or ""), os.getpid()):
     shutil.rmtree(tempfile.tempdir, ignore_errors=True)
 
 
 def _own_tempdir():
   parent = tempfile.gettempdir()
   _remove_dead_tempdirs(parent)
-  own = os.path.join(parent, f"{_TEMP_PREFIX}{os.getpid()}")
+  own = tempdir_of(parent, os.getpid())
   os.makedirs(own, exist_ok=True)
   tempfile.tempdir = own
   atexit.register(_remove_own_tempdir)  # after the handler above, so it runs before it

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
+from launch import exits
 from resnet_dist import export, models
 from resnet_dist.data import records
 from tests import fixtures
@@ -358,7 +359,7 @@ class StartAndEndTest(absltest.TestCase):
     for line in killed.stdout:
       if line.startswith("step "):
         break
-    own = os.path.join(tmp, f"resnet_dist-{killed.pid}")
+    own = exits.tempdir_of(tmp, killed.pid)
     self.assertNotEmpty(glob.glob(os.path.join(own, "__autograph_generated_file*.py")))
     killed.kill()
     killed.communicate()
@@ -368,7 +369,7 @@ class StartAndEndTest(absltest.TestCase):
     # launch.exits makes its temp dir once its SIGINT handler is in place;
     # TensorFlow's imports, seconds of them, follow.
     deadline = time.time() + 60
-    while (not os.path.exists(os.path.join(tmp, f"resnet_dist-{starting.pid}"))
+    while (not os.path.exists(exits.tempdir_of(tmp, starting.pid))
            and starting.poll() is None and time.time() < deadline):
       time.sleep(0.01)
     starting.send_signal(signal.SIGINT)
