@@ -43,10 +43,8 @@ def srun_environment(procid, localid, node="n01", **extra):
 def pod_environment(index, num_workers=3, **job):
   """What a pod of launch.kubernetes's Indexed Job sees: the container's
   variables from the manifest, and the index Kubernetes adds."""
-  items = kubernetes.manifest(kubernetes.Job("train", "image", [], num_workers, **job))["items"]
-  container = items[1]["spec"]["template"]["spec"]["containers"][0]
-  return {"JOB_COMPLETION_INDEX": str(index), "KUBERNETES_SERVICE_HOST": "10.0.0.1",
-          **{variable["name"]: variable["value"] for variable in container["env"]}}
+  _, env = launching.pod_of(kubernetes.Job("train", "image", [], num_workers, **job))
+  return {"JOB_COMPLETION_INDEX": str(index), "KUBERNETES_SERVICE_HOST": "10.0.0.1", **env}
 
 
 class ClusterTest(parameterized.TestCase):

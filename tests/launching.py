@@ -78,3 +78,13 @@ def wait_for_cpu_seconds(process, seconds, timeout=300):
       raise AssertionError(f"process {process.pid} ended or stalled before using {seconds} s "
                            f"of CPU (exit status {process.poll()})")
     time.sleep(0.05)
+
+
+def pod_of(job):
+  """(command, environment) of the container of launch.kubernetes's Job, as
+  the manifest gives them to every pod (Kubernetes adds the index)."""
+  from launch import kubernetes  # pylint: disable=g-import-not-at-top
+  _, indexed_job = kubernetes.manifest(job)["items"]
+  container, = indexed_job["spec"]["template"]["spec"]["containers"]
+  return ([*container["command"], *container["args"]],
+          {variable["name"]: variable["value"] for variable in container["env"]})

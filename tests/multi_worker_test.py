@@ -136,10 +136,9 @@ def start_pods(model_dir, *train_args):
   job = kubernetes.Job("train", "image", ["--flagfile=launch/configs/digits.cfg",
                                           "--model=resnet8", f"--model_dir={model_dir}",
                                           f"--data_dir={model_dir}/data", *train_args])
-  container = kubernetes.manifest(job)["items"][1]["spec"]["template"]["spec"]["containers"][0]
-  env = {variable["name"]: variable["value"] for variable in container["env"]}
+  command, env = launching.pod_of(job)
+  command[0] = sys.executable  # the image's python
   env["RESNET_DIST_WORKER_ADDRESS"] = f"127.0.0.1:{free_port_pair()}{{index}}"
-  command = [sys.executable, *container["command"][1:], *container["args"]]
   return [subprocess.Popen(command, cwd=launching.ROOT,
                            env={**launching.ENV, **env, "JOB_COMPLETION_INDEX": str(index)},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -136,15 +136,15 @@ PartitionName=debug Nodes=ALL Default=YES OverSubscribe=YES MaxTime=INFINITE Sta
       except subprocess.TimeoutExpired:
         daemon.kill()
     deadline = time.time() + 30
-    while self.processes() and time.time() < deadline:
-      for pid in self.processes():
+    while left := self.processes():
+      if time.time() > deadline:
+        raise AssertionError(f"processes of the test's SLURM outlived it: {left}")
+      for pid in left:
         try:
           os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
           pass
       time.sleep(0.2)
-    if self.processes():
-      raise AssertionError(f"processes of the test's SLURM outlived it: {self.processes()}")
 
   def processes(self):
     """Live processes of this cluster: those whose environment names its
