@@ -89,19 +89,23 @@ class ServiceTest(absltest.TestCase):
 
   def test_each_example_arrives_once_per_epoch(self):
     # 4 chunks an epoch, 8 batches a chunk: a batch belongs to one chunk of
-    # one epoch, whichever worker made it.
-    n, epochs = 4 * CHUNK, 4
-    chunks = chunks_of(n, 3, epochs + 1)
+    # one epoch, whichever worker made it. Workers go at their own pace: a
+    # chunk one of them holds can arrive epochs after the other's later
+    # chunks, so the stream is read until the first two epochs are whole
+    # (or 12 epochs have gone by, which fails).
+    n = 4 * CHUNK
+    chunks = chunks_of(n, 3, 13)
     batches = {}
-    for _, labels, _ in self.stream(numbered_source(n), 16).take(epochs * n // 16):
+    def whole(epoch):
+      return sorted(i for c in range(4) for i in batches.get((epoch, c), [])) == list(range(n))
+    for _, labels, _ in self.stream(numbered_source(n), 16).take(12 * n // 16):
       ids = set(labels.numpy().tolist())
       owner = [key for key, members in chunks.items() if ids <= members]
       self.assertLen(owner, 1, f"a batch of no single chunk: {sorted(ids)}")
       batches.setdefault(owner[0], []).extend(labels.numpy().tolist())
-    for key, ids in batches.items():  # never an example twice
-      self.assertCountEqual(ids, set(ids), key)
-    # Workers go at their own pace, so the chunks read last may still be in
-    # flight; the first two epochs have arrived whole.
+      self.assertCountEqual(batches[owner[0]], set(batches[owner[0]]), owner[0])  # never twice
+      if whole(0) and whole(1):
+        break
     for epoch in (0, 1):
       self.assertCountEqual([i for c in range(4) for i in batches.get((epoch, c), [])],
                             range(n), f"epoch {epoch}")
