@@ -251,5 +251,44 @@ class InputWaitTest(absltest.TestCase):
     self.assertGreaterEqual(fast, 0.0)
 
 
+class MixedTop1Test(absltest.TestCase):
+  """Training top-1 under mixup and CutMix counts the label that weighs most
+  in each mixed target. Catches a top-1 taken against the batch's own labels:
+  whenever the partner outweighs an image, that counts a wrong answer."""
+
+  def test_training_top1_counts_the_dominant_label(self):
+    strategy = tf.distribute.get_strategy()
+    config = Config.from_flat(global_batch_size=16, mixup_alpha=0.4, cutmix_alpha=1.0)
+    source = sources.synthetic_source(3, 8, num_examples=16)
+    trainer = trainer_lib.Trainer(config, strategy, source, steps_per_epoch=8, total_steps=100)
+    mean, std = (tf.constant(v, tf.float32) for v in (source.mean, source.std))
+
+    class Reader:
+      """Logits = the image's mean colour before normalisation: an image of
+      class c is pure channel c, so mixing its pixels mixes its logits as the
+      targets are mixed, and the right answer is the dominant label."""
+      compute_dtype = "float32"
+
+      def __call__(self, images, training):
+        del training
+        return tf.reduce_mean(images * std + mean, axis=[1, 2])
+
+    trainer.model = Reader()
+    labels = tf.constant([i % 3 for i in range(15)] + [1], tf.int64)  # no neighbours alike
+    images = tf.cast(tf.one_hot(labels, 3)[:, None, None, :] * 255 * tf.ones([1, 8, 8, 1]),
+                     tf.uint8)
+    partner_won = 0
+    for step in range(8):
+      trainer.optimizer.iterations.assign(step)  # a new mixing draw each step
+      trainer.train_metrics.reset()
+      trainer._gradients(images, labels, tf.zeros([16], tf.int32), 0)  # pylint: disable=protected-access
+      self.assertEqual(trainer.train_metrics.result()["top1"], 1.0, f"step {step}")
+      mixed, _ = trainer._regularize(  # pylint: disable=protected-access
+          trainer._normalize(images), tf.one_hot(labels, 3), 0)  # pylint: disable=protected-access
+      own = tf.reduce_mean(mixed * std + mean, axis=[1, 2])
+      partner_won += int(tf.reduce_sum(tf.cast(tf.argmax(own, -1) != labels, tf.int32)))
+    self.assertGreater(partner_won, 0)  # the test saw targets that a wrong top-1 misses
+
+
 if __name__ == "__main__":
   absltest.main()
