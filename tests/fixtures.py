@@ -52,3 +52,23 @@ def make_run(model_dir, model="resnet8", num_classes=10, seed=0):
   tf.train.CheckpointManager(tf.train.Checkpoint(model=checkpoints.model_state(net)),
                              os.path.join(model_dir, "checkpoints"), 1).save(checkpoint_number=1)
   return net
+
+
+def assert_same_training(initial, a, b, per_variable=0.1, overall=0.02):
+  """Two runs from the same `initial` weights ({key: array}) trained alike:
+  every variable in `initial` moved in `a`, and its displacement in `b`
+  differs from that in `a` by less than `per_variable` of its size (and all
+  of them together by less than `overall`). A lost or doubled share of the
+  gradient changes every displacement by about a half, which an absolute
+  tolerance on weights that barely moved would not see."""
+  total, differing = 0.0, 0.0
+  for key, start in initial.items():
+    moved, other = a[key] - start, b[key] - start
+    size, gap = np.linalg.norm(moved), np.linalg.norm(moved - other)
+    if not size > 0:
+      raise AssertionError(f"{key} did not move")
+    if gap > per_variable * size:
+      raise AssertionError(f"{key}: displacements differ by {gap / size:.3g} of their size")
+    total, differing = total + size**2, differing + gap**2
+  if differing > overall**2 * total:
+    raise AssertionError(f"displacements differ by {(differing / total)**0.5:.3g} of their size")
