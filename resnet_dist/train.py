@@ -23,7 +23,6 @@ import os
 import time
 from typing import Optional
 
-import keras
 import tensorflow as tf
 
 from resnet_dist import checkpoints, data, models, monitor, perf, preemption
@@ -92,7 +91,6 @@ def prepare(config, strategy):
                      if d.data_service else 0)
   if schedule.deterministic:
     tf.config.experimental.enable_op_determinism()
-  keras.utils.set_random_seed(schedule.seed)
   source = open_source(config, strategy)
   read_splits = [source.train_split] + ([] if schedule.skip_eval else [source.eval_split])
   for split_name in dict.fromkeys(read_splits):  # once each, in this order

@@ -12,6 +12,7 @@ micro-batches; all-reduce the gradients and update; every ema_every_steps
 updates, move the EMA of the weights (ema_model) towards them.
 """
 
+import keras
 import tensorflow as tf
 
 from resnet_dist import checkpoints, data, losses, models, optim
@@ -72,6 +73,11 @@ class Trainer:
     self.schedule = optim.LearningRate.of(config.optim, config.schedule.global_batch_size,
                                           steps_per_epoch, total_steps)
     with strategy.scope():
+      # Keras draws the initial weights' seeds from Python's `random`, which
+      # whatever ran since start-up has advanced (preparing a dataset does, in
+      # whichever worker prepares it): seeded here, the weights depend on
+      # --seed alone.
+      keras.utils.set_random_seed(config.schedule.seed)
       self.model = self._build_model()
       # The EMA of the weights and BN statistics, in float32 like the weights.
       self.ema_model = self._build_model() if config.optim.ema_decay else None
