@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from absl.testing import absltest, parameterized
 
 from resnet_dist import data
-from resnet_dist.data import preprocess, records, sources
+from resnet_dist.data import pipeline, preprocess, records, sources
 from resnet_dist.errors import ConfigError, DataError
 
 
@@ -236,6 +236,12 @@ class CorruptRecordTest(parameterized.TestCase):
     self.assertEqual(sum(weights), 12)
     self.assertLen(weights, 5)  # 20 records in batches of 4, as the headers say
 
+  def test_a_corrupt_record_in_the_start_up_sample_is_skipped(self):
+    """Catches a decodability sample that reads through a corrupt record
+    (record 2 of 10 is in the first file's share) and stops the run."""
+    source = data.get_source("imagenet", self.directory, num_classes=20)
+    pipeline.check_decodable(source.split("train"), "train")
+
   def test_strict_data_names_the_corrupt_record(self):
     source = data.get_source("imagenet", self.directory, num_classes=20)
     config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True)
@@ -244,6 +250,27 @@ class CorruptRecordTest(parameterized.TestCase):
                                 ".*/train-00000-of-00002 and the rest of that file"):
       with data.data_errors(20):
         list(ds.take(5))
+
+
+class NotAnExampleTest(absltest.TestCase):
+
+  def test_a_record_that_is_no_example_is_skipped_and_counted(self):
+    """Catches a start-up sample or a pipeline that fails on a record whose
+    bytes are not a tf.train.Example (TensorFlow's message about it quotes
+    them, and they are not UTF-8)."""
+    directory = self.create_tempdir().full_path
+    files = numbered_records(directory, 8, 1)
+    written = list(tf.data.TFRecordDataset(files[0]).as_numpy_iterator())
+    written[0] = b"\xff\xfe not a proto"  # the first record the sample reads
+    with tf.io.TFRecordWriter(files[0]) as writer:
+      for record in written:
+        writer.write(record)
+    source = data.get_source("imagenet", directory, num_classes=8)
+    pipeline.check_decodable(source.split("train"), "train")
+    batches = list(data.train_dataset_fn(source, "train", data.InputSpec(7, 32))(
+        context(1, 0, 1)).take(1))
+    self.assertEqual(sorted(batches[0][1].numpy()), list(range(1, 8)))
+    self.assertEqual(int(tf.reduce_sum(batches[0][2])), 1)
 
 
 PIXELS = {"ant": 40, "moth": 80, "zebra": 0, "only": 10}

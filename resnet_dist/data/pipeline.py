@@ -110,8 +110,10 @@ def check_decodable(split, split_name, sample=32):
   if isinstance(split, RecordSplit):
     files = split.files[:sample]
     per_file = max(1, sample // len(files))
+    # A corrupt record ends its file's share of the sample, as it ends the
+    # file's reading in training.
     records = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f).take(per_file), cycle_length=1)
+        lambda f: tf.data.TFRecordDataset(f).take(per_file).ignore_errors(), cycle_length=1)
     encoded = [_parsed_image(split, record) for record in records.take(sample)]
   else:
     step = max(1, split.num_examples // sample)
@@ -129,10 +131,12 @@ def check_decodable(split, split_name, sample=32):
 
 
 def _parsed_image(split, record):
-  """A record's encoded image, or None when it does not parse (no label, say)."""
+  """A record's encoded image, or None when it does not parse (no label, or
+  not an Example at all: TensorFlow's message then quotes bytes that are not
+  UTF-8, and forming it fails)."""
   try:
     return split.parse(record)[0]
-  except tf.errors.InvalidArgumentError:
+  except (tf.errors.InvalidArgumentError, UnicodeDecodeError):
     return None
 
 
