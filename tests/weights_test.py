@@ -350,6 +350,30 @@ class LoadTest(parameterized.TestCase):
     self.assertEqual(fresh, ["fc/kernel", "fc/bias"])
     np.testing.assert_array_equal(resnet50.get_layer("fc").kernel.numpy(), before)
 
+  @parameterized.parameters(".safetensors", ".pth")
+  def test_a_file_cut_short_is_one_line(self, suffix):
+    """Catches a reader whose own error (safetensors' SafetensorError,
+    zipfile's, pickle's) escapes as a traceback."""
+    path = self.write(random_state(cifar_layout(3, 10)), suffix)
+    model = models.get_model("resnet20", num_classes=10)
+    size = os.path.getsize(path)
+    for keep in (size // 2, 100, 5):
+      with open(path, "r+b") as f:
+        f.truncate(keep)
+      with self.assertRaisesRegex(ConfigError, rf"^cannot read weights file .*weights{suffix}: "):
+        models.load_weights(model, path)
+
+  def test_a_damaged_byte_in_a_pth_is_one_line(self):
+    """Catches zipfile's CRC error escaping as a traceback."""
+    path = self.write(random_state(cifar_layout(3, 10)), ".pth")
+    with open(path, "r+b") as f:
+      f.seek(200)  # inside data.pkl
+      byte = f.read(1)[0]
+      f.seek(200)
+      f.write(bytes([byte ^ 0xFF]))
+    with self.assertRaisesRegex(ConfigError, r"^cannot read weights file .*: Bad CRC-32"):
+      models.load_weights(models.get_model("resnet20", num_classes=10), path)
+
   def test_files_that_are_not_state_dicts_are_refused_without_running_them(self):
     directory = self.create_tempdir().full_path
     legacy = os.path.join(directory, "legacy.pth")

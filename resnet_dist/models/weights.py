@@ -20,6 +20,8 @@ only, without PyTorch: torch_format.py).
 """
 
 import os
+import pickle
+import zipfile
 
 import numpy as np
 
@@ -82,12 +84,14 @@ def check_readable(path):
 def read(path):
   """{name: float32 or int64 numpy array} of a .safetensors or .pth/.pt file."""
   check_readable(path)
+  import safetensors  # pylint: disable=g-import-not-at-top
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   try:
     if path.endswith(".safetensors"):
-      from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
       return safetensors_numpy.load_file(path)
     return torch_format.read_state_dict(path)
-  except (torch_format.UnsupportedFile, ValueError, OSError) as e:
+  except (torch_format.UnsupportedFile, safetensors.SafetensorError, zipfile.BadZipFile,
+          pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
     raise ConfigError(f"cannot read weights file {path}: {e}") from None
 
 
