@@ -209,9 +209,15 @@ def checkpoint_key(name, key=MODEL_KEY):
 
 
 def has_ema(path):
-  """Whether a checkpoint holds an EMA of the weights."""
-  return any(k.startswith(EMA_KEY + "/")
-             for k in tf.train.load_checkpoint(path).get_variable_to_shape_map())
+  """Whether a checkpoint holds an EMA of the weights; ConfigError when its
+  index cannot be read (training would skip it for the one before; here the
+  user chose it, or it is the latest)."""
+  try:
+    keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+  except (tf.errors.OpError, ValueError) as e:
+    raise ConfigError(f"cannot read checkpoint {path} ({_first_line(e)}); --checkpoint can "
+                      f"name an earlier one") from None
+  return any(k.startswith(EMA_KEY + "/") for k in keys)
 
 
 def restore_model(model, path, key=MODEL_KEY):

@@ -49,6 +49,18 @@ class ExportTest(absltest.TestCase):
       export.load_classifier(self.create_tempdir().full_path)
 
 
+  def test_a_garbled_index_is_one_line(self):
+    """Catches the EMA probe (which launch.evaluate makes too) letting
+    TensorFlow's 'not an sstable' escape as a traceback."""
+    model_dir = self.create_tempdir().full_path
+    fixtures.make_run(model_dir)
+    with open(os.path.join(model_dir, "checkpoints", "ckpt-1.index"), "wb") as f:
+      f.write(np.random.default_rng(0).bytes(200))
+    with self.assertRaisesRegex(ConfigError, r"^cannot read checkpoint .*ckpt-1 \(.*\); "
+                                             r"--checkpoint can name an earlier one$"):
+      export.load_classifier(model_dir)
+
+
 class InitCheckpointTest(absltest.TestCase):
 
   def assert_fresh_classifier_on_the_source_body(self, source, init_path):
