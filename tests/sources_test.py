@@ -302,6 +302,35 @@ class FolderTest(absltest.TestCase):
         for image, label in zip(images.numpy(), labels.numpy()):
           self.assertAlmostEqual(image.mean(), PIXELS[source.class_names[label]], delta=2)
 
+  def test_hidden_entries_are_not_classes_or_images(self):
+    """Catches a notebook's .ipynb_checkpoints becoming a class (every
+    evaluation would then be scored against one more class than trained)."""
+    root = self.create_tempdir().full_path
+    write_folder(root, ["ant", "moth"], 2)
+    os.makedirs(os.path.join(root, "train", ".ipynb_checkpoints"))
+    with open(os.path.join(root, "train", "ant", ".hidden.jpg"), "wb") as f:
+      f.write(b"not an image")
+    source = data.get_source("folder:" + root, image_size=32)
+    self.assertEqual(source.class_names, ("ant", "moth"))
+    self.assertEqual(source.split("train").num_examples, 4)
+
+  def test_a_dangling_link_is_skipped_and_counted_or_named_under_strict_data(self):
+    """Catches the start-up sample or the pipeline failing with TensorFlow's
+    NotFoundError on a file listed but gone."""
+    root = self.create_tempdir().full_path
+    write_folder(root, ["ant", "moth"], 3)
+    os.symlink("/nonexistent.png", os.path.join(root, "train", "moth", "x.png"))
+    source = data.get_source("folder:" + root, image_size=32)
+    pipeline.check_decodable(source.split("train"), "train")
+    ds = data.train_dataset_fn(source, "train", data.InputSpec(5, 32))(context(1, 0, 1))
+    self.assertEqual(int(tf.reduce_sum(next(iter(ds))[2])), 1)  # one epoch: 5 of 6 files
+    strict = data.train_dataset_fn(source, "train", data.InputSpec(5, 32, strict=True))(
+        context(1, 0, 1))
+    with self.assertRaisesRegex(DataError, r"^cannot read .*/train/moth/x.png \(no such file "
+                                           r"or directory\); --strict_data stops"):
+      with data.data_errors(2):
+        next(iter(strict))
+
   def test_bad_folders_fail_clearly(self):
     root = self.create_tempdir().full_path
     with self.assertRaisesRegex(ConfigError, "has no train/ directory"):

@@ -1,4 +1,5 @@
 """folder:PATH, the user's own images: PATH/<split>/<class name>/*.jpg|jpeg|png.
+Hidden directories and files (names starting with ".") are not read.
 
 Class names, sorted, are the label ids; every split uses the training split's
 classes. Files are read by index, so sharding and resume are exact as for
@@ -16,11 +17,20 @@ EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_SPLITS = ("validation", "val", "test")
 
 
+def _visible(directory):
+  """Sorted names in directory but hidden ones (.ipynb_checkpoints, .DS_Store):
+  no tool that makes a hidden entry means it as data."""
+  return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(directory) if not d.startswith("."))
+
+
+def _subdirs(directory):
+  return [d for d in _visible(directory) if tf.io.gfile.isdir(os.path.join(directory, d))]
+
+
 def _split_dirs(root):
   if not tf.io.gfile.isdir(root):
     raise ConfigError(f"image folder {root} does not exist")
-  splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
-                  if tf.io.gfile.isdir(os.path.join(root, d)))
+  splits = _subdirs(root)
   if "train" not in splits:
     raise ConfigError(f"image folder {root} has no train/ directory (it has: "
                       f"{', '.join(splits) or 'nothing'})")
@@ -30,8 +40,7 @@ def _split_dirs(root):
 def class_names(root):
   """Sorted class directories of root/train; at least two."""
   train = os.path.join(root, "train")
-  names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(train)
-                 if tf.io.gfile.isdir(os.path.join(train, d)))
+  names = _subdirs(train)
   if len(names) < 2:
     raise ConfigError(f"image folder {train} has {len(names)} class directories; "
                       "classification needs at least 2")
@@ -42,15 +51,14 @@ def list_split(root, split, names):
   """(paths, labels) of one split, in a fixed order."""
   directory = os.path.join(root, split)
   paths, labels = [], []
-  unknown = sorted(set(d.rstrip("/") for d in tf.io.gfile.listdir(directory)
-                       if tf.io.gfile.isdir(os.path.join(directory, d))) - set(names))
+  unknown = sorted(set(_subdirs(directory)) - set(names))
   if unknown:
     raise ConfigError(f"{directory} has classes not in train/: {', '.join(unknown)}")
   for label, name in enumerate(names):
     class_dir = os.path.join(directory, name)
     if not tf.io.gfile.isdir(class_dir):
       continue
-    for filename in sorted(tf.io.gfile.listdir(class_dir)):
+    for filename in _visible(class_dir):
       if filename.lower().endswith(EXTENSIONS):
         paths.append(os.path.join(class_dir, filename))
         labels.append(label)

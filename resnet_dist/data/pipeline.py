@@ -117,8 +117,7 @@ def check_decodable(split, split_name, sample=32):
     encoded = [_parsed_image(split, record) for record in records.take(sample)]
   else:
     step = max(1, split.num_examples // sample)
-    encoded = [split.fetch(tf.constant(i, tf.int64))[0]
-               for i in range(0, split.num_examples, step)][:sample]
+    encoded = [_fetched_image(split, i) for i in range(0, split.num_examples, step)][:sample]
   for image in encoded:
     if image is not None and preprocess_lib.looks_decodable(image):
       try:
@@ -128,6 +127,15 @@ def check_decodable(split, split_name, sample=32):
         continue
   raise DataError(f"none of {len(encoded)} images sampled from the {split_name} split can be "
                   f"decoded (empty, cut short, or not JPEG, PNG, GIF, BMP or WebP)")
+
+
+def _fetched_image(split, index):
+  """An indexed split's encoded image, or None when it cannot be read (a
+  dangling link in a folder dataset, say)."""
+  try:
+    return split.fetch(tf.constant(index, tf.int64))[0]
+  except tf.errors.OpError:
+    return None
 
 
 def _parsed_image(split, record):
@@ -568,3 +576,10 @@ def data_errors(num_classes):
       raise DataError(f"a record has no {missing.group(1)}; every record needs image/encoded "
                       f"and image/class/label") from None
     raise
+  except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
+    # A file listed at start that is gone or unreadable now (a dangling link).
+    gone = re.search(r"(\S+); (No such file or directory|Permission denied)", e.message)
+    if not gone:
+      raise
+    raise DataError(f"cannot read {gone.group(1)} ({gone.group(2).lower()}); --strict_data stops "
+                    "at such files, without it they are skipped and counted") from None
