@@ -32,6 +32,13 @@ from resnet_dist.errors import ConfigError
 
 DTYPES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
+# Image sides above this are refused before any work: a ResNet's activations
+# grow with the square of the side (at 1024, 21 times those at 224), so a
+# larger size would run out of memory only after the data and the model had
+# been prepared.
+MAX_IMAGE_SIZE = 1024
+_TOO_LARGE = "the activations grow with the square of the side"
+
 
 def _check(condition, message):
   if not condition:
@@ -106,13 +113,17 @@ class DataConfig:
     return end if progress == 1 else start + round(progress * (end - start) / 32) * 32
 
   def validate(self):
-    _check(self.image_size >= 32, f"--image_size={self.image_size} is below the minimum of 32")
-    _check(self.eval_size >= 32, f"--eval_image_size={self.eval_size} is below the minimum of 32")
+    for flag, size in (("image_size", self.image_size), ("eval_image_size", self.eval_size)):
+      _check(size >= 32, f"--{flag}={size} is below the minimum of 32")
+      _check(size <= MAX_IMAGE_SIZE, f"--{flag}={size} is above the maximum of "
+             f"{MAX_IMAGE_SIZE}: {_TOO_LARGE}")
     _check(not self.eval_resize_size or self.eval_resize_size >= self.eval_size,
            f"--eval_resize_size={self.eval_resize_size} is smaller than the evaluation crop "
            f"({self.eval_size})")
     if self.progressive_resize is not None:
       start, end, first, last = self.progressive_resize
+      _check(max(start, end) <= MAX_IMAGE_SIZE,
+             f"--progressive_resize sizes must be at most {MAX_IMAGE_SIZE}: {_TOO_LARGE}")
       _check(32 <= start and 32 <= end and 0 <= first < last,
              f"--progressive_resize={':'.join(f'{v:g}' for v in self.progressive_resize)} must "
              f"be START:END:FROM_EPOCH:TO_EPOCH with sizes >= 32 and FROM_EPOCH < TO_EPOCH")
@@ -310,6 +321,10 @@ class Config:
 
   def validate(self):
     """Raises ConfigError naming the first setting that cannot work."""
+    for name, value in self.flag_values().items():
+      numbers = value if isinstance(value, tuple) else (value,)
+      _check(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
+             f"--{name}={value} is not a finite number")
     for part in dataclasses.fields(self):
       getattr(self, part.name).validate()
     _check(not (self.data.data_service and self.schedule.deterministic),

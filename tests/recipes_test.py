@@ -260,7 +260,16 @@ class ResolutionTest(absltest.TestCase):
                           ({"ema_decay": 1.0}, "--ema_decay"),
                           ({"eval_image_size": 64, "eval_resize_size": 32}, "--eval_resize_size"),
                           ({"progressive_resize": (64, 32, 5, 5)}, "--progressive_resize"),
-                          ({"augment": "autoaugment_cifar"}, "--augment")):
+                          ({"augment": "autoaugment_cifar"}, "--augment"),
+                          # Would run out of memory minutes later, after the data is read.
+                          ({"image_size": 100000}, "^--image_size=100000 is above the maximum"),
+                          ({"eval_image_size": 2048}, "^--eval_image_size=2048 is above"),
+                          ({"progressive_resize": (160, 4096, 1, 2)}, "^--progressive_resize"),
+                          # Would pass into the step and end the run there (exit 3).
+                          ({"mixup_alpha": float("inf")}, "^--mixup_alpha=inf is not a finite"),
+                          ({"base_learning_rate": float("nan")}, "^--base_learning_rate=nan "),
+                          ({"progressive_resize": (160, 256, 1, float("inf"))},
+                           "^--progressive_resize=.* is not a finite number")):
       with self.assertRaisesRegex(ConfigError, flag):
         Config.from_flat(global_batch_size=32, **changes).validate()
 
