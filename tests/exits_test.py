@@ -1,7 +1,10 @@
 """launch/exits.py: the exit status and the one line each failure gets."""
 
+import ast
 import contextlib
+import glob
 import io
+import os
 
 from launch import exits  # pylint: disable=g-bad-import-order  # first, as the entrypoints do
 import tensorflow as tf
@@ -53,6 +56,24 @@ class FailTest(absltest.TestCase):
     statuses = [exits.OK, exits.USAGE, exits.NONFINITE, exits.WORKER_LOST, exits.STORAGE,
                 exits.PREEMPTED, exits.INTERRUPTED]
     self.assertLen(set(statuses), len(statuses))
+
+
+class EntrypointTest(absltest.TestCase):
+
+  def test_every_entrypoint_parses_its_flags_with_the_one_line_parser(self):
+    """Catches an entrypoint left on absl's own parser, whose bad flag is a
+    two-line 'FATAL Flags parsing error' and exit 1 (launch_test runs one)."""
+    launch = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(launch, "*.py"))):
+      with open(path) as f:
+        tree = ast.parse(f.read())
+      for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and ast.unparse(call.func) == "app.run":
+          runs[os.path.basename(path)] = {k.arg: ast.unparse(k.value) for k in call.keywords}
+    self.assertGreaterEqual(len(runs), 7, sorted(runs))  # train, evaluate, export, ...
+    for name, keywords in runs.items():
+      self.assertEqual(keywords.get("flags_parser"), "exits.parse_flags", name)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ class BadInputTest(absltest.TestCase):
   def test_unknown_model(self):
     self.assert_one_line_error(run_train("--model=resnet9000"), r"--model=resnet9000.*resnet50")
 
+  def test_a_bad_flag_value_of_another_entrypoint_is_one_line_too(self):
+    self.assert_one_line_error(launching.run("launch.export", "--format=onnx"),
+                               r"--format.*onnx")
+
   def test_unknown_dataset(self):
     self.assert_one_line_error(run_train("--dataset=nope"), r"--dataset must be digits")
 
