@@ -139,6 +139,8 @@ def run(config: Config, strategy=None):
     trainer = Trainer(config, setup.strategy, setup.source,
                       steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
     resumed = resume(setup, trainer)
+    if resumed.start_step >= setup.total_steps:
+      return finished_summary(setup, resumed.start_step)
     cost = report_start(setup, trainer, resumed)
     loop = HostLoop(setup, trainer, resumed, cost)
     with loop.watch_service():  # to the end: the summary's input probe reads from it too
@@ -496,6 +498,31 @@ def input_verdict(setup, loop, rates):
                             setup.service_workers)
 
 
+def finished_summary(setup, step):
+  """The summary of a run already trained to its last step, kept as it is:
+  its figures are the finished run's, and a rerun (the way to resume) has
+  nothing to add. Every worker decides alike, from the step restored."""
+  path = os.path.join(setup.model_dir, checkpoints.SUMMARY_FILE)
+  summary = None
+  if setup.chief and tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      summary = json.load(f)
+  monitor.log(f"already finished at step {step}: nothing to train"
+              + (f"; summary in {path}" if summary else
+                 f"; it stopped before its summary, and launch.evaluate evaluates it"),
+              setup.chief)
+  return summary or {"global_step": step, "model_dir": setup.model_dir}
+
+
+def _strict_json(value):
+  """value with NaN and infinities as null, which every JSON parser reads."""
+  if isinstance(value, dict):
+    return {k: _strict_json(v) for k, v in value.items()}
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
 def write_summary(setup, trainer, cost, loop):
   """The run's results and settings, in model_dir/summary.json (chief) and returned."""
   config, strategy, result = setup.config, setup.strategy, loop.eval_result or {}
@@ -533,13 +560,15 @@ def write_summary(setup, trainer, cost, loop):
       "trainable_parameters": cost.num_params,
       "model_dir": setup.model_dir,
   }
+  summary = _strict_json(summary)
   if setup.chief:
     path = os.path.join(setup.model_dir, checkpoints.SUMMARY_FILE)
     with tf.io.gfile.GFile(path, "w") as f:
-      json.dump(summary, f, indent=2)
-    rate = summary["examples_per_second"]
+      json.dump(summary, f, indent=2, allow_nan=False)
+    rate, top1 = summary["examples_per_second"], summary["eval_top1"]
     monitor.log(summary["input_bound"]["verdict"])
-    monitor.log(f"done: {loop.step} steps, eval top-1 {summary['eval_top1']}"
+    monitor.log(f"done: {loop.step} steps"
+                + (f", eval top-1 {top1:.4f}" if top1 is not None else "")
                 + (f", {rate:.0f} images/s" if rate else "") + "\n"
                 f"checkpoints in {loop.manager.directory}, summary in {path}\n"
                 f"look at the run: tensorboard --logdir {setup.model_dir}")

@@ -7,6 +7,7 @@ signalled processes: tests/interruption_test.py.
 
 
 import glob
+import json
 import os
 import shutil
 import socket
@@ -98,6 +99,38 @@ class FaultPathTest(absltest.TestCase):
     for value in variables(model_dir).values():
       if value.dtype == np.float32:
         self.assertTrue(np.all(np.isfinite(value)))
+
+  def test_rerunning_a_finished_run_keeps_its_summary(self):
+    """Catches a rerun (the README's way to resume) that rewrites a finished
+    run's summary.json with an empty loop's figures (a NaN loss, no rate),
+    and a summary that strict JSON parsers reject."""
+    model_dir = self.two_checkpoints()
+    summary_path = os.path.join(model_dir, "summary.json")
+    with open(summary_path) as f:
+      written = f.read()
+
+    def refuse(token):
+      raise ValueError(f"not strict JSON: {token}")
+
+    finished = json.loads(written, parse_constant=refuse)
+    self.assertEqual(finished["global_step"], 8)
+    self.assertGreater(finished["examples_per_second"], 0)
+    self.assertIsNone(finished["eval_top1"])  # --skip_eval
+    out = self.train(model_dir, train_steps=8)
+    self.assertIn(f"already finished at step 8: nothing to train; summary in {summary_path}",
+                  out)
+    self.assertNotIn("resuming", out)
+    with open(summary_path) as f:
+      self.assertEqual(f.read(), written)
+    self.assertEqual(saved_steps(model_dir), [4, 8])
+
+  def test_the_closing_line_rounds_and_leaves_out_what_was_not_measured(self):
+    out = self.train(self.create_tempdir().full_path, train_steps=2, checkpoint_every_steps=0)
+    # (One host loop: a run's first is not timed, so there is no rate either.)
+    self.assertRegex(out, r"\ndone: 2 steps(, \d+ images/s)?\n")  # --skip_eval: no top-1
+    out = self.train(self.create_tempdir().full_path, train_steps=2, checkpoint_every_steps=0,
+                     skip_eval=False)
+    self.assertRegex(out, r"\ndone: 2 steps, eval top-1 0\.\d{4}(, \d+ images/s)?\n")
 
   def test_truncated_latest_checkpoint_falls_back_to_the_previous(self):
     model_dir = self.two_checkpoints()
