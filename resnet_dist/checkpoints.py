@@ -141,8 +141,10 @@ def _model_identity(config, source):
 
 def check_resumable(model_dir, config, source):
   """A model_dir resumes only the model and batch size it was made with
-  (run.json says which); raises ConfigError saying what differs."""
-  if config.checkpoint.start_over or not tf.io.gfile.exists(os.path.join(model_dir, RUN_FILE)):
+  (run.json says which); raises ConfigError saying what differs. Only a
+  model_dir with checkpoints has a model to keep: a start that failed before
+  its first save leaves nothing to resume."""
+  if config.checkpoint.start_over or not _has_checkpoints(model_dir):
     return
   saved = read_run(model_dir)
   differs = [f"{k} {saved.get(k)} there, {v} here"
@@ -157,6 +159,17 @@ def check_resumable(model_dir, config, source):
         f"--model_dir={model_dir} was trained at --global_batch_size={batch}; resuming at "
         f"{here} would move the data position and the learning rate: "
         f"pass --global_batch_size={batch}, or --start_over")
+  dtype = saved.get("config", {}).get("model", {}).get("dtype", config.model.dtype)
+  if dtype != config.model.dtype:
+    raise ConfigError(
+        f"--model_dir={model_dir} was trained with --dtype={dtype}; resuming with "
+        f"--dtype={config.model.dtype} would change its arithmetic (and its loss scale) "
+        f"mid-run: pass --dtype={dtype}, or --start_over")
+
+
+def _has_checkpoints(model_dir):
+  return (tf.io.gfile.exists(os.path.join(model_dir, RUN_FILE))
+          and bool(saved_checkpoints(checkpoint_dir(model_dir))))
 
 
 def write_run_record(model_dir, config, source):
@@ -164,7 +177,7 @@ def write_run_record(model_dir, config, source):
   it sees its input, for resuming, evaluate and export; and under "config"
   every setting, part by part."""
   path = os.path.join(model_dir, RUN_FILE)
-  if tf.io.gfile.exists(path) and not config.checkpoint.start_over:
+  if _has_checkpoints(model_dir) and not config.checkpoint.start_over:
     return
   data = config.data
   with tf.io.gfile.GFile(path, "w") as f:

@@ -133,12 +133,14 @@ def run(config: Config, strategy=None):
   setup = prepare(config, strategy or create_strategy(config))
   with checkpoints.run_lock(setup.model_dir, setup.chief):
     checkpoints.check_resumable(setup.model_dir, config, setup.source)
-    if setup.chief:
-      checkpoints.write_run_record(setup.model_dir, config, setup.source)
-    checkpoints.save_class_names(setup.model_dir, setup.source, setup.chief)
     trainer = Trainer(config, setup.strategy, setup.source,
                       steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
     resumed = resume(setup, trainer)
+    # Written once the model is built and its weights are in: a start that
+    # fails before leaves the model_dir as it was.
+    if setup.chief:
+      checkpoints.write_run_record(setup.model_dir, config, setup.source)
+    checkpoints.save_class_names(setup.model_dir, setup.source, setup.chief)
     if resumed.start_step >= setup.total_steps:
       return finished_summary(setup, resumed.start_step)
     cost = report_start(setup, trainer, resumed)

@@ -161,8 +161,9 @@ class FaultPathTest(absltest.TestCase):
     model_dir = self.two_checkpoints()
     before = {p: os.path.getmtime(p) for p in glob.glob(f"{model_dir}/checkpoints/ckpt-*")}
     for changes, message in (
-        ({"dtype": "fp16"}, r"ckpt-8 was saved by a run without --dtype=fp16 .*resume it with "
-                            r"the same"),
+        ({"dtype": "fp16"}, r"was trained with --dtype=fp32; resuming with --dtype=fp16 would "
+                            r"change its arithmetic"),
+        ({"dtype": "bf16"}, r"was trained with --dtype=fp32; resuming with --dtype=bf16"),
         ({"model": "resnet20"}, r"^--model_dir=.* holds checkpoints of another model "
                                 r"\(model resnet8 there, resnet20 here\)"),
         ({"global_batch_size": 16}, r"was trained at --global_batch_size=32; resuming at 16 "
@@ -170,6 +171,18 @@ class FaultPathTest(absltest.TestCase):
       with self.assertRaisesRegex(ConfigError, message, msg=str(changes)):
         self.train(model_dir, train_steps=12, **changes)
       self.assert_untouched(model_dir, before)
+
+  def test_a_start_that_fails_on_its_initial_weights_writes_nothing(self):
+    """Catches run.json and classes.json written before the weights are in:
+    the corrected command, with another model, would then be refused as
+    "another model" although no checkpoint was ever saved."""
+    other = self.create_tempdir().full_path
+    fixtures.make_run(other, model="resnet8")
+    model_dir = os.path.join(self.create_tempdir().full_path, "run")
+    with self.assertRaisesRegex(ConfigError, r"is not of this architecture"):
+      self.train(model_dir, train_steps=2, init_checkpoint=other, model="resnet20")
+    self.assertEqual(sorted(os.listdir(model_dir)) if os.path.exists(model_dir) else [], [])
+    self.assertIn("done: 2 steps", self.train(model_dir, train_steps=2, model="resnet8"))
 
   def test_no_readable_checkpoint_stops_unless_asked_to_start_over(self):
     model_dir = self.two_checkpoints()
