@@ -81,10 +81,23 @@ def run_lock(model_dir, chief):
     log(f"warning: taking over the lock of a run that is gone ({held_by})")
   with tf.io.gfile.GFile(path, "w") as f:
     f.write(f"{host} {pid}\n")
+  _held.add(path)
   try:
     yield
   finally:
-    tf.io.gfile.remove(path)
+    release_locks()
+
+
+_held = set()  # the lock file this process holds, if any
+
+
+def release_locks():
+  """Removes the run lock this process holds: run_lock's own way out, and
+  the one a thread that ends the process at once (os._exit) calls first."""
+  while _held:
+    path = _held.pop()
+    if tf.io.gfile.exists(path):
+      tf.io.gfile.remove(path)
 
 
 def _alive(pid):

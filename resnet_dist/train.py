@@ -327,7 +327,8 @@ class HostLoop:
       return contextlib.nullcontext()
     self.service_watch = service.Watch(
         self.config.data.data_service, self.config.data.data_service_timeout_seconds,
-        setup.service_workers, lambda line: monitor.log(line, setup.chief))
+        setup.service_workers, lambda line: monitor.log(line, setup.chief),
+        before_exit=checkpoints.release_locks)
     return self.service_watch
 
   def write_start_summaries(self):

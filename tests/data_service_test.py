@@ -234,9 +234,10 @@ class FaultTest(absltest.TestCase):
             "--data_service_timeout_seconds=3"]
 
   def run_and_kill(self, pid, *args):
-    """(stdout, stderr, status) of a run in which `pid` is killed at step 8."""
-    process = launching.start("launch.train", f"--model_dir={self.create_tempdir().full_path}",
-                              *args)
+    """(stdout, stderr, status) of a run in which `pid` is killed at step 8.
+    Whatever its status, the run leaves no lock on its model_dir."""
+    model_dir = self.create_tempdir().full_path
+    process = launching.start("launch.train", f"--model_dir={model_dir}", *args)
     lines = []
     for line in process.stdout:
       lines.append(line)
@@ -244,6 +245,7 @@ class FaultTest(absltest.TestCase):
         os.kill(pid, signal.SIGKILL)
         break
     out, err = process.communicate(timeout=300)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "training.lock")))
     return "".join(lines) + out, err, process.returncode
 
 

@@ -123,8 +123,9 @@ class Watch:
   written are complete (they are written to temporary names and renamed).
   """
 
-  def __init__(self, address, timeout_seconds, workers, log):
+  def __init__(self, address, timeout_seconds, workers, log, before_exit=lambda: None):
     self.address, self.timeout, self.log = address, timeout_seconds, log
+    self.before_exit = before_exit  # what must not outlive the process (its run lock)
     self.most = self.workers = workers
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True, name="data_service_watch")
@@ -170,4 +171,5 @@ class Watch:
           f"{self.timeout} s; restart it (with its --work_dir to keep the jobs) and run again "
           f"to resume from the last checkpoint", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    self.before_exit()
     os._exit(DISPATCHER_LOST)  # pylint: disable=protected-access
