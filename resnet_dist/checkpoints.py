@@ -139,8 +139,13 @@ def save_manager(checkpoint, strategy, model_dir, keep, existing):
   if strategy_lib.is_chief(strategy):
     directory = checkpoint_dir(model_dir)
     if existing:
+      # The manager deletes only checkpoints younger than the state's
+      # "preserved" time: without the timestamps, it would keep every
+      # checkpoint of the runs before this one, whatever --keep_checkpoints.
+      times = [tf.io.gfile.stat(path + ".index").mtime_nsec / 1e9 for path in existing]
       tf.compat.v1.train.update_checkpoint_state(
-          directory, existing[-1], all_model_checkpoint_paths=existing)
+          directory, existing[-1], all_model_checkpoint_paths=existing,
+          all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1)
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
   task_type, task_id = strategy_lib.task_info(strategy)
   return tf.train.CheckpointManager(

@@ -132,6 +132,16 @@ class FaultPathTest(absltest.TestCase):
                      skip_eval=False)
     self.assertRegex(out, r"\ndone: 2 steps, eval top-1 0\.\d{4}(, \d+ images/s)?\n")
 
+  def test_keep_checkpoints_holds_across_a_resume(self):
+    """Catches a resumed run that never deletes the checkpoints of the runs
+    before it (TensorFlow's manager keeps those it cannot date)."""
+    model_dir = self.two_checkpoints()  # ckpt-4 and ckpt-8, from a run keeping 10
+    self.train(model_dir, train_steps=20, keep_checkpoints=2)
+    self.assertEqual(saved_steps(model_dir), [16, 20])
+    os.remove(os.path.join(model_dir, "checkpoints", "checkpoint"))  # as a SIGKILL can leave it
+    self.train(model_dir, train_steps=28, keep_checkpoints=2)
+    self.assertEqual(saved_steps(model_dir), [24, 28])
+
   def test_truncated_latest_checkpoint_falls_back_to_the_previous(self):
     model_dir = self.two_checkpoints()
     data_file = glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-8.data-*"))[0]
