@@ -20,7 +20,8 @@ with exits.quiet_start():
 
 flags.DEFINE_string("model_dir", None, "The training run to export.", required=True)
 flags.DEFINE_string("checkpoint", "", "A checkpoint of it; default its latest.")
-flags.DEFINE_string("export_dir", "", "Where to write; default model_dir/export/<step>.")
+flags.DEFINE_string("export_dir", "", "Where to write; default model_dir/export/<step> "
+                    "(<step>-ema for the EMA weights).")
 flags.DEFINE_bool("use_ema", True, "Export the EMA of the weights where the run keeps one "
                   "(--ema_decay); false: the weights themselves.")
 flags.DEFINE_enum("format", "saved_model", ["saved_model", "safetensors"],
@@ -36,8 +37,8 @@ def main(argv):
   try:
     classifier, path = export.load_classifier(FLAGS.model_dir, FLAGS.checkpoint or None,
                                               FLAGS.use_ema)
-    export_dir = FLAGS.export_dir or os.path.join(
-        FLAGS.model_dir, "export", path.rsplit("-", 1)[-1])
+    export_dir = FLAGS.export_dir or export.default_dir(FLAGS.model_dir, path,
+                                                       classifier.of_ema)
     if FLAGS.format == "safetensors":
       export_dir = os.path.join(export_dir, "model.safetensors")
       export.save_weights(classifier, export_dir)

@@ -69,6 +69,13 @@ def load_classifier(model_dir, checkpoint_path=None, use_ema=True):
                     of_ema=of_ema), path
 
 
+def default_dir(model_dir, checkpoint_path, of_ema):
+  """model_dir/export/<step>, or <step>-ema for the EMA weights: the two
+  exports of one checkpoint never overwrite each other."""
+  step = checkpoint_path.rsplit("-", 1)[-1]
+  return os.path.join(model_dir, "export", f"{step}-ema" if of_ema else step)
+
+
 def save_weights(classifier, path):
   """The model's weights as a torchvision-layout .safetensors file; StorageError
   when it cannot be written."""

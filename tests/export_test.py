@@ -49,6 +49,13 @@ class ExportTest(absltest.TestCase):
       export.load_classifier(self.create_tempdir().full_path)
 
 
+  def test_the_ema_and_the_raw_weights_export_to_different_directories(self):
+    """Catches `--use_ema=false` after an EMA export overwriting it in place
+    (an EMA model.safetensors beside a raw SavedModel)."""
+    path = "/runs/a/checkpoints/ckpt-88"
+    self.assertEqual(export.default_dir("/runs/a", path, of_ema=True), "/runs/a/export/88-ema")
+    self.assertEqual(export.default_dir("/runs/a", path, of_ema=False), "/runs/a/export/88")
+
   def test_a_garbled_index_is_one_line(self):
     """Catches the EMA probe (which launch.evaluate makes too) letting
     TensorFlow's 'not an sstable' escape as a traceback."""
