@@ -141,8 +141,9 @@ def run(config: Config, strategy=None):
     if setup.chief:
       checkpoints.write_run_record(setup.model_dir, config, setup.source)
     checkpoints.save_class_names(setup.model_dir, setup.source, setup.chief)
-    if resumed.start_step >= setup.total_steps:
-      return finished_summary(setup, resumed.start_step)
+    finished = finished_summary(setup, resumed.start_step)
+    if finished:
+      return finished
     cost = report_start(setup, trainer, resumed)
     loop = HostLoop(setup, trainer, resumed, cost)
     with loop.watch_service():  # to the end: the summary's input probe reads from it too
@@ -265,6 +266,7 @@ class HostLoop:
     self.timed_loops = []   # LoopStats of every loop but the first, which includes tracing
     self.last = {"loss": float("nan"), "top1": float("nan")}
     self.eval_result = self.ema_result = None
+    self.stop_request = None  # run()'s, while it runs
     self.service_watch = None
 
   def image_size_at(self, step):
@@ -303,6 +305,7 @@ class HostLoop:
     total = self.setup.total_steps
     # From here a SIGTERM or SIGINT asks the loop to stop after a step and save.
     with preemption.StopRequest(self.trainer.stop_requested) as stop_request:
+      self.stop_request = stop_request
       feed = [self.input_from(self.step)]  # its only reference, for drop_in_background()
       try:
         self.write_start_summaries()
@@ -416,18 +419,32 @@ class HostLoop:
     checkpoints.save(self.manager, self.step)
 
   def evaluate(self):
-    """The weights, and their EMA where the run keeps one."""
+    """The weights, and their EMA where the run keeps one. Every evaluation
+    follows a save, so a signal during one stops it at once: the run exits
+    as a signal in training does, with nothing lost."""
     setup = self.setup
     spec = eval_input(self.config, setup.input_spec)
     self.eval_result = evaluate_split(self.trainer, setup.source, setup.source.eval_split,
                                       spec)
+    self.stop_if_asked()
     monitor.log(monitor.eval_line(self.eval_result, setup.eval_size), setup.chief)
     self.summaries.write_eval(self.eval_result)
     if self.trainer.ema_model is not None:
       self.ema_result = evaluate_split(self.trainer, setup.source, setup.source.eval_split,
                                        spec, ema=True)
+      self.stop_if_asked()
       monitor.log(monitor.eval_line(self.ema_result, setup.eval_size, of_ema=True), setup.chief)
       self.summaries.write_eval(self.ema_result, ema=True)
+
+  def stop_if_asked(self):
+    """Preempted when this process, the whole run, got a signal during an
+    evaluation (Trainer.stops_alone)."""
+    if self.trainer.stops_alone and self.stop_request.requested_here:
+      self.summaries.flush()
+      reason = self.stop_request.signal_name
+      monitor.log(f"{reason}: stopped the evaluation at step {self.step}, whose checkpoint is "
+                  f"saved; run again to resume (or to evaluate, if training was over)")
+      raise preemption.Preempted(self.step, reason)
 
   def last_good(self):
     if self.manager.latest_checkpoint:
@@ -502,19 +519,20 @@ def input_verdict(setup, loop, rates):
 
 
 def finished_summary(setup, step):
-  """The summary of a run already trained to its last step, kept as it is:
-  its figures are the finished run's, and a rerun (the way to resume) has
-  nothing to add. Every worker decides alike, from the step restored."""
+  """The summary of a run already trained to its last step and evaluated,
+  kept as it is: its figures are the finished run's, and a rerun (the way to
+  resume) has nothing to add. None for a run with steps or its final
+  evaluation to go. Every worker reads the shared model_dir alike."""
   path = os.path.join(setup.model_dir, checkpoints.SUMMARY_FILE)
-  summary = None
-  if setup.chief and tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      summary = json.load(f)
-  monitor.log(f"already finished at step {step}: nothing to train"
-              + (f"; summary in {path}" if summary else
-                 f"; it stopped before its summary, and launch.evaluate evaluates it"),
+  if step < setup.total_steps or not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    summary = json.load(f)
+  if summary.get("global_step") != step:  # an earlier, shorter run's
+    return None
+  monitor.log(f"already finished at step {step}: nothing to train; summary in {path}",
               setup.chief)
-  return summary or {"global_step": step, "model_dir": setup.model_dir}
+  return summary
 
 
 def _strict_json(value):
@@ -595,7 +613,7 @@ def evaluate_split(trainer, source, split_name, spec, ema=False):
   with data.data_errors(source.num_classes):
     trainer.eval_loop(iter(dataset), tf.constant(steps), ema)
   result = trainer.eval_metrics.result()
-  if not result["count"]:
+  if not result["count"] and not bool(trainer.stop_requested.numpy()):  # (stopped: nothing read)
     raise DataError(f"no image of the {split_name} split ({split.num_examples} records) "
                     f"could be decoded")
   return {**result, "step": int(trainer.step.numpy())}

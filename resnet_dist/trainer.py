@@ -72,6 +72,10 @@ class Trainer:
     self.total_steps = total_steps
     self.schedule = optim.LearningRate.of(config.optim, config.schedule.global_batch_size,
                                           steps_per_epoch, total_steps)
+    # Whether this process can stop an evaluation by itself: the workers of a
+    # multi-worker run learn of a stop only inside a training step's
+    # all-reduce, so each finishes the evaluation and all stop at that step.
+    self.stops_alone = strategy_lib.kind_of(strategy) != "multi_worker_mirrored"
     with strategy.scope():
       # Keras draws the initial weights' seeds from Python's `random`, which
       # whatever ran since start-up has advanced (preparing a dataset does, in
@@ -311,6 +315,10 @@ class Trainer:
 
   @tf.function
   def eval_loop(self, iterator, num_steps, ema=False):
-    """ema: evaluate the EMA of the weights instead of the weights."""
+    """ema: evaluate the EMA of the weights instead of the weights. A stop
+    asked of this process (a signal) ends the loop before its next step,
+    where this process is the whole run (see stops_alone)."""
     for _ in tf.range(num_steps):
+      if self.stops_alone and self.stop_requested:
+        break
       self.strategy.run(self.eval_step, args=next(iterator), kwargs={"ema": ema})

@@ -10,16 +10,19 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
+from unittest import mock
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
-from resnet_dist import checkpoints, models, train
+from resnet_dist import checkpoints, models, preemption, train
 from resnet_dist.config import Config
 from resnet_dist.errors import ConfigError, StorageError
 from tests import fixtures
@@ -141,6 +144,34 @@ class FaultPathTest(absltest.TestCase):
     os.remove(os.path.join(model_dir, "checkpoints", "checkpoint"))  # as a SIGKILL can leave it
     self.train(model_dir, train_steps=28, keep_checkpoints=2)
     self.assertEqual(saved_steps(model_dir), [24, 28])
+
+  def test_a_signal_during_the_final_evaluation_stops_it_and_a_rerun_evaluates(self):
+    """Catches a signal dropped until the evaluation is over (the run then
+    ended with status 0, as if finished and evaluated)."""
+    model_dir = self.create_tempdir().full_path
+    evaluate_split = train.evaluate_split
+
+    def signalled_first(trainer, *args, **kwargs):
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(100):  # the stop request's thread sets the flag
+        if bool(trainer.stop_requested.numpy()):
+          break
+        time.sleep(0.05)
+      counted.append(evaluate_split(trainer, *args, **kwargs)["count"])
+      return {"count": counted[-1]}
+
+    counted = []
+    with mock.patch.object(train, "evaluate_split", signalled_first):
+      with self.assertRaises(preemption.Preempted):
+        self.train(model_dir, train_steps=4, skip_eval=False)
+    self.assertEqual(counted, [0])  # stopped before its first batch, not after its last
+    self.assertEqual(saved_steps(model_dir), [4])
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "summary.json")))
+    out = self.train(model_dir, train_steps=4, skip_eval=False)
+    self.assertIn("resuming from step 4", out)
+    self.assertRegex(out, r"eval at step 4: .* over 359 examples")
+    with open(os.path.join(model_dir, "summary.json")) as f:
+      self.assertEqual(json.load(f)["eval_examples"], 359)
 
   def test_truncated_latest_checkpoint_falls_back_to_the_previous(self):
     model_dir = self.two_checkpoints()
