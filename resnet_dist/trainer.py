@@ -72,19 +72,8 @@ class Trainer:
     self.total_steps = total_steps
     self.schedule = optim.LearningRate.of(config.optim, config.schedule.global_batch_size,
                                           steps_per_epoch, total_steps)
-    # Whether this process can stop an evaluation by itself: the workers of a
-    # multi-worker run learn of a stop only inside a training step's
-    # all-reduce, so each finishes the evaluation and all stop at that step.
-    self.stops_alone = strategy_lib.kind_of(strategy) != "multi_worker_mirrored"
     with strategy.scope():
-      # Keras draws the initial weights' seeds from Python's `random`, which
-      # whatever ran since start-up has advanced (preparing a dataset does, in
-      # whichever worker prepares it): seeded here, the weights depend on
-      # --seed alone.
-      keras.utils.set_random_seed(config.schedule.seed)
-      self.model = self._build_model()
-      # The EMA of the weights and BN statistics, in float32 like the weights.
-      self.ema_model = self._build_model() if config.optim.ema_decay else None
+      self.model, self.ema_model = self._build_models()
       self.variables = self.model.trainable_variables
       self.all_reduce = strategy_lib.gradient_all_reduce(config.distribute, strategy)
       self.optimizer = optim.create_optimizer(
@@ -115,6 +104,10 @@ class Trainer:
     # Host-side, this process's own: set when a SIGTERM or SIGINT asks the run
     # to stop (preemption.StopRequest); every step reads it.
     self.stop_requested = tf.Variable(False, trainable=False)
+    # Whether this process can stop an evaluation by itself: the workers of a
+    # multi-worker run learn of a stop only inside a training step's
+    # all-reduce, so each finishes the evaluation and all stop at that step.
+    self.stops_alone = strategy_lib.kind_of(strategy) != "multi_worker_mirrored"
     self.moving_statistics = models.moving_statistics(self.model)
     if self.ema_model is not None:
       self.moving_statistics += models.moving_statistics(self.ema_model)
@@ -125,6 +118,16 @@ class Trainer:
     self._compiled_step = compile_(self.replica_step)
     self._compiled_accumulate = compile_(self.accumulate_step)
     self._compiled_apply = compile_(self.apply_accumulated)
+
+  def _build_models(self):
+    """The model and, with --ema_decay, the EMA of its weights and BN
+    statistics (in float32 like the weights). Keras draws the initial
+    weights' seeds from Python's `random`, which whatever ran since start-up
+    has advanced (preparing a dataset does, in whichever worker prepares it):
+    seeded here, the weights depend on --seed alone."""
+    keras.utils.set_random_seed(self.config.schedule.seed)
+    model = self._build_model()
+    return model, (self._build_model() if self.config.optim.ema_decay else None)
 
   def _build_model(self):
     # A fixed input size where training and evaluation share one.

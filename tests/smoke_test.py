@@ -93,7 +93,7 @@ class SmokeTest(parameterized.TestCase):
         ({"profile_steps": (5, 5)}, "--profile_steps=5,5 must be START,END"),
         ({"optimizer": "adam"}, "unknown --optimizer=adam; choose from sgd, lars"),
         ({"base_learning_rate": -0.1}, r"--base_learning_rate=-0.1 must be a positive number"),
-        ({"base_learning_rate": float("nan")}, r"--base_learning_rate=nan must be a positive"),
+        ({"base_learning_rate": float("nan")}, r"--base_learning_rate=nan is not a finite number"),
         ({"base_learning_rate": 0.0}, r"--base_learning_rate=0.0 must be a positive number"),
         ({"tpu": "my-tpu", "strategy": "mirrored"},
          r"--tpu=my-tpu is for --strategy=tpu, not --strategy=mirrored"),
