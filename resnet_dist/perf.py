@@ -13,15 +13,21 @@ def cpu_kernels():
   return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
 
 
-def emulated_bf16_warning(dtype, on_cpu, cpu_flags=None):
-  """A warning line when --dtype=bf16 would run emulated on CPU replicas, else "".
+# CPU flags under which oneDNN has native kernels for each reduced precision.
+_NATIVE = {"bf16": {"avx512f", "avx_ne_convert", "amx_bf16"},
+           "fp16": {"avx512_fp16", "avx_ne_convert", "amx_fp16"}}
 
-  oneDNN's bfloat16 kernels need AVX-512 (or AVX-NE-CONVERT / AMX); without
-  them TensorFlow falls back to emulated kernels ("oneDNN supports
-  DT_BFLOAT16 only on platforms with AVX-512"), an order of magnitude slower
-  than fp32 (docs/benchmarks.md).
+
+def emulated_precision_warning(dtype, on_cpu, cpu_flags=None):
+  """A warning line when --dtype=bf16 or fp16 would run emulated on CPU
+  replicas, else "".
+
+  oneDNN's bfloat16 kernels need AVX-512 (or AVX-NE-CONVERT / AMX), its
+  float16 ones AVX512-FP16 (or AVX-NE-CONVERT / AMX-FP16); without them
+  TensorFlow falls back to emulated kernels, several times slower than fp32
+  (docs/benchmarks.md: fp16 at 0.14x fp32 on a CPU with AVX512-BF16 only).
   """
-  if dtype != "bf16" or not on_cpu:
+  if dtype not in _NATIVE or not on_cpu:
     return ""
   if cpu_flags is None:
     try:
@@ -29,10 +35,12 @@ def emulated_bf16_warning(dtype, on_cpu, cpu_flags=None):
         cpu_flags = set(f.read().split())
     except OSError:  # not Linux: no way to tell
       return ""
-  if cpu_flags & {"avx512f", "avx_ne_convert", "amx_bf16"}:
+  if cpu_flags & _NATIVE[dtype]:
     return ""
-  return ("warning: --dtype=bf16 on a CPU without AVX-512: TensorFlow emulates bfloat16 "
-          "here, many times slower than --dtype=fp32")
+  needs = "AVX-512" if dtype == "bf16" else "AVX512-FP16 or AMX-FP16"
+  kind = "bfloat16" if dtype == "bf16" else "float16"
+  return (f"warning: --dtype={dtype} on a CPU without {needs}: TensorFlow emulates {kind} "
+          f"here, many times slower than --dtype=fp32")
 
 
 def training_flops_per_image(macs):

@@ -202,7 +202,7 @@ def report_start(setup, trainer, resumed):
       num_params=num_params, macs=macs, steps_per_epoch=setup.steps_per_epoch,
       total_steps=setup.total_steps, model_dir=setup.model_dir,
       all_reduce=trainer.all_reduce.describe(trainer.variables)), chief)
-  warning = perf.emulated_bf16_warning(config.model.dtype, strategy_lib.all_on_cpu(strategy))
+  warning = perf.emulated_precision_warning(config.model.dtype, strategy_lib.all_on_cpu(strategy))
   if warning:
     monitor.log(warning, chief)
   if peak_flops:

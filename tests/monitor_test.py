@@ -74,11 +74,17 @@ def scalars(directory):
 
 class HardwareNotesTest(absltest.TestCase):
 
-  def test_bf16_warning_only_for_emulated_cpus(self):
-    self.assertIn("without AVX-512", perf.emulated_bf16_warning("bf16", True, {"avx2", "fma"}))
-    self.assertEqual(perf.emulated_bf16_warning("bf16", True, {"avx2", "avx512f"}), "")
-    self.assertEqual(perf.emulated_bf16_warning("fp32", True, {"avx2"}), "")
-    self.assertEqual(perf.emulated_bf16_warning("bf16", False, {"avx2"}), "")  # TPU, GPU
+  def test_reduced_precision_warning_only_for_emulated_cpus(self):
+    warning = perf.emulated_precision_warning
+    self.assertIn("without AVX-512", warning("bf16", True, {"avx2", "fma"}))
+    self.assertEqual(warning("bf16", True, {"avx2", "avx512f"}), "")
+    self.assertEqual(warning("fp32", True, {"avx2"}), "")
+    self.assertEqual(warning("bf16", False, {"avx2"}), "")  # TPU, GPU
+    # AVX-512 with bfloat16 but no float16: fp16 ran at 0.14x fp32 there.
+    self.assertIn("--dtype=fp16 on a CPU without AVX512-FP16",
+                  warning("fp16", True, {"avx512f", "avx512_bf16"}))
+    self.assertEqual(warning("fp16", True, {"avx512f", "avx512_fp16"}), "")
+    self.assertEqual(warning("fp16", False, {"avx2"}), "")
 
 
 class RunMonitoringTest(absltest.TestCase):
