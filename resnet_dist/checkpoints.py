@@ -17,6 +17,7 @@ import tensorflow as tf
 from resnet_dist import models
 from resnet_dist.models import weights
 from resnet_dist import strategy as strategy_lib
+from resnet_dist import errors
 from resnet_dist.errors import ConfigError, StorageError
 from resnet_dist.monitor import log
 
@@ -219,6 +220,13 @@ def read_run(model_dir):
 
 def find_checkpoint(path):
   """A checkpoint prefix, or a model_dir (its latest checkpoint)."""
+  try:
+    return _find_checkpoint(path)
+  except tf.errors.OpError as e:  # a remote path that cannot be reached
+    raise ConfigError(f"cannot read {path} ({_first_line(e)})") from None
+
+
+def _find_checkpoint(path):
   if tf.io.gfile.isdir(path):
     latest = (tf.train.latest_checkpoint(os.path.join(path, "checkpoints"))
               or tf.train.latest_checkpoint(path))
@@ -226,7 +234,7 @@ def find_checkpoint(path):
       raise ConfigError(f"no checkpoint in {path}")
     return latest
   if not tf.io.gfile.exists(path + ".index"):
-    raise ConfigError(f"checkpoint {path} does not exist")
+    raise ConfigError(errors.missing(f"checkpoint {path}", path))
   return path
 
 

@@ -19,3 +19,12 @@ class StorageError(RuntimeError):
   Entrypoints print it as one line and exit with status 74; what was saved
   before it stays.
   """
+
+
+def missing(named, path):
+  """'<named> does not exist', and for a remote path (gs://, s3://), where
+  TensorFlow cannot tell a missing path from one it may not read, what else
+  it may be."""
+  if "://" in path:
+    return f"{named} does not exist or cannot be read from here (credentials, network)"
+  return f"{named} does not exist"

@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl.testing import absltest, parameterized
 
-from resnet_dist import data
+from resnet_dist import checkpoints, data
 from resnet_dist.data import pipeline, preprocess, records, sources
 from resnet_dist.errors import ConfigError, DataError
 
@@ -271,6 +271,22 @@ class NotAnExampleTest(absltest.TestCase):
         context(1, 0, 1)).take(1))
     self.assertEqual(sorted(batches[0][1].numpy()), list(range(1, 8)))
     self.assertEqual(int(tf.reduce_sum(batches[0][2])), 1)
+
+
+class RemotePathTest(absltest.TestCase):
+
+  def test_a_remote_path_that_cannot_be_read_is_one_line_that_says_so(self):
+    """Catches a gs:// path reported as plainly missing (with no network or
+    credentials TensorFlow cannot tell), or TensorFlow's own error escaping."""
+    path = "gs://resnet-dist-no-such-bucket/data"
+    for what, call in (("--data_dir", lambda: data.get_source("imagenet", path).split("train")),
+                       ("image folder",
+                        lambda: data.get_source("folder:" + path).split("train")),
+                       ("checkpoint", lambda: checkpoints.find_checkpoint(path + "/ckpt-1"))):
+      with self.assertRaisesRegex(ConfigError, r"(does not exist or cannot be read from here "
+                                               r"\(credentials, network\)|^cannot read gs://)",
+                                  msg=what):
+        call()
 
 
 PIXELS = {"ant": 40, "moth": 80, "zebra": 0, "only": 10}

@@ -11,6 +11,7 @@ import os
 import tensorflow as tf
 
 from resnet_dist.data.splits import IndexedSplit
+from resnet_dist import errors
 from resnet_dist.errors import ConfigError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -29,7 +30,7 @@ def _subdirs(directory):
 
 def _split_dirs(root):
   if not tf.io.gfile.isdir(root):
-    raise ConfigError(f"image folder {root} does not exist")
+    raise ConfigError(errors.missing(f"image folder {root}", root))
   splits = _subdirs(root)
   if "train" not in splits:
     raise ConfigError(f"image folder {root} has no train/ directory (it has: "

@@ -8,6 +8,7 @@ import struct
 import tensorflow as tf
 
 from resnet_dist.data.splits import IndexedSplit, RecordSplit
+from resnet_dist import errors
 from resnet_dist.errors import ConfigError
 
 # The layout written by tensorflow/tpu's imagenet_to_gcs.py.
@@ -49,7 +50,7 @@ def count_all(files):
 
 def _glob(data_dir, pattern, what):
   if not tf.io.gfile.isdir(data_dir):
-    raise ConfigError(f"--data_dir={data_dir} does not exist")
+    raise ConfigError(errors.missing(f"--data_dir={data_dir}", data_dir))
   files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{pattern}"))
   if not files:
     raise ConfigError(f"no {what} files {pattern} in --data_dir={data_dir}")
