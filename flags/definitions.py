@@ -110,6 +110,10 @@ flags.DEFINE_integer("train_steps", _default("train_steps"),
                      "Steps to train; > 0 overrides --train_epochs.", lower_bound=0)
 flags.DEFINE_integer("steps_per_loop", _default("steps_per_loop"),
                      "Steps run inside one tf.function call.", lower_bound=1)
+flags.DEFINE_integer("stop_check_steps", _default("stop_check_steps"),
+                     "Steps run back to back, no step waiting for the one before to reach "
+                     "the host; a stop (a signal to any worker) takes effect within this many.",
+                     lower_bound=1)
 flags.DEFINE_float("epochs_between_evals", _default("epochs_between_evals"),
                    "Evaluate every this many epochs; 0: at the end only.", lower_bound=0)
 flags.DEFINE_bool("skip_eval", _default("skip_eval"), "Never evaluate.")

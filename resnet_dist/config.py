@@ -201,6 +201,7 @@ class ScheduleConfig:
   train_epochs: float = 30.0
   train_steps: int = 0              # > 0 overrides train_epochs
   steps_per_loop: int = 10
+  stop_check_steps: int = 10         # steps run back to back between looks at a stop request
   epochs_between_evals: float = 0.0  # 0: evaluate at the end only
   skip_eval: bool = False
   enable_xla: bool = False
@@ -220,6 +221,7 @@ class ScheduleConfig:
     _check(self.train_steps > 0 or self.train_epochs > 0,
            "set --train_steps or --train_epochs to a positive value")
     _check(self.steps_per_loop >= 1, "--steps_per_loop must be at least 1")
+    _check(self.stop_check_steps >= 1, "--stop_check_steps must be at least 1")
     _check(self.grad_accum_steps >= 1, "--grad_accum_steps must be at least 1")
     _check(self.global_batch_size % self.grad_accum_steps == 0,
            f"--global_batch_size={self.global_batch_size} does not divide into "

@@ -286,25 +286,36 @@ class Trainer:
     wait on Python. Returns whether it stopped early because some process was
     asked to stop (every worker stops after the same step).
 
+    The steps run in blocks of --stop_check_steps, whose loop's condition
+    reads only its counter: no step waits for the one before to reach the
+    host, so input, dispatch and device work overlap. Each step's answer to
+    the stop request is kept, and read between blocks.
+
     Timestamps around each next(iterator) add up the time the loop waits for
     input; tf.function runs stateful ops (timestamps, the iterator, variable
     updates) in program order, so no wait overlaps a step. TensorFlow refuses
     timestamps under op determinism, so --deterministic runs go untimed, as
     do runs over several logical CPU devices (input_wait_measurable).
     """
+    block = self.config.schedule.stop_check_steps
     stopping = tf.constant(False)
-    for _ in tf.range(num_steps):
-      if self.config.schedule.grad_accum_steps == 1:
-        stops = self.strategy.run(self._compiled_step,
-                                  args=(*self._next(iterator), self.stop_requested.read_value()))
-      else:
-        for micro in tf.range(self.config.schedule.grad_accum_steps):
-          self.strategy.run(self._compiled_accumulate, args=(*self._next(iterator), micro))
-        stops = self.strategy.run(self._compiled_apply, args=(self.stop_requested.read_value(),))
-      stopping = self.strategy.experimental_local_results(stops)[0]
+    for start in tf.range(0, num_steps, block):
+      for _ in tf.range(tf.minimum(block, num_steps - start)):
+        stopping = tf.logical_or(stopping, self._step(iterator))
       if stopping:
         break
     return stopping
+
+  def _step(self, iterator):
+    """One training step on every replica; whether some process asked to stop."""
+    if self.config.schedule.grad_accum_steps == 1:
+      stops = self.strategy.run(self._compiled_step,
+                                args=(*self._next(iterator), self.stop_requested.read_value()))
+    else:
+      for micro in tf.range(self.config.schedule.grad_accum_steps):
+        self.strategy.run(self._compiled_accumulate, args=(*self._next(iterator), micro))
+      stops = self.strategy.run(self._compiled_apply, args=(self.stop_requested.read_value(),))
+    return self.strategy.experimental_local_results(stops)[0]
 
   def _next(self, iterator):
     """next(iterator), adding the time it waits to input_seconds where it can."""

@@ -61,6 +61,39 @@ def collectives_in_one_step(strategy, **options):
   return collectives(trainer.train_loop.get_concrete_function(iterator, tf.constant(1))), trainer
 
 
+def loop_conditions(function):
+  """{while loop's name: the dtypes its condition reads} in a traced function."""
+  graph = function.graph.as_graph_def()
+  library = {f.signature.name: f for f in graph.library.function}
+  found = {}
+  for node in [*graph.node, *(n for f in graph.library.function for n in f.node_def)]:
+    if node.op in ("While", "StatelessWhile"):
+      cond = library[node.attr["cond"].func.name]
+      read = {i.lstrip("^").split(":")[0] for n in cond.node_def for i in n.input}
+      read |= {v.split(":")[0] for v in cond.ret.values()}
+      found[node.name] = sorted({tf.dtypes.as_dtype(a.type).name
+                                 for a in cond.signature.input_arg if a.name in read})
+  return found
+
+
+class HostLoopTest(parameterized.TestCase):
+  """Catches a train loop whose every step waits for the one before to reach
+  the host: a loop condition that reads a step's answer (a bool) rather than
+  only its counter."""
+
+  @parameterized.parameters(1, 2)
+  def test_steps_run_in_a_loop_whose_condition_reads_only_its_counter(self, grad_accum_steps):
+    trainer, iterator = build(tf.distribute.get_strategy(), grad_accum_steps=grad_accum_steps)
+    loops = loop_conditions(trainer.train_loop.get_concrete_function(iterator, tf.constant(1)))
+    reading_answers = [name for name, dtypes in loops.items() if "bool" in dtypes]
+    self.assertEqual(reading_answers, ["while"])  # the outer loop, between blocks
+    inner = [name for name in loops if name.startswith("while/")]
+    # The block of steps, and inside it the micro-batches of an accumulated step.
+    self.assertLen(inner, 1 if grad_accum_steps == 1 else 2, loops)
+    for name in inner:
+      self.assertTrue(set(loops[name]) <= {"int32", "int64"}, (name, loops[name]))
+
+
 class CollectivesTest(absltest.TestCase):
   """The ops of the traced step themselves, not the calls that ask for them:
   a step that all-reduced each gradient alone, ignored --all_reduce_pack_mb
