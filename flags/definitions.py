@@ -101,6 +101,10 @@ flags.DEFINE_enum("all_reduce_dtype", _default("all_reduce_dtype"),
                   tuple(strategy_lib.ALL_REDUCE_DTYPES),
                   "The gradients' dtype on the wire (fp16, bf16: half the bytes); the "
                   "update reads them back as float32.")
+flags.DEFINE_enum("gpu_thread_mode", _default("gpu_thread_mode"), strategy_lib.GPU_THREAD_MODES,
+                  "gpu_private: each GPU gets 2 threads of its own to launch its kernels "
+                  "(TF_GPU_THREAD_MODE, set before TensorFlow creates the GPUs; one you set "
+                  "wins); global: TensorFlow's one shared pool.")
 
 # Training
 flags.DEFINE_integer("global_batch_size", _default("global_batch_size"),

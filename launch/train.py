@@ -6,8 +6,8 @@ checkpoint is kept); 69 another worker of a multi-worker run died (start them
 all again to resume from the last checkpoint); 74 a checkpoint could not be
 written (a full disk; the earlier ones stay); 75 stopped by SIGTERM or SIGINT,
 to this or another worker, after saving a checkpoint (run the same command
-again to resume); 130 SIGINT outside the training steps (start-up or an
-evaluation), nothing new saved.
+again to resume; an evaluation stops at once, the same way); 130 SIGINT
+while starting, nothing new saved.
 """
 
 from launch import exits  # first: its exit handler runs last

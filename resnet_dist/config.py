@@ -242,9 +242,11 @@ class DistributeConfig:
   all_reduce: str = "auto"          # the gradients' collective (strategy.ALL_REDUCE)
   all_reduce_pack_mb: float = 32.0  # 0: one pack
   all_reduce_dtype: str = "fp32"    # what crosses the wire
+  gpu_thread_mode: str = "gpu_private"  # strategy.GPU_THREAD_MODES
 
   def validate(self):
     _check_choice("strategy", self.strategy, strategy_lib.STRATEGIES)
+    _check_choice("gpu_thread_mode", self.gpu_thread_mode, strategy_lib.GPU_THREAD_MODES)
     _check_choice("cluster", self.cluster, cluster_lib.SOURCES)
     _check_choice("all_reduce", self.all_reduce, strategy_lib.ALL_REDUCE)
     _check_choice("all_reduce_dtype", self.all_reduce_dtype, tuple(strategy_lib.ALL_REDUCE_DTYPES))

@@ -34,6 +34,8 @@ def describe_run(config, strategy, source, *, train_size, eval_size, num_params,
       f"strategy   {strategy_lib.kind_of(strategy)}: {strategy.num_replicas_in_sync} replica(s)"
       f"{strategy_lib.describe_tasks(strategy)}, on {devices}",
       f"all-reduce {all_reduce}",
+      *([f"gpu        threads {strategy_lib.describe_gpu_threads()}"]
+        if "GPU" in devices else []),
       f"batch      {schedule.global_batch_size} global, {per_replica} per replica",
       f"model      {model.name} ({model.resnet_variant}), {num_params:,} trainable "
       f"parameters, {macs / 1e9:.3f} GMACs per {size}x{size} image",

@@ -141,6 +141,29 @@ def choose_kind(kind, cluster, tpu=""):
   return kind
 
 
+# TensorFlow's GPU thread modes: gpu_private gives each GPU threads of its own
+# that launch its kernels, so the input pipeline's threads never delay a
+# step's launches (TensorFlow's GPU performance guide; Model Garden's ResNet
+# sets it); global is TensorFlow's default, one pool for everything.
+GPU_THREAD_MODES = ("gpu_private", "gpu_shared", "global")
+GPU_THREADS_PER_GPU = 2
+
+
+def gpu_thread_environment(mode):
+  """The variables TensorFlow reads as it creates its GPU devices, for a mode."""
+  if mode == "global":
+    return {}
+  return {"TF_GPU_THREAD_MODE": mode, "TF_GPU_THREAD_COUNT": str(GPU_THREADS_PER_GPU)}
+
+
+def describe_gpu_threads():
+  """The GPU thread setting TensorFlow will read, for the start block."""
+  mode = os.environ.get("TF_GPU_THREAD_MODE", "global")
+  if mode == "global":
+    return "global (TensorFlow's shared pool)"
+  return f"{mode}, {os.environ.get('TF_GPU_THREAD_COUNT', '2')} per GPU"
+
+
 def create_strategy(distribute):
   """Returns the tf.distribute strategy of a config.DistributeConfig: its
   --strategy as choose_kind() reads it in this process's cluster, with its
@@ -154,6 +177,8 @@ def create_strategy(distribute):
     cluster_lib.claim_local_gpus(cluster)  # before TensorFlow lists its GPUs
   if kind == "tpu":
     return _tpu_strategy(distribute)
+  for name, value in gpu_thread_environment(distribute.gpu_thread_mode).items():
+    os.environ.setdefault(name, value)  # before TensorFlow creates its GPU devices; yours win
   gpus = tf.config.list_physical_devices("GPU")
   if kind == "multi_worker_mirrored":
     all_reduce = choose_all_reduce(distribute, kind, bool(gpus))

@@ -6,6 +6,7 @@ tests/equivalence_test.py, started as the README says.)
 """
 
 import json
+import os
 import subprocess
 from unittest import mock
 
@@ -240,6 +241,25 @@ class KubernetesTest(parameterized.TestCase):
   def test_a_wrong_pod_environment_is_one_line(self, change, message):
     with self.assertRaisesRegex(ConfigError, message):
       cluster_lib.from_environment("kubernetes", {**pod_environment(0), **change})
+
+
+class GpuThreadsTest(absltest.TestCase):
+  """Catches GPU kernel launches left in TensorFlow's shared pool, where the
+  input pipeline's threads delay them, and a setting that overrides the user's."""
+
+  def test_create_strategy_gives_each_gpu_its_own_threads_unless_told_otherwise(self):
+    self.assertEqual(strategy_lib.gpu_thread_environment("gpu_private"),
+                     {"TF_GPU_THREAD_MODE": "gpu_private", "TF_GPU_THREAD_COUNT": "2"})
+    self.assertEqual(strategy_lib.gpu_thread_environment("global"), {})
+    for mode, preset, expected in (("gpu_private", {}, "gpu_private"),
+                                   ("gpu_private", {"TF_GPU_THREAD_MODE": "gpu_shared"},
+                                    "gpu_shared"),
+                                   ("global", {}, None)):
+      with mock.patch.dict("os.environ", preset, clear=True):
+        strategy_lib.create_strategy(DistributeConfig(strategy="one_device",
+                                                      gpu_thread_mode=mode))
+        self.assertEqual(os.environ.get("TF_GPU_THREAD_MODE"), expected, (mode, preset))
+        self.assertIn(expected or "global", strategy_lib.describe_gpu_threads())
 
 
 class AllReduceTest(parameterized.TestCase):
