@@ -22,12 +22,14 @@
 # --no_create        use an existing TPU
 # --poll_seconds=N   between checks of the run (default 60)
 # --dry_run          print every command instead of running it
-# Flags after "--" go to launch.train. Exit status: 2 on bad arguments;
-# otherwise the training's (75: stopped by SIGTERM after saving; run again).
+# Flags after "--" go to launch.train. Exit status: 2 on bad arguments; 69
+# when the TPU is preempted, stopped or deleted, or worker 0 misses 5 polls in a
+# row (the checkpoints stay: re-create it and run again to resume); otherwise
+# the training's (75: stopped by SIGTERM after saving; run again).
 set -euo pipefail
 
 usage() {
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -37,7 +39,7 @@ die() {
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 name="${TPU_NAME:-}" project="" zone="" accelerator_type="" runtime_version="" data_dir=""
-model_dir="" dry_run=0 keep=0 create=1 attach=0 delete_only=0 poll_seconds=60
+model_dir="" dry_run=0 keep=0 create=1 attach=0 delete_only=0 poll_seconds=60 max_ssh_failures=5
 train_flags=()
 while (($#)); do
   case "$1" in
@@ -89,12 +91,45 @@ on_worker0() {
   run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command="$1"
 }
 
-# Returns the run's exit status once it has ended; prints the last log line while it runs.
-poll() {
+# The TPU's state as the TPU API tells it (READY, PREEMPTED, TERMINATED, ...),
+# NOT_FOUND once it is deleted, UNKNOWN when the API cannot be asked.
+tpu_state() {
   local answer
+  if answer="$("${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' 2>&1)"; then
+    echo "${answer:-UNKNOWN}"
+  elif [[ "$answer" == *NOT_FOUND* || "$answer" == *"not found"* ]]; then
+    echo NOT_FOUND
+  else
+    echo UNKNOWN
+  fi
+}
+
+# The TPU is gone or unreachable: one line, and the status of a lost peer.
+lost() {
+  echo "error: $1; the run's checkpoints are kept in its --model_dir: re-create the TPU" \
+    "(or let a queued resource do it) and run this command again, with --no_create if" \
+    "it exists, to resume from the last checkpoint" >&2
+  exit 69
+}
+
+# Returns the run's exit status once it has ended; prints the last log line while it runs.
+# A failed ssh (a dropped connection, a VM being restarted) is tried again, unless
+# the TPU API says the TPU is gone, or max_ssh_failures polls in a row failed.
+poll() {
+  local answer failures=0 state
   while true; do
-    # A failed ssh (a dropped connection, a VM being restarted) is tried again.
-    answer="$(on_worker0 "tail -n 1 $log_file; cat $status_file 2>/dev/null" || true)"
+    if answer="$(on_worker0 "tail -n 1 $log_file; cat $status_file 2>/dev/null")"; then
+      failures=0
+    else
+      failures=$((failures + 1))
+      state="$(tpu_state)"
+      case "$state" in
+        PREEMPTED | TERMINATED | STOPPING | STOPPED | DELETING | NOT_FOUND)
+          lost "the TPU $name is $state" ;;
+      esac
+      ((failures < max_ssh_failures)) ||
+        lost "worker 0 of the TPU $name did not answer $failures polls in a row (state $state)"
+    fi
     if ((dry_run)); then
       echo "$answer"
       return 0

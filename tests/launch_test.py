@@ -260,6 +260,44 @@ done
     self.assertFalse(any(" delete " in c for c in calls))
     self.assertIn("the TPU r50 is kept", result.stderr)
 
+  def attach_with_lost_tpu(self, state):
+    """--attach against a stand-in gcloud whose ssh works for the first poll
+    and then fails (exit 255, as ssh does), and whose describe says `state`."""
+    home, bin_dir = self.create_tempdir().full_path, self.create_tempdir().full_path
+    gcloud = os.path.join(bin_dir, "gcloud")
+    with open(gcloud, "w") as f:
+      f.write(f"""#!/bin/bash
+echo "$*" >> {home}/calls
+case "$*" in *" describe "*) echo {state}; exit 0;; esac
+[ "$(grep -c -- --command= {home}/calls)" -lt 2 ] || exit 255
+echo "step 10/90"
+""")
+    os.chmod(gcloud, 0o755)
+    result = subprocess.run(
+        ["bash", os.path.join(launching.ROOT, "launch", "tpu_vm.sh"), *self.ARGS[:3],
+         "--attach", "--poll_seconds=0"],
+        env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
+        capture_output=True, text=True, timeout=60)
+    with open(os.path.join(home, "calls")) as f:
+      return result, f.read().splitlines()
+
+  def test_a_preempted_or_unreachable_tpu_ends_the_poll_with_one_line(self):
+    """Catches a poll that treats every failed ssh as "no answer yet" and
+    polls a preempted TPU forever, printing nothing."""
+    result, calls = self.attach_with_lost_tpu("PREEMPTED")
+    self.assertEqual(result.returncode, 69, result.stderr)
+    self.assertLen([c for c in calls if "--command=" in c], 2)  # within two polls
+    self.assertFalse(any(" delete " in c for c in calls))
+    lines = result.stderr.strip().splitlines()
+    self.assertLen(lines, 1, result.stderr)
+    self.assertRegex(lines[0], r"^error: the TPU r50 is PREEMPTED; the run's checkpoints are "
+                               r"kept .* to resume from the last checkpoint$")
+    result, calls = self.attach_with_lost_tpu("READY")  # up, but worker 0 never answers
+    self.assertEqual(result.returncode, 69, result.stderr)
+    self.assertLen([c for c in calls if "--command=" in c], 6)  # 1 answered, then 5 failed
+    self.assertIn("error: worker 0 of the TPU r50 did not answer 5 polls in a row (state "
+                  "READY)", result.stderr)
+
   def test_keep_attach_delete_and_bad_arguments(self):
     self.assertNotIn(" delete ", "\n".join(self.dry_run("v3-8", "--keep")))
     attached = self.tpu_vm(*self.ARGS[:3], "--attach", "--dry_run").stdout.splitlines()
