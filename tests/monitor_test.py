@@ -113,7 +113,13 @@ class RunMonitoringTest(absltest.TestCase):
     for step in (4, 8, 12):
       self.assertAlmostEqual(self.train["perf/examples_per_second_per_replica"][step] * 2,
                              self.train["perf/examples_per_second"][step], places=3)
-      self.assertBetween(self.train["perf/flop_utilization"][step], 1e-4, 1.0)
+      # The training FLOPs done over the peak measured at start (a peak measured
+      # on a busy machine can make this exceed 1, so no bound on it).
+      done = (self.train["perf/examples_per_second"][step]
+              * perf.training_flops_per_image(self.summary["gmacs_per_image"] * 1e9))
+      self.assertGreater(self.train["perf/flop_utilization"][step], 0)
+      np.testing.assert_allclose(self.train["perf/flop_utilization"][step],
+                                 done / (self.summary["peak_gflops"] * 1e9), rtol=1e-4)
     self.assertAlmostEqual(self.train["model/gmacs_per_image"][0], 0.0408, places=3)
 
   def test_logged_learning_rate_is_the_schedule(self):
