@@ -223,23 +223,13 @@ class TpuVmTest(absltest.TestCase):
     self.assertNotIn("--tpu=local", start)
     self.assertIn(" delete r50 ", lines[6])
 
-  def attach_with_fake_gcloud(self, status):
-    """--attach against a stand-in gcloud whose ssh runs the command here, in a
-    home where the run ends (status written) on the third poll."""
-    home = self.create_tempdir().full_path
+  def attach(self, home, gcloud_body):
+    """tpu_vm.sh --attach against a stand-in gcloud (a bash script that logs
+    each call to home/calls, then runs gcloud_body); (result, calls)."""
     bin_dir = self.create_tempdir().full_path
-    with open(os.path.join(home, "resnet_dist.log"), "w") as f:
-      f.write("step 10/90\n")
     gcloud = os.path.join(bin_dir, "gcloud")
     with open(gcloud, "w") as f:
-      f.write(f"""#!/bin/bash
-echo "$*" >> {home}/calls
-polls=$(grep -c -- --command= {home}/calls)
-[ "$polls" -lt 3 ] || echo "resnet_dist exited with status {status}" > {home}/resnet_dist.status
-for a in "$@"; do
-  case "$a" in --command=*) cd {home} && HOME={home} exec bash -c "${{a#--command=}}";; esac
-done
-""")
+      f.write(f"#!/bin/bash\necho \"$*\" >> {home}/calls\n{gcloud_body}")
     os.chmod(gcloud, 0o755)
     result = subprocess.run(
         ["bash", os.path.join(launching.ROOT, "launch", "tpu_vm.sh"), *self.ARGS[:3],
@@ -248,6 +238,19 @@ done
         capture_output=True, text=True, timeout=60)
     with open(os.path.join(home, "calls")) as f:
       return result, f.read().splitlines()
+
+  def attach_with_fake_gcloud(self, status):
+    """A stand-in whose ssh runs the command here, in a home where the run ends
+    (status written) on the third poll."""
+    home = self.create_tempdir().full_path
+    with open(os.path.join(home, "resnet_dist.log"), "w") as f:
+      f.write("step 10/90\n")
+    return self.attach(home, f"""polls=$(grep -c -- --command= {home}/calls)
+[ "$polls" -lt 3 ] || echo "resnet_dist exited with status {status}" > {home}/resnet_dist.status
+for a in "$@"; do
+  case "$a" in --command=*) cd {home} && HOME={home} exec bash -c "${{a#--command=}}";; esac
+done
+""")
 
   def test_attach_polls_to_the_end_and_deletes_only_after_success(self):
     result, calls = self.attach_with_fake_gcloud(0)
@@ -261,25 +264,13 @@ done
     self.assertIn("the TPU r50 is kept", result.stderr)
 
   def attach_with_lost_tpu(self, state):
-    """--attach against a stand-in gcloud whose ssh works for the first poll
-    and then fails (exit 255, as ssh does), and whose describe says `state`."""
-    home, bin_dir = self.create_tempdir().full_path, self.create_tempdir().full_path
-    gcloud = os.path.join(bin_dir, "gcloud")
-    with open(gcloud, "w") as f:
-      f.write(f"""#!/bin/bash
-echo "$*" >> {home}/calls
-case "$*" in *" describe "*) echo {state}; exit 0;; esac
+    """A stand-in whose ssh works for the first poll and then fails (exit 255,
+    as ssh does), and whose describe says `state`."""
+    home = self.create_tempdir().full_path
+    return self.attach(home, f"""case "$*" in *" describe "*) echo {state}; exit 0;; esac
 [ "$(grep -c -- --command= {home}/calls)" -lt 2 ] || exit 255
 echo "step 10/90"
 """)
-    os.chmod(gcloud, 0o755)
-    result = subprocess.run(
-        ["bash", os.path.join(launching.ROOT, "launch", "tpu_vm.sh"), *self.ARGS[:3],
-         "--attach", "--poll_seconds=0"],
-        env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
-        capture_output=True, text=True, timeout=60)
-    with open(os.path.join(home, "calls")) as f:
-      return result, f.read().splitlines()
 
   def test_a_preempted_or_unreachable_tpu_ends_the_poll_with_one_line(self):
     """Catches a poll that treats every failed ssh as "no answer yet" and
