@@ -24,7 +24,7 @@
 # --dry_run          print every command instead of running it
 # Flags after "--" go to launch.train. Exit status: 2 on bad arguments; 69
 # when the TPU is preempted, stopped or deleted, or worker 0 misses 5 polls in a
-# row (the checkpoints stay: re-create it and run again to resume); otherwise
+# row (the checkpoints stay: --delete it, then run again to resume); otherwise
 # the training's (75: stopped by SIGTERM after saving; run again).
 set -euo pipefail
 
@@ -106,9 +106,9 @@ tpu_state() {
 
 # The TPU is gone or unreachable: one line, and the status of a lost peer.
 lost() {
-  echo "error: $1; the run's checkpoints are kept in its --model_dir: re-create the TPU" \
-    "(or let a queued resource do it) and run this command again, with --no_create if" \
-    "it exists, to resume from the last checkpoint" >&2
+  echo "error: $1; the run's checkpoints are kept in its --model_dir: delete what is left" \
+    "of the TPU (--delete), then run this command again to create it anew and resume from" \
+    "the last checkpoint" >&2
   exit 69
 }
 
