@@ -282,7 +282,7 @@ echo "step 10/90"
     lines = result.stderr.strip().splitlines()
     self.assertLen(lines, 1, result.stderr)
     self.assertRegex(lines[0], r"^error: the TPU r50 is PREEMPTED; the run's checkpoints are "
-                               r"kept .* to resume from the last checkpoint$")
+                               r"kept .* and resume from the last checkpoint$")
     result, calls = self.attach_with_lost_tpu("READY")  # up, but worker 0 never answers
     self.assertEqual(result.returncode, 69, result.stderr)
     self.assertLen([c for c in calls if "--command=" in c], 6)  # 1 answered, then 5 failed
