@@ -13,9 +13,11 @@ def cpu_kernels():
   return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
 
 
-# CPU flags under which oneDNN has native kernels for each reduced precision.
-_NATIVE = {"bf16": {"avx512f", "avx_ne_convert", "amx_bf16"},
-           "fp16": {"avx512_fp16", "avx_ne_convert", "amx_fp16"}}
+# Per reduced precision: the CPU flags under which oneDNN has native kernels
+# for it, the ones the warning names, and the type's name.
+_NATIVE = {"bf16": ({"avx512f", "avx_ne_convert", "amx_bf16"}, "AVX-512", "bfloat16"),
+           "fp16": ({"avx512_fp16", "avx_ne_convert", "amx_fp16"}, "AVX512-FP16 or AMX-FP16",
+                    "float16")}
 
 
 def emulated_precision_warning(dtype, on_cpu, cpu_flags=None):
@@ -35,10 +37,9 @@ def emulated_precision_warning(dtype, on_cpu, cpu_flags=None):
         cpu_flags = set(f.read().split())
     except OSError:  # not Linux: no way to tell
       return ""
-  if cpu_flags & _NATIVE[dtype]:
+  native, needs, kind = _NATIVE[dtype]
+  if cpu_flags & native:
     return ""
-  needs = "AVX-512" if dtype == "bf16" else "AVX512-FP16 or AMX-FP16"
-  kind = "bfloat16" if dtype == "bf16" else "float16"
   return (f"warning: --dtype={dtype} on a CPU without {needs}: TensorFlow emulates {kind} "
           f"here, many times slower than --dtype=fp32")
 
