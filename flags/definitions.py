@@ -149,7 +149,9 @@ flags.DEFINE_float("label_smoothing", _default("label_smoothing"), "Label smooth
 flags.DEFINE_integer("seed", _default("seed"),
                      "Seed of initialisation, data order and augmentation.")
 flags.DEFINE_bool("deterministic", _default("deterministic"),
-                  "Deterministic kernels: bit-identical reruns, somewhat slower.")
+                  "Deterministic kernels and training input in order: bit-identical reruns "
+                  "and resumes, the same batches on any strategy; slower. Without it a slow "
+                  "image holds up nothing and each example keeps its augmentation.")
 
 # Recipe: each is off by default (docs/recipes.md)
 flags.DEFINE_float("ema_decay", _default("ema_decay"),

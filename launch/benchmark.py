@@ -1,10 +1,12 @@
 """Throughput benchmarks; ratios are measured within one run on one machine.
 
-  python -m launch.benchmark --mode=input
+  python -m launch.benchmark --mode=input [--cores=1,2]
       ImageNet training preprocessing alone (JPEG decode-and-crop, resize,
-      flip) on JPEGs of 500x375 pixels, the framework's pipeline in turns
-      with a bare tf.data pipeline of the same operations: images/s and the
-      process's CPU time per image.
+      flip; then with RandAugment, TrivialAugment-wide) on JPEGs of 500x375
+      pixels, the framework's pipeline in turns with a bare tf.data pipeline
+      of the same operations (autotuned, out of order): images/s, the
+      process's CPU time per image and the cores that would feed an 8-GPU
+      host; with --cores, once on each number of cores, a process each.
   python -m launch.benchmark --mode=train [--models=... --batch_sizes=...]
       training steps on synthetic on-device data, one subprocess per case
       (logical devices and peak memory are per process), with the model's
@@ -48,6 +50,10 @@ flags.DEFINE_integer("num_images", 512, "input, e2e: distinct JPEGs to generate.
 flags.DEFINE_integer("image_size", 224, "input: output image size.")
 flags.DEFINE_integer("batch_size", 128, "input: batch size.")
 flags.DEFINE_integer("warmup_batches", 5, "input: batches before timing.")
+flags.DEFINE_list("cores", [], "input: measure on the first N of this process's CPUs, for each N "
+                  "listed (a process each); by default on all of them, in this process.")
+flags.DEFINE_float("host_images_per_second", 19200.0, "input: the rate a host's accelerators "
+                   "train at, for the cores column (8 A100s at 2,400 ResNet-50 images/s each).")
 flags.DEFINE_float("seconds", 10.0, "Time spent measuring each case, at least, over all "
                    "its rounds.")
 flags.DEFINE_list("models", ["resnet50"], "train: models.")
@@ -80,24 +86,32 @@ def natural_jpegs(num_images, height=375, width=500, seed=0):
   return images
 
 
+def _drain(iterator, most=64):
+  """Reads what a pipeline buffered (autotuning sizes its buffers) until a
+  batch takes a millisecond to come, one still being made."""
+  for _ in range(most):
+    began = time.perf_counter()
+    next(iterator)
+    if time.perf_counter() - began > 1e-3:
+      return
+
+
 def _input_turns(datasets, batch_size, warmup, seconds, rounds):
   """{name: (images/s of each round, CPU ms per image of each round)}.
 
-  The pipelines take turns in this process. Between turns the one just timed
-  refills its buffers untimed (a pause), and each turn first drains what its
-  pipeline buffered while idle. CPU time is the whole process's in the turn,
-  while the other pipelines sit with full buffers.
+  The pipelines take turns in this process, each turn on an iterator of its
+  own, deleted at its end: no pipeline's threads (its autotuner, its
+  prefetching) run in another's turn. A turn warms up (autotuning ramps the
+  parallelism up), drains what was buffered meanwhile (_drain), then times.
+  CPU time is the whole process's in the timed part.
   """
-  iterators = {name: iter(ds) for name, ds in datasets.items()}
-  for iterator in iterators.values():
-    for _ in range(warmup):
-      next(iterator)
   measured = {name: ([], []) for name in datasets}
   for _ in range(rounds):
-    for name, iterator in iterators.items():
-      time.sleep(1)
-      for _ in range(3):  # the prefetched batches and those in the parallel map
+    for name, ds in datasets.items():
+      iterator = iter(ds)
+      for _ in range(warmup):
         next(iterator)
+      _drain(iterator)
       count, cpu, began = 0, time.process_time(), time.perf_counter()
       while time.perf_counter() - began < seconds / rounds:
         next(iterator)
@@ -105,11 +119,14 @@ def _input_turns(datasets, batch_size, warmup, seconds, rounds):
       images = count * batch_size
       measured[name][0].append(images / (time.perf_counter() - began))
       measured[name][1].append(1000 * (time.process_time() - cpu) / images)
+      del iterator
   return measured
 
 
 def _bare_pipeline(files, size, batch_size):
-  """The same operations with nothing else: the yardstick for our own pipeline."""
+  """The same operations with nothing else, as a user would tune them by
+  hand (autotuned parallelism and prefetch, out of order): the yardstick for
+  our own pipeline."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   def load(record):
@@ -125,51 +142,89 @@ def _bare_pipeline(files, size, batch_size):
     return tf.cast(tf.image.resize(image, [size, size]), tf.uint8)
 
   ds = tf.data.TFRecordDataset(files).repeat()
-  return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+_AUGMENTED = ("randaugment", "trivialaugment_wide")
+
+
+def _input_pipelines(directory, files):
+  """{name: dataset}: ours plain and augmented, and the bare pipeline."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from resnet_dist import data  # pylint: disable=g-import-not-at-top
+  from resnet_dist.config import AugmentConfig  # pylint: disable=g-import-not-at-top
+  source = data.get_source("imagenet", directory)
+  spec = data.InputSpec(FLAGS.batch_size, FLAGS.image_size, shuffle_buffer=1000)
+  augments = {"resnet_dist": None, **{f"resnet_dist {policy}": AugmentConfig(policy=policy)
+                                      for policy in _AUGMENTED}}
+  pipelines = {name: data.train_dataset_fn(source, "train", dataclasses.replace(
+      spec, augment=augment))(tf.distribute.InputContext()) for name, augment in augments.items()}
+  pipelines["bare tf.data"] = _bare_pipeline(files, FLAGS.image_size, FLAGS.batch_size)
+  return pipelines
+
+
+def _input_rows(measured, cores):
+  """The table's rows: medians, ours against the bare pipeline, and the cores
+  that would keep up with --host_images_per_second."""
+  rows = {name: {"pipeline": name, "cores": cores,
+                 "images_per_second": round(statistics.median(rates), 1),
+                 "images_per_second_range": [round(min(rates)), round(max(rates))],
+                 "cpu_ms_per_image": round(statistics.median(cpu), 3),
+                 "host_cores": round(FLAGS.host_images_per_second
+                                     * statistics.median(cpu) / 1000, 1)}
+          for name, (rates, cpu) in measured.items()}
+  ours, bare = rows["resnet_dist"], rows["bare tf.data"]
+  ours["ratio_to_bare"] = round(ours["images_per_second"] / bare["images_per_second"], 3)
+  ours["cpu_ratio_to_bare"] = round(ours["cpu_ms_per_image"] / bare["cpu_ms_per_image"], 3)
+  # Random erasing, mixup and CutMix run in the replica step: no host cost.
+  for policy in _AUGMENTED:
+    row = rows[f"resnet_dist {policy}"]
+    row["extra_cpu_ms_per_image"] = round(row["cpu_ms_per_image"] - ours["cpu_ms_per_image"], 3)
+  return list(rows.values())
+
+
+def _input_on_cores(counts):
+  """input_benchmark in a process per number of cores, on the first N CPUs."""
+  available = sorted(os.sched_getaffinity(0))
+  rows = []
+  for count in map(int, counts):
+    if not 1 <= count <= len(available):
+      raise app.UsageError(f"--cores={count}: this process may run on {len(available)} CPUs")
+    with tempfile.NamedTemporaryFile(suffix=".json") as output:
+      argv = [sys.executable, "-m", "launch.benchmark"] + [
+          f"--{name}={FLAGS[name].value}" for name in
+          ("num_images", "image_size", "batch_size", "warmup_batches", "seconds", "rounds",
+           "host_images_per_second")]
+      subprocess.run(argv + ["--mode=input", f"--output={output.name}"], check=True,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     preexec_fn=lambda cpus=available[:count]: os.sched_setaffinity(0, cpus))
+      with open(output.name) as f:
+        rows += json.load(f)["results"]
+  return rows
+
+
+def _cores():
+  return len(os.sched_getaffinity(0))
 
 
 def input_benchmark():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from resnet_dist import data  # pylint: disable=g-import-not-at-top
+  header = (f"ImageNet training preprocessing, {FLAGS.num_images} JPEGs of 500x375 -> "
+            f"{FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch_size}, "
+            f"{FLAGS.rounds} turns of {FLAGS.seconds / FLAGS.rounds:.1f} s each, medians; "
+            f"host_cores: cores for {FLAGS.host_images_per_second:.0f} images/s")
+  if FLAGS.cores:
+    return header, _input_on_cores(FLAGS.cores)
   from resnet_dist.data import records  # pylint: disable=g-import-not-at-top
   directory = tempfile.mkdtemp(prefix="resnet_dist_bench_")
   images = natural_jpegs(FLAGS.num_images)
   files = records.write_imagenet_records(directory, "train", images,
                                          [i % 1000 for i in range(len(images))], num_files=8)
-  source = data.get_source("imagenet", directory)
-  from resnet_dist.config import AugmentConfig  # pylint: disable=g-import-not-at-top
-  spec = data.InputSpec(FLAGS.batch_size, FLAGS.image_size, shuffle_buffer=1000)
-  pipelines = {
-      name: data.train_dataset_fn(source, "train", dataclasses.replace(spec, augment=augment))(
-          tf.distribute.InputContext())
-      for name, augment in (("resnet_dist", None),
-                            ("resnet_dist trivialaugment_wide",
-                             AugmentConfig(policy="trivialaugment_wide")))}
-  pipelines["bare tf.data"] = _bare_pipeline(files, FLAGS.image_size, FLAGS.batch_size)
-  measured = _input_turns(pipelines, FLAGS.batch_size, FLAGS.warmup_batches, FLAGS.seconds,
-                          FLAGS.rounds)
-  results = [{"pipeline": name,
-              "images_per_second": round(statistics.median(rates), 1),
-              "images_per_second_range": [round(min(rates)), round(max(rates))],
-              "cpu_ms_per_image": round(statistics.median(cpu), 3)}
-             for name, (rates, cpu) in measured.items()]
-  ours_row, augmented_row, bare_row = results
-  ours_row["ratio_to_bare"] = round(ours_row["images_per_second"]
-                                    / bare_row["images_per_second"], 3)
-  ours_row["cpu_ratio_to_bare"] = round(ours_row["cpu_ms_per_image"]
-                                        / bare_row["cpu_ms_per_image"], 3)
-  # Random erasing, mixup and CutMix run in the replica step: no host cost.
-  augmented_row["extra_cpu_ms_per_image"] = round(augmented_row["cpu_ms_per_image"]
-                                                  - ours_row["cpu_ms_per_image"], 3)
-  for path in files:
-    os.remove(path)
-  os.rmdir(directory)
+  measured = _input_turns(_input_pipelines(directory, files), FLAGS.batch_size,
+                          FLAGS.warmup_batches, FLAGS.seconds, FLAGS.rounds)
+  shutil.rmtree(directory, ignore_errors=True)
   mean_kb = sum(map(len, images)) / len(images) / 1024
-  header = (f"ImageNet training preprocessing, {len(images)} JPEGs of 500x375 "
-            f"({mean_kb:.0f} KB mean) -> {FLAGS.image_size}x{FLAGS.image_size}, "
-            f"batch {FLAGS.batch_size}, {os.cpu_count()} cores, {FLAGS.rounds} turns "
-            f"of {FLAGS.seconds / FLAGS.rounds:.1f} s each, medians")
-  return header, results
+  return f"{header}; {mean_kb:.0f} KB a JPEG, {_cores()} cores", _input_rows(measured, _cores())
 
 
 # --- Training throughput ------------------------------------------------------

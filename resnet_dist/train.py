@@ -75,7 +75,8 @@ def input_spec(config):
       global_batch_size=config.schedule.micro_batch_size, image_size=d.image_size,
       seed=config.schedule.seed, shuffle_buffer=d.shuffle_buffer, strict=d.strict_data,
       augment=config.augment if config.augment.policy != "none" else None,
-      crop_fraction=d.eval_crop_fraction, data_service=d.data_service)
+      crop_fraction=d.eval_crop_fraction, data_service=d.data_service,
+      deterministic=config.schedule.deterministic)
 
 
 def eval_input(config, spec):
@@ -104,7 +105,9 @@ def prepare(config, strategy):
     checkpoints.check_writable(model_dir)
   train_size = source.split(source.train_split).num_examples
   steps_per_epoch = max(train_size // schedule.global_batch_size, 1)
-  spec = input_spec(config)
+  # Slack: the last prefetch leaves the host's cores to an accelerator's
+  # step launches at the start of each step (TensorFlow's advice for TPUs).
+  spec = dataclasses.replace(input_spec(config), slack=not strategy_lib.all_on_cpu(strategy))
   if d.data_service:
     spec = dataclasses.replace(spec, job_name=service.job_prefix(model_dir))
   return RunSetup(
@@ -212,6 +215,11 @@ def report_start(setup, trainer, resumed):
     monitor.log(f"input      tf.data service at {config.data.data_service}, "
                 f"{setup.service_workers} worker{'s' if setup.service_workers > 1 else ''}; "
                 "evaluation reads here", chief)
+  else:
+    order = ("in order (--deterministic)" if config.schedule.deterministic else
+             "out of order, each as soon as it is ready")
+    monitor.log(f"input      training examples {order}; {data.input_threads()} decoding "
+                "threads, autotuned", chief)
   if resumed.start_step:
     monitor.log(f"resuming from step {resumed.start_step} ({resumed.restored})", chief)
     if setup.service_workers:

@@ -25,6 +25,14 @@ _ERASE_SALT = 0xE4A5E
 _MIX_SALT = 0x313C5
 
 
+def _op_determinism_enabled():
+  """Whether this process runs with op determinism: once turned on (by an
+  earlier --deterministic run too) it stays on, and TensorFlow refuses the
+  train loop's timestamps. The process's state, not a run's flag, decides."""
+  from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+  return getattr(tf_config, "is_op_determinism_enabled", lambda: False)()
+
+
 class Metrics(tf.Module):
   """Weighted sums that every replica adds to; reading them sums across replicas."""
 
@@ -98,7 +106,7 @@ class Trainer:
                       aggregation=tf.VariableAggregation.SUM)
           for v in self.variables] if config.schedule.grad_accum_steps > 1 else []
     # Host-side: seconds the train loop waited for input (see train_loop).
-    self.times_input = (not config.schedule.deterministic
+    self.times_input = (not _op_determinism_enabled()
                         and strategy_lib.input_wait_measurable(strategy))
     self.input_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
     # Host-side, this process's own: set when a SIGTERM or SIGINT asks the run
@@ -294,8 +302,9 @@ class Trainer:
     Timestamps around each next(iterator) add up the time the loop waits for
     input; tf.function runs stateful ops (timestamps, the iterator, variable
     updates) in program order, so no wait overlaps a step. TensorFlow refuses
-    timestamps under op determinism, so --deterministic runs go untimed, as
-    do runs over several logical CPU devices (input_wait_measurable).
+    timestamps under op determinism, so runs in a process that turned it on
+    (--deterministic, in this run or an earlier one) go untimed, as do runs
+    over several logical CPU devices (input_wait_measurable).
     """
     block = self.config.schedule.stop_check_steps
     stopping = tf.constant(False)

@@ -8,6 +8,8 @@
   replica step without merge_call).
 - The TPU replica step of the pod recipe (ResNet-50, bf16, LARS) lowers to HLO,
   and so do the steps of the modern recipes (erasing, mixing, EMA, accumulation).
+- The train loop's condition reads only its counter; only the training
+  pipeline autotunes, not the per-device feeds whose teardown stalled.
 """
 
 from unittest import mock
@@ -92,6 +94,25 @@ class HostLoopTest(parameterized.TestCase):
     self.assertLen(inner, 1 if grad_accum_steps == 1 else 2, loops)
     for name in inner:
       self.assertTrue(set(loops[name]) <= {"int32", "int64"}, (name, loops[name]))
+
+
+class InputTeardownTest(absltest.TestCase):
+  """A distributed iterator feeds each device through a small dataset of its
+  own; with tf.data autotuning on there, deleting the iterator after a
+  minute of training waited 27-54 s for the autotuner's sleep. Catches those
+  per-device datasets autotuning again (strategy._per_device_input_untuned
+  lost), while the training pipeline itself keeps autotuning."""
+
+  def test_only_the_training_pipeline_autotunes(self):
+    strategy = strategy_lib.create_strategy(MIRRORED)
+    _, iterator = build(strategy)
+    next(iterator)
+    worker = iterator._iterators[0]  # pylint: disable=protected-access
+    self.assertIn(worker._dataset.options().autotune.enabled, (None, True))  # pylint: disable=protected-access
+    per_device = worker._iterator._device_iterators  # pylint: disable=protected-access
+    self.assertLen(per_device, 2)
+    for device_iterator in per_device:
+      self.assertIs(device_iterator._dataset.options().autotune.enabled, False)  # pylint: disable=protected-access
 
 
 class CollectivesTest(absltest.TestCase):

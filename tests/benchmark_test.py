@@ -46,16 +46,21 @@ class BenchmarkTest(absltest.TestCase):
   def test_input_mode_compares_with_the_bare_pipeline(self):
     _, report = self.run_benchmark("--mode=input", "--num_images=16", "--batch_size=8",
                                    "--image_size=64", "--warmup_batches=1", "--seconds=0.5",
-                                   "--rounds=2")
-    ours, augmented, bare = report["results"]
-    self.assertEqual([ours["pipeline"], augmented["pipeline"], bare["pipeline"]],
-                     ["resnet_dist", "resnet_dist trivialaugment_wide", "bare tf.data"])
-    self.assertAlmostEqual(augmented["extra_cpu_ms_per_image"],
-                           augmented["cpu_ms_per_image"] - ours["cpu_ms_per_image"], delta=0.01)
-    for row in (ours, augmented, bare):
+                                   "--rounds=2", "--cores=1", "--host_images_per_second=1000")
+    rows = report["results"]
+    self.assertEqual([row["pipeline"] for row in rows],
+                     ["resnet_dist", "resnet_dist randaugment",
+                      "resnet_dist trivialaugment_wide", "bare tf.data"])
+    ours, bare = rows[0], rows[-1]
+    for row in rows:
+      self.assertEqual(row["cores"], 1)  # measured in a process on one CPU
       low, high = row["images_per_second_range"]
       self.assertTrue(low - 1 <= row["images_per_second"] <= high + 1, row)  # ends are rounded
       self.assertGreater(row["cpu_ms_per_image"], 0)
+      self.assertAlmostEqual(row["host_cores"], row["cpu_ms_per_image"], delta=0.06)  # 1000/s
+    for augmented in rows[1:3]:
+      self.assertAlmostEqual(augmented["extra_cpu_ms_per_image"],
+                             augmented["cpu_ms_per_image"] - ours["cpu_ms_per_image"], delta=0.01)
     self.assertAlmostEqual(ours["ratio_to_bare"],
                            ours["images_per_second"] / bare["images_per_second"], delta=0.01)
     self.assertAlmostEqual(ours["cpu_ratio_to_bare"],

@@ -1,5 +1,6 @@
 """The input pipeline: the embedded dataset, sharding, exact evaluation, exact resume."""
 
+import dataclasses
 import os
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
@@ -7,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 
-from resnet_dist import data
+from resnet_dist import config as config_lib, data
 from resnet_dist.data import digits
 from resnet_dist.errors import ConfigError
 from tests.fixtures import numbered_source
@@ -63,7 +64,7 @@ class PipelineTest(parameterized.TestCase):
   def test_pipelines_partition_every_global_batch(self, num_pipelines):
     n, global_batch = 60, 12
     source = numbered_source(n)
-    config = data.InputSpec(global_batch, 32, seed=3)
+    config = data.InputSpec(global_batch, 32, seed=3, deterministic=True)
     single = labels_of(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)), 15)
     replicas = num_pipelines * 2  # each pipeline feeds two replicas
     per_pipeline = [labels_of(data.train_dataset_fn(source, "train", config)(
@@ -87,7 +88,7 @@ class PipelineTest(parameterized.TestCase):
 
   def test_resume_continues_the_same_stream(self):
     source = numbered_source(50)
-    config = data.InputSpec(8, 32, seed=7)
+    config = data.InputSpec(8, 32, seed=7, deterministic=True)
     full = labels_of(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)), 20)
     resumed = labels_of(data.train_dataset_fn(source, "train", config, start_step=13)(
         context(1, 0, 1)), 7)
@@ -95,11 +96,31 @@ class PipelineTest(parameterized.TestCase):
 
   def test_augmentation_depends_on_stream_position_not_on_pipeline(self):
     source = data.get_source("digits", self.create_tempdir().full_path)
-    config = data.InputSpec(16, 32, seed=1)
+    config = data.InputSpec(16, 32, seed=1, deterministic=True)
     one = next(iter(data.train_dataset_fn(source, "train", config)(context(1, 0, 2))))
     two = next(iter(data.train_dataset_fn(source, "train", config)(context(2, 0, 2))))
     np.testing.assert_array_equal(one[0].numpy(), two[0].numpy())
     self.assertEqual(one[0].shape, (8, 32, 32, 3))
+
+  def test_out_of_order_examples_keep_their_augmentation(self):
+    """Without --deterministic an example may leave the pipeline before those
+    read ahead of it; its crop and augmentation still come from its place in
+    the global order, not from the order it arrives in: each (example,
+    augmented image) of one order is one of the other's, a few batches apart."""
+    source = numbered_source(48)
+    spec = data.InputSpec(16, 32, seed=4, augment=config_lib.AugmentConfig(policy="randaugment"))
+
+    def examples(deterministic, batches):
+      ds = data.train_dataset_fn(source, "train", dataclasses.replace(
+          spec, deterministic=deterministic))(context(1, 0, 1))
+      self.assertEqual(ds.options().deterministic, deterministic)
+      return [(int(label), hash(image.tobytes())) for images, labels, _ in ds.take(batches)
+              for image, label in zip(images.numpy(), labels.numpy())]
+
+    ordered, unordered = examples(True, 9), examples(False, 9)  # three epochs each
+    self.assertGreater(len(set(ordered[:96])), 80)  # the augmentations differ between epochs
+    self.assertTrue(set(ordered[:96]) <= set(unordered), "an example augmented otherwise")
+    self.assertTrue(set(unordered[:96]) <= set(ordered), "an example augmented otherwise")
 
   def test_eval_counts_every_example_exactly_once_with_two_replicas(self):
     n = 37  # odd, and not a multiple of the global batch

@@ -361,8 +361,9 @@ class RecipeRunTest(absltest.TestCase):
                                    err_msg=f"step {step} {new.path}")
 
   def test_accumulating_two_micro_batches_equals_one_step_on_two_replicas(self):
-    # Each micro-batch is exactly what one of the 2 replicas gets, and BN
-    # normalises over it in both, so only the BN moving statistics differ.
+    # Each micro-batch is exactly what one of the 2 replicas gets (in order:
+    # --deterministic), and BN normalises over it in both, so only the BN
+    # moving statistics differ.
     # Micro-batch k and replica k also draw the same erasing and mixing.
     recipe = dict(augment="trivialaugment_wide", random_erasing=0.25, mixup_alpha=0.2,
                   cutmix_alpha=1.0, label_smoothing=0.1)
@@ -373,7 +374,7 @@ class RecipeRunTest(absltest.TestCase):
       config = Config.from_flat(model="resnet8", dataset="digits", data_dir=self.data_dir,
                       global_batch_size=32, train_steps=3, steps_per_loop=3, seed=2,
                       base_learning_rate=0.008, skip_eval=True, model_dir=model_dir,
-                      **recipe, **changes)
+                      deterministic=True, **recipe, **changes)
       train.run(config, strategy_of(config))
       reader = tf.train.load_checkpoint(checkpoints.find_checkpoint(model_dir))
       weights[name] = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()

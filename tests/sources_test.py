@@ -102,7 +102,7 @@ class ImagenetRecordsTest(parameterized.TestCase):
     directory = self.create_tempdir().full_path
     numbered_records(directory, 20, 3)
     source = data.get_source("imagenet", directory, num_classes=100)
-    config = data.InputSpec(4, 32, seed=5, shuffle_buffer=6)
+    config = data.InputSpec(4, 32, seed=5, shuffle_buffer=6, deterministic=True)
     full = [b[1].numpy().tolist() for b in
             data.train_dataset_fn(source, "train", config)(context(1, 0, 1)).take(14)]
     resumed = [b[1].numpy().tolist() for b in
@@ -155,7 +155,8 @@ class BadImagesTest(absltest.TestCase):
     self.source = data.get_source("imagenet", self.directory, num_classes=10)
 
   def test_bad_images_are_skipped_and_counted(self):
-    config = data.InputSpec(4, 32, shuffle_buffer=1)
+    # In order: the decoder's own rejection (garbage inside) is counted too.
+    config = data.InputSpec(4, 32, shuffle_buffer=1, deterministic=True)
     batches = list(data.train_dataset_fn(self.source, "train", config)(
         context(1, 0, 1)).take(4))   # 16 good examples: two epochs of 8
     labels = np.concatenate([b[1].numpy() for b in batches])
@@ -166,6 +167,27 @@ class BadImagesTest(absltest.TestCase):
     counted = sum(float(tf.reduce_sum(b[2])) for b in
                   data.eval_dataset_fn(self.source, "validation", config)(context(1, 0, 1)))
     self.assertEqual(counted, 8)  # the eval weights: 8 good examples of 10
+
+  def test_unusable_images_are_marked_in_any_order(self):
+    """Out of order (no --deterministic) an image found unusable before decoding
+    (empty, cut short, not an image) becomes a marked placeholder rather than
+    a gap in a numbering, so it is counted however the examples come out."""
+    encoded = [jpeg(2 * i) for i in range(40)]
+    bad = {2: b"", 5: encoded[5][:100], 9: b"not an image", 30: encoded[30][:-2]}
+    for i, image in bad.items():
+      encoded[i] = image
+    images = tf.constant(encoded)
+    split = sources.IndexedSplit(40, lambda i: (tf.gather(images, i), i, tf.constant("")),
+                                 encoded=True)
+    source = sources.Source(name="t", num_classes=40, train_split="train", eval_split="train",
+                            image_size=8, crop="inception")
+    spec = data.InputSpec(4, 8, deterministic=False)
+    load = pipeline._preprocessor(lambda i: (i,) + split.fetch(i), source, split, spec, True)  # pylint: disable=protected-access
+    examples = list(pipeline._loaded(tf.data.Dataset.range(40), load, split, spec, False))  # pylint: disable=protected-access
+    self.assertEqual(sorted(int(label) for _, label, _, unusable in examples if unusable),
+                     sorted(bad))
+    self.assertCountEqual([int(label) for _, label, _, unusable in examples if not unusable],
+                          set(range(40)) - set(bad))
 
   def test_strict_data_stops_naming_the_file(self):
     config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True)
@@ -224,7 +246,7 @@ class CorruptRecordTest(parameterized.TestCase):
   @parameterized.parameters(False, True)
   def test_the_records_after_a_corrupt_one_are_skipped_and_counted(self, cache_data):
     source = data.get_source("imagenet", self.directory, num_classes=20, cache=cache_data)
-    config = data.InputSpec(4, 32, shuffle_buffer=1)
+    config = data.InputSpec(4, 32, shuffle_buffer=1, deterministic=True)
     # 12 good records an epoch: two epochs and the first batch of a third.
     batches = list(data.train_dataset_fn(source, "train", config)(context(1, 0, 1)).take(7))
     labels = np.concatenate([b[1].numpy() for b in batches])
@@ -267,7 +289,8 @@ class NotAnExampleTest(absltest.TestCase):
         writer.write(record)
     source = data.get_source("imagenet", directory, num_classes=8)
     pipeline.check_decodable(source.split("train"), "train")
-    batches = list(data.train_dataset_fn(source, "train", data.InputSpec(7, 32))(
+    spec = data.InputSpec(7, 32, deterministic=True)  # in order: parse errors are counted
+    batches = list(data.train_dataset_fn(source, "train", spec)(
         context(1, 0, 1)).take(1))
     self.assertEqual(sorted(batches[0][1].numpy()), list(range(1, 8)))
     self.assertEqual(int(tf.reduce_sum(batches[0][2])), 1)
@@ -338,7 +361,8 @@ class FolderTest(absltest.TestCase):
     os.symlink("/nonexistent.png", os.path.join(root, "train", "moth", "x.png"))
     source = data.get_source("folder:" + root, image_size=32)
     pipeline.check_decodable(source.split("train"), "train")
-    ds = data.train_dataset_fn(source, "train", data.InputSpec(5, 32))(context(1, 0, 1))
+    spec = data.InputSpec(5, 32, deterministic=True)  # in order: unreadable files are counted
+    ds = data.train_dataset_fn(source, "train", spec)(context(1, 0, 1))
     self.assertEqual(int(tf.reduce_sum(next(iter(ds))[2])), 1)  # one epoch: 5 of 6 files
     strict = data.train_dataset_fn(source, "train", data.InputSpec(5, 32, strict=True))(
         context(1, 0, 1))

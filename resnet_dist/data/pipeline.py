@@ -13,10 +13,19 @@ stream at s * global_batch_size.
 
 Record splits (TFRecord files): each pipeline reads its own files (file-level
 sharding) when there are at least as many files as pipelines, and every
-pipeline-th record otherwise (example-level). Its stream is its shard once per
-epoch: files in an order seeded by (seed, epoch, pipeline), interleaved, then a
-shuffle buffer seeded the same way. Resuming at step s skips whole epochs by
-the known record counts and the rest of the position as raw records, unparsed.
+pipeline-th record of each file otherwise (example-level). Its stream is its
+shard once per epoch: files in an order seeded by (seed, epoch, pipeline),
+interleaved, then a shuffle buffer seeded the same way. Resuming at step s
+skips whole epochs by the known record counts and the rest of the position as
+raw records, unparsed.
+
+Order: the above, batch for batch, holds with InputSpec.deterministic
+(--deterministic). By default files are interleaved and examples leave the
+parallel decoding as soon as they are ready, so a slow file or image holds up
+nothing: each epoch still has every example once, and each example keeps its
+augmentation (seeded by its key: its place in the global order, or its
+record's epoch, file and index), but which batch it lands in, and where a
+resumed run restarts within a few batches, vary.
 
 Bad images: a JPEG or PNG cut short, or one the decoder rejects, is skipped
 and counted (the third element of every training batch is the number of
@@ -65,6 +74,11 @@ class InputSpec:
   crop_fraction: float = preprocess_lib.EVAL_CROP_FRACTION  # evaluation's central crop
   data_service: str = ""          # HOST:PORT of a tf.data service for training input
   job_name: str = ""              # the service job's name, unique to the run and input
+  # Training examples in the order they were read (--deterministic); otherwise
+  # each leaves as soon as it is ready, so one slow image holds up nothing.
+  # Evaluation is always in order.
+  deterministic: bool = False
+  slack: bool = False             # tf.data's slack in the last prefetch (accelerators)
 
 
 def check_batch_divides(global_batch_size, num_replicas):
@@ -74,20 +88,33 @@ def check_batch_divides(global_batch_size, num_replicas):
         f"{num_replicas} replicas")
 
 
-def _finish(ds):
-  """Prefetch, with tf.data autotuning off.
+def input_threads():
+  """The input's private thread pool: this process's physical cores (the
+  CPUs it may run on, a core's hardware threads counted once), so decoding
+  does not queue behind the replicas' kernel launches in TensorFlow's
+  inter-op pool, and leaves hyperthreads to the host's other work."""
+  try:
+    cpus = os.sched_getaffinity(0)
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+  cores = set()
+  for cpu in cpus:
+    try:
+      with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+        cores.add(f.read().strip())
+    except OSError:
+      cores.add(str(cpu))
+  return max(len(cores), 1)
 
-  Autotuning is off on purpose: in TensorFlow 2.21 an iterator's destructor
-  waits for autotuning's optimisation thread, which sleeps up to a minute.
-  Parallelism is set explicitly instead.
-  """
+
+def _finish(ds, deterministic=True, slack=False):
+  """The pipeline's last prefetch and its options: parallelism and buffer
+  sizes tuned by tf.data's autotuning, decoding in a private thread pool."""
   options = tf.data.Options()
-  options.autotune.enabled = False
-  return ds.prefetch(2).with_options(options)
-
-
-def _parallelism():
-  return os.cpu_count() or 1
+  options.deterministic = deterministic
+  options.experimental_slack = slack
+  options.threading.private_threadpool_size = input_threads()
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def _pipeline_batch(context, spec):
@@ -151,49 +178,85 @@ def _parsed_image(split, record):
 # --- Decoding, shared by both kinds of split ---------------------------------
 #
 # Per example there is one function call, the parallel map that loads and
-# preprocesses it; the label check and the count of skipped records run once
-# per batch. Per-example calls of small functions (a map naming each record,
-# a scan counting skips) cost a sixth as much CPU as decoding the image
-# itself (docs/benchmarks.md).
+# preprocesses it; the label check runs once per batch. Per-example calls of
+# small functions (a map naming each record, a scan counting skips) cost a
+# sixth as much CPU as decoding a small image itself (docs/benchmarks.md), so
+# only the input that can hold undecodable images counts them per example.
 
 def _describe(where):
   """Assert data naming an example: a record (path, index in its file) or a name."""
   if isinstance(where, tuple):
-    path, index = where
-    return ["record", index, "of", path]
+    path, key = where
+    return ["record", key % _FILE_STRIDE, "of", path]
   return [where]
 
 
-def _load(ds, fetch, source, split, spec, training, parallel=None):
-  """(position, element) -> (position, image, label, where), in one parallel map.
+def _preprocessor(fetch, source, split, spec, training):
+  """element -> (image, label, where, unusable): reads, decodes, crops and
+  augments one example.
 
-  fetch(position, element) -> (seed position, image or encoded image, label,
-  where) reads the example; position counts this pipeline's examples, so a gap
-  between consecutive positions is a record skipped. parallel: the map's
-  parallelism, by default this machine's cores.
+  fetch(*element) -> (key, image or encoded image, label, where) reads it; key
+  seeds its random crop and augmentation, so an example is augmented the same
+  way whatever order, pipeline or restart it comes in. unusable: the encoded
+  image was found undecodable before decoding (empty, cut short, not an image,
+  a corrupt record); the image is then a black placeholder. Under strict
+  such an image stops the run instead, naming it.
   """
-  def load_and_preprocess(position, element):
-    seed_position, image, label, where = fetch(position, element)
-    if split.encoded:
-      # Outside strict mode ignore_errors() below drops the example, as it does
-      # any the decoder rejects; in strict mode the error names the record.
-      check = tf.debugging.Assert(preprocess_lib.looks_decodable(image),
-                                  [BAD_IMAGE] + _describe(where))
-      with tf.control_dependencies([check]):
-        image = tf.identity(image)
-    seed = tf.stack([tf.constant(spec.seed + _AUGMENT_SALT, tf.int64), seed_position])
+  def decoded(image, seed):
     image = preprocess_lib.preprocess(image, source.crop, size=spec.image_size, training=training,
                                       seed=seed, encoded=split.encoded,
                                       crop_fraction=spec.crop_fraction)
     if training and spec.augment is not None:
       image = augment_lib.augment(image, spec.augment, seed + 8)
-    return position, image, label, where
+    return image
 
-  ds = ds.map(load_and_preprocess, num_parallel_calls=parallel or _parallelism(),
-              deterministic=True)
-  if split.encoded and not spec.strict:
-    ds = ds.ignore_errors()
-  return ds
+  def load_and_preprocess(*element):
+    key, image, label, where = fetch(*element)
+    seed = tf.stack([tf.constant(spec.seed + _AUGMENT_SALT, tf.int64), key])
+    if not split.encoded:
+      return decoded(image, seed), label, where, tf.constant(False)
+    usable = preprocess_lib.looks_decodable(image)
+    if spec.strict:
+      with tf.control_dependencies([tf.debugging.Assert(usable, [BAD_IMAGE] + _describe(where))]):
+        return decoded(tf.identity(image), seed), label, where, tf.constant(False)
+    # An unusable image is swapped for a small black JPEG, decoded as any and
+    # dropped later: cheaper, on every example, than a branch around decoding.
+    image = tf.where(usable, image, _placeholder_jpeg())
+    return decoded(image, seed), label, where, tf.logical_not(usable)
+
+  return load_and_preprocess
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder_jpeg():
+  with tf.init_scope():  # out of the dataset function being traced
+    return tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+
+
+def _skips_errors(split, spec):
+  return split.encoded and not spec.strict
+
+
+def _loaded(ds, load, split, spec, deterministic):
+  """(image, label, where, unusable) of every element, loaded in parallel.
+  An image the decoder itself rejects (complete-looking, corrupt inside) or a
+  file that cannot be read is an error: dropped outside strict mode."""
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+  return ds.ignore_errors() if _skips_errors(split, spec) else ds
+
+
+def _numbered(ds, load, split, spec):
+  """(number, (image, label, where, unusable)) of the usable examples,
+  numbered so that the gaps are the records skipped: in order
+  (deterministic) numbered as read, so those the decoder dropped leave gaps
+  too; out of order as they leave decoding, so only those found unusable do
+  (the decoder's drops go uncounted)."""
+  if spec.deterministic:
+    ds = _loaded(ds.enumerate(), lambda number, element: (number, load(
+        *(element if isinstance(element, tuple) else (element,)))), split, spec, True)
+  else:
+    ds = _loaded(ds, load, split, spec, False).enumerate()
+  return ds.filter(lambda number, example: not example[3])
 
 
 def _label_check(labels, where, num_classes):
@@ -205,31 +268,43 @@ def _label_check(labels, where, num_classes):
                              [BAD_LABEL, labels[first_bad]] + _describe(bad_where))
 
 
-def _train_batches(ds, per_replica_batch, first_position, num_classes):
-  """(images, labels, skipped): skipped counts the records skipped just before each example."""
+def _train_batches(ds, fetch, source, split, spec, per_replica_batch):
+  """(images, labels, skipped) of a dataset of elements for fetch: skipped
+  counts the records skipped (undecodable) just before each example."""
+  load = _preprocessor(fetch, source, split, spec, training=True)
+  counted = _skips_errors(split, spec)
+  if counted:
+    ds = _numbered(ds, load, split, spec)
+  else:
+    ds = _loaded(ds, load, split, spec, spec.deterministic).enumerate()
+
   def check(previous, batch):
-    positions, images, labels, where = batch
-    with tf.control_dependencies([_label_check(labels, where, num_classes)]):
-      skipped = tf.cast(positions - tf.concat([[previous], positions[:-1]], 0) - 1, tf.int32)
-    return positions[-1], (images, labels, skipped)
+    numbers, (images, labels, where, _) = batch
+    with tf.control_dependencies([_label_check(labels, where, source.num_classes)]):
+      skipped = numbers - tf.concat([[previous], numbers[:-1]], 0) - 1
+      return numbers[-1], (tf.identity(images), labels, tf.cast(skipped, tf.int32))
 
   ds = ds.batch(per_replica_batch, drop_remainder=True)
-  return _finish(ds.scan(tf.constant(first_position - 1, tf.int64), check))
+  return _finish(ds.scan(tf.constant(-1, tf.int64), check), spec.deterministic, spec.slack)
 
 
-def _eval_batches(ds, num_examples, per_replica_batch, spec, num_classes):
-  """(images, labels, weights): the examples with weight 1, then zero-weight
-  padding up to exactly num_examples."""
+def _eval_batches(ds, fetch, source, split, spec, num_examples, per_replica_batch):
+  """(images, labels, weights): the examples in order with weight 1 (0 for an
+  unusable image's placeholder), then zero-weight padding up to exactly
+  num_examples."""
   size = spec.image_size
-  where_spec = ds.element_spec[3]
-  ds = ds.map(lambda position, image, label, where: (image, label, tf.constant(1.0), where))
+  ds = _loaded(ds, _preprocessor(fetch, source, split, spec, training=False), split, spec,
+               deterministic=True)
+  where_spec = ds.element_spec[2]
+  ds = ds.map(lambda image, label, where, unusable:
+              (image, label, 1.0 - tf.cast(unusable, tf.float32), where))
   padding = tf.data.Dataset.from_tensors(
       (tf.zeros([size, size, 3], tf.uint8), tf.constant(0, tf.int64), tf.constant(0.0),
        tf.nest.map_structure(lambda spec: tf.zeros([], spec.dtype), where_spec)))
   ds = ds.concatenate(padding.repeat()).take(num_examples)
 
   def check(images, labels, weights, where):
-    with tf.control_dependencies([_label_check(labels, where, num_classes)]):
+    with tf.control_dependencies([_label_check(labels, where, source.num_classes)]):
       return tf.identity(images), labels, weights
 
   return _finish(ds.batch(per_replica_batch, drop_remainder=True).map(check))
@@ -265,16 +340,13 @@ def _indexed_train(source, split, spec, start_step, context):
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
       lambda epoch: _epoch_indices(n, spec.seed, epoch)).skip(offset)
   ds = _keep_own_chunks(ds, context, per_replica)
-  first_position = start_step * pipeline_batch
-  ds = _load(ds.enumerate(first_position), _indexed_fetch(split), source, split, spec, True)
-  return _train_batches(ds, per_replica, first_position, source.num_classes)
+  return _train_batches(ds, _indexed_fetch(split), source, split, spec, per_replica)
 
 
 def _indexed_fetch(split):
-  """fetch() for _load: an (index, global position) element's example, seeded by the position."""
-  def fetch(position, index_and_position):
-    del position
-    index, global_position = index_and_position
+  """fetch() for _preprocessor: an (index, global position) element's
+  example, seeded by its position in the global order."""
+  def fetch(index, global_position):
     return (global_position,) + split.fetch(index)
   return fetch
 
@@ -285,24 +357,37 @@ def _indexed_eval(source, split, spec, context):
   steps = math.ceil(n / spec.global_batch_size)
   ds = _keep_own_chunks(tf.data.Dataset.range(steps * spec.global_batch_size),
                         context, per_replica)
-  ds = ds.filter(lambda position: position < n).enumerate()
-  ds = _load(ds, lambda position, index: (index,) + split.fetch(index), source, split, spec,
-             False)
-  return _eval_batches(ds, steps * pipeline_batch, per_replica, spec, source.num_classes)
+  ds = ds.filter(lambda position: position < n)
+  return _eval_batches(ds, lambda index: (index,) + split.fetch(index), source, split, spec,
+                       steps * pipeline_batch, per_replica)
 
 
 # --- Record splits -----------------------------------------------------------
+#
+# A record's key is (epoch * files in the split + its file) * _FILE_STRIDE +
+# its index in the file: it seeds the record's augmentation, whatever order
+# the files are interleaved in, and names the record in errors.
+
+_FILE_STRIDE = 2**32
+
 
 def shard_of(split, num_pipelines, pipeline_id):
-  """(files, records of this pipeline, example-level?) for one input pipeline."""
+  """(files, records of this pipeline, example-level?) for one input pipeline.
+  Sharded by example, a pipeline keeps the records whose index in their file
+  is pipeline_id modulo num_pipelines."""
   if len(split.files) >= num_pipelines:
     return split.files[pipeline_id::num_pipelines], sum(split.counts[pipeline_id::num_pipelines]), False
-  return split.files, len(range(pipeline_id, split.num_examples, num_pipelines)), True
+  return (split.files, sum(len(range(pipeline_id, c, num_pipelines)) for c in split.counts),
+          True)
 
 
-def _shard_counts(split, num_pipelines, pipeline_id, example_level):
-  """The record counts of a pipeline's files (of every file, sharded by example)."""
-  return split.counts if example_level else split.counts[pipeline_id::num_pipelines]
+def _shard_files(split, num_pipelines, pipeline_id, example_level):
+  """(indices in the split, record counts) of a pipeline's files (every file,
+  sharded by example)."""
+  indices = range(len(split.files)) if example_level else range(
+      pipeline_id, len(split.files), num_pipelines)
+  return (tf.constant(list(indices), tf.int64),
+          tf.constant([split.counts[i] for i in indices], tf.int64))
 
 
 def _file_order(num_files, seed, epoch):
@@ -312,19 +397,18 @@ def _file_order(num_files, seed, epoch):
       tf.range(num_files), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
 
 
-def _read(files, counts, num_files, remote, num_pipelines, pipeline_id, example_level):
-  """(record, (path, index in the file)) of vectors of files and their record
-  counts, in that order, interleaved deterministically."""
-  ds = _interleave(tf.data.Dataset.from_tensor_slices((files, counts)), num_files, remote)
-  if example_level:
-    ds = ds.shard(num_pipelines, pipeline_id)
-  return ds
+def _keeper(num_pipelines, pipeline_id, example_level):
+  """keep(index in the file) for _interleave: the records of a pipeline sharded by example."""
+  if not example_level:
+    return None
+  return lambda index: index % num_pipelines == pipeline_id
 
 
-def _interleave(files, num_files, remote, keep=None):
-  """(record, (path, index in the file)) of a dataset of (file, record count),
-  interleaved deterministically; keep(index): whether to keep a record. Of a
-  dataset of (file, record count, base): (base + index, (record, (path, index))).
+def _interleave(files, num_files, remote, keep=None, deterministic=True):
+  """(key, (record, (path, key))) of a dataset of (file, record count, base):
+  key = base + the record's index in its file; keep(index): whether to keep a
+  record. Files are read num_files at once (at most _CYCLE_LENGTH), in
+  turns or, not deterministic, as their records arrive.
 
   A corrupt record (its CRC does not match) ends TFRecordDataset's reading of
   its file. Each file is therefore filled up to its known count with
@@ -334,30 +418,35 @@ def _interleave(files, num_files, remote, keep=None):
   """
   buffer = _GCS_READ_BUFFER if remote else None
 
-  def records(path, count, *base):
+  def records(path, count, base):
     read = tf.data.TFRecordDataset(path, buffer_size=buffer).ignore_errors()
     filled = read.concatenate(tf.data.Dataset.from_tensors(records_lib.CORRUPT).repeat())
-    filled = filled.take(count).enumerate()
+    keyed = filled.take(count).enumerate(base)
     if keep is not None:
-      filled = filled.filter(lambda index, record: keep(index))
-    if base:
-      return filled.map(lambda index, record: (base[0] + index, (record, (path, index))))
+      keyed = keyed.filter(lambda key, record: keep(key % _FILE_STRIDE))
     # Returns only its arguments, so tf.data skips calling it per record.
-    return filled.map(lambda index, record: (record, (path, index)))
+    return keyed.map(lambda key, record: (key, (record, (path, key))))
 
   cycle = min(_CYCLE_LENGTH, num_files)
   return files.interleave(records, cycle_length=cycle, block_length=1, num_parallel_calls=cycle,
-                          deterministic=True)
+                          deterministic=deterministic)
 
 
-def _parser(split, seed_position):
-  """fetch() for _load: parses a (record, where) element."""
-  def fetch(position, record_and_where):
+def _parser(split, strict):
+  """fetch() for _preprocessor: parses a (key, (record, where)) element. A
+  corrupt record (records.CORRUPT) stops the run under strict; otherwise it
+  is an empty image, found unusable and counted."""
+  def fetch(key, record_and_where):
     record, where = record_and_where
-    check = tf.debugging.Assert(record != records_lib.CORRUPT,
-                                [records_lib.BAD_RECORD] + _describe(where))
-    with tf.control_dependencies([check]):
-      return (seed_position(position),) + split.parse(record) + (where,)
+    corrupt = record == records_lib.CORRUPT
+    if strict:
+      check = tf.debugging.Assert(tf.logical_not(corrupt),
+                                  [records_lib.BAD_RECORD] + _describe(where))
+      with tf.control_dependencies([check]):
+        return (key,) + split.parse(tf.identity(record)) + (where,)
+    image, label = tf.cond(corrupt, lambda: (tf.constant(b""), tf.constant(0, tf.int64)),
+                           lambda: split.parse(record))
+    return key, image, label, where
   return fetch
 
 
@@ -376,15 +465,16 @@ def _record_train(source, split, spec, start_step, context):
   if count < pipeline_batch:
     raise ConfigError(f"input pipeline {p} has {count} training examples, fewer than "
                       f"its {pipeline_batch} per step")
-  read = functools.partial(_read, num_files=len(files), remote=_remote(files),
-                           num_pipelines=num_pipelines, pipeline_id=p,
-                           example_level=example_level)
-  counts = tf.constant(_shard_counts(split, num_pipelines, p, example_level), tf.int64)
-  files = tf.constant(files)
+  indices, counts = _shard_files(split, num_pipelines, p, example_level)
+  paths, remote = tf.constant(files), _remote(files)
+  keep = _keeper(num_pipelines, p, example_level)
 
   def epoch_records(epoch):
-    order = _file_order(tf.size(files), spec.seed, epoch)
-    ds = read(tf.gather(files, order), tf.gather(counts, order))
+    order = _file_order(len(files), spec.seed, epoch)
+    bases = (epoch * len(split.files) + tf.gather(indices, order)) * _FILE_STRIDE
+    files_of_epoch = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(paths, order), tf.gather(counts, order), bases))
+    ds = _interleave(files_of_epoch, len(files), remote, keep, spec.deterministic)
     seed = _record_seed(spec, epoch, p)
     shuffle_seed = tf.random.stateless_uniform([], seed=seed, minval=None, maxval=None,
                                                dtype=tf.int64)
@@ -394,28 +484,23 @@ def _record_train(source, split, spec, start_step, context):
     tf.compat.v1.get_default_graph().seed = 1
     return ds.shuffle(spec.shuffle_buffer, seed=shuffle_seed)
 
-  first_position = start_step * pipeline_batch
-  first_epoch, offset = divmod(first_position, count)
+  first_epoch, offset = divmod(start_step * pipeline_batch, count)
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_records).skip(offset)
-
-  # A position in the global stream seeds the example's augmentation.
-  parse = _parser(split, lambda position: position * num_pipelines + p)
-  ds = _load(ds.enumerate(first_position), parse, source, split, spec, True)
-  return _train_batches(ds, per_replica, first_position, source.num_classes)
+  return _train_batches(ds, _parser(split, spec.strict), source, split, spec, per_replica)
 
 
 def _record_eval(source, split, spec, context):
   per_replica, pipeline_batch = _pipeline_batch(context, spec)
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   files, _, example_level = shard_of(split, num_pipelines, p)
-  counts = _shard_counts(split, num_pipelines, p, example_level)
-  ds = _read(tf.constant(files), tf.constant(counts, tf.int64), len(files), _remote(files),
-             num_pipelines, p, example_level)
-
+  _, counts = _shard_files(split, num_pipelines, p, example_level)
+  files_ds = tf.data.Dataset.from_tensor_slices(
+      (tf.constant(files), counts, tf.zeros_like(counts)))
+  ds = _interleave(files_ds, len(files), _remote(files),
+                   _keeper(num_pipelines, p, example_level))
   steps = eval_steps(split, spec.global_batch_size, num_pipelines)
-  ds = _load(ds.enumerate(), _parser(split, lambda position: position), source, split, spec,
-             False)
-  return _eval_batches(ds, steps * pipeline_batch, per_replica, spec, source.num_classes)
+  return _eval_batches(ds, _parser(split, spec.strict), source, split, spec,
+                       steps * pipeline_batch, per_replica)
 
 
 # --- Through a tf.data service -------------------------------------------------
@@ -441,8 +526,8 @@ def service_chunk(num_examples):
 
 
 def _service_indexed(split, spec, start, context):
-  """(position, (index, position)) of this pipeline's slots (every
-  num_pipelines-th chunk) from the one holding global position `start`."""
+  """(index, position) of this pipeline's slots (every num_pipelines-th
+  chunk) from the one holding global position `start`."""
   n = split.num_examples
   chunk = service_chunk(n)
   per_epoch = math.ceil(n / chunk)
@@ -455,17 +540,17 @@ def _service_indexed(split, spec, start, context):
     end = tf.minimum(begin + chunk, n)
     positions = epoch * n + tf.range(begin, end)
     order = _epoch_order(n, spec.seed, epoch)[begin:end]
-    return tf.data.Dataset.from_tensor_slices((positions, (order, positions)))
+    return tf.data.Dataset.from_tensor_slices((order, positions))
 
   return tf.data.Dataset.range(first, 2**62, num_pipelines).flat_map(examples)
 
 
 def _service_records(split, spec, start, context):
-  """(position, (record, where)) of this pipeline's files, one slot each,
-  from the file holding its share of global position `start`."""
+  """(key, (record, where)) of this pipeline's files, one slot each, from
+  the file holding its share of global position `start`."""
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   files, count, example_level = shard_of(split, num_pipelines, p)
-  counts = tf.constant(_shard_counts(split, num_pipelines, p, example_level), tf.int64)
+  _, counts = _shard_files(split, num_pipelines, p, example_level)
   num_files, paths = len(files), tf.constant(files)
   first_epoch, offset = divmod(start // num_pipelines, count)
   # Sharded by example, a pipeline has a num_pipelines-th of each file.
@@ -476,11 +561,10 @@ def _service_records(split, spec, start, context):
   def file_of(slot):
     index = _file_order(num_files, spec.seed, slot // num_files)[slot % num_files]
     # The base gives each record of each epoch its own augmentation seed.
-    return paths[index], counts[index], slot * 2**24
+    return paths[index], counts[index], slot * _FILE_STRIDE
 
-  keep = (lambda index: index % num_pipelines == p) if example_level else None
   ds = _interleave(tf.data.Dataset.range(first, 2**62).map(file_of), num_files,
-                   _remote(files), keep)
+                   _remote(files), _keeper(num_pipelines, p, example_level), deterministic=False)
   return ds.shuffle(spec.shuffle_buffer, seed=spec.seed)
 
 
@@ -489,15 +573,15 @@ def _service_train(source, split, spec, start_step, context):
   per_replica, _ = _pipeline_batch(context, spec)
   start = start_step * spec.global_batch_size
   if isinstance(split, RecordSplit):
-    ds = _service_records(split, spec, start, context)
-    fetch = _parser(split, lambda position: position)
+    ds, fetch = _service_records(split, spec, start, context), _parser(split, spec.strict)
   else:
     ds, fetch = _service_indexed(split, spec, start, context), _indexed_fetch(split)
-  # On the workers: their own cores, however many the trainer has.
-  ds = _load(ds, fetch, source, split, spec, True, parallel=tf.data.AUTOTUNE)
+  load = _preprocessor(fetch, source, split, spec, training=True)
+  ds = _loaded(ds, load, split, spec, deterministic=False)
+  ds = ds.filter(lambda image, label, where, unusable: not unusable)
 
-  def check(positions, images, labels, where):
-    del positions
+  def check(images, labels, where, unusable):
+    del unusable
     with tf.control_dependencies([_label_check(labels, where, source.num_classes)]):
       return tf.identity(images), labels, tf.zeros_like(labels, tf.int32)
 

@@ -30,26 +30,48 @@ _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
 
 
+# What looks_decodable() reads: magic numbers at the start, end markers at the end.
+_STARTS = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG"), (0, b"RIFF"), (8, b"WEBP"), (0, b"GIF8"),
+           (0, b"BM"), (0, b"\xff\x0a"), (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n"))
+_ENDS = ((None, _JPEG_END), (None, _PNG_END))
+
+
+def _byte_patterns(patterns, width, at_end=False):
+  """(bytes, mask) [len(patterns), width] of (offset, magic) pairs, or of
+  magics aligned to the end."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  values = np.zeros([len(patterns), width], np.uint8)
+  mask = np.zeros([len(patterns), width], bool)
+  for row, (offset, magic) in enumerate(patterns):
+    offset = width - len(magic) if at_end else offset
+    values[row, offset:offset + len(magic)] = list(magic)
+    mask[row, offset:offset + len(magic)] = True
+  return tf.constant(values), tf.constant(mask)
+
+
+def _matches(data, patterns):
+  values, mask = patterns
+  return tf.reduce_all((data[None, :] == values) | ~mask, axis=1)
+
+
 def looks_decodable(encoded):
   """False for what the decoder would reject, found without decoding: an empty
   file, a format it does not read (HEIC, text), and the common corruption, a
   JPEG or PNG cut short (no end marker). Read: JPEG, PNG, GIF, BMP, WebP, JPEG XL.
+
+  It runs on every encoded image, so it reads the first 12 and last 8 bytes
+  as numbers and compares them with every magic number in a few ops.
   """
-  # The first 12 bytes, zero-padded: substr fails past the end of a short string.
-  head = tf.strings.join([tf.strings.substr(encoded, 0, 12), b"\x00" * 12])
-
-  def at(start, magic):
-    return tf.strings.substr(head, start, len(magic)) == magic
-
-  def last(count):  # the last count bytes; all of a shorter string (even an empty one)
-    return tf.strings.substr(encoded, tf.maximum(tf.strings.length(encoded) - count, 0), count)
-
-  complete_jpeg = at(0, b"\xff\xd8\xff") & (last(2) == _JPEG_END)
-  complete_png = at(0, b"\x89PNG") & (last(8) == _PNG_END)
-  webp = at(0, b"RIFF") & at(8, b"WEBP")
-  other = (at(0, b"GIF8") | at(0, b"BM") | at(0, b"\xff\x0a")
-           | at(0, b"\x00\x00\x00\x0cJXL \r\n\x87\n"))
-  return complete_jpeg | complete_png | webp | other
+  length = tf.strings.length(encoded)
+  zeros = b"\x00" * 12
+  # Zero-padded: substr fails past the end of a short string.
+  head = tf.reshape(tf.io.decode_raw(
+      tf.strings.join([tf.strings.substr(encoded, 0, 12), zeros]), tf.uint8)[:12], [12])
+  tail = tf.reshape(tf.io.decode_raw(tf.strings.join(
+      [zeros, tf.strings.substr(encoded, tf.maximum(length - 8, 0), 8)]), tf.uint8)[-8:], [8])
+  jpeg, png, riff, webp, *other = tf.unstack(_matches(head, _byte_patterns(_STARTS, 12)))
+  jpeg_end, png_end = tf.unstack(_matches(tail, _byte_patterns(_ENDS, 8, at_end=True)))
+  return (jpeg & jpeg_end) | (png & png_end) | (riff & webp) | tf.reduce_any(tf.stack(other))
 
 
 def _decode(encoded):
