@@ -122,6 +122,23 @@ class PipelineTest(parameterized.TestCase):
     self.assertTrue(set(ordered[:96]) <= set(unordered), "an example augmented otherwise")
     self.assertTrue(set(unordered[:96]) <= set(ordered), "an example augmented otherwise")
 
+  def test_training_input_is_autotuned_in_a_private_pool_of_the_physical_cores(self):
+    source = numbered_source(16)
+    spec = data.InputSpec(8, 32, slack=True)
+    train = data.train_dataset_fn(source, "train", spec)(context(1, 0, 1)).options()
+    self.assertNotEqual(train.autotune.enabled, False)
+    self.assertEqual(train.threading.private_threadpool_size, data.input_threads())
+    self.assertTrue(train.experimental_slack)
+    self.assertFalse(train.deterministic)
+    evaluation = data.eval_dataset_fn(source, "test", spec)(context(1, 0, 1)).options()
+    self.assertTrue(evaluation.deterministic)  # evaluation reads in order, always
+    cpus = os.sched_getaffinity(0)
+    try:  # as under taskset -c 0: one core
+      os.sched_setaffinity(0, {min(cpus)})
+      self.assertEqual(data.input_threads(), 1)
+    finally:
+      os.sched_setaffinity(0, cpus)
+
   def test_eval_counts_every_example_exactly_once_with_two_replicas(self):
     n = 37  # odd, and not a multiple of the global batch
     source = numbered_source(n)

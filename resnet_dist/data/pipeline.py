@@ -27,10 +27,12 @@ augmentation (seeded by its key: its place in the global order, or its
 record's epoch, file and index), but which batch it lands in, and where a
 resumed run restarts within a few batches, vary.
 
-Bad images: a JPEG or PNG cut short, or one the decoder rejects, is skipped
-and counted (the third element of every training batch is the number of
-records skipped just before each example), or, with strict, stops the run
-naming the file. A label outside 0..num_classes-1 always stops the run.
+Bad images: an image found unusable before decoding (empty, cut short, not
+an image, a corrupt record) and one the decoder rejects are skipped and
+counted (the third element of every training batch is the number of records
+skipped just before each example; out of order, the decoder's rejections go
+uncounted: _numbered), or, with strict, stop the run naming the file. A label
+outside 0..num_classes-1 always stops the run.
 
 Through a tf.data service (data_service set): see _service_train below.
 
@@ -178,10 +180,11 @@ def _parsed_image(split, record):
 # --- Decoding, shared by both kinds of split ---------------------------------
 #
 # Per example there is one function call, the parallel map that loads and
-# preprocesses it; the label check runs once per batch. Per-example calls of
-# small functions (a map naming each record, a scan counting skips) cost a
-# sixth as much CPU as decoding a small image itself (docs/benchmarks.md), so
-# only the input that can hold undecodable images counts them per example.
+# preprocesses it, and, where undecodable images can occur, a filter dropping
+# those found unusable; the label check and the count of skipped records run
+# once per batch. Per-example calls of small functions (a map naming each
+# record, a scan counting skips) cost a sixth as much CPU as decoding a small
+# image itself (docs/benchmarks.md).
 
 def _describe(where):
   """Assert data naming an example: a record (path, index in its file) or a name."""
@@ -272,8 +275,7 @@ def _train_batches(ds, fetch, source, split, spec, per_replica_batch):
   """(images, labels, skipped) of a dataset of elements for fetch: skipped
   counts the records skipped (undecodable) just before each example."""
   load = _preprocessor(fetch, source, split, spec, training=True)
-  counted = _skips_errors(split, spec)
-  if counted:
+  if _skips_errors(split, spec):
     ds = _numbered(ds, load, split, spec)
   else:
     ds = _loaded(ds, load, split, spec, spec.deterministic).enumerate()
