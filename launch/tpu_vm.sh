@@ -175,10 +175,18 @@ if [[ -z "$runtime_version" ]]; then
   runtime_version="tpu-vm-tf-$tf_version$pod_suffix-pjrt"
 fi
 
+# The training process's environment, in the command itself: it runs under a
+# non-login bash, which reads no profile. As Google's own TensorFlow TPU test
+# configurations set it:
 if ((pod)); then
   # One client for the whole slice; it must not open worker 0's chips itself.
   train_env="TPU_LOAD_LIBRARY=0"
   tpu_flags="--tpu=$name --tpu_zone=$zone --gcp_project=$project"
+elif [[ "$runtime_version" == *pjrt* ]]; then
+  # One host on a PJRT runtime: TensorFlow reaches the chips through libtpu's
+  # pluggable-device C API.
+  train_env="NEXT_PLUGGABLE_DEVICE_USE_C_API=true TF_PLUGGABLE_DEVICE_LIBRARY_PATH=/lib/libtpu.so"
+  tpu_flags="--tpu=local"
 else
   train_env=""
   tpu_flags="--tpu=local"

@@ -210,6 +210,9 @@ class TpuVmTest(absltest.TestCase):
     start = self.assert_installs_everywhere_then_trains_detached_on_worker_0(lines)
     self.assertIn("--tpu=local", start)
     self.assertNotIn("TPU_LOAD_LIBRARY", start)
+    # A PJRT runtime's variables, in the detached command (no profile is read there).
+    self.assertIn("NEXT_PLUGGABLE_DEVICE_USE_C_API=true TF_PLUGGABLE_DEVICE_LIBRARY_PATH="
+                  "/lib/libtpu.so python3 -m launch.train", start.replace("\\", ""))
     self.assertRegex(lines[6], r"^\+ gcloud compute tpus tpu-vm delete r50 .*--quiet$")
     self.assertLen(lines, 7)
 
@@ -221,6 +224,7 @@ class TpuVmTest(absltest.TestCase):
                  "--gcp_project=proj"):
       self.assertIn(part, start)
     self.assertNotIn("--tpu=local", start)
+    self.assertNotIn("NEXT_PLUGGABLE_DEVICE", start)  # the slice's runtime serves the chips
     self.assertIn(" delete r50 ", lines[6])
 
   def attach(self, home, gcloud_body):
