@@ -20,16 +20,21 @@
 # --attach           only poll a run already started (after a dropped connection)
 # --delete           only delete the TPU
 # --no_create        use an existing TPU
+# --spot             a Spot TPU: cheaper, and preempted at short notice (the poll
+#                    then ends with 69; --delete, then the same command resumes)
+# --queued           ask for the TPU through a queued resource (of the same name),
+#                    which waits until capacity is free; --delete deletes both
 # --poll_seconds=N   between checks of the run (default 60)
 # --dry_run          print every command instead of running it
 # Flags after "--" go to launch.train. Exit status: 2 on bad arguments; 69
-# when the TPU is preempted, stopped or deleted, or worker 0 misses 5 polls in a
-# row (the checkpoints stay: --delete it, then run again to resume); otherwise
-# the training's (75: stopped by SIGTERM after saving; run again).
+# when the TPU is preempted, stopped or deleted, its queued resource fails, or
+# worker 0 misses 5 polls in a row (the checkpoints stay: --delete it, then run
+# again to resume); otherwise the training's (75: stopped by SIGTERM after
+# saving; run again).
 set -euo pipefail
 
 usage() {
-  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -40,6 +45,7 @@ die() {
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 name="${TPU_NAME:-}" project="" zone="" accelerator_type="" runtime_version="" data_dir=""
 model_dir="" dry_run=0 keep=0 create=1 attach=0 delete_only=0 poll_seconds=60 max_ssh_failures=5
+spot=0 queued=0
 train_flags=()
 while (($#)); do
   case "$1" in
@@ -54,6 +60,8 @@ while (($#)); do
     --dry_run) dry_run=1 ;;
     --keep) keep=1 ;;
     --no_create) create=0 ;;
+    --spot) spot=1 ;;
+    --queued) queued=1 ;;
     --attach) attach=1 ;;
     --delete) delete_only=1 ;;
     -h | --help) usage; exit 0 ;;
@@ -72,12 +80,17 @@ run() {
 }
 
 tpu=(gcloud compute tpus tpu-vm)
+queued_resources=(gcloud compute tpus queued-resources)
 for required in name project zone; do
   [[ -n "${!required}" ]] || die "--$required is required (see --help)"
 done
 where=(--project="$project" --zone="$zone")
 delete_tpu() {
-  run "${tpu[@]}" delete "$name" "${where[@]}" --quiet
+  if ((queued)); then  # --force: its TPU with it
+    run "${queued_resources[@]}" delete "$name" "${where[@]}" --force --quiet
+  else
+    run "${tpu[@]}" delete "$name" "${where[@]}" --quiet
+  fi
 }
 if ((delete_only)); then
   delete_tpu
@@ -142,6 +155,27 @@ poll() {
   done
 }
 
+# A queued resource waits for capacity (WAITING_FOR_RESOURCES, PROVISIONING)
+# until ACTIVE, when its TPU exists; FAILED or SUSPENDED ends the script.
+wait_until_active() {
+  local state="" previous=""
+  while true; do
+    if ((dry_run)); then
+      run "${queued_resources[@]}" describe "$name" "${where[@]}" --format='value(state.state)'
+      return
+    fi
+    state="$("${queued_resources[@]}" describe "$name" "${where[@]}" \
+      --format='value(state.state)' 2>/dev/null || echo UNKNOWN)"
+    case "$state" in
+      ACTIVE) return ;;
+      FAILED | SUSPENDING | SUSPENDED) lost "the queued resource $name is $state" ;;
+    esac
+    [[ "$state" == "$previous" ]] || echo "[tpu_vm] queued resource $name: $state"
+    previous="$state"
+    sleep "$poll_seconds"
+  done
+}
+
 finish() {
   local status=0
   poll || status=$?
@@ -195,9 +229,17 @@ archive="/tmp/resnet_dist-$name.tar.gz"
 quoted_flags="$(printf ' %q' "${train_flags[@]}")"
 train_command="$train_env python3 -m launch.train --strategy=tpu $tpu_flags --data_dir=$data_dir --model_dir=$model_dir$quoted_flags"
 
-if ((create)); then
+spot_flag=()
+if ((spot)); then
+  spot_flag=(--spot)
+fi
+if ((create && queued)); then
+  run "${queued_resources[@]}" create "$name" --node-id="$name" "${where[@]}" \
+    --accelerator-type="$accelerator_type" --runtime-version="$runtime_version" "${spot_flag[@]}"
+  wait_until_active
+elif ((create)); then
   run "${tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator_type" \
-    --version="$runtime_version"
+    --version="$runtime_version" "${spot_flag[@]}"
 fi
 run git -C "$repo" archive --format=tar.gz --prefix=resnet_dist/ -o "$archive" HEAD
 run "${tpu[@]}" scp "$archive" "$name:~/resnet_dist.tar.gz" "${where[@]}" --worker=all

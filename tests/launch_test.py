@@ -227,21 +227,23 @@ class TpuVmTest(absltest.TestCase):
     self.assertNotIn("NEXT_PLUGGABLE_DEVICE", start)  # the slice's runtime serves the chips
     self.assertIn(" delete r50 ", lines[6])
 
-  def attach(self, home, gcloud_body):
-    """tpu_vm.sh --attach against a stand-in gcloud (a bash script that logs
-    each call to home/calls, then runs gcloud_body); (result, calls)."""
+  def with_fake_gcloud(self, home, gcloud_body, *args):
+    """tpu_vm.sh against a stand-in gcloud (a bash script that logs each call
+    to home/calls, then runs gcloud_body); (result, calls)."""
     bin_dir = self.create_tempdir().full_path
     gcloud = os.path.join(bin_dir, "gcloud")
     with open(gcloud, "w") as f:
       f.write(f"#!/bin/bash\necho \"$*\" >> {home}/calls\n{gcloud_body}")
     os.chmod(gcloud, 0o755)
     result = subprocess.run(
-        ["bash", os.path.join(launching.ROOT, "launch", "tpu_vm.sh"), *self.ARGS[:3],
-         "--attach", "--poll_seconds=0"],
+        ["bash", os.path.join(launching.ROOT, "launch", "tpu_vm.sh"), "--poll_seconds=0", *args],
         env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
         capture_output=True, text=True, timeout=60)
     with open(os.path.join(home, "calls")) as f:
       return result, f.read().splitlines()
+
+  def attach(self, home, gcloud_body):
+    return self.with_fake_gcloud(home, gcloud_body, *self.ARGS[:3], "--attach")
 
   def attach_with_fake_gcloud(self, status):
     """A stand-in whose ssh runs the command here, in a home where the run ends
@@ -292,6 +294,43 @@ echo "step 10/90"
     self.assertLen([c for c in calls if "--command=" in c], 6)  # 1 answered, then 5 failed
     self.assertIn("error: worker 0 of the TPU r50 did not answer 5 polls in a row (state "
                   "READY)", result.stderr)
+
+  def test_a_queued_spot_tpu_is_waited_for_and_deleted_with_its_request(self):
+    lines = self.dry_run("v4-32", "--queued", "--spot")
+    self.assertRegex(lines[0], r"^\+ gcloud compute tpus queued-resources create r50 --node-id=r50 "
+                               r".*--accelerator-type=v4-32 --runtime-version=\S+-pod-pjrt --spot$")
+    self.assertRegex(lines[1], r"queued-resources describe r50 .*state\.state")
+    self.assertRegex(lines[-1], r"queued-resources delete r50 .* --force --quiet$")
+    self.assertRegex(self.dry_run("v3-8", "--spot")[0], r"tpu-vm create r50 .* --spot$")
+
+  def queued(self, final_state):
+    """A whole run against a stand-in gcloud whose queued resource waits two
+    polls, then is final_state; the run it starts ends at once."""
+    home = self.create_tempdir().full_path
+    return self.with_fake_gcloud(home, f"""case "$*" in
+  *"queued-resources describe"*)
+    if [ "$(grep -c 'queued-resources describe' {home}/calls)" -lt 3 ]; then
+      echo WAITING_FOR_RESOURCES; else echo {final_state}; fi ;;
+  *"--command=tail"*) echo "resnet_dist exited with status 0" ;;
+esac
+""", *self.ARGS, "--accelerator_type=v4-32", "--queued", "--",
+        "--flagfile=launch/configs/resnet50_imagenet_pod_lars.cfg")
+
+  def test_a_queued_resource_trains_once_active_and_a_failed_one_is_one_line(self):
+    result, calls = self.queued("ACTIVE")
+    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertEqual(result.stdout.count("[tpu_vm] queued resource r50: WAITING_FOR_RESOURCES"),
+                     1)  # said once, not once a poll
+    describes = [i for i, c in enumerate(calls) if "queued-resources describe" in c]
+    first_ssh = next(i for i, c in enumerate(calls) if "tpu-vm ssh" in c)
+    self.assertLen(describes, 3)
+    self.assertLess(describes[-1], first_ssh)  # nothing is copied before the TPU exists
+    self.assertRegex(calls[-1], r"^compute tpus queued-resources delete r50 .*--force")
+    result, calls = self.queued("FAILED")
+    self.assertEqual(result.returncode, 69)
+    self.assertRegex(result.stderr, r"^error: the queued resource r50 is FAILED; the run's "
+                                    r"checkpoints are kept [^\n]*\n$")
+    self.assertFalse(any(c.startswith("compute tpus tpu-vm") for c in calls))  # no TPU touched
 
   def test_keep_attach_delete_and_bad_arguments(self):
     self.assertNotIn(" delete ", "\n".join(self.dry_run("v3-8", "--keep")))
