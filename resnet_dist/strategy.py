@@ -395,9 +395,9 @@ def _per_device_input_untuned():
   fixed size, nothing to tune. TensorFlow 2.21 still autotunes each, and its
   optimisation thread sleeps up to a minute between rounds without waking
   when the iterator is destroyed: deleting an iterator then waits out the
-  sleep (measured: 27 and 54 s after a minute of training; a stack taken
-  during the wait shows ~RootDataset::Iterator joining Model::OptimizeLoop).
-  The training and evaluation pipelines themselves keep autotuning.
+  sleep, in ~RootDataset::Iterator joining Model::OptimizeLoop
+  (docs/benchmarks.md). The training and evaluation pipelines themselves
+  keep autotuning.
   """
   from tensorflow.python.data.ops import multi_device_iterator_ops  # pylint: disable=g-import-not-at-top
   create = getattr(multi_device_iterator_ops, "_create_device_dataset", None)

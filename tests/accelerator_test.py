@@ -99,7 +99,8 @@ class HostLoopTest(parameterized.TestCase):
 class InputTeardownTest(absltest.TestCase):
   """A distributed iterator feeds each device through a small dataset of its
   own; with tf.data autotuning on there, deleting the iterator after a
-  minute of training waited 27-54 s for the autotuner's sleep. Catches those
+  minute of training waited out the autotuner's sleep of up to a minute
+  (docs/benchmarks.md). Catches those
   per-device datasets autotuning again (strategy._per_device_input_untuned
   lost), while the training pipeline itself keeps autotuning."""
 
