@@ -52,6 +52,11 @@ flags.DEFINE_integer("batch_size", 128, "input: batch size.")
 flags.DEFINE_integer("warmup_batches", 5, "input: batches before timing.")
 flags.DEFINE_list("cores", [], "input: measure on the first N of this process's CPUs, for each N "
                   "listed (a process each); by default on all of them, in this process.")
+flags.register_validator(
+    "cores", lambda counts: all(c.isdigit() and 1 <= int(c) <= len(os.sched_getaffinity(0))
+                                for c in counts),
+    f"must list numbers of CPUs from 1 to the {len(os.sched_getaffinity(0))} this process "
+    "may run on")
 flags.DEFINE_float("host_images_per_second", 19200.0, "input: the rate a host's accelerators "
                    "train at, for the cores column (8 A100s at 2,400 ResNet-50 images/s each).")
 flags.DEFINE_float("seconds", 10.0, "Time spent measuring each case, at least, over all "
@@ -188,9 +193,7 @@ def _input_on_cores(counts):
   """input_benchmark in a process per number of cores, on the first N CPUs."""
   available = sorted(os.sched_getaffinity(0))
   rows = []
-  for count in map(int, counts):
-    if not 1 <= count <= len(available):
-      raise app.UsageError(f"--cores={count}: this process may run on {len(available)} CPUs")
+  for count in map(int, counts):  # each within available: the flag's validator
     with tempfile.NamedTemporaryFile(suffix=".json") as output:
       argv = [sys.executable, "-m", "launch.benchmark"] + [
           f"--{name}={FLAGS[name].value}" for name in
