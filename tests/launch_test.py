@@ -229,12 +229,13 @@ class TpuVmTest(absltest.TestCase):
 
   def with_fake_gcloud(self, home, gcloud_body, *args):
     """tpu_vm.sh against a stand-in gcloud (a bash script that logs each call
-    to home/calls, then runs gcloud_body); (result, calls)."""
+    to home/calls, then runs gcloud_body) and git (the archive it copies; the
+    test's sandbox is no git checkout); (result, calls)."""
     bin_dir = self.create_tempdir().full_path
-    gcloud = os.path.join(bin_dir, "gcloud")
-    with open(gcloud, "w") as f:
-      f.write(f"#!/bin/bash\necho \"$*\" >> {home}/calls\n{gcloud_body}")
-    os.chmod(gcloud, 0o755)
+    for tool, body in (("gcloud", gcloud_body), ("git", "")):
+      with open(os.path.join(bin_dir, tool), "w") as f:
+        f.write(f"#!/bin/bash\necho \"$*\" >> {home}/calls\n{body}")
+      os.chmod(os.path.join(bin_dir, tool), 0o755)
     result = subprocess.run(
         ["bash", os.path.join(launching.ROOT, "launch", "tpu_vm.sh"), "--poll_seconds=0", *args],
         env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
