@@ -5,6 +5,7 @@ written in the standard layout, TFDS datasets are the embedded digits or
 tfds.testing.mock_data.
 """
 
+import dataclasses
 import os
 import struct
 import tempfile
@@ -75,7 +76,8 @@ class ImagenetRecordsTest(parameterized.TestCase):
       _, count, example_level = data.pipeline.shard_of(split, num_pipelines, p)
       self.assertEqual(example_level, num_pipelines > 2)
       # One replica per pipeline, per-replica batch 1: one epoch is `count` batches.
-      config = data.InputSpec(num_pipelines, 32, shuffle_buffer=8)
+      # In order: `count` batches are exactly one epoch.
+      config = data.InputSpec(num_pipelines, 32, shuffle_buffer=8, deterministic=True)
       ds = data.train_dataset_fn(source, "train", config)(context(num_pipelines, p, num_pipelines))
       epoch = [int(b[1][0]) for b in ds.take(count)]
       self.assertLen(set(epoch), count)       # no example twice within the epoch
@@ -117,7 +119,8 @@ class ImagenetRecordsTest(parameterized.TestCase):
     source = data.get_source("imagenet", directory, num_classes=100, cache=True)
     split = source.split("train")
     self.assertIsInstance(split, sources.IndexedSplit)
-    ds = data.train_dataset_fn(source, "train", data.InputSpec(10, 32))(context(1, 0, 1))
+    spec = data.InputSpec(10, 32, deterministic=True)  # in order: a batch is an epoch
+    ds = data.train_dataset_fn(source, "train", spec)(context(1, 0, 1))
     self.assertCountEqual(next(iter(ds))[1].numpy(), range(10))
 
   def test_record_counts_come_from_headers_and_truncation_is_named(self):
@@ -190,7 +193,7 @@ class BadImagesTest(absltest.TestCase):
                           set(range(40)) - set(bad))
 
   def test_strict_data_stops_naming_the_file(self):
-    config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True)
+    config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True, deterministic=True)
     ds = data.train_dataset_fn(self.source, "train", config)(context(1, 0, 1))
     with self.assertRaisesRegex(DataError,
                                 "^undecodable image: record 3 of .*/train-00000-of-00001 "):
@@ -205,7 +208,7 @@ class BadImagesTest(absltest.TestCase):
     directory = self.create_tempdir().full_path
     records.write_imagenet_records(directory, "train", images, list(range(4)), 1)
     source = data.get_source("imagenet", directory, num_classes=10)
-    config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True)
+    config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True, deterministic=True)
     with self.assertRaisesRegex(DataError, r"^undecodable image \(Invalid JPEG data.*\); "
                                            r"--strict_data stops at such images"):
       with data.data_errors(10):
@@ -266,7 +269,7 @@ class CorruptRecordTest(parameterized.TestCase):
 
   def test_strict_data_names_the_corrupt_record(self):
     source = data.get_source("imagenet", self.directory, num_classes=20)
-    config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True)
+    config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True, deterministic=True)
     ds = data.train_dataset_fn(source, "train", config)(context(1, 0, 1))
     with self.assertRaisesRegex(DataError, "^corrupt TFRecord: record 2 of "
                                 ".*/train-00000-of-00002 and the rest of that file"):
@@ -364,8 +367,8 @@ class FolderTest(absltest.TestCase):
     spec = data.InputSpec(5, 32, deterministic=True)  # in order: unreadable files are counted
     ds = data.train_dataset_fn(source, "train", spec)(context(1, 0, 1))
     self.assertEqual(int(tf.reduce_sum(next(iter(ds))[2])), 1)  # one epoch: 5 of 6 files
-    strict = data.train_dataset_fn(source, "train", data.InputSpec(5, 32, strict=True))(
-        context(1, 0, 1))
+    strict = data.train_dataset_fn(source, "train", dataclasses.replace(spec, strict=True))(
+        context(1, 0, 1))  # in order, the unreadable file is in the first batch
     with self.assertRaisesRegex(DataError, r"^cannot read .*/train/moth/x.png \(no such file "
                                            r"or directory\); --strict_data stops"):
       with data.data_errors(2):
