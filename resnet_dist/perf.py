@@ -13,23 +13,26 @@ def cpu_kernels():
   return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
 
 
-# Per reduced precision: the CPU flags under which oneDNN has native kernels
-# for it, the ones the warning names, and the type's name.
-_NATIVE = {"bf16": ({"avx512f", "avx_ne_convert", "amx_bf16"}, "AVX-512", "bfloat16"),
-           "fp16": ({"avx512_fp16", "avx_ne_convert", "amx_fp16"}, "AVX512-FP16 or AMX-FP16",
-                    "float16")}
+# bfloat16: the CPU flags under which oneDNN has native kernels for it.
+_BF16_NATIVE = {"avx512f", "avx_ne_convert", "amx_bf16"}
 
 
 def emulated_precision_warning(dtype, on_cpu, cpu_flags=None):
   """A warning line when --dtype=bf16 or fp16 would run emulated on CPU
   replicas, else "".
 
-  oneDNN's bfloat16 kernels need AVX-512 (or AVX-NE-CONVERT / AMX), its
-  float16 ones AVX512-FP16 (or AVX-NE-CONVERT / AMX-FP16); without them
-  TensorFlow falls back to emulated kernels, several times slower than fp32
-  (docs/benchmarks.md: fp16 at 0.14x fp32 on a CPU with AVX512-BF16 only).
+  oneDNN's bfloat16 kernels need AVX-512 (or AVX-NE-CONVERT / AMX); without
+  them TensorFlow falls back to emulated kernels, several times slower than
+  fp32. float16 trains many times slower than fp32 on every CPU measured,
+  AVX512-FP16 included (docs/benchmarks.md), so it is always warned of.
   """
-  if dtype not in _NATIVE or not on_cpu:
+  if not on_cpu:
+    return ""
+  if dtype == "fp16":
+    return ("warning: --dtype=fp16 on a CPU: TensorFlow trains float16 many times slower "
+            "than --dtype=fp32 here, even with AVX512-FP16; --dtype=bf16 is the CPU's "
+            "reduced precision")
+  if dtype != "bf16":
     return ""
   if cpu_flags is None:
     try:
@@ -37,11 +40,10 @@ def emulated_precision_warning(dtype, on_cpu, cpu_flags=None):
         cpu_flags = set(f.read().split())
     except OSError:  # not Linux: no way to tell
       return ""
-  native, needs, kind = _NATIVE[dtype]
-  if cpu_flags & native:
+  if cpu_flags & _BF16_NATIVE:
     return ""
-  return (f"warning: --dtype={dtype} on a CPU without {needs}: TensorFlow emulates {kind} "
-          f"here, many times slower than --dtype=fp32")
+  return ("warning: --dtype=bf16 on a CPU without AVX-512: TensorFlow emulates bfloat16 "
+          "here, many times slower than --dtype=fp32")
 
 
 def training_flops_per_image(macs):
