@@ -104,11 +104,14 @@ on_worker0() {
   run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command="$1"
 }
 
-# The TPU's state as the TPU API tells it (READY, PREEMPTED, TERMINATED, ...),
-# NOT_FOUND once it is deleted, UNKNOWN when the API cannot be asked.
+# The state of the TPU (READY, PREEMPTED, TERMINATED, ...) or, given
+# `queued-resources state.state`, of its queued resource (WAITING_FOR_RESOURCES,
+# ACTIVE, FAILED, ...) as the TPU API tells it; NOT_FOUND once it is deleted,
+# UNKNOWN when the API cannot be asked.
 tpu_state() {
-  local answer
-  if answer="$("${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' 2>&1)"; then
+  local group="${1:-tpu-vm}" field="${2:-state}" answer
+  if answer="$(gcloud compute tpus "$group" describe "$name" "${where[@]}" \
+    --format="value($field)" 2>&1)"; then
     echo "${answer:-UNKNOWN}"
   elif [[ "$answer" == *NOT_FOUND* || "$answer" == *"not found"* ]]; then
     echo NOT_FOUND
@@ -156,19 +159,18 @@ poll() {
 }
 
 # A queued resource waits for capacity (WAITING_FOR_RESOURCES, PROVISIONING)
-# until ACTIVE, when its TPU exists; FAILED or SUSPENDED ends the script.
+# until ACTIVE, when its TPU exists; FAILED, SUSPENDED or deleted ends the script.
 wait_until_active() {
   local state="" previous=""
+  if ((dry_run)); then
+    run "${queued_resources[@]}" describe "$name" "${where[@]}" --format='value(state.state)'
+    return
+  fi
   while true; do
-    if ((dry_run)); then
-      run "${queued_resources[@]}" describe "$name" "${where[@]}" --format='value(state.state)'
-      return
-    fi
-    state="$("${queued_resources[@]}" describe "$name" "${where[@]}" \
-      --format='value(state.state)' 2>/dev/null || echo UNKNOWN)"
+    state="$(tpu_state queued-resources state.state)"
     case "$state" in
       ACTIVE) return ;;
-      FAILED | SUSPENDING | SUSPENDED) lost "the queued resource $name is $state" ;;
+      FAILED | SUSPENDING | SUSPENDED | NOT_FOUND) lost "the queued resource $name is $state" ;;
     esac
     [[ "$state" == "$previous" ]] || echo "[tpu_vm] queued resource $name: $state"
     previous="$state"

@@ -304,21 +304,22 @@ echo "step 10/90"
     self.assertRegex(lines[-1], r"queued-resources delete r50 .* --force --quiet$")
     self.assertRegex(self.dry_run("v3-8", "--spot")[0], r"tpu-vm create r50 .* --spot$")
 
-  def queued(self, final_state):
+  def queued(self, final_answer):
     """A whole run against a stand-in gcloud whose queued resource waits two
-    polls, then is final_state; the run it starts ends at once."""
+    polls, then answers as the shell line final_answer; the run it starts
+    ends at once."""
     home = self.create_tempdir().full_path
     return self.with_fake_gcloud(home, f"""case "$*" in
   *"queued-resources describe"*)
     if [ "$(grep -c 'queued-resources describe' {home}/calls)" -lt 3 ]; then
-      echo WAITING_FOR_RESOURCES; else echo {final_state}; fi ;;
+      echo WAITING_FOR_RESOURCES; else {final_answer}; fi ;;
   *"--command=tail"*) echo "resnet_dist exited with status 0" ;;
 esac
 """, *self.ARGS, "--accelerator_type=v4-32", "--queued", "--",
         "--flagfile=launch/configs/resnet50_imagenet_pod_lars.cfg")
 
   def test_a_queued_resource_trains_once_active_and_a_failed_one_is_one_line(self):
-    result, calls = self.queued("ACTIVE")
+    result, calls = self.queued("echo ACTIVE")
     self.assertEqual(result.returncode, 0, result.stderr)
     self.assertEqual(result.stdout.count("[tpu_vm] queued resource r50: WAITING_FOR_RESOURCES"),
                      1)  # said once, not once a poll
@@ -327,11 +328,13 @@ esac
     self.assertLen(describes, 3)
     self.assertLess(describes[-1], first_ssh)  # nothing is copied before the TPU exists
     self.assertRegex(calls[-1], r"^compute tpus queued-resources delete r50 .*--force")
-    result, calls = self.queued("FAILED")
-    self.assertEqual(result.returncode, 69)
-    self.assertRegex(result.stderr, r"^error: the queued resource r50 is FAILED; the run's "
-                                    r"checkpoints are kept [^\n]*\n$")
-    self.assertFalse(any(c.startswith("compute tpus tpu-vm") for c in calls))  # no TPU touched
+    for answer, state in (("echo FAILED", "FAILED"),
+                          ("echo 'ERROR: NOT_FOUND: r50' >&2; exit 1", "NOT_FOUND")):  # deleted
+      result, calls = self.queued(answer)
+      self.assertEqual(result.returncode, 69)
+      self.assertRegex(result.stderr, rf"^error: the queued resource r50 is {state}; the run's "
+                                      r"checkpoints are kept [^\n]*\n$")
+      self.assertFalse(any(c.startswith("compute tpus tpu-vm") for c in calls))  # no TPU touched
 
   def test_keep_attach_delete_and_bad_arguments(self):
     self.assertNotIn(" delete ", "\n".join(self.dry_run("v3-8", "--keep")))
