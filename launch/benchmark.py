@@ -50,13 +50,16 @@ flags.DEFINE_integer("num_images", 512, "input, e2e: distinct JPEGs to generate.
 flags.DEFINE_integer("image_size", 224, "input: output image size.")
 flags.DEFINE_integer("batch_size", 128, "input: batch size.")
 flags.DEFINE_integer("warmup_batches", 5, "input: batches before timing.")
+def _cores():
+  """The CPUs this process may run on (taskset, --cores)."""
+  return len(os.sched_getaffinity(0))
+
+
 flags.DEFINE_list("cores", [], "input: measure on the first N of this process's CPUs, for each N "
                   "listed (a process each); by default on all of them, in this process.")
 flags.register_validator(
-    "cores", lambda counts: all(c.isdigit() and 1 <= int(c) <= len(os.sched_getaffinity(0))
-                                for c in counts),
-    f"must list numbers of CPUs from 1 to the {len(os.sched_getaffinity(0))} this process "
-    "may run on")
+    "cores", lambda counts: all(c.isdigit() and 1 <= int(c) <= _cores() for c in counts),
+    f"must list numbers of CPUs from 1 to the {_cores()} this process may run on")
 flags.DEFINE_float("host_images_per_second", 19200.0, "input: the rate a host's accelerators "
                    "train at, for the cores column (8 A100s at 2,400 ResNet-50 images/s each).")
 flags.DEFINE_float("seconds", 10.0, "Time spent measuring each case, at least, over all "
@@ -205,10 +208,6 @@ def _input_on_cores(counts):
       with open(output.name) as f:
         rows += json.load(f)["results"]
   return rows
-
-
-def _cores():
-  return len(os.sched_getaffinity(0))
 
 
 def input_benchmark():
