@@ -30,28 +30,27 @@ _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
 
 
-# What looks_decodable() reads: magic numbers at the start, end markers at the end.
-_STARTS = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG"), (0, b"RIFF"), (8, b"WEBP"), (0, b"GIF8"),
-           (0, b"BM"), (0, b"\xff\x0a"), (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n"))
-_ENDS = ((None, _JPEG_END), (None, _PNG_END))
+# What looks_decodable() accepts, per format read: (offset, magic) pairs in
+# the first _HEAD bytes, and the end marker that a complete file ends with
+# (a JPEG or PNG cut short has none).
+_SIGNATURES = (
+    (((0, b"\xff\xd8\xff"),), _JPEG_END), (((0, b"\x89PNG"),), _PNG_END),
+    (((0, b"RIFF"), (8, b"WEBP")), b""), (((0, b"GIF8"),), b""), (((0, b"BM"),), b""),
+    (((0, b"\xff\x0a"),), b""), (((0, b"\x00\x00\x00\x0cJXL \r\n\x87\n"),), b""))
+_HEAD, _TAIL = 12, 8
 
 
-def _byte_patterns(patterns, width, at_end=False):
-  """(bytes, mask) [len(patterns), width] of (offset, magic) pairs, or of
-  magics aligned to the end."""
+def _signature_table():
+  """(values, mask) [formats, _HEAD + _TAIL]: the bytes each format must have
+  in an image's first _HEAD and last _TAIL bytes, and which bytes count."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  values = np.zeros([len(patterns), width], np.uint8)
-  mask = np.zeros([len(patterns), width], bool)
-  for row, (offset, magic) in enumerate(patterns):
-    offset = width - len(magic) if at_end else offset
-    values[row, offset:offset + len(magic)] = list(magic)
-    mask[row, offset:offset + len(magic)] = True
+  values = np.zeros([len(_SIGNATURES), _HEAD + _TAIL], np.uint8)
+  mask = np.zeros(values.shape, bool)
+  for row, (magics, end) in enumerate(_SIGNATURES):
+    for offset, magic in magics + ((_HEAD + _TAIL - len(end), end),):
+      values[row, offset:offset + len(magic)] = list(magic)
+      mask[row, offset:offset + len(magic)] = True
   return tf.constant(values), tf.constant(mask)
-
-
-def _matches(data, patterns):
-  values, mask = patterns
-  return tf.reduce_all((data[None, :] == values) | ~mask, axis=1)
 
 
 def looks_decodable(encoded):
@@ -59,19 +58,15 @@ def looks_decodable(encoded):
   file, a format it does not read (HEIC, text), and the common corruption, a
   JPEG or PNG cut short (no end marker). Read: JPEG, PNG, GIF, BMP, WebP, JPEG XL.
 
-  It runs on every encoded image, so it reads the first 12 and last 8 bytes
-  as numbers and compares them with every magic number in a few ops.
+  It runs on every encoded image, so it is a handful of ops: the first and
+  last bytes as numbers (zero-padded when the image is shorter), compared
+  with every format's signature at once.
   """
-  length = tf.strings.length(encoded)
-  zeros = b"\x00" * 12
-  # Zero-padded: substr fails past the end of a short string.
-  head = tf.reshape(tf.io.decode_raw(
-      tf.strings.join([tf.strings.substr(encoded, 0, 12), zeros]), tf.uint8)[:12], [12])
-  tail = tf.reshape(tf.io.decode_raw(tf.strings.join(
-      [zeros, tf.strings.substr(encoded, tf.maximum(length - 8, 0), 8)]), tf.uint8)[-8:], [8])
-  jpeg, png, riff, webp, *other = tf.unstack(_matches(head, _byte_patterns(_STARTS, 12)))
-  jpeg_end, png_end = tf.unstack(_matches(tail, _byte_patterns(_ENDS, 8, at_end=True)))
-  return (jpeg & jpeg_end) | (png & png_end) | (riff & webp) | tf.reduce_any(tf.stack(other))
+  tail = tf.strings.substr(encoded, tf.maximum(tf.strings.length(encoded) - _TAIL, 0), _TAIL)
+  ends = tf.concat([tf.io.decode_raw(encoded, tf.uint8, fixed_length=_HEAD),
+                    tf.io.decode_raw(tail, tf.uint8, fixed_length=_TAIL)], 0)
+  values, mask = _signature_table()
+  return tf.reduce_any(tf.reduce_all((ends[None, :] == values) | ~mask, axis=1))
 
 
 def _decode(encoded):
