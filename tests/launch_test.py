@@ -403,8 +403,9 @@ class BadDataTest(absltest.TestCase):
                        "--model=resnet8", "--global_batch_size=8", "--train_steps=2",
                        "--strategy=one_device", "--strict_data", f"--model_dir={data_dir}/run")
     self.assertEqual(result.returncode, 2, result.stderr[-2000:])
-    self.assertEqual(result.stderr.strip(), "error: a record has no image/class/label; every "
-                                            "record needs image/encoded and image/class/label")
+    self.assertRegex(result.stderr.strip(), r"^error: a record has no image/class/label: "
+                     r"record 5 of \S+/train-00000-of-00001; every record needs "
+                     r"image/encoded and image/class/label$")
 
   def test_a_folder_of_empty_jpgs_stops_at_start(self):
     root = self.create_tempdir().full_path

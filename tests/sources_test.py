@@ -171,26 +171,25 @@ class BadImagesTest(absltest.TestCase):
                   data.eval_dataset_fn(self.source, "validation", config)(context(1, 0, 1)))
     self.assertEqual(counted, 8)  # the eval weights: 8 good examples of 10
 
-  def test_unusable_images_are_marked_in_any_order(self):
-    """Out of order (no --deterministic) an image found unusable before decoding
-    (empty, cut short, not an image) becomes a marked placeholder rather than
-    a gap in a numbering, so it is counted however the examples come out."""
-    encoded = [jpeg(2 * i) for i in range(40)]
-    bad = {2: b"", 5: encoded[5][:100], 9: b"not an image", 30: encoded[30][:-2]}
+  def test_unusable_images_are_counted_on_the_next_example_across_groups(self):
+    """An image found unusable before decoding (empty, cut short, not an image)
+    is dropped in its group and counted on the next example kept, also when
+    the next one is in a later group; so it is counted however the examples
+    then leave the parallel decoding."""
+    n = 2 * pipeline._GROUP + 2  # pylint: disable=protected-access
+    encoded = [jpeg(i) for i in range(n)]
+    bad = {0: b"", 63: encoded[63][:100], 64: b"not an image", 100: encoded[100][:-2]}
     for i, image in bad.items():
       encoded[i] = image
     images = tf.constant(encoded)
-    split = sources.IndexedSplit(40, lambda i: (tf.gather(images, i), i, tf.constant("")),
+    split = sources.IndexedSplit(n, lambda i: (tf.gather(images, i), i, tf.constant("")),
                                  encoded=True)
-    source = sources.Source(name="t", num_classes=40, train_split="train", eval_split="train",
-                            image_size=8, crop="inception")
-    spec = data.InputSpec(4, 8, deterministic=False)
-    load = pipeline._preprocessor(lambda i: (i,) + split.fetch(i), source, split, spec, True)  # pylint: disable=protected-access
-    examples = list(pipeline._loaded(tf.data.Dataset.range(40), load, split, spec, False))  # pylint: disable=protected-access
-    self.assertEqual(sorted(int(label) for _, label, _, unusable in examples if unusable),
-                     sorted(bad))
-    self.assertCountEqual([int(label) for _, label, _, unusable in examples if not unusable],
-                          set(range(40)) - set(bad))
+    kept = list(pipeline._usable(tf.data.Dataset.range(n), lambda i: (i,) + split.fetch(i),  # pylint: disable=protected-access
+                                 split, data.InputSpec(4, 8, deterministic=False)))
+    self.assertEqual([int(label) for _, _, label, _, _ in kept],
+                     [i for i in range(n) if i not in bad])
+    self.assertEqual({int(label): int(skipped) for _, _, label, _, skipped in kept if skipped},
+                     {1: 1, 65: 2, 101: 1})
 
   def test_strict_data_stops_naming_the_file(self):
     config = data.InputSpec(4, 32, shuffle_buffer=1, strict=True, deterministic=True)
@@ -279,6 +278,37 @@ class CorruptRecordTest(parameterized.TestCase):
 
 class NotAnExampleTest(absltest.TestCase):
 
+  def test_a_record_is_told_from_bytes_that_are_no_example_in_a_few_ops(self):
+    examples = [tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x" * size]))}))
+                .SerializeToString() for size in (0, 100, 200, 20000, 3000000)]  # 1 to 4 varint bytes
+    others = [b"", records.CORRUPT, b"\xff\xfe not a proto", examples[2][:-1],
+              examples[2] + b"\x0a\x00", b"\x0a\x05abc", b"\x12\x00"]
+    verdicts = records.looks_like_examples(tf.constant(examples + others)).numpy()
+    self.assertEqual(list(verdicts), [True] * len(examples) + [False] * len(others))
+
+  def test_a_record_without_a_feature_is_skipped_and_counted_or_named_under_strict(self):
+    directory = self.create_tempdir().full_path
+    files = numbered_records(directory, 8, 1)
+    written = list(tf.data.TFRecordDataset(files[0]).as_numpy_iterator())
+    example = tf.train.Example.FromString(written[3])
+    del example.features.feature["image/class/label"]
+    written[3] = example.SerializeToString()
+    with tf.io.TFRecordWriter(files[0]) as writer:
+      for record in written:
+        writer.write(record)
+    source = data.get_source("imagenet", directory, num_classes=8)
+    in_order = data.InputSpec(7, 32, deterministic=True)  # the first batch is the first epoch
+    batch = next(iter(data.train_dataset_fn(source, "train", in_order)(context(1, 0, 1))))
+    self.assertEqual(sorted(batch[1].numpy()), [0, 1, 2, 4, 5, 6, 7])
+    self.assertEqual(int(tf.reduce_sum(batch[2])), 1)
+    strict = data.InputSpec(7, 32, strict=True)
+    with self.assertRaisesRegex(DataError, "^a record has no image/class/label: record 3 of "
+                                ".*/train-00000-of-00001; every record needs"):
+      with data.data_errors(8):
+        next(iter(data.train_dataset_fn(source, "train", strict)(context(1, 0, 1))))
+
+
   def test_a_record_that_is_no_example_is_skipped_and_counted(self):
     """Catches a start-up sample or a pipeline that fails on a record whose
     bytes are not a tf.train.Example (TensorFlow's message about it quotes
@@ -292,11 +322,15 @@ class NotAnExampleTest(absltest.TestCase):
         writer.write(record)
     source = data.get_source("imagenet", directory, num_classes=8)
     pipeline.check_decodable(source.split("train"), "train")
-    spec = data.InputSpec(7, 32, deterministic=True)  # in order: parse errors are counted
+    spec = data.InputSpec(7, 32, deterministic=True)  # the first batch is the first epoch
     batches = list(data.train_dataset_fn(source, "train", spec)(
         context(1, 0, 1)).take(1))
     self.assertEqual(sorted(batches[0][1].numpy()), list(range(1, 8)))
     self.assertEqual(int(tf.reduce_sum(batches[0][2])), 1)
+    strict = data.InputSpec(7, 32, strict=True)
+    with self.assertRaisesRegex(DataError, "^not a tf.train.Example: record 0 of .*/train-"):
+      with data.data_errors(8):
+        next(iter(data.train_dataset_fn(source, "train", strict)(context(1, 0, 1))))
 
 
 class RemotePathTest(absltest.TestCase):

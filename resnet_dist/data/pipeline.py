@@ -28,11 +28,12 @@ record's epoch, file and index), but which batch it lands in, and where a
 resumed run restarts within a few batches, vary.
 
 Bad images: an image found unusable before decoding (empty, cut short, not
-an image, a corrupt record) and one the decoder rejects are skipped and
-counted (the third element of every training batch is the number of records
-skipped just before each example; out of order, the decoder's rejections go
-uncounted: _numbered), or, with strict, stop the run naming the file. A label
-outside 0..num_classes-1 always stops the run.
+an image, a corrupt record, one that is no Example or lacks a feature) and
+one the decoder rejects are skipped and counted (the third element of every
+training batch is the number of records skipped just before each example;
+out of order, the decoder's rejections go uncounted: _loaded), or, with
+strict, stop the run naming the record or file. A label outside
+0..num_classes-1 always stops the run.
 
 Through a tf.data service (data_service set): see _service_train below.
 
@@ -179,12 +180,18 @@ def _parsed_image(split, record):
 
 # --- Decoding, shared by both kinds of split ---------------------------------
 #
-# Per example there is one function call, the parallel map that loads and
-# preprocesses it, and, where undecodable images can occur, a filter dropping
-# those found unusable; the label check and the count of skipped records run
-# once per batch. Per-example calls of small functions (a map naming each
-# record, a scan counting skips) cost a sixth as much CPU as decoding a small
-# image itself (docs/benchmarks.md).
+# An encoded example goes through two stages. First, in groups of _GROUP in
+# read order, records are parsed and every image is checked for the signs of
+# an undecodable one (preprocess.looks_decodable); the unusable ones are
+# dropped there and counted. Then each example alone is decoded, cropped and
+# augmented, in parallel, and in order only under --deterministic. Per-example
+# calls of small functions cost a sixth as much CPU as decoding a small image
+# (docs/benchmarks.md), so the checks, the parse and the label check run once
+# per group or batch, and the decoding map is the one call per example.
+
+_GROUP = 64           # examples parsed and checked by one call
+MISSING_FEATURE = "resnet_dist: a record has no"
+
 
 def _describe(where):
   """Assert data naming an example: a record (path, index in its file) or a name."""
@@ -194,72 +201,125 @@ def _describe(where):
   return [where]
 
 
-def _preprocessor(fetch, source, split, spec, training):
-  """element -> (image, label, where, unusable): reads, decodes, crops and
-  augments one example.
+def _skips_errors(split, spec):
+  return split.encoded and not spec.strict
 
-  fetch(*element) -> (key, image or encoded image, label, where) reads it; key
-  seeds its random crop and augmentation, so an example is augmented the same
-  way whatever order, pipeline or restart it comes in. unusable: the encoded
-  image was found undecodable before decoding (empty, cut short, not an image,
-  a corrupt record); the image is then a black placeholder. Under strict
-  such an image stops the run instead, naming it.
+
+def _usable(ds, fetch, split, spec):
+  """(key, encoded image, label, where, skipped) of the examples of ds that
+  look decodable, in order; skipped: the examples dropped just before each
+  (unusable, unreadable, a record that does not parse). Under strict the
+  first unusable one stops the run, named instead.
+
+  fetch(*element) -> (key, encoded image, label, where) reads an indexed
+  split's example, one at a time (a file read each); a record split's
+  elements, (key, (record, where)), are parsed a group at a time.
   """
-  def decoded(image, seed):
+  ds = ds.enumerate()
+  if isinstance(split, RecordSplit):
+    groups = ds.batch(_GROUP).map(functools.partial(_parsed_group, split, spec.strict),
+                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    fetched = ds.map(lambda number, element: (number,) + fetch(*_as_tuple(element)),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    fetched = fetched.ignore_errors() if _skips_errors(split, spec) else fetched
+    groups = fetched.batch(_GROUP).map(
+        lambda numbers, keys, images, labels, where: _kept(
+            spec.strict, numbers, (keys, images, labels, where), tf.fill(tf.shape(keys), "")))
+  # A group that fails as a whole (a record damaged inside its Example) is
+  # dropped: the gap in the numbering counts its records.
+  groups = groups.ignore_errors() if _skips_errors(split, spec) else groups
+  return groups.scan(tf.constant(-1, tf.int64), _with_skips).unbatch()
+
+
+def _as_tuple(element):
+  return element if isinstance(element, tuple) else (element,)
+
+
+def _parsed_group(split, strict, numbers, keyed):
+  """_kept() of a group of (key, (record, where)): parsed at once, a corrupt
+  record, one that is no Example and one that lacks a feature unusable."""
+  keys, (records, where) = keyed
+  example = records_lib.looks_like_examples(records)
+  # Those that are no Example are parsed as a stand-in, one that is.
+  template = records[tf.argmax(tf.cast(example, tf.int32))]
+  parse = split.parse_group or functools.partial(_parse_vectorized, split.parse)
+  images, labels, missing = parse(tf.where(example, records, template))
+  reasons = tf.where(
+      records == records_lib.CORRUPT, records_lib.BAD_RECORD,
+      tf.where(~example, records_lib.NOT_AN_EXAMPLE,
+               tf.where(missing != "", tf.strings.join([MISSING_FEATURE, missing], " "), "")))
+  return _kept(strict, numbers, (keys, images, labels, where), reasons)
+
+
+def _parse_vectorized(parse, records):
+  images, labels = tf.vectorized_map(parse, records)
+  return images, labels, tf.fill(tf.shape(records), "")
+
+
+def _kept(strict, numbers, examples, reasons):
+  """(numbers, examples) of a group, without those unusable: with a reason
+  found before, or an image that does not look decodable. Under strict the
+  first unusable one stops the run instead, with its reason and name."""
+  keys, images, labels, where = examples
+  reasons = tf.where((reasons == "") & ~preprocess_lib.looks_decodable(images), BAD_IMAGE,
+                     reasons)
+  usable = reasons == ""
+  if strict:
+    first = tf.argmin(tf.cast(usable, tf.int32))
+    named = _describe(tf.nest.map_structure(lambda t: t[first], where))
+    with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(usable),
+                                                      [reasons[first]] + named)]):
+      usable = tf.identity(usable)
+  return tf.nest.map_structure(lambda t: tf.boolean_mask(t, usable), (numbers, examples))
+
+
+def _with_skips(previous, group):
+  """scan() over _kept groups: each example with the examples dropped since
+  the one before it (previous: the number of the last example kept)."""
+  numbers, (keys, images, labels, where) = group
+  numbered = tf.concat([[previous], numbers], 0)
+  return numbered[-1], (keys, images, labels, where, numbers - numbered[:-1] - 1)
+
+
+def _preprocessor(fetch, source, split, spec, training):
+  """element -> (image, label, where, skipped): decodes, crops and augments
+  one example. For an encoded split the element is one of _usable; for one
+  held decoded it is read by fetch(*element) -> (key, image, label, where).
+  key seeds the example's random crop and augmentation, so it is augmented
+  the same way whatever order, pipeline or restart it comes in.
+  """
+  def load_and_preprocess(key, image, label, where, skipped):
+    seed = tf.stack([tf.constant(spec.seed + _AUGMENT_SALT, tf.int64), key])
     image = preprocess_lib.preprocess(image, source.crop, size=spec.image_size, training=training,
                                       seed=seed, encoded=split.encoded,
                                       crop_fraction=spec.crop_fraction)
     if training and spec.augment is not None:
       image = augment_lib.augment(image, spec.augment, seed + 8)
-    return image
+    return image, label, where, skipped
 
-  def load_and_preprocess(*element):
-    key, image, label, where = fetch(*element)
-    seed = tf.stack([tf.constant(spec.seed + _AUGMENT_SALT, tf.int64), key])
-    if not split.encoded:
-      return decoded(image, seed), label, where, tf.constant(False)
-    usable = preprocess_lib.looks_decodable(image)
-    if spec.strict:
-      with tf.control_dependencies([tf.debugging.Assert(usable, [BAD_IMAGE] + _describe(where))]):
-        return decoded(tf.identity(image), seed), label, where, tf.constant(False)
-    # An unusable image is swapped for a small black JPEG, decoded as any and
-    # dropped later: cheaper, on every example, than a branch around decoding.
-    image = tf.where(usable, image, _placeholder_jpeg())
-    return decoded(image, seed), label, where, tf.logical_not(usable)
-
-  return load_and_preprocess
+  if split.encoded:
+    return load_and_preprocess
+  return lambda *element: load_and_preprocess(*fetch(*element), tf.constant(0, tf.int64))
 
 
-@functools.lru_cache(maxsize=None)
-def _placeholder_jpeg():
-  with tf.init_scope():  # out of the dataset function being traced
-    return tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
-
-
-def _skips_errors(split, spec):
-  return split.encoded and not spec.strict
-
-
-def _loaded(ds, load, split, spec, deterministic):
-  """(image, label, where, unusable) of every element, loaded in parallel.
-  An image the decoder itself rejects (complete-looking, corrupt inside) or a
-  file that cannot be read is an error: dropped outside strict mode."""
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-  return ds.ignore_errors() if _skips_errors(split, spec) else ds
-
-
-def _numbered(ds, load, split, spec):
-  """(number, (image, label, where, unusable)) of the usable examples,
-  numbered so that the gaps are the records skipped: in order
-  (deterministic) numbered as read, so those the decoder dropped leave gaps
-  too; out of order as they leave decoding, so only those found unusable do
-  (the decoder's drops go uncounted)."""
-  if spec.deterministic:
-    ds = _loaded(ds.enumerate(), lambda number, element: (number, load(
-        *(element if isinstance(element, tuple) else (element,)))), split, spec, True)
+def _loaded(ds, fetch, source, split, spec, training):
+  """(number, (image, label, where, skipped)) of every example, decoded in
+  parallel: numbered before decoding when in order (evaluation, or
+  --deterministic), so an image the decoder itself rejects (complete-looking,
+  corrupt inside) leaves a gap, and after decoding otherwise. Such an image
+  is an error: dropped outside strict mode."""
+  load = _preprocessor(fetch, source, split, spec, training)
+  if split.encoded:
+    ds = _usable(ds, fetch, split, spec)
+  in_order = spec.deterministic or not training
+  if in_order:
+    ds = ds.enumerate().map(lambda number, element: (number, load(*_as_tuple(element))),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
-    ds = _loaded(ds, load, split, spec, False).enumerate()
-  return ds.filter(lambda number, example: not example[3])
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.ignore_errors() if _skips_errors(split, spec) else ds
+  return ds if in_order else ds.enumerate()
 
 
 def _label_check(labels, where, num_classes):
@@ -273,36 +333,31 @@ def _label_check(labels, where, num_classes):
 
 def _train_batches(ds, fetch, source, split, spec, per_replica_batch):
   """(images, labels, skipped) of a dataset of elements for fetch: skipped
-  counts the records skipped (undecodable) just before each example."""
-  load = _preprocessor(fetch, source, split, spec, training=True)
-  if _skips_errors(split, spec):
-    ds = _numbered(ds, load, split, spec)
-  else:
-    ds = _loaded(ds, load, split, spec, spec.deterministic).enumerate()
+  counts the records skipped (undecodable) just before each example.
+
+  Out of order the images the decoder rejects go uncounted (_loaded).
+  """
+  ds = _loaded(ds, fetch, source, split, spec, training=True)
 
   def check(previous, batch):
-    numbers, (images, labels, where, _) = batch
+    numbers, (images, labels, where, skipped) = batch
     with tf.control_dependencies([_label_check(labels, where, source.num_classes)]):
-      skipped = numbers - tf.concat([[previous], numbers[:-1]], 0) - 1
-      return numbers[-1], (tf.identity(images), labels, tf.cast(skipped, tf.int32))
+      rejected = numbers - tf.concat([[previous], numbers[:-1]], 0) - 1  # by the decoder
+      return numbers[-1], (tf.identity(images), labels, tf.cast(skipped + rejected, tf.int32))
 
   ds = ds.batch(per_replica_batch, drop_remainder=True)
   return _finish(ds.scan(tf.constant(-1, tf.int64), check), spec.deterministic, spec.slack)
 
 
 def _eval_batches(ds, fetch, source, split, spec, num_examples, per_replica_batch):
-  """(images, labels, weights): the examples in order with weight 1 (0 for an
-  unusable image's placeholder), then zero-weight padding up to exactly
-  num_examples."""
+  """(images, labels, weights): the usable examples in order with weight 1,
+  then zero-weight padding up to exactly num_examples."""
   size = spec.image_size
-  ds = _loaded(ds, _preprocessor(fetch, source, split, spec, training=False), split, spec,
-               deterministic=True)
-  where_spec = ds.element_spec[2]
-  ds = ds.map(lambda image, label, where, unusable:
-              (image, label, 1.0 - tf.cast(unusable, tf.float32), where))
+  ds = _loaded(ds, fetch, source, split, spec, training=False)
+  ds = ds.map(lambda number, example: (example[0], example[1], tf.constant(1.0), example[2]))
   padding = tf.data.Dataset.from_tensors(
       (tf.zeros([size, size, 3], tf.uint8), tf.constant(0, tf.int64), tf.constant(0.0),
-       tf.nest.map_structure(lambda spec: tf.zeros([], spec.dtype), where_spec)))
+       tf.nest.map_structure(lambda spec: tf.zeros([], spec.dtype), ds.element_spec[3])))
   ds = ds.concatenate(padding.repeat()).take(num_examples)
 
   def check(images, labels, weights, where):
@@ -434,24 +489,6 @@ def _interleave(files, num_files, remote, keep=None, deterministic=True):
                           deterministic=deterministic)
 
 
-def _parser(split, strict):
-  """fetch() for _preprocessor: parses a (key, (record, where)) element. A
-  corrupt record (records.CORRUPT) stops the run under strict; otherwise it
-  is an empty image, found unusable and counted."""
-  def fetch(key, record_and_where):
-    record, where = record_and_where
-    corrupt = record == records_lib.CORRUPT
-    if strict:
-      check = tf.debugging.Assert(tf.logical_not(corrupt),
-                                  [records_lib.BAD_RECORD] + _describe(where))
-      with tf.control_dependencies([check]):
-        return (key,) + split.parse(tf.identity(record)) + (where,)
-    image, label = tf.cond(corrupt, lambda: (tf.constant(b""), tf.constant(0, tf.int64)),
-                           lambda: split.parse(record))
-    return key, image, label, where
-  return fetch
-
-
 def _remote(files):
   return any(f.startswith("gs://") for f in files)
 
@@ -488,7 +525,7 @@ def _record_train(source, split, spec, start_step, context):
 
   first_epoch, offset = divmod(start_step * pipeline_batch, count)
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_records).skip(offset)
-  return _train_batches(ds, _parser(split, spec.strict), source, split, spec, per_replica)
+  return _train_batches(ds, None, source, split, spec, per_replica)
 
 
 def _record_eval(source, split, spec, context):
@@ -501,7 +538,7 @@ def _record_eval(source, split, spec, context):
   ds = _interleave(files_ds, len(files), _remote(files),
                    _keeper(num_pipelines, p, example_level))
   steps = eval_steps(split, spec.global_batch_size, num_pipelines)
-  return _eval_batches(ds, _parser(split, spec.strict), source, split, spec,
+  return _eval_batches(ds, None, source, split, spec,
                        steps * pipeline_batch, per_replica)
 
 
@@ -575,15 +612,13 @@ def _service_train(source, split, spec, start_step, context):
   per_replica, _ = _pipeline_batch(context, spec)
   start = start_step * spec.global_batch_size
   if isinstance(split, RecordSplit):
-    ds, fetch = _service_records(split, spec, start, context), _parser(split, spec.strict)
+    ds, fetch = _service_records(split, spec, start, context), None
   else:
     ds, fetch = _service_indexed(split, spec, start, context), _indexed_fetch(split)
-  load = _preprocessor(fetch, source, split, spec, training=True)
-  ds = _loaded(ds, load, split, spec, deterministic=False)
-  ds = ds.filter(lambda image, label, where, unusable: not unusable)
+  ds = _loaded(ds, fetch, source, split, spec, training=True)
 
-  def check(images, labels, where, unusable):
-    del unusable
+  def check(numbers, example):
+    images, labels, where, _ = example
     with tf.control_dependencies([_label_check(labels, where, source.num_classes)]):
       return tf.identity(images), labels, tf.zeros_like(labels, tf.int32)
 
@@ -633,25 +668,33 @@ def eval_dataset_fn(source, split_name, spec):
   return dataset_fn
 
 
+def _check_messages(num_classes):
+  """The one line each of the input's checks stops a run with, by its marker,
+  from the Assert data: [marker-with-details] [label] [record 7 of PATH | name]."""
+  where = lambda fields: " ".join(fields[1:])
+  skipped = "--strict_data stops here; without it they are skipped and counted"
+  return {
+      BAD_IMAGE: lambda f: f"undecodable image: {where(f)} ({skipped})",
+      records_lib.BAD_RECORD: lambda f: (f"corrupt TFRecord: {where(f)} and the rest of that "
+                                         f"file cannot be read ({skipped})"),
+      records_lib.NOT_AN_EXAMPLE: lambda f: f"not a tf.train.Example: {where(f)} ({skipped})",
+      MISSING_FEATURE: lambda f: (f"{f[0][len('resnet_dist: '):]}: {where(f)}; every record "
+                                  "needs image/encoded and image/class/label"),
+      BAD_LABEL: lambda f: f"label {f[1]} is outside 0..{num_classes - 1}: {' '.join(f[2:])}",
+  }
+
+
 @contextlib.contextmanager
 def data_errors(num_classes):
-  """The input pipeline's checks (BAD_IMAGE, BAD_LABEL) as one-line DataErrors."""
+  """The input pipeline's checks (BAD_IMAGE, BAD_LABEL, ...) as one-line DataErrors."""
   try:
     yield
   except tf.errors.InvalidArgumentError as e:
     # tf.debugging.Assert prints its data as "[marker] [label] [record] [7] [of] [path]".
-    for marker in (BAD_IMAGE, BAD_LABEL, records_lib.BAD_RECORD):
+    for marker, message in _check_messages(num_classes).items():
       if marker in e.message:
         fields = re.findall(r"\[(.*?)\]", e.message[e.message.index(marker) - 1:].splitlines()[0])
-        if marker == BAD_IMAGE:
-          raise DataError(f"undecodable image: {' '.join(fields[1:])} (--strict_data stops at "
-                          "such images; without it they are skipped and counted)") from None
-        if marker == records_lib.BAD_RECORD:
-          raise DataError(f"corrupt TFRecord: {' '.join(fields[1:])} and the rest of that file "
-                          "cannot be read (--strict_data stops here; without it they are "
-                          "skipped and counted)") from None
-        raise DataError(f"label {fields[1]} is outside 0..{num_classes - 1}: "
-                        f"{' '.join(fields[2:])}") from None
+        raise DataError(message(fields)) from None
     decoder = re.search(r"Invalid (JPEG|PNG) data[^\n\[]*", e.message)
     if decoder:  # complete-looking but corrupt inside: the decoder does not name the file
       raise DataError(f"undecodable image ({decoder.group(0).strip()}); --strict_data stops "

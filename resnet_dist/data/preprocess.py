@@ -58,15 +58,16 @@ def looks_decodable(encoded):
   file, a format it does not read (HEIC, text), and the common corruption, a
   JPEG or PNG cut short (no end marker). Read: JPEG, PNG, GIF, BMP, WebP, JPEG XL.
 
-  It runs on every encoded image, so it is a handful of ops: the first and
-  last bytes as numbers (zero-padded when the image is shorter), compared
-  with every format's signature at once.
+  One image or a group of them (any shape): a handful of ops either way, the
+  first and last bytes as numbers (zero-padded when an image is shorter),
+  compared with every format's signature at once.
   """
-  tail = tf.strings.substr(encoded, tf.maximum(tf.strings.length(encoded) - _TAIL, 0), _TAIL)
+  start = tf.maximum(tf.strings.length(encoded) - _TAIL, 0)
+  tail = tf.strings.substr(encoded, start, tf.fill(tf.shape(start), _TAIL))
   ends = tf.concat([tf.io.decode_raw(encoded, tf.uint8, fixed_length=_HEAD),
-                    tf.io.decode_raw(tail, tf.uint8, fixed_length=_TAIL)], 0)
+                    tf.io.decode_raw(tail, tf.uint8, fixed_length=_TAIL)], -1)
   values, mask = _signature_table()
-  return tf.reduce_any(tf.reduce_all((ends[None, :] == values) | ~mask, axis=1))
+  return tf.reduce_any(tf.reduce_all((ends[..., None, :] == values) | ~mask, axis=-1), axis=-1)
 
 
 def _decode(encoded):

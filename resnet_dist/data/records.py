@@ -20,9 +20,32 @@ _IMAGENET_FEATURES = {
 
 
 # Stands in for the records of a file after a corrupt one, which cannot be
-# read (pipeline._read); it parses as no example, so it is skipped and counted.
+# read (pipeline._interleave); it is no Example, so it is skipped and counted.
 CORRUPT = b"resnet_dist: corrupt record"
 BAD_RECORD = "resnet_dist: corrupt TFRecord"
+NOT_AN_EXAMPLE = "resnet_dist: not a tf.train.Example"
+_VARINT_BYTES = 5   # an Example's length, up to 2**35 bytes
+
+
+def looks_like_examples(records):
+  """Per serialized record [n]: whether it is one tf.train.Example at its top
+  level, its field 1 (features) and a length that covers the rest of it.
+
+  A group of records is parsed by one op, which fails as a whole on a record
+  that is no proto; this finds the usual such record (another format's bytes,
+  the CORRUPT stand-in) in a few ops per group, so it alone is skipped. An
+  Example damaged further inside still fails its group.
+  """
+  head = tf.cast(tf.io.decode_raw(records, tf.uint8, fixed_length=1 + _VARINT_BYTES), tf.int64)
+  tag, varint = head[:, 0], head[:, 1:]
+  more = varint >= 128
+  size = tf.argmin(tf.cast(more, tf.int32), axis=1, output_type=tf.int64) + 1
+  digits = tf.bitwise.left_shift(tf.bitwise.bitwise_and(varint, 127),
+                                 tf.range(_VARINT_BYTES, dtype=tf.int64) * 7)
+  in_varint = tf.range(_VARINT_BYTES, dtype=tf.int64)[None, :] < size[:, None]
+  length = tf.reduce_sum(tf.where(in_varint, digits, 0), axis=1)
+  return ((tag == 0x0A) & tf.reduce_any(~more, axis=1)
+          & (1 + size + length == tf.cast(tf.strings.length(records), tf.int64)))
 
 
 def count_records(path):
@@ -70,7 +93,19 @@ def imagenet_split(data_dir, split):
     features = tf.io.parse_single_example(record, _IMAGENET_FEATURES)
     return features["image/encoded"], features["image/class/label"] - 1
 
-  return RecordSplit(files, counts, parse)
+  return RecordSplit(files, counts, parse, _parse_imagenet_group)
+
+
+def _parse_imagenet_group(records):
+  """parse_group for ImageNet: a record without one of the features is named
+  rather than failing its group (or, vectorized, the whole parse)."""
+  features = tf.io.parse_example(
+      records, {name: tf.io.RaggedFeature(spec.dtype) for name, spec in _IMAGENET_FEATURES.items()})
+  image, label = features["image/encoded"], features["image/class/label"]
+  missing = tf.where(image.row_lengths() != 1, "image/encoded",
+                     tf.where(label.row_lengths() != 1, "image/class/label", ""))
+  first = lambda values, default: values.to_tensor(default, shape=[None, 1])[:, 0]
+  return first(image, b""), first(label, 1) - 1, missing
 
 
 def tfds_split(builder, split, image_key, label_key):

@@ -17,10 +17,16 @@ class IndexedSplit:
 
 @dataclasses.dataclass
 class RecordSplit:
-  """TFRecord files; parse(serialized record) -> (encoded image, int64 label)."""
+  """TFRecord files; parse(serialized record) -> (encoded image, int64 label).
+
+  parse_group(records [n]) -> (images [n], labels [n], missing [n]): the
+  same for a group of records at once, with missing the name of a feature a
+  record lacks ("" when it has them all). None: parse, vectorized.
+  """
   files: list
   counts: list
   parse: Callable
+  parse_group: Callable = None
   encoded = True
 
   @property
