@@ -13,7 +13,9 @@
 # with --tpu=NAME and TPU_LOAD_LIBRARY=0 while the TPU runtime serves every
 # host, and the runtime defaults to the -pod image.
 #
-# --runtime_version  default tpu-vm-tf-<TensorFlow of requirements.txt>[-pod]-pjrt
+# --runtime_version  default: launch/tpu_runtime.py's for the accelerator type and
+#                    the TensorFlow of requirements.txt (tpu-vm-tf-2.21.0-pjrt-v5p-and-below
+#                    for v3-8); given, it is checked against the type
 # --name             default $TPU_NAME
 # --keep             keep the TPU after a finished run (it is always kept after a
 #                    failed or stopped one, to look at or resume)
@@ -34,7 +36,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -200,31 +202,17 @@ for required in accelerator_type data_dir model_dir; do
 done
 [[ "$data_dir" == gs://* ]] || die "--data_dir=$data_dir must be on GCS (gs://...): every TPU worker reads it"
 [[ "$model_dir" == gs://* ]] || die "--model_dir=$model_dir must be on GCS (gs://...): workers write it"
-[[ "$accelerator_type" =~ ^v[0-9]+[a-z]*-([0-9]+)$ ]] \
-  || die "--accelerator_type=$accelerator_type is not of the form v3-8, v4-32, v5litepod-16"
-pod=0 pod_suffix=""
-if ((BASH_REMATCH[1] > 8)); then
-  pod=1 pod_suffix="-pod"
-fi
-if [[ -z "$runtime_version" ]]; then
-  tf_version="$(sed -n 's/^tensorflow==//p' "$repo/requirements.txt")"
-  runtime_version="tpu-vm-tf-$tf_version$pod_suffix-pjrt"
-fi
-
-# The training process's environment, in the command itself: it runs under a
-# non-login bash, which reads no profile. As Google's own TensorFlow TPU test
-# configurations set it:
+# The runtime, the TensorFlow its image carries, one host or several, and the
+# training's environment: launch/tpu_runtime.py holds the table of them.
+tf_version="$(sed -n 's/^tensorflow==//p' "$repo/requirements.txt")"
+resolved="$(python3 "$repo/launch/tpu_runtime.py" "$accelerator_type" "$tf_version" \
+  "$runtime_version")" || exit 2
+eval "$resolved"
+((dry_run)) || echo "[tpu_vm] $accelerator_type: runtime $runtime_version (TensorFlow" \
+  "$tensorflow), training environment: ${train_env:-none}"
 if ((pod)); then
-  # One client for the whole slice; it must not open worker 0's chips itself.
-  train_env="TPU_LOAD_LIBRARY=0"
   tpu_flags="--tpu=$name --tpu_zone=$zone --gcp_project=$project"
-elif [[ "$runtime_version" == *pjrt* ]]; then
-  # One host on a PJRT runtime: TensorFlow reaches the chips through libtpu's
-  # pluggable-device C API.
-  train_env="NEXT_PLUGGABLE_DEVICE_USE_C_API=true TF_PLUGGABLE_DEVICE_LIBRARY_PATH=/lib/libtpu.so"
-  tpu_flags="--tpu=local"
 else
-  train_env=""
   tpu_flags="--tpu=local"
 fi
 archive="/tmp/resnet_dist-$name.tar.gz"
@@ -245,9 +233,10 @@ elif ((create)); then
 fi
 run git -C "$repo" archive --format=tar.gz --prefix=resnet_dist/ -o "$archive" HEAD
 run "${tpu[@]}" scp "$archive" "$name:~/resnet_dist.tar.gz" "${where[@]}" --worker=all
-# The runtime image has TensorFlow for TPUs: install the other pinned packages beside it,
-# on every worker (on a pod slice each host runs an input pipeline).
-run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="rm -rf resnet_dist && tar xzf resnet_dist.tar.gz && cd resnet_dist && grep -v -e '^tensorflow==' -e '^keras==' requirements.txt > /tmp/requirements-tpu.txt && python3 -m pip install -q -r /tmp/requirements-tpu.txt && python3 -m pip install -q --no-deps -r requirements-nodeps.txt"
+# The runtime image has TensorFlow for TPUs: install the rest beside it, replacing
+# nothing the image has (launch/tpu_install.py), on every worker (on a pod slice
+# each host runs an input pipeline). A mismatch stops here, before training.
+run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="rm -rf resnet_dist && tar xzf resnet_dist.tar.gz && cd resnet_dist && python3 launch/tpu_install.py"
 # Detached from the ssh session (setsid, nohup), so a dropped connection does not end it.
 on_worker0 "rm -f $status_file && cd resnet_dist && nohup setsid bash -c '$train_command; echo resnet_dist exited with status \$? > $status_file' > $log_file 2>&1 < /dev/null &"
 finish

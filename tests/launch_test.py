@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
-from launch import exits
+from launch import exits, tpu_install
 from resnet_dist import export, models
 from resnet_dist.data import records
 from tests import fixtures
@@ -190,7 +190,7 @@ class TpuVmTest(absltest.TestCase):
   def assert_installs_everywhere_then_trains_detached_on_worker_0(self, lines):
     self.assertIn("git -C", lines[1])
     self.assertRegex(lines[2], r"tpu-vm scp \S+resnet_dist-r50.tar.gz r50:.* --worker=all")
-    self.assertIn("pip\\ install", lines[3])
+    self.assertIn("python3\\ launch/tpu_install.py", lines[3])
     self.assertIn("--worker=all", lines[3])
     start = lines[4]
     self.assertIn("--worker=0", start)
@@ -206,7 +206,7 @@ class TpuVmTest(absltest.TestCase):
     lines = self.dry_run("v3-8")
     self.assertRegex(lines[0], r"^\+ gcloud compute tpus tpu-vm create r50 --project=proj "
                                r"--zone=europe-west4-a --accelerator-type=v3-8 "
-                               r"--version=tpu-vm-tf-2.21.0-pjrt$")
+                               r"--version=tpu-vm-tf-2.21.0-pjrt-v5p-and-below$")
     start = self.assert_installs_everywhere_then_trains_detached_on_worker_0(lines)
     self.assertIn("--tpu=local", start)
     self.assertNotIn("TPU_LOAD_LIBRARY", start)
@@ -218,7 +218,8 @@ class TpuVmTest(absltest.TestCase):
 
   def test_a_pod_slice_is_driven_from_worker_0_by_name(self):
     lines = self.dry_run("v4-32")
-    self.assertRegex(lines[0], r"--accelerator-type=v4-32 --version=tpu-vm-tf-2.21.0-pod-pjrt$")
+    self.assertRegex(lines[0], r"--accelerator-type=v4-32 "
+                               r"--version=tpu-vm-tf-2.21.0-pod-pjrt-v5p-and-below$")
     start = self.assert_installs_everywhere_then_trains_detached_on_worker_0(lines)
     for part in ("TPU_LOAD_LIBRARY=0", "--tpu=r50", "--tpu_zone=europe-west4-a",
                  "--gcp_project=proj"):
@@ -226,6 +227,47 @@ class TpuVmTest(absltest.TestCase):
     self.assertNotIn("--tpu=local", start)
     self.assertNotIn("NEXT_PLUGGABLE_DEVICE", start)  # the slice's runtime serves the chips
     self.assertIn(" delete r50 ", lines[6])
+
+  def test_each_generation_gets_its_runtime_and_environment_from_the_table(self):
+    pjrt = "NEXT_PLUGGABLE_DEVICE_USE_C_API=true TF_PLUGGABLE_DEVICE_LIBRARY_PATH=/lib/libtpu.so"
+    for accelerator_type, runtime, env in (
+        ("v3-8", "tpu-vm-tf-2.21.0-pjrt-v5p-and-below", pjrt),
+        ("v4-32", "tpu-vm-tf-2.21.0-pod-pjrt-v5p-and-below", "TPU_LOAD_LIBRARY=0"),
+        ("v5litepod-8", "tpu-vm-tf-2.21.0-pjrt-v5e-and-v6", pjrt),
+        ("v6e-8", "tpu-vm-tf-2.21.0-pjrt-v5e-and-v6", pjrt)):
+      result = self.tpu_vm(*self.ARGS, f"--accelerator_type={accelerator_type}", "--dry_run")
+      self.assertEqual(result.returncode, 0, result.stderr)
+      lines = result.stdout.splitlines()
+      self.assertTrue(lines[0].endswith(f"--version={runtime}"), (accelerator_type, lines[0]))
+      self.assertIn(f"{env} python3 -m launch.train", lines[4].replace("\\", ""))
+
+  def test_the_install_keeps_what_the_image_has_and_only_adds(self):
+    image = {"tensorflow": "2.18.0", "keras": "3.6.0", "protobuf": "4.25.3",
+             "tensorboard": "2.18.0", "absl-py": "2.1.0"}
+    wanted, constraints = tpu_install.plan(
+        ["# pins", "tensorflow==2.21.0", "keras==3.15.1", "tensorboard==2.21.0",
+         "protobuf>=6.31.1,<8", "Absl_Py==2.5.1", "safetensors==0.8.0  # weights", ""], image)
+    self.assertEqual(wanted, ["safetensors==0.8.0"])
+    self.assertIn("tensorflow==2.18.0", constraints)
+    self.assertLen(constraints, len(image))
+    # This venv has every pin already: nothing to add, nothing replaced.
+    result = subprocess.run([sys.executable, os.path.join(launching.ROOT, "launch", "tpu_install.py"),
+                             "--dry_run"], capture_output=True, text=True, timeout=120)
+    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertEqual(result.stdout.strip(), "resnet_dist installed against the image's "
+                     f"TensorFlow {tf.__version__} (0 packages added, none replaced)")
+
+  def test_a_runtime_that_cannot_serve_the_type_stops_before_any_command(self):
+    for accelerator_type, runtime, message in (
+        ("v4-32", "tpu-vm-tf-2.21.0-pjrt-v5p-and-below", "is for one host, and v4-32 is a pod"),
+        ("v6e-8", "tpu-vm-tf-2.21.0-se", "v6e runs only PJRT runtimes"),
+        ("v3-8", "tpu-vm-tf-2.15.0-pjrt", "carries TensorFlow 2.15.0; resnet_dist needs 2.16.1"),
+        ("v3-8", "tpu-ubuntu2204-base", "is not a TensorFlow runtime")):
+      result = self.tpu_vm(*self.ARGS, f"--accelerator_type={accelerator_type}",
+                           f"--runtime_version={runtime}", "--dry_run")
+      self.assertEqual(result.returncode, 2, result.stderr)
+      self.assertEqual(result.stdout, "")
+      self.assertRegex(result.stderr.strip(), f"^error: --runtime_version={runtime}.*{message}")
 
   def with_fake_gcloud(self, home, gcloud_body, *args):
     """tpu_vm.sh against a stand-in gcloud (a bash script that logs each call
@@ -299,7 +341,7 @@ echo "step 10/90"
   def test_a_queued_spot_tpu_is_waited_for_and_deleted_with_its_request(self):
     lines = self.dry_run("v4-32", "--queued", "--spot")
     self.assertRegex(lines[0], r"^\+ gcloud compute tpus queued-resources create r50 --node-id=r50 "
-                               r".*--accelerator-type=v4-32 --runtime-version=\S+-pod-pjrt --spot$")
+                               r".*--accelerator-type=v4-32 --runtime-version=\S+-pod-pjrt\S* --spot$")
     self.assertRegex(lines[1], r"queued-resources describe r50 .*state\.state")
     self.assertRegex(lines[-1], r"queued-resources delete r50 .* --force --quiet$")
     self.assertRegex(self.dry_run("v3-8", "--spot")[0], r"tpu-vm create r50 .* --spot$")
