@@ -204,6 +204,11 @@ flags.DEFINE_bool("start_over", _default("start_over"),
                   "Train from step 0 even though model_dir has checkpoints, deleting them.")
 flags.DEFINE_integer("keep_checkpoints", _default("keep_checkpoints"),
                      "Checkpoints kept.", lower_bound=1)
+flags.DEFINE_string("gce_metadata", _default("gce_metadata"),
+                    "The GCE metadata server's computeMetadata/v1 URL (on GCE and TPU VMs: "
+                    "http://metadata.google.internal/computeMetadata/v1): a preemption or "
+                    "maintenance notice there, or a host's in model_dir/notices, stops the "
+                    "run after a step, saved (exit 75). Empty: not watched.")
 
 # Monitoring
 flags.DEFINE_integer("log_every_steps", _default("log_every_steps"),

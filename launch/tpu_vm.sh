@@ -217,7 +217,13 @@ else
 fi
 archive="/tmp/resnet_dist-$name.tar.gz"
 quoted_flags="$(printf ' %q' "${train_flags[@]}")"
-train_command="$train_env python3 -m launch.train --strategy=tpu $tpu_flags --data_dir=$data_dir --model_dir=$model_dir$quoted_flags"
+# Each host's own GCE metadata server tells of its coming preemption or maintenance.
+metadata="http://metadata.google.internal/computeMetadata/v1"
+train_command="$train_env python3 -m launch.train --strategy=tpu $tpu_flags --data_dir=$data_dir --model_dir=$model_dir --gce_metadata=$metadata$quoted_flags"
+# On a pod slice the loss of any host ends the run: a relay on every host
+# leaves its notice in model_dir/notices, where worker 0's run finds it. It
+# must not open the host's chips (the slice's runtime serves them).
+relay_command="pkill -f launch.notices; cd resnet_dist && TPU_LOAD_LIBRARY=0 nohup setsid python3 -m launch.notices --model_dir=$model_dir --gce_metadata=$metadata > ~/resnet_dist-notices.log 2>&1 < /dev/null &"
 
 spot_flag=()
 if ((spot)); then
@@ -237,6 +243,9 @@ run "${tpu[@]}" scp "$archive" "$name:~/resnet_dist.tar.gz" "${where[@]}" --work
 # nothing the image has (launch/tpu_install.py), on every worker (on a pod slice
 # each host runs an input pipeline). A mismatch stops here, before training.
 run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="rm -rf resnet_dist && tar xzf resnet_dist.tar.gz && cd resnet_dist && python3 launch/tpu_install.py"
+if ((pod)); then
+  run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$relay_command"
+fi
 # Detached from the ssh session (setsid, nohup), so a dropped connection does not end it.
 on_worker0 "rm -f $status_file && cd resnet_dist && nohup setsid bash -c '$train_command; echo resnet_dist exited with status \$? > $status_file' > $log_file 2>&1 < /dev/null &"
 finish

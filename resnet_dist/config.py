@@ -262,9 +262,14 @@ class CheckpointConfig:
   checkpoint_every_steps: int = 0   # 0: every epoch (and at evaluations and the end)
   start_over: bool = False          # train from step 0, replacing model_dir's checkpoints
   keep_checkpoints: int = 3
+  # This host's GCE metadata server (computeMetadata/v1), watched for
+  # preemption and maintenance notices with model_dir/notices; "": neither.
+  gce_metadata: str = ""
 
   def validate(self):
     _check(self.keep_checkpoints >= 1, "--keep_checkpoints must be at least 1")
+    _check(not self.gce_metadata or self.gce_metadata.startswith(("http://", "https://")),
+           f"--gce_metadata={self.gce_metadata} is not an http:// URL")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -297,6 +297,17 @@ class HostLoop:
     return iter(self.setup.strategy.distribute_datasets_from_function(
         dataset_fn, options=strategy_lib.input_options(self.setup.strategy)))
 
+  def notices(self):
+    """The preemption notices to stop at (--gce_metadata), without an earlier
+    run's: the chief clears those first."""
+    url = self.config.checkpoint.gce_metadata
+    if not url:
+      return None
+    notices = preemption.Notices(url, os.path.join(self.setup.model_dir, "notices"))
+    if self.setup.chief:
+      notices.clear()
+    return notices
+
   def resize_input(self, feed):
     """A new iterator where --progressive_resize changes the size: the loop
     function then traces (and compiles, with XLA or on TPUs) once more."""
@@ -312,7 +323,7 @@ class HostLoop:
     when a signal stopped the run (after saving)."""
     total = self.setup.total_steps
     # From here a SIGTERM or SIGINT asks the loop to stop after a step and save.
-    with preemption.StopRequest(self.trainer.stop_requested) as stop_request:
+    with preemption.StopRequest(self.trainer.stop_requested, self.notices()) as stop_request:
       self.stop_request = stop_request
       feed = [self.input_from(self.step)]  # its only reference, for drop_in_background()
       try:
@@ -412,7 +423,7 @@ class HostLoop:
     if stopped and step < total:
       self.profiler.close()
       self.summaries.flush()
-      reason = stop_request.signal_name or "a signal to another worker"
+      reason = stop_request.reason or "a signal to another worker"
       monitor.log(f"{reason}: saved a checkpoint at step {step}; run again to resume",
                   self.setup.chief)
       raise preemption.Preempted(step, reason)
@@ -449,7 +460,7 @@ class HostLoop:
     evaluation (Trainer.stops_alone)."""
     if self.trainer.stops_alone and self.stop_request.requested_here:
       self.summaries.flush()
-      reason = self.stop_request.signal_name
+      reason = self.stop_request.reason
       monitor.log(f"{reason}: stopped the evaluation at step {self.step}, whose checkpoint is "
                   f"saved; run again to resume (or to evaluate, if training was over)")
       raise preemption.Preempted(self.step, reason)

@@ -1,13 +1,18 @@
 """Interrupted processes: a SIGKILLed run resumes bit-exactly, and SIGTERM
-stops a run from inside a host loop, saves and exits 75, within seconds.
+stops a run from inside a host loop, saves and exits 75, within seconds, as
+does a GCE preemption or maintenance notice (from a stand-in metadata server
+on 127.0.0.1), this host's or another's through launch.notices.
 
 (That a stop resumes exactly with every recipe flag, on one device and over
 replicas, is tests/resume_test.py, in-process; these are what only a process
 shows: a kill that leaves what it leaves, a real signal.)
 """
 
+import http.server
 import os
 import signal
+import socket
+import threading
 import time
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
@@ -104,6 +109,85 @@ class SigtermTest(absltest.TestCase):
     self.assertLess(latency, 15, "from the signal to the exit, checkpoint saved")
     print(f"exited {latency:.1f} s after SIGTERM, at step {step} of {total}")
     # That the run resumes from it: CheckpointTest.test_sigterm_saves_then_resumes_exactly.
+
+
+class FakeMetadataServer:
+  """A stand-in for GCE's metadata server on 127.0.0.1 (GCE's own cannot run
+  here): answers `answers` ({key under computeMetadata/v1: value}) only to
+  requests with the Metadata-Flavor header, as GCE's does, 404 otherwise."""
+
+  def __init__(self, answers):
+    asked = self.asked = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+
+      def do_GET(self):  # pylint: disable=invalid-name
+        key = self.path.split("?")[0].removeprefix("/computeMetadata/v1/")
+        asked.append(key)
+        flavoured = self.headers.get("Metadata-Flavor") == "Google"
+        body = answers.get(key) if flavoured else None
+        self.send_response(200 if body is not None else (404 if flavoured else 403))
+        self.end_headers()
+        self.wfile.write((body or "").encode())
+
+      def log_message(self, *args):
+        del args
+
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    self.url = f"http://127.0.0.1:{self.server.server_port}/computeMetadata/v1"
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()
+
+
+class NoticeTest(absltest.TestCase):
+  ARGS = ["--flagfile=launch/configs/digits.cfg", "--train_epochs=1000",
+          "--steps_per_loop=100000", "--checkpoint_every_steps=100000"]
+
+  def metadata(self, answers):
+    server = FakeMetadataServer(answers)
+    self.addCleanup(server.close)
+    return server
+
+  def assert_saved_and_exited_75(self, process, model_dir, reason):
+    out, err = process.communicate(timeout=300)
+    self.assertEqual(process.returncode, 75, err[-3000:])
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    self.assertIsNotNone(latest)
+    step = int(latest.rsplit("-", 1)[1])
+    self.assertIn(f"{reason}: saved a checkpoint at step {step}; run again to resume", out)
+
+  def test_this_hosts_preemption_notice_saves_and_exits_75(self):
+    server = self.metadata({"instance/preempted": "TRUE",
+                            "instance/maintenance-event": "NONE"})
+    model_dir = self.create_tempdir().full_path
+    process = launching.start("launch.train", *self.ARGS, f"--gce_metadata={server.url}",
+                              f"--model_dir={model_dir}", f"--data_dir={model_dir}/data")
+    self.assert_saved_and_exited_75(process, model_dir,
+                                    f"a preemption notice for {socket.gethostname()}")
+    self.assertIn("instance/preempted", server.asked)
+
+  def test_another_hosts_maintenance_notice_reaches_the_run_through_its_model_dir(self):
+    quiet = self.metadata({"instance/preempted": "FALSE", "instance/maintenance-event": "NONE"})
+    other = self.metadata({"instance/preempted": "FALSE",
+                           "instance/maintenance-event": "TERMINATE_ON_HOST_MAINTENANCE"})
+    model_dir = self.create_tempdir().full_path
+    os.makedirs(f"{model_dir}/notices")
+    with open(f"{model_dir}/notices/old-host", "w") as f:
+      f.write("a notice of an earlier run")  # cleared at start, not obeyed
+    process = launching.start("launch.train", *self.ARGS, f"--gce_metadata={quiet.url}",
+                              f"--model_dir={model_dir}", f"--data_dir={model_dir}/data")
+    launching.wait_until_catches(process, signal.SIGTERM)  # the host loop has begun
+    relay = launching.run("launch.notices", f"--model_dir={model_dir}",
+                          f"--gce_metadata={other.url}", "--notice_poll_seconds=0.2")
+    reason = (f"a maintenance notice (TERMINATE_ON_HOST_MAINTENANCE) for "
+              f"{socket.gethostname()}")
+    self.assertEqual(relay.returncode, 0, relay.stderr[-2000:])
+    self.assertEqual(relay.stdout.strip(), f"{reason}: left in {model_dir}/notices")
+    self.assert_saved_and_exited_75(process, model_dir, reason)
+    self.assertEqual(os.listdir(f"{model_dir}/notices"), [socket.gethostname()])
 
 
 if __name__ == "__main__":

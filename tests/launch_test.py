@@ -192,14 +192,17 @@ class TpuVmTest(absltest.TestCase):
     self.assertRegex(lines[2], r"tpu-vm scp \S+resnet_dist-r50.tar.gz r50:.* --worker=all")
     self.assertIn("python3\\ launch/tpu_install.py", lines[3])
     self.assertIn("--worker=all", lines[3])
-    start = lines[4]
+    at = next(i for i, line in enumerate(lines) if "launch.train" in line)
+    start = lines[at]
     self.assertIn("--worker=0", start)
     for part in ("nohup\\ setsid", "python3\\ -m\\ launch.train", "--strategy=tpu",
                  "--data_dir=gs://b/imagenet", "--model_dir=gs://b/runs/r50",
                  "--flagfile=launch/configs/resnet50_imagenet_tpu_v3-8.cfg",
                  "resnet_dist.status"):
       self.assertIn(part, start)
-    self.assertRegex(lines[5], r"ssh r50 .*--worker=0 --command=tail.*resnet_dist.status")
+    self.assertRegex(lines[at + 1], r"ssh r50 .*--worker=0 --command=tail.*resnet_dist.status")
+    # Each host's preemption and maintenance notices stop the run, saved.
+    self.assertIn("--gce_metadata=http://metadata.google.internal/computeMetadata/v1", start)
     return start
 
   def test_one_host_trains_with_its_local_tpu(self):
@@ -226,7 +229,11 @@ class TpuVmTest(absltest.TestCase):
       self.assertIn(part, start)
     self.assertNotIn("--tpu=local", start)
     self.assertNotIn("NEXT_PLUGGABLE_DEVICE", start)  # the slice's runtime serves the chips
-    self.assertIn(" delete r50 ", lines[6])
+    # A relay on every host, before the run: any host's notice reaches worker 0.
+    self.assertRegex(lines[4].replace("\\", ""), r"--worker=all --command=pkill -f "
+                     r"launch.notices; .*TPU_LOAD_LIBRARY=0 nohup setsid python3 -m "
+                     r"launch.notices --model_dir=gs://b/runs/r50 --gce_metadata=http://")
+    self.assertIn(" delete r50 ", lines[7])
 
   def test_each_generation_gets_its_runtime_and_environment_from_the_table(self):
     pjrt = "NEXT_PLUGGABLE_DEVICE_USE_C_API=true TF_PLUGGABLE_DEVICE_LIBRARY_PATH=/lib/libtpu.so"
@@ -239,7 +246,8 @@ class TpuVmTest(absltest.TestCase):
       self.assertEqual(result.returncode, 0, result.stderr)
       lines = result.stdout.splitlines()
       self.assertTrue(lines[0].endswith(f"--version={runtime}"), (accelerator_type, lines[0]))
-      self.assertIn(f"{env} python3 -m launch.train", lines[4].replace("\\", ""))
+      start = next(line for line in lines if "launch.train" in line)
+      self.assertIn(f"{env} python3 -m launch.train", start.replace("\\", ""))
 
   def test_the_install_keeps_what_the_image_has_and_only_adds(self):
     image = {"tensorflow": "2.18.0", "keras": "3.6.0", "protobuf": "4.25.3",
