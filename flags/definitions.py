@@ -135,16 +135,25 @@ flags.DEFINE_enum("loss", _default("loss"), list(losses.LOSSES),
 flags.DEFINE_float("base_learning_rate", _default("base_learning_rate"),
                    "Learning rate per 256 examples; scaled by global_batch_size / 256.")
 flags.DEFINE_enum("lr_schedule", _default("lr_schedule"), list(optim.SCHEDULES),
-                  "piecewise (x0.1 at --lr_boundary_epochs) or cosine.")
+                  "piecewise (x0.1 at --lr_boundary_epochs), cosine (per step, from the end "
+                  "of warmup), or timm_cosine (timm's: per epoch, warmup from "
+                  "--warmup_learning_rate, the cosine over all epochs).")
 flags.DEFINE_list("lr_boundary_epochs", [f"{e:g}" for e in _default("lr_boundary_epochs")],
                   "piecewise: epochs at which the learning rate drops x0.1.")
 flags.DEFINE_float("warmup_epochs", _default("warmup_epochs"), "Linear warmup length.",
                    lower_bound=0)
+flags.DEFINE_float("warmup_learning_rate", _default("warmup_learning_rate"),
+                   "timm_cosine: the learning rate of the first epoch, absolute (timm's "
+                   "--warmup-lr).", lower_bound=0)
 flags.DEFINE_float("momentum", _default("momentum"), "Momentum.", lower_bound=0)
 flags.DEFINE_bool("nesterov", _default("nesterov"), "Nesterov momentum.")
 flags.DEFINE_float("weight_decay", _default("weight_decay"),
                    "L2 decay of conv and dense kernels.", lower_bound=0)
 flags.DEFINE_float("label_smoothing", _default("label_smoothing"), "Label smoothing.",
+                   lower_bound=0, upper_bound=1)
+flags.DEFINE_float("bce_target_threshold", _default("bce_target_threshold"),
+                   "--loss=bce: each class's target (smoothed, mixed) becomes 1 above this "
+                   "and 0 elsewhere, as timm's --bce-target-thresh (RSB: 0.2); 0: off.",
                    lower_bound=0, upper_bound=1)
 flags.DEFINE_integer("seed", _default("seed"),
                      "Seed of initialisation, data order and augmentation.")

@@ -173,10 +173,12 @@ class OptimConfig:
   # piecewise: x0.1 at each (Goyal et al. 2017, for 90 ImageNet epochs)
   lr_boundary_epochs: Tuple[float, ...] = (30.0, 60.0, 80.0)
   warmup_epochs: float = 0.0
+  warmup_learning_rate: float = 1e-5  # timm_cosine: the first epoch's (absolute) rate
   momentum: float = 0.9
   nesterov: bool = False
   weight_decay: float = 1e-4
   label_smoothing: float = 0.0
+  bce_target_threshold: float = 0.0  # bce: targets above it 1, the rest 0 (timm's); 0: off
   ema_decay: float = 0.0            # per step; 0: no EMA of the weights
   ema_every_steps: int = 1          # update the EMA every K steps, by ema_decay**K
 
@@ -190,6 +192,10 @@ class OptimConfig:
     _check(epochs and list(epochs) == sorted(set(epochs)) and epochs[0] > 0,
            f"--lr_boundary_epochs={','.join(map(str, epochs))} must be increasing positive "
            f"epochs")
+    _check(0 <= self.bce_target_threshold < 1,
+           f"--bce_target_threshold={self.bce_target_threshold} must be in [0, 1)")
+    _check(not self.bce_target_threshold or self.loss == "bce",
+           f"--bce_target_threshold is for --loss=bce, not --loss={self.loss}")
     _check(0 <= self.ema_decay < 1, f"--ema_decay={self.ema_decay} must be in [0, 1)")
     _check(self.ema_every_steps >= 1, "--ema_every_steps must be at least 1")
 

@@ -23,11 +23,26 @@ def cross_entropy(targets, logits, label_smoothing=0.0):
                                                  tf.cast(logits, tf.float32))
 
 
-def binary_cross_entropy(targets, logits, label_smoothing=0.0):
+def binary_cross_entropy(targets, logits, label_smoothing=0.0, target_threshold=0.0):
   """One sigmoid per class against its target, averaged over the classes:
-  timm's BinaryCrossEntropy, which "ResNet strikes back" trains with."""
+  timm's BinaryCrossEntropy, which "ResNet strikes back" trains with. With
+  target_threshold > 0 each smoothed (and mixed) target becomes 1 where it is
+  above the threshold and 0 elsewhere, as timm's target_threshold does (RSB:
+  0.2, so both images of a mix count as present unless one is under 20%)."""
+  targets = smooth(targets, label_smoothing)
+  if target_threshold:
+    targets = tf.cast(targets > target_threshold, targets.dtype)
   return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
-      smooth(targets, label_smoothing), tf.cast(logits, tf.float32)), axis=-1)
+      targets, tf.cast(logits, tf.float32)), axis=-1)
 
 
 LOSSES = {"softmax": cross_entropy, "bce": binary_cross_entropy}
+
+
+def per_example_loss(optim_config):
+  """loss(targets, logits) -> per-example losses, as an OptimConfig sets them."""
+  if optim_config.loss == "bce":
+    return lambda targets, logits: binary_cross_entropy(
+        targets, logits, optim_config.label_smoothing, optim_config.bce_target_threshold)
+  return lambda targets, logits: LOSSES[optim_config.loss](
+      targets, logits, optim_config.label_smoothing)

@@ -32,42 +32,68 @@ LAMB_EPSILON = 1e-6
 LAMB_MAX_GRAD_NORM = 1.0
 
 
+def _warmed_up(step, schedule, lr):
+  """lr after a linear warmup from 0 to the peak over the warmup steps."""
+  if not schedule.warmup_steps:
+    return lr
+  return tf.where(step < schedule.warmup_steps, schedule.peak * step / schedule.warmup_steps, lr)
+
+
 def piecewise(step, schedule):
-  """x0.1 at each boundary step."""
+  """x0.1 at each boundary step, after the warmup."""
   decay = tf.constant(1.0)
   for boundary in schedule.boundaries:
     decay = tf.where(step >= boundary, decay * 0.1, decay)
-  return decay
+  return _warmed_up(step, schedule, schedule.peak * decay)
 
 
 def cosine(step, schedule):
-  """From 1 at the end of warmup to 0 at the last step."""
+  """From the peak at the end of warmup to 0 at the last step."""
   span = max(schedule.total_steps - schedule.warmup_steps, 1)
   progress = tf.clip_by_value((step - schedule.warmup_steps) / span, 0.0, 1.0)
-  return 0.5 * (1.0 + tf.cos(math.pi * progress))
+  return _warmed_up(step, schedule, schedule.peak * 0.5 * (1.0 + tf.cos(math.pi * progress)))
 
 
-# The schedule table (--lr_schedule): name -> decay(step, LearningRate), a
-# factor of the peak after warmup; step is a float32 tensor.
-SCHEDULES = {"piecewise": piecewise, "cosine": cosine}
+def timm_cosine(step, schedule):
+  """timm's CosineLRScheduler as its train.py runs it (per epoch, no warmup
+  prefix): the rate changes once an epoch; in epoch e < warmup it is
+  warmup_learning_rate + e * (peak - warmup_learning_rate) / warmup, and from
+  then on the cosine of e over all the run's epochs, warmup included, down
+  to 0 (timm's default --min-lr)."""
+  epoch = tf.floor(step / schedule.steps_per_epoch)
+  start, warmup = schedule.warmup_learning_rate, schedule.warmup_epochs
+  decayed = 0.5 * schedule.peak * (1.0 + tf.cos(math.pi * epoch / schedule.total_epochs))
+  if not warmup:
+    return decayed
+  return tf.where(epoch < warmup, start + epoch * (schedule.peak - start) / warmup, decayed)
+
+
+# The schedule table (--lr_schedule): name -> lr(step, LearningRate); step
+# is a float32 tensor.
+SCHEDULES = {"piecewise": piecewise, "cosine": cosine, "timm_cosine": timm_cosine}
 
 
 class LearningRate:
-  """lr(step): linear warmup, then a decay of SCHEDULES. A function of the step.
+  """lr(step): a schedule of SCHEDULES, with its warmup. A function of the step.
 
   peak = base_learning_rate * global_batch_size / 256. boundary_epochs are
-  piecewise's; every schedule ends at total_steps.
+  piecewise's, warmup_learning_rate (absolute) timm_cosine's; every schedule
+  ends at total_steps.
   """
 
   def __init__(self, base_learning_rate, global_batch_size, steps_per_epoch,
                total_steps, warmup_epochs=0.0, schedule="piecewise",
-               boundary_epochs=()):
+               boundary_epochs=(), warmup_learning_rate=0.0):
     if schedule not in SCHEDULES:
       raise ConfigError(f"unknown --lr_schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     self.peak = base_learning_rate * global_batch_size / 256.0
+    self.steps_per_epoch = steps_per_epoch
+    self.warmup_epochs = warmup_epochs
     self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    self.warmup_learning_rate = warmup_learning_rate
     self.total_steps = total_steps
-    self.decay = SCHEDULES[schedule]
+    self.total_epochs = total_steps / steps_per_epoch
+    self.schedule = SCHEDULES[schedule]
     self.boundaries = [int(round(e * steps_per_epoch)) for e in boundary_epochs]
 
   @classmethod
@@ -75,14 +101,11 @@ class LearningRate:
     """The schedule a config.OptimConfig describes."""
     return cls(options.base_learning_rate, global_batch_size, steps_per_epoch, total_steps,
                warmup_epochs=options.warmup_epochs, schedule=options.lr_schedule,
-               boundary_epochs=options.lr_boundary_epochs)
+               boundary_epochs=options.lr_boundary_epochs,
+               warmup_learning_rate=options.warmup_learning_rate)
 
   def __call__(self, step):
-    step = tf.cast(step, tf.float32)
-    lr = self.peak * self.decay(step, self)
-    if self.warmup_steps:
-      lr = tf.where(step < self.warmup_steps, self.peak * step / self.warmup_steps, lr)
-    return lr
+    return self.schedule(tf.cast(step, tf.float32), self)
 
   def value_at(self, step):
     """The schedule as a Python float, for tests and logs."""

@@ -75,7 +75,7 @@ class Trainer:
     self.strategy = strategy
     self.source = source
     self.num_classes = source.num_classes
-    self.loss = losses.LOSSES[config.optim.loss]
+    self.loss = losses.per_example_loss(config.optim)
     self.steps_per_epoch = steps_per_epoch
     self.total_steps = total_steps
     self.schedule = optim.LearningRate.of(config.optim, config.schedule.global_batch_size,
@@ -204,7 +204,7 @@ class Trainer:
                                        tf.one_hot(labels, self.num_classes), micro)
     with tf.GradientTape() as tape:
       logits = self.model(images, training=True)
-      per_example = self.loss(targets, logits, config.optim.label_smoothing)
+      per_example = self.loss(targets, logits)
       loss = tf.nn.compute_average_loss(per_example,
                                         global_batch_size=config.schedule.global_batch_size)
       if self.loss_scale is not None:

@@ -1,5 +1,7 @@
 """Schedules, optimisers, mixed precision and XLA in the replica step."""
 
+import math
+
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import keras
 import numpy as np
@@ -8,7 +10,7 @@ from absl.testing import absltest, parameterized
 
 from resnet_dist import data, losses, optim
 from resnet_dist import trainer as trainer_lib
-from resnet_dist.config import Config
+from resnet_dist.config import Config, OptimConfig
 from resnet_dist.data import sources
 from resnet_dist.errors import ConfigError
 
@@ -33,6 +35,25 @@ class LearningRateTest(absltest.TestCase):
     self.assertAlmostEqual(lr.value_at(100), 0.1, places=6)
     self.assertAlmostEqual(lr.value_at(550), 0.05, places=6)
     self.assertAlmostEqual(lr.value_at(1000), 0.0, places=6)
+
+
+  def test_timm_cosine_is_timms_per_epoch_schedule(self):
+    """RSB A3's numbers: peak 8e-3 (1e-3 at batch 2048), 5 warmup epochs from
+    1e-5, 100 epochs of 625 steps; against timm's CosineLRScheduler formula
+    (t the epoch, no warmup prefix), written out here."""
+    lr = optim.LearningRate(1e-3, 2048, 625, 100 * 625, warmup_epochs=5,
+                            schedule="timm_cosine", warmup_learning_rate=1e-5)
+
+    def timm(t):
+      if t < 5:
+        return 1e-5 + t * (8e-3 - 1e-5) / 5
+      return 0.5 * 8e-3 * (1 + math.cos(math.pi * t / 100))
+
+    for step in (0, 624, 625, 2 * 625 + 300, 5 * 625 - 1, 5 * 625, 50 * 625 + 7, 100 * 625 - 1):
+      self.assertAlmostEqual(lr.value_at(step), timm(step // 625), places=7, msg=step)
+    # Ours starts its cosine after warmup, so it lies above timm's.
+    ours = optim.LearningRate(1e-3, 2048, 625, 100 * 625, warmup_epochs=5, schedule="cosine")
+    self.assertGreater(ours.value_at(50 * 625), lr.value_at(50 * 625) * 1.05)
 
 
 class OptimizerTest(absltest.TestCase):
@@ -76,7 +97,7 @@ class OptimizerTest(absltest.TestCase):
 
   def test_the_tables_name_every_choice_and_build_it(self):
     self.assertEqual(list(optim.OPTIMIZERS), ["sgd", "lars", "lamb"])
-    self.assertEqual(list(optim.SCHEDULES), ["piecewise", "cosine"])
+    self.assertEqual(list(optim.SCHEDULES), ["piecewise", "cosine", "timm_cosine"])
     w = tf.Variable([1.0])
     for kind, cls in optim.OPTIMIZERS.items():
       self.assertIsInstance(optim.create_optimizer(kind, [w], [w], momentum=0.5), cls)
@@ -129,6 +150,23 @@ class LossTest(absltest.TestCase):
       np.testing.assert_allclose(
           losses.binary_cross_entropy(np.eye(3, dtype=np.float32)[labels], logits, smoothing),
           expected, rtol=1e-5)
+
+  def test_bce_target_threshold_makes_mixed_targets_zero_or_one_as_timms(self):
+    """timm's BinaryCrossEntropy(target_threshold=0.2) on mixup targets: a
+    class with more than 0.2 of the mix is a 1, one with less a 0."""
+    logits = np.array([[2.0, -1.0, 0.5, 0.0], [0.0, 3.0, -2.0, 1.0]], np.float32)
+    mixed = np.array([[0.7, 0.3, 0.0, 0.0], [0.0, 0.1, 0.9, 0.0]], np.float32)
+    config = OptimConfig(loss="bce", label_smoothing=0.1, bce_target_threshold=0.2)
+    smoothed = mixed * 0.9 + 0.1 / 4                 # 0.655, 0.295, 0.025 / 0.115, 0.835
+    binary = (smoothed > 0.2).astype(np.float32)     # [1, 1, 0, 0], [0, 0, 1, 0]
+    p = 1 / (1 + np.exp(-logits))
+    expected = -(binary * np.log(p) + (1 - binary) * np.log(1 - p)).mean(axis=1)
+    np.testing.assert_allclose(losses.per_example_loss(config)(mixed, logits), expected,
+                               rtol=1e-5)
+    without = losses.per_example_loss(OptimConfig(loss="bce", label_smoothing=0.1))
+    self.assertFalse(np.allclose(without(mixed, logits), expected))
+    with self.assertRaisesRegex(ConfigError, "--bce_target_threshold is for --loss=bce"):
+      OptimConfig(bce_target_threshold=0.2).validate()
 
   def test_softmax_cross_entropy_matches_the_formula(self):
     logits = np.array([[2.0, -1.0, 0.5]], np.float32)
