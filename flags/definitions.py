@@ -10,7 +10,7 @@ unread.
 from absl import flags
 
 from resnet_dist import data, losses, models, optim
-from resnet_dist.data import augment
+from resnet_dist.data import augment, preprocess
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist import config as config_lib
@@ -185,6 +185,11 @@ flags.DEFINE_integer("randaugment_magnitude", _default("randaugment_magnitude"),
 flags.DEFINE_float("random_erasing", _default("random_erasing"),
                    "Probability of erasing a random box of each image (after normalising) "
                    "with noise.", lower_bound=0, upper_bound=1)
+flags.DEFINE_enum("crop", _default("crop"), ["", *preprocess.CROPS],
+                  "Training's crop; empty: the dataset's (inception above 64 pixels, "
+                  "pad_crop_flip at 64 or less). inception: MLPerf's and Model Garden's "
+                  "sampler (at least 10% of the image covered); random_resized: "
+                  "torchvision's RandomResizedCrop, which timm uses too.")
 flags.DEFINE_integer("eval_image_size", _default("eval_image_size"),
                      "Evaluation image size; 0: --image_size.", lower_bound=0)
 flags.DEFINE_integer("eval_resize_size", _default("eval_resize_size"),

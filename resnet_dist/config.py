@@ -75,6 +75,7 @@ class DataConfig:
   download: bool = False
   num_classes: int = 1000           # synthetic and imagenet; others know theirs
   shuffle_buffer: int = 10000       # records; TFRecord datasets
+  crop: str = ""                    # a preprocess.CROPS entry; "": the dataset's own
   cache_data: bool = False
   strict_data: bool = False
   data_service: str = ""            # HOST:PORT of a tf.data service dispatcher; "": local input
@@ -113,6 +114,8 @@ class DataConfig:
     return end if progress == 1 else start + round(progress * (end - start) / 32) * 32
 
   def validate(self):
+    if self.crop:
+      _check_choice("crop", self.crop, preprocess.CROPS)
     for flag, size in (("image_size", self.image_size), ("eval_image_size", self.eval_size)):
       _check(size >= 32, f"--{flag}={size} is below the minimum of 32")
       _check(size <= MAX_IMAGE_SIZE, f"--{flag}={size} is above the maximum of "

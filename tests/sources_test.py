@@ -63,6 +63,27 @@ class ImagenetRecordsTest(parameterized.TestCase):
     self.assertCountEqual(labels, range(12))   # 0-based: record label 1 is class 0
     self.assertEqual(labels, pixels)           # each label stays with its own image
 
+  def test_the_crop_flag_picks_the_training_window_sampler(self):
+    """--crop=random_resized reaches the decoding: on a horizontal ramp the
+    windows differ from the default inception sampler's (same seeds, same
+    order); evaluation's central crop is the same for both."""
+    directory = self.create_tempdir().full_path
+    ramp = np.broadcast_to(np.linspace(0, 255, 96).astype(np.uint8)[None, :, None], (64, 96, 3))
+    records.write_imagenet_records(directory, "train", [tf.io.encode_jpeg(ramp).numpy()] * 16,
+                                   list(range(16)), 2)
+    source = data.get_source("imagenet", directory, num_classes=100)
+    batches = {}
+    for crop in ("", "random_resized"):
+      spec = data.InputSpec(16, 32, deterministic=True, shuffle_buffer=1, crop=crop)
+      images, labels, _ = next(iter(data.train_dataset_fn(source, "train", spec)(
+          context(1, 0, 1))))
+      batches[crop] = (images.numpy(), labels.numpy())
+      evaluated = next(iter(data.eval_dataset_fn(source, "train", spec)(context(1, 0, 1))))
+      batches[crop, "eval"] = evaluated[0].numpy()
+    np.testing.assert_array_equal(batches[""][1], batches["random_resized"][1])
+    self.assertFalse(np.array_equal(batches[""][0], batches["random_resized"][0]))
+    np.testing.assert_array_equal(batches["", "eval"], batches["random_resized", "eval"])
+
   @parameterized.parameters(1, 2, 3)
   def test_pipelines_partition_the_records(self, num_pipelines):
     # 2 files: file-level sharding for 1 and 2 pipelines, example-level for 3.

@@ -82,6 +82,7 @@ class InputSpec:
   # Evaluation is always in order.
   deterministic: bool = False
   slack: bool = False             # tf.data's slack in the last prefetch (accelerators)
+  crop: str = ""                  # a preprocess.CROPS entry; "": the source's
 
 
 def check_batch_divides(global_batch_size, num_replicas):
@@ -291,7 +292,8 @@ def _preprocessor(fetch, source, split, spec, training):
   """
   def load_and_preprocess(key, image, label, where, skipped):
     seed = tf.stack([tf.constant(spec.seed + _AUGMENT_SALT, tf.int64), key])
-    image = preprocess_lib.preprocess(image, source.crop, size=spec.image_size, training=training,
+    image = preprocess_lib.preprocess(image, spec.crop or source.crop, size=spec.image_size,
+                                      training=training,
                                       seed=seed, encoded=split.encoded,
                                       crop_fraction=spec.crop_fraction)
     if training and spec.augment is not None:

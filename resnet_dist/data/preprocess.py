@@ -17,14 +17,19 @@ Crops (Source.crop):
                  decoded fused with the JPEG (only the crop is decoded),
                  resized, flipped. Evaluation: the central 87.5% (or
                  crop_fraction) of the shorter side, resized.
+  random_resized torchvision's RandomResizedCrop window instead (no coverage
+                 rule, a fallback of the whole image cut to the ratio range),
+                 otherwise as inception.
   pad_crop_flip  32x32 datasets (He et al. 2015): pad 4, random crop, flip.
   pad_crop       the same without the flip (digits: a mirrored 2 is no 2).
   none           resize only.
 """
 
+import math
+
 import tensorflow as tf
 
-CROPS = ("inception", "pad_crop_flip", "pad_crop", "none")
+CROPS = ("inception", "random_resized", "pad_crop_flip", "pad_crop", "none")
 EVAL_CROP_FRACTION = 0.875
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
@@ -117,6 +122,30 @@ def _random_window(shape, seed):
   return tf.where(failed, _centre_window(shape, EVAL_CROP_FRACTION), window)
 
 
+def _random_resized_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
+  """torchvision's RandomResizedCrop window: up to `tries` draws of an area
+  share in `scale` and a log-uniform aspect ratio in `ratio`, the sides
+  rounded half to even as Python's round(); the first that fits, at a
+  uniform position; else the whole image, cut to the nearer end of `ratio`,
+  centred. All tries are drawn at once (stateless, from seed)."""
+  height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  share, log_ratio, top, left = tf.unstack(tf.random.stateless_uniform([4, tries], seed))
+  area = height * width * (scale[0] + (scale[1] - scale[0]) * share)
+  aspect = tf.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * log_ratio)
+  w, h = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  h, w = h[first], w[first]
+  window = tf.stack([tf.floor(top[first] * (height - h + 1)),
+                     tf.floor(left[first] * (width - w + 1)), h, w])
+  # The fallback: the image's own ratio, clamped into `ratio`.
+  fallback_w = tf.minimum(width, tf.round(height * ratio[1]))
+  fallback_h = tf.minimum(height, tf.round(width / ratio[0]))
+  fallback = tf.stack([tf.floor((height - fallback_h) / 2), tf.floor((width - fallback_w) / 2),
+                       fallback_h, fallback_w])
+  return tf.cast(tf.where(tf.reduce_any(fits), window, fallback), tf.int32)
+
+
 def _resized(image, size):
   """uint8 [H, W, C] of any size -> uint8 [size, size, 3]."""
   if image.shape[-1] == 1:
@@ -145,9 +174,10 @@ def preprocess(image, crop, size, training, seed, encoded,
   crop_fraction: evaluation's central crop, of the shorter side (inception):
   224 / 232 is torchvision's "resize to 232, crop 224".
   """
-  if crop == "inception":
+  if crop in ("inception", "random_resized"):
     if training:
-      image = _decode_crop(image, encoded, lambda shape: _random_window(shape, seed))
+      sample = _random_window if crop == "inception" else _random_resized_window
+      image = _decode_crop(image, encoded, lambda shape: sample(shape, seed))
     else:
       image = _decode_crop(image, encoded,
                            lambda shape: _centre_window(shape, crop_fraction))
