@@ -9,7 +9,7 @@ unread.
 
 from absl import flags
 
-from resnet_dist import data, losses, models, optim
+from resnet_dist import data, losses, models, optim, preemption
 from resnet_dist.data import augment, preprocess
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
@@ -220,7 +220,7 @@ flags.DEFINE_integer("keep_checkpoints", _default("keep_checkpoints"),
                      "Checkpoints kept.", lower_bound=1)
 flags.DEFINE_string("gce_metadata", _default("gce_metadata"),
                     "The GCE metadata server's computeMetadata/v1 URL (on GCE and TPU VMs: "
-                    "http://metadata.google.internal/computeMetadata/v1): a preemption or "
+                    f"{preemption.METADATA_URL}): a preemption or "
                     "maintenance notice there, or a host's in model_dir/notices, stops the "
                     "run after a step, saved (exit 75). Empty: not watched.")
 

@@ -4,8 +4,9 @@
 
 The image's TensorFlow for TPUs, and everything already installed beside it
 (its Keras, TensorBoard, protobuf, grpcio), stays: requirements.txt's pins
-are installed only for what the image lacks, with every installed version as
-a pip constraint, so pip can add packages but never replace one. What cannot
+are installed only for what the image lacks (never TensorFlow, Keras or
+TensorBoard, which come with the image's TensorFlow), with every installed
+version as a pip constraint, so pip can add packages but never replace one. What cannot
 be satisfied so (the image's TensorFlow too old, a conflict pip finds) is one
 line on stderr and status 3, before any training starts.
 
@@ -21,6 +22,9 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_TENSORFLOW = (2, 16)     # Keras 3
+# Never installed from requirements.txt: the image's TensorFlow (whatever its
+# distribution's name, tensorflow-tpu on some images) brings its own.
+IMAGE_OWNS = {"tensorflow", "keras", "tensorboard"}
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
@@ -36,12 +40,13 @@ def installed_versions():
 
 def plan(requirement_lines, installed):
   """(requirements to install, constraints): the requirement lines whose
-  package is not installed, and every installed package pinned where it is."""
+  package is not installed (nor TensorFlow's own), and every installed
+  package pinned where it is."""
   wanted = []
   for line in requirement_lines:
     line = line.split("#", 1)[0].strip()
     match = _NAME.match(line)
-    if match and canonical(match.group(1)) not in installed:
+    if match and canonical(match.group(1)) not in installed.keys() | IMAGE_OWNS:
       wanted.append(line)
   constraints = [f"{name}=={version}" for name, version in sorted(installed.items())]
   return wanted, constraints

@@ -222,8 +222,9 @@ metadata="http://metadata.google.internal/computeMetadata/v1"
 train_command="$train_env python3 -m launch.train --strategy=tpu $tpu_flags --data_dir=$data_dir --model_dir=$model_dir --gce_metadata=$metadata$quoted_flags"
 # On a pod slice the loss of any host ends the run: a relay on every host
 # leaves its notice in model_dir/notices, where worker 0's run finds it. It
-# must not open the host's chips (the slice's runtime serves them).
-relay_command="pkill -f launch.notices; cd resnet_dist && TPU_LOAD_LIBRARY=0 nohup setsid python3 -m launch.notices --model_dir=$model_dir --gce_metadata=$metadata > ~/resnet_dist-notices.log 2>&1 < /dev/null &"
+# must not open the host's chips (the slice's runtime serves them). A relay
+# of an earlier run is stopped first ("[l]" keeps pkill off this command's own shell).
+relay_command="pkill -f '[l]aunch.notices'; cd resnet_dist && TPU_LOAD_LIBRARY=0 nohup setsid python3 -m launch.notices --model_dir=$model_dir --gce_metadata=$metadata > ~/resnet_dist-notices.log 2>&1 < /dev/null &"
 
 spot_flag=()
 if ((spot)); then

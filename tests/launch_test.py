@@ -231,7 +231,7 @@ class TpuVmTest(absltest.TestCase):
     self.assertNotIn("NEXT_PLUGGABLE_DEVICE", start)  # the slice's runtime serves the chips
     # A relay on every host, before the run: any host's notice reaches worker 0.
     self.assertRegex(lines[4].replace("\\", ""), r"--worker=all --command=pkill -f "
-                     r"launch.notices; .*TPU_LOAD_LIBRARY=0 nohup setsid python3 -m "
+                     r"'\[l\]aunch.notices'; .*TPU_LOAD_LIBRARY=0 nohup setsid python3 -m "
                      r"launch.notices --model_dir=gs://b/runs/r50 --gce_metadata=http://")
     self.assertIn(" delete r50 ", lines[7])
 
@@ -250,13 +250,14 @@ class TpuVmTest(absltest.TestCase):
       self.assertIn(f"{env} python3 -m launch.train", start.replace("\\", ""))
 
   def test_the_install_keeps_what_the_image_has_and_only_adds(self):
-    image = {"tensorflow": "2.18.0", "keras": "3.6.0", "protobuf": "4.25.3",
+    # TensorFlow under another distribution name, as on some TPU images.
+    image = {"tensorflow-tpu": "2.18.0", "keras": "3.6.0", "protobuf": "4.25.3",
              "tensorboard": "2.18.0", "absl-py": "2.1.0"}
     wanted, constraints = tpu_install.plan(
         ["# pins", "tensorflow==2.21.0", "keras==3.15.1", "tensorboard==2.21.0",
          "protobuf>=6.31.1,<8", "Absl_Py==2.5.1", "safetensors==0.8.0  # weights", ""], image)
     self.assertEqual(wanted, ["safetensors==0.8.0"])
-    self.assertIn("tensorflow==2.18.0", constraints)
+    self.assertIn("tensorflow-tpu==2.18.0", constraints)
     self.assertLen(constraints, len(image))
     # This venv has every pin already: nothing to add, nothing replaced.
     result = subprocess.run([sys.executable, os.path.join(launching.ROOT, "launch", "tpu_install.py"),
