@@ -192,6 +192,39 @@ class BadImagesTest(absltest.TestCase):
                   data.eval_dataset_fn(self.source, "validation", config)(context(1, 0, 1)))
     self.assertEqual(counted, 8)  # the eval weights: 8 good examples of 10
 
+  def test_out_of_order_a_jpeg_corrupt_inside_drops_its_batch_alone(self):
+    # The decoding map is fused with its batch, so the decoder's rejection
+    # fails the batch: it is dropped, the others train, and what was found
+    # before decoding (the truncated image) is still counted.
+    config = data.InputSpec(4, 32, shuffle_buffer=1)
+    batches = list(data.train_dataset_fn(self.source, "train", config)(
+        context(1, 0, 1)).take(8))
+    labels = np.concatenate([b[1].numpy() for b in batches])
+    self.assertEqual(labels.shape, (32,))
+    self.assertNotIn(3, labels)
+    self.assertNotIn(6, labels)
+    self.assertEqual(set(labels), {0, 1, 2, 4, 5, 7, 8, 9})
+    self.assertGreaterEqual(sum(int(tf.reduce_sum(b[2])) for b in batches), 2)
+
+  def test_the_decoding_map_is_followed_by_its_batch_alone(self):
+    """tf.data fuses a map followed directly by a batch, copying each image
+    into its batch while it is in cache: out of order, nothing may stand
+    between the two (docs/benchmarks.md: a tenth of the input's CPU)."""
+    def stages(deterministic):
+      ds = data.train_dataset_fn(self.source, "train", data.InputSpec(
+          4, 32, deterministic=deterministic))(context(1, 0, 1))
+      names = []
+      while hasattr(ds, "_input_dataset"):
+        names.append(type(ds).__name__)
+        ds = ds._input_dataset  # pylint: disable=protected-access
+      return names
+
+    unordered = stages(False)
+    batch = unordered.index("_BatchDataset")
+    self.assertEqual(unordered[batch + 1], "_ParallelMapDataset", unordered)
+    ordered = stages(True)  # in order, each rejection is skipped alone and counted
+    self.assertNotEqual(ordered[ordered.index("_BatchDataset") + 1], "_ParallelMapDataset")
+
   def test_unusable_images_are_counted_on_the_next_example_across_groups(self):
     """An image found unusable before decoding (empty, cut short, not an image)
     is dropped in its group and counted on the next example kept, also when

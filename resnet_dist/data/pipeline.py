@@ -31,7 +31,8 @@ Bad images: an image found unusable before decoding (empty, cut short, not
 an image, a corrupt record, one that is no Example or lacks a feature) and
 one the decoder rejects are skipped and counted (the third element of every
 training batch is the number of records skipped just before each example;
-out of order, the decoder's rejections go uncounted: _loaded), or, with
+out of order, an image the decoder rejects drops its batch, uncounted:
+_decoded_batches), or, with
 strict, stop the run naming the record or file. A label outside
 0..num_classes-1 always stops the run.
 
@@ -242,10 +243,12 @@ def _parsed_group(split, strict, numbers, keyed):
   record, one that is no Example and one that lacks a feature unusable."""
   keys, (records, where) = keyed
   example = records_lib.looks_like_examples(records)
-  # Those that are no Example are parsed as a stand-in, one that is.
+  # Those that are no Example are parsed as a stand-in, one that is. Every
+  # record is copied in the swap: a group of sound records is not swapped.
   template = records[tf.argmax(tf.cast(example, tf.int32))]
   parse = split.parse_group or functools.partial(_parse_vectorized, split.parse)
-  images, labels, missing = parse(tf.where(example, records, template))
+  images, labels, missing = parse(_unless_all(
+      example, records, lambda: tf.where(example, records, template)))
   reasons = tf.where(
       records == records_lib.CORRUPT, records_lib.BAD_RECORD,
       tf.where(~example, records_lib.NOT_AN_EXAMPLE,
@@ -272,7 +275,14 @@ def _kept(strict, numbers, examples, reasons):
     with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(usable),
                                                       [reasons[first]] + named)]):
       usable = tf.identity(usable)
-  return tf.nest.map_structure(lambda t: tf.boolean_mask(t, usable), (numbers, examples))
+  return _unless_all(usable, (numbers, examples), lambda: tf.nest.map_structure(
+      lambda t: tf.boolean_mask(t, usable), (numbers, examples)))
+
+
+def _unless_all(flags, unchanged, changed):
+  """unchanged where every flag is true, else changed(): the group's images are
+  copied by a swap or a mask, which all but a few groups do not need."""
+  return tf.cond(tf.reduce_all(flags), lambda: unchanged, changed)
 
 
 def _with_skips(previous, group):
@@ -306,22 +316,39 @@ def _preprocessor(fetch, source, split, spec, training):
 
 
 def _loaded(ds, fetch, source, split, spec, training):
-  """(number, (image, label, where, skipped)) of every example, decoded in
-  parallel: numbered before decoding when in order (evaluation, or
-  --deterministic), so an image the decoder itself rejects (complete-looking,
-  corrupt inside) leaves a gap, and after decoding otherwise. Such an image
-  is an error: dropped outside strict mode."""
+  """(number, (image, label, where, skipped)) of every example in order,
+  decoded in parallel and numbered before decoding, so an image the decoder
+  itself rejects (complete-looking, corrupt inside) leaves a gap in the
+  numbers. Such an image is an error: dropped outside strict mode."""
   load = _preprocessor(fetch, source, split, spec, training)
   if split.encoded:
     ds = _usable(ds, fetch, split, spec)
-  in_order = spec.deterministic or not training
-  if in_order:
-    ds = ds.enumerate().map(lambda number, element: (number, load(*_as_tuple(element))),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  else:
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-  ds = ds.ignore_errors() if _skips_errors(split, spec) else ds
-  return ds if in_order else ds.enumerate()
+  ds = ds.enumerate().map(lambda number, element: (number, load(*_as_tuple(element))),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.ignore_errors() if _skips_errors(split, spec) else ds
+
+
+def _decoded_batches(ds, fetch, source, split, spec, batch_size):
+  """Batches of (image, label, where, skipped), each example decoded as soon
+  as it can be and its batch filled as examples are ready (training out of
+  order).
+
+  The decoding map is followed by the batch alone, which tf.data fuses into
+  one op that copies each image into its batch as soon as it is made, while
+  it is still in the core's cache; anything between the two (the skipping of
+  one failed example included) leaves every image to be copied later by one
+  thread, from memory, and costs about a tenth of the input's CPU
+  (docs/benchmarks.md). So a batch holding an image the decoder rejects
+  (complete-looking, corrupt inside) is dropped whole, uncounted, outside
+  strict mode: the images found unusable before decoding, by far the usual
+  ones, are still dropped alone and counted (_usable).
+  """
+  load = _preprocessor(fetch, source, split, spec, training=True)
+  if split.encoded:
+    ds = _usable(ds, fetch, split, spec)
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.ignore_errors() if _skips_errors(split, spec) else ds
 
 
 def _label_check(labels, where, num_classes):
@@ -333,22 +360,34 @@ def _label_check(labels, where, num_classes):
                              [BAD_LABEL, labels[first_bad]] + _describe(bad_where))
 
 
+def _checked(num_classes, images, labels, where, skipped):
+  """A training batch as the replicas take it, (images, labels, skipped),
+  once its labels are checked."""
+  with tf.control_dependencies([_label_check(labels, where, num_classes)]):
+    return tf.identity(images), labels, tf.cast(skipped, tf.int32)
+
+
+def _with_rejections(previous, batch):
+  """scan() over in-order batches of _loaded: each example's skipped count
+  with the images the decoder rejected just before it (the gaps in the numbers)."""
+  numbers, (images, labels, where, skipped) = batch
+  rejected = numbers - tf.concat([[previous], numbers[:-1]], 0) - 1
+  return numbers[-1], (images, labels, where, skipped + rejected)
+
+
 def _train_batches(ds, fetch, source, split, spec, per_replica_batch):
   """(images, labels, skipped) of a dataset of elements for fetch: skipped
-  counts the records skipped (undecodable) just before each example.
-
-  Out of order the images the decoder rejects go uncounted (_loaded).
-  """
-  ds = _loaded(ds, fetch, source, split, spec, training=True)
-
-  def check(previous, batch):
-    numbers, (images, labels, where, skipped) = batch
-    with tf.control_dependencies([_label_check(labels, where, source.num_classes)]):
-      rejected = numbers - tf.concat([[previous], numbers[:-1]], 0) - 1  # by the decoder
-      return numbers[-1], (tf.identity(images), labels, tf.cast(skipped + rejected, tf.int32))
-
-  ds = ds.batch(per_replica_batch, drop_remainder=True)
-  return _finish(ds.scan(tf.constant(-1, tf.int64), check), spec.deterministic, spec.slack)
+  counts the records skipped (undecodable) just before each example. In
+  order (--deterministic) every skipped record is counted; out of order, not
+  the batches dropped for an image the decoder rejects (_decoded_batches)."""
+  if spec.deterministic:
+    ds = _loaded(ds, fetch, source, split, spec, training=True)
+    ds = ds.batch(per_replica_batch, drop_remainder=True).scan(
+        tf.constant(-1, tf.int64), _with_rejections)
+  else:
+    ds = _decoded_batches(ds, fetch, source, split, spec, per_replica_batch)
+  ds = ds.map(functools.partial(_checked, source.num_classes))
+  return _finish(ds, spec.deterministic, spec.slack)
 
 
 def _eval_batches(ds, fetch, source, split, spec, num_examples, per_replica_batch):
@@ -617,15 +656,13 @@ def _service_train(source, split, spec, start_step, context):
     ds, fetch = _service_records(split, spec, start, context), None
   else:
     ds, fetch = _service_indexed(split, spec, start, context), _indexed_fetch(split)
-  ds = _loaded(ds, fetch, source, split, spec, training=True)
+  ds = _decoded_batches(ds, fetch, source, split, spec, per_replica)
 
-  def check(numbers, example):
-    del numbers  # in the order the service's workers deliver: not a count of skips
-    images, labels, where, _ = example
-    with tf.control_dependencies([_label_check(labels, where, source.num_classes)]):
-      return tf.identity(images), labels, tf.zeros_like(labels, tf.int32)
+  def check(images, labels, where, skipped):
+    # Each worker sees only its own slots: its skips are no count of the run's.
+    return _checked(source.num_classes, images, labels, where, tf.zeros_like(skipped))
 
-  ds = ds.batch(per_replica, drop_remainder=True).map(check).prefetch(tf.data.AUTOTUNE)
+  ds = ds.map(check).prefetch(tf.data.AUTOTUNE)
   service = tf.data.experimental.service
   ds = ds.apply(service.distribute(
       processing_mode=service.ShardingPolicy.DYNAMIC, service=f"grpc://{spec.data_service}",
