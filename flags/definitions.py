@@ -10,7 +10,7 @@ unread.
 from absl import flags
 
 from resnet_dist import data, losses, models, optim, preemption
-from resnet_dist.data import augment, preprocess
+from resnet_dist.data import augment, mixing, preprocess
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist import config as config_lib
@@ -183,13 +183,22 @@ flags.DEFINE_integer("randaugment_magnitude", _default("randaugment_magnitude"),
                      f"randaugment: the magnitude bin of every op, 0..{augment.BINS - 1}.",
                      lower_bound=0, upper_bound=augment.BINS - 1)
 flags.DEFINE_float("random_erasing", _default("random_erasing"),
-                   "Probability of erasing a random box of each image (after normalising) "
-                   "with noise.", lower_bound=0, upper_bound=1)
+                   "Probability of erasing a random box of each image (after normalising), "
+                   "filled as --random_erasing_fill says.", lower_bound=0, upper_bound=1)
+flags.DEFINE_enum("random_erasing_fill", _default("random_erasing_fill"),
+                  list(mixing.ERASING_FILLS), "What an erased box holds: noise, N(0, 1) per "
+                  "pixel (timm's); zero, the mean colour (torchvision's presets).")
 flags.DEFINE_enum("crop", _default("crop"), ["", *preprocess.CROPS],
                   "Training's crop; empty: the dataset's (inception above 64 pixels, "
                   "pad_crop_flip at 64 or less). inception: MLPerf's and Model Garden's "
                   "sampler (at least 10% of the image covered); random_resized: "
                   "torchvision's RandomResizedCrop, which timm uses too.")
+flags.DEFINE_enum("interpolation", _default("interpolation"), list(preprocess.INTERPOLATIONS),
+                  "How every resize samples, in training and evaluation, and the geometric "
+                  "ops of --augment (nearest, or bilinear for bilinear and bicubic).")
+flags.DEFINE_bool("antialias", _default("antialias"),
+                  "Antialias every shrink, as PIL and torchvision do (their recipes and "
+                  "weights expect it); it costs about as much input CPU as decoding.")
 flags.DEFINE_integer("eval_image_size", _default("eval_image_size"),
                      "Evaluation image size; 0: --image_size.", lower_bound=0)
 flags.DEFINE_integer("eval_resize_size", _default("eval_resize_size"),

@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 # What run.json knows about the run; a flag given on the command line wins.
 FROM_RUN = ("model", "resnet_variant", "image_size", "dataset", "data_dir", "num_classes",
-            "eval_image_size", "eval_resize_size")
+            "eval_image_size", "eval_resize_size", "interpolation", "antialias")
 
 
 @exits.prompt

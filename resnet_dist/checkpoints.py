@@ -202,7 +202,9 @@ def write_run_record(model_dir, config, source):
   with tf.io.gfile.GFile(path, "w") as f:
     json.dump({**_model_identity(config, source), "image_size": data.image_size,
                "dataset": data.dataset, "data_dir": data.data_dir,
-               "crop": source.crop, "mean": list(source.mean), "std": list(source.std),
+               "crop": source.crop, "interpolation": data.interpolation,
+               "antialias": data.antialias,
+               "mean": list(source.mean), "std": list(source.std),
                "global_batch_size": config.schedule.global_batch_size,
                "eval_image_size": data.eval_size, "eval_resize_size": data.eval_resize_size,
                "eval_crop_fraction": data.eval_crop_fraction, "config": config.to_dict()},

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 from resnet_dist import losses, models, optim
 from resnet_dist.data import augment as augment_lib
-from resnet_dist.data import preprocess, service
+from resnet_dist.data import mixing, preprocess, service
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.errors import ConfigError
@@ -76,6 +76,8 @@ class DataConfig:
   num_classes: int = 1000           # synthetic and imagenet; others know theirs
   shuffle_buffer: int = 10000       # records; TFRecord datasets
   crop: str = ""                    # a preprocess.CROPS entry; "": the dataset's own
+  interpolation: str = "bilinear"   # a preprocess.INTERPOLATIONS entry: resizes, augment geometry
+  antialias: bool = False           # shrink as PIL and torchvision (the recipes' choice)
   cache_data: bool = False
   strict_data: bool = False
   data_service: str = ""            # HOST:PORT of a tf.data service dispatcher; "": local input
@@ -116,6 +118,7 @@ class DataConfig:
   def validate(self):
     if self.crop:
       _check_choice("crop", self.crop, preprocess.CROPS)
+    _check_choice("interpolation", self.interpolation, preprocess.INTERPOLATIONS)
     for flag, size in (("image_size", self.image_size), ("eval_image_size", self.eval_size)):
       _check(size >= 32, f"--{flag}={size} is below the minimum of 32")
       _check(size <= MAX_IMAGE_SIZE, f"--{flag}={size} is above the maximum of "
@@ -149,6 +152,7 @@ class AugmentConfig:
   randaugment_num_ops: int = 2
   randaugment_magnitude: int = 9    # of 31 bins, as torchvision's RandAugment
   random_erasing: float = 0.0       # probability per image
+  random_erasing_fill: str = "noise"  # a mixing.ERASING_FILLS entry
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
 
@@ -162,6 +166,7 @@ class AugmentConfig:
            "--mixup_alpha and --cutmix_alpha must be >= 0")
     _check(0 <= self.random_erasing <= 1,
            f"--random_erasing={self.random_erasing} must be a probability")
+    _check_choice("random_erasing_fill", self.random_erasing_fill, mixing.ERASING_FILLS)
     _check(1 <= self.randaugment_num_ops and 0 <= self.randaugment_magnitude < augment_lib.BINS,
            f"--randaugment_num_ops must be >= 1 and --randaugment_magnitude in "
            f"0..{augment_lib.BINS - 1}")

@@ -21,20 +21,25 @@ class Classifier(tf.Module):
   """The model behind the run's evaluation preprocessing."""
 
   def __init__(self, model, image_size, crop, mean, std,
-               crop_fraction=preprocess.EVAL_CROP_FRACTION, of_ema=False):
+               crop_fraction=preprocess.EVAL_CROP_FRACTION, interpolation="bilinear",
+               antialias=False, of_ema=False):
     super().__init__(name="classifier")
     self.model = model
     self.image_size = image_size
     self.crop = crop
     self.mean, self.std = tuple(mean), tuple(std)
     self.crop_fraction = crop_fraction
+    self.interpolation = interpolation
+    self.antialias = antialias
     self.of_ema = of_ema
 
   def _classify(self, images, encoded):
     def one(image):
       return preprocess.preprocess(image, self.crop, self.image_size, training=False,
                                    seed=tf.zeros([2], tf.int64), encoded=encoded,
-                                   crop_fraction=self.crop_fraction)
+                                   crop_fraction=self.crop_fraction,
+                                   interpolation=self.interpolation,
+                                   antialias=self.antialias)
     batch = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(
         [self.image_size, self.image_size, 3], tf.uint8))
     logits = self.model(preprocess.normalize(batch, self.mean, self.std, tf.float32),
@@ -66,7 +71,8 @@ def load_classifier(model_dir, checkpoint_path=None, use_ema=True):
   crop = run.get("crop") or run["augment"]
   return Classifier(model, size, crop, mean=run["mean"], std=run["std"],
                     crop_fraction=run.get("eval_crop_fraction", preprocess.EVAL_CROP_FRACTION),
-                    of_ema=of_ema), path
+                    interpolation=run.get("interpolation", "bilinear"),
+                    antialias=run.get("antialias", False), of_ema=of_ema), path
 
 
 def default_dir(model_dir, checkpoint_path, of_ema):

@@ -76,7 +76,8 @@ def input_spec(config):
       seed=config.schedule.seed, shuffle_buffer=d.shuffle_buffer, strict=d.strict_data,
       augment=config.augment if config.augment.policy != "none" else None,
       crop_fraction=d.eval_crop_fraction, data_service=d.data_service,
-      deterministic=config.schedule.deterministic, crop=d.crop)
+      deterministic=config.schedule.deterministic, crop=d.crop, interpolation=d.interpolation,
+      antialias=d.antialias)
 
 
 def eval_input(config, spec):

@@ -188,7 +188,7 @@ class Trainer:
     options = self.config.augment
     if options.random_erasing:
       images = mixing.random_erasing(images, self._step_seed(micro, _ERASE_SALT),
-                                     options.random_erasing)
+                                     options.random_erasing, options.random_erasing_fill)
     if options.mixes:
       images, targets = mixing.mix(images, targets, self._step_seed(micro, _MIX_SALT),
                                    mixup_alpha=options.mixup_alpha,

@@ -216,6 +216,87 @@ class RandomResizedCropTest(absltest.TestCase):
     np.testing.assert_array_equal(self.windows(1000, 12, 1), [[492, 0, 16, 12]])
 
 
+def resampled(image, size, kernel, support):
+  """PIL's resampling, in float64 (PIL itself rounds its weights to 22 bits):
+  rows, then columns; output pixel i centred at (i + 1/2) * scale on the
+  input, the kernel stretched by the scale when shrinking, every input pixel
+  within reach weighted by it, the weights normalised."""
+  def along(pixels, out):
+    n = pixels.shape[0]
+    scale = n / out
+    stretch = max(scale, 1.0)
+    result = np.zeros((out,) + pixels.shape[1:])
+    for i in range(out):
+      centre = (i + 0.5) * scale
+      lo = max(int(np.floor(centre - support * stretch + 0.5)), 0)
+      hi = min(int(np.floor(centre + support * stretch + 0.5)), n)
+      weights = np.array([kernel((j + 0.5 - centre) / stretch) for j in range(lo, hi)])
+      result[i] = np.tensordot(weights / weights.sum(), pixels[lo:hi], axes=1)
+    return result
+  rows = along(image.astype(np.float64), size)
+  return along(rows.transpose(1, 0, 2), size).transpose(1, 0, 2)
+
+
+def triangle(x):
+  return max(1.0 - abs(x), 0.0)
+
+
+def keys_cubic(x, a=-0.5):
+  x = abs(x)
+  if x < 1:
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a if x < 2 else 0.0
+
+
+class ResizeTest(parameterized.TestCase):
+  """Every resize (training's crops, evaluation's, the export's) goes through
+  preprocess._resized: with --antialias, checked against PIL's algorithm
+  written in numpy; without, TensorFlow's plain resize, rounded."""
+
+  # Fine stripes two pixels wide, and a smooth ramp: aliasing shows on the
+  # first, the kernels' shapes on both.
+  STRIPES = np.tile(np.repeat(np.array([0, 255, 0, 255], np.uint8), 2)[None, :, None],
+                    (48, 6, 3))[:, :45]
+  RAMP = (np.add.outer(np.arange(45) * 5, np.arange(48) * 2)[..., None] % 256
+          * np.ones(3)).astype(np.uint8)
+
+  @parameterized.parameters(("bilinear", triangle, 1.0), ("bicubic", keys_cubic, 2.0))
+  def test_shrinking_is_antialiased_as_pil(self, interpolation, kernel, support):
+    for image in (self.STRIPES, self.RAMP):
+      ours = preprocess._resized(tf.constant(image), 16, interpolation, antialias=True).numpy()  # pylint: disable=protected-access
+      reference = np.clip(np.round(resampled(image, 16, kernel, support)), 0, 255)
+      self.assertEqual(ours.dtype, np.uint8)
+      self.assertLessEqual(np.abs(ours.astype(int) - reference).max(), 1, interpolation)
+    # Without the filter's stretch, a shrink reads a few pixels of each
+    # stripe and keeps stripes the image has no room for.
+    aliased = preprocess._resized(tf.constant(self.STRIPES), 16, interpolation).numpy()  # pylint: disable=protected-access
+    np.testing.assert_array_equal(aliased, np.clip(np.round(tf.image.resize(
+        self.STRIPES, [16, 16], method=interpolation).numpy()), 0, 255))
+    self.assertGreater(np.abs(aliased - resampled(self.STRIPES, 16, kernel, support)).max(), 20)
+
+  def test_enlarging_interpolates_and_nearest_copies(self):
+    image = self.RAMP[:8, :8]
+    for antialias in (False, True):  # the same when enlarging
+      ours = preprocess._resized(tf.constant(image), 20, "bilinear", antialias).numpy()  # pylint: disable=protected-access
+      reference = np.round(resampled(image, 20, triangle, 1.0))
+      self.assertLessEqual(np.abs(ours.astype(int) - reference).max(), 1)
+    nearest = preprocess._resized(tf.constant(image), 16, "nearest").numpy()  # pylint: disable=protected-access
+    np.testing.assert_array_equal(nearest, np.repeat(np.repeat(image, 2, 0), 2, 1))
+
+  def test_the_flag_reaches_training_and_evaluation(self):
+    jpeg = tf.io.encode_jpeg(self.STRIPES)
+    seed = tf.constant([1, 2], tf.int64)
+    for training in (False, True):
+      outputs = {interpolation: preprocess.preprocess(
+          jpeg, "inception", 32, training, seed, encoded=True,
+          interpolation=interpolation).numpy() for interpolation in preprocess.INTERPOLATIONS}
+      self.assertFalse(np.array_equal(outputs["bilinear"], outputs["bicubic"]), training)
+      self.assertFalse(np.array_equal(outputs["bilinear"], outputs["nearest"]), training)
+      antialiased = preprocess.preprocess(jpeg, "inception", 32, training, seed, encoded=True,
+                                          antialias=True).numpy()
+      self.assertFalse(np.array_equal(outputs["bilinear"], antialiased), training)
+
+
 class DecodingEdgeTest(absltest.TestCase):
 
   def test_a_one_pixel_wide_jpeg_is_an_image_at_any_size(self):

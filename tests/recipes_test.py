@@ -104,6 +104,24 @@ class AugmentOpsTest(parameterized.TestCase):
     np.testing.assert_array_equal(augment.invert(IMAGE), 255 - image)
     np.testing.assert_array_equal(augment.invert(augment.invert(IMAGE)), IMAGE)
 
+  def test_shears_are_about_the_corner_and_sample_as_asked(self):
+    """torchvision shears about the image's corner, half a pixel before the
+    first pixel's centre: with pixel centres at whole coordinates, output
+    (x, y) samples the input at (x + m y + m / 2, y)."""
+    image = IMAGE.numpy().astype(np.float64)
+    # Row 0, m = 1.2: the input at x + 0.6, nearest x + 1 (about the first
+    # pixel's centre it would be x itself).
+    np.testing.assert_array_equal(augment.shear_x(IMAGE, tf.constant(1.2))[0, :10],
+                                  IMAGE[0, 1:11])
+    # Bilinear: row 1, m = 0.25: the input at x + 0.375, between x and x + 1.
+    sheared = augment.shear_x(IMAGE, tf.constant(0.25), "bilinear").numpy()
+    expected = 0.625 * image[1, :20] + 0.375 * image[1, 1:21]
+    self.assertLessEqual(np.abs(sheared[1, :20] - expected).max(), 1.0)
+    for interpolation in ("bilinear", "bicubic"):  # the transform op has no bicubic
+      np.testing.assert_array_equal(
+          augment.apply_op(IMAGE, tf.constant(augment.OPS.index("shear_x")),
+                           tf.constant(0.25), interpolation), sheared)
+
   def test_the_blends_and_the_y_ops_match_their_definitions(self):
     """color, contrast and sharpness against torchvision's formulas written
     in numpy; shear_y and translate_y as shear_x and translate_x of the
@@ -152,7 +170,7 @@ class AugmentOpsTest(parameterized.TestCase):
                              lambda shape, seed: tf.zeros(shape)), \
            mock.patch.object(augment, "_signed",
                              lambda table, signs, op, level, sign_seed: tf.abs(table[op, level])):
-        got = augment.autoaugment(IMAGE, seed, AugmentConfig(policy="autoaugment"))
+        got = augment.autoaugment(IMAGE, seed, AugmentConfig(policy="autoaugment"), "nearest")
       np.testing.assert_array_equal(got, expected, err_msg=str(sub_policy))
 
   @parameterized.parameters("trivialaugment_wide", "randaugment", "autoaugment")
@@ -220,6 +238,11 @@ class MixingTest(absltest.TestCase):
     self.assertGreater(boxes, 12)
     untouched = mixing.random_erasing(images, tf.constant([7, 1], tf.int64), 0.0)
     np.testing.assert_array_equal(untouched, images)
+    # Filled with zeros (torchvision's value=0) instead: the same boxes, nothing in them.
+    ones = tf.ones([16, 32, 32, 3])
+    zeroed = mixing.random_erasing(ones, tf.constant([7, 1], tf.int64), 1.0, "zero").numpy()
+    np.testing.assert_array_equal(zeroed == 0, np.broadcast_to(
+        np.any(erased != 0, axis=-1, keepdims=True), zeroed.shape))
 
   def test_beta_draws_have_the_mean_and_variance_of_beta(self):
     for alpha in (0.2, 1.0):

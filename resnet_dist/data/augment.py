@@ -10,13 +10,16 @@
                        (AutoAugment, Cubuk et al. 2019)
 
 The ops, their magnitude ranges and what each does at a magnitude follow
-torchvision.transforms (autoaugment.py and the tensor functional ops): nearest
-sampling with black fill for the geometric ops, blends clamped to 0..255 and
-truncated, a random sign for the signed ops. They run in the input pipeline,
+torchvision.transforms (autoaugment.py and the tensor functional ops): the
+geometric ops sample nearest (torchvision's default) or bilinear (the run's
+--interpolation; bicubic samples bilinear here, the only other mode of the
+transform op) with black fill, shears about the image's corner; blends
+clamped to 0..255 and truncated, a random sign for the signed ops. They run in the input pipeline,
 per example, after the crop and flip and at the model's size; every choice is
 stateless, drawn from the example's seed, so resuming replays them exactly.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -30,6 +33,7 @@ OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate",
        "autocontrast", "equalize", "invert")
 # TrivialAugment-wide and RandAugment draw from every op but invert.
 DRAWN = OPS[:-1]
+GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 
 # ImageNet's AutoAugment policy (the paper's appendix, in torchvision's order):
 # 25 sub-policies of two (op, probability, magnitude bin or None).
@@ -87,22 +91,28 @@ def magnitudes(policy, bins, size):
 
 # --- The ops: uint8 [H, W, 3] and a float32 magnitude -> uint8 [H, W, 3] ------
 
-def _transform(image, matrix):
-  """Samples image at the input point matrix maps each output pixel (x, y) to:
-  x_in = a0 x + a1 y + a2, y_in = b0 x + b1 y + b2. Nearest, black outside."""
+def _transform(image, matrix, interpolation):
+  """Samples image at the input point matrix maps each output pixel (x, y) to
+  (pixel centres at whole coordinates): x_in = a0 x + a1 y + a2, y_in = b0 x
+  + b1 y + b2. Nearest, or bilinear (for bilinear and bicubic), black outside."""
   transform = tf.concat([tf.cast(tf.stack(matrix), tf.float32), tf.zeros([2])], 0)
   out = tf.raw_ops.ImageProjectiveTransformV3(
       images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
-      fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+      fill_value=0.0, interpolation="NEAREST" if interpolation == "nearest" else "BILINEAR",
+      fill_mode="CONSTANT")
   return out[0]
 
 
-def shear_x(image, m):
-  return _transform(image, [1.0, m, 0.0, 0.0, 1.0, 0.0])
+# The shears are about the image's top-left corner, as torchvision's
+# (center=[0, 0] there is the corner, half a pixel before the first centre):
+# x_in + 1/2 = (x + 1/2) + m (y + 1/2).
+
+def shear_x(image, m, interpolation="nearest"):
+  return _transform(image, [1.0, m, m / 2, 0.0, 1.0, 0.0], interpolation)
 
 
-def shear_y(image, m):
-  return _transform(image, [1.0, 0.0, 0.0, m, 1.0, 0.0])
+def shear_y(image, m, interpolation="nearest"):
+  return _transform(image, [1.0, 0.0, 0.0, m, 1.0, m / 2], interpolation)
 
 
 def _pixels(m):
@@ -110,20 +120,21 @@ def _pixels(m):
   return tf.sign(m) * tf.floor(tf.abs(m))
 
 
-def translate_x(image, m):
-  return _transform(image, [1.0, 0.0, -_pixels(m), 0.0, 1.0, 0.0])
+def translate_x(image, m, interpolation="nearest"):
+  return _transform(image, [1.0, 0.0, -_pixels(m), 0.0, 1.0, 0.0], interpolation)
 
 
-def translate_y(image, m):
-  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -_pixels(m)])
+def translate_y(image, m, interpolation="nearest"):
+  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -_pixels(m)], interpolation)
 
 
-def rotate(image, degrees):
+def rotate(image, degrees, interpolation="nearest"):
   """Counter-clockwise about the image's centre."""
   h, w = (tf.cast(d, tf.float32) for d in tf.unstack(tf.shape(image)[:2]))
   cx, cy = (w - 1) / 2, (h - 1) / 2
   c, s = tf.cos(degrees * math.pi / 180), tf.sin(degrees * math.pi / 180)
-  return _transform(image, [c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy])
+  return _transform(image, [c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy],
+                    interpolation)
 
 
 def _blend(image, other, factor):
@@ -211,9 +222,11 @@ def identity(image, _=None):
   return image
 
 
-def apply_op(image, op, magnitude):
-  """OPS[op] (an int32 tensor) at magnitude, on one uint8 [H, W, 3] image."""
-  functions = [globals()[name] for name in OPS]
+def apply_op(image, op, magnitude, interpolation="nearest"):
+  """OPS[op] (an int32 tensor) at magnitude, on one uint8 [H, W, 3] image;
+  the geometric ops sample by interpolation."""
+  functions = [functools.partial(globals()[name], interpolation=interpolation)
+               if name in GEOMETRIC else globals()[name] for name in OPS]
   shape = image.shape
   out = tf.switch_case(op, [lambda f=f: f(image, magnitude) for f in functions])
   return tf.ensure_shape(out, shape)
@@ -232,30 +245,31 @@ def _signed(table, signs, op, level, sign_seed):
   return tf.where(flip, -value, value)
 
 
-def none(image, seed, options):
-  del seed, options
+def none(image, seed, options, interpolation):
+  del seed, options, interpolation
   return image
 
 
-def trivialaugment_wide(image, seed, options):
+def trivialaugment_wide(image, seed, options, interpolation):
   del options
   table, signs = magnitudes("trivialaugment_wide", BINS, image.shape[0])
   op = _draw(seed, [], len(DRAWN))
-  return apply_op(image, op, _signed(table, signs, op, _draw(seed + 1, [], BINS), seed + 2))
+  return apply_op(image, op, _signed(table, signs, op, _draw(seed + 1, [], BINS), seed + 2),
+                  interpolation)
 
 
-def randaugment(image, seed, options):
+def randaugment(image, seed, options, interpolation):
   """options.randaugment_num_ops ops, each at bin options.randaugment_magnitude."""
   table, signs = magnitudes("randaugment", BINS, image.shape[0])
   for i in range(options.randaugment_num_ops):
     op_seed = seed + 3 * i
     op = _draw(op_seed, [], len(DRAWN))
     image = apply_op(image, op, _signed(table, signs, op, options.randaugment_magnitude,
-                                        op_seed + 1))
+                                        op_seed + 1), interpolation)
   return image
 
 
-def autoaugment(image, seed, options):
+def autoaugment(image, seed, options, interpolation):
   del options
   table, signs = magnitudes("autoaugment", AUTOAUGMENT_BINS, image.shape[0])
   ops = tf.constant([[OPS.index(op) for op, _, _ in sub] for sub in IMAGENET_POLICY])
@@ -266,20 +280,23 @@ def autoaugment(image, seed, options):
   for i in range(2):
     applies = draws[i] <= probabilities[chosen, i]
     op = tf.where(applies, ops[chosen, i], OPS.index("identity"))
-    image = apply_op(image, op, _signed(table, signs, op, levels[chosen, i], seed + 2 + i))
+    image = apply_op(image, op, _signed(table, signs, op, levels[chosen, i], seed + 2 + i),
+                     interpolation)
   return image
 
 
-# The policy table (--augment): name -> policy(image, seed, options), where
-# options is the run's config.AugmentConfig (a policy's parameters live there).
+# The policy table (--augment): name -> policy(image, seed, options,
+# interpolation), where options is the run's config.AugmentConfig (a policy's
+# parameters live there) and interpolation its --interpolation.
 POLICIES = {"none": none, "trivialaugment_wide": trivialaugment_wide,
             "randaugment": randaugment, "autoaugment": autoaugment}
 
 
-def augment(image, options, seed):
+def augment(image, options, seed, interpolation="nearest"):
   """image: uint8 [size, size, 3]; options: a config.AugmentConfig, whose
-  policy names the POLICIES entry; seed: int64 [2], this example's."""
+  policy names the POLICIES entry; seed: int64 [2], this example's;
+  interpolation: how the geometric ops sample (preprocess.INTERPOLATIONS)."""
   if options.policy not in POLICIES:
     raise ValueError(f"unknown augmentation policy {options.policy!r}; choose from "
                      f"{', '.join(POLICIES)}")
-  return POLICIES[options.policy](image, seed, options)
+  return POLICIES[options.policy](image, seed, options, interpolation)

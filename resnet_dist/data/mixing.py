@@ -27,8 +27,14 @@ def _box_mask(height, width, top, left, box_height, box_width):
   return inside_rows[..., :, None] & inside_cols[..., None, :]
 
 
-def random_erasing(images, seed, probability):
-  """Each image, with `probability`, gets one box replaced by N(0, 1) noise:
+# What an erased box holds (after normalising): N(0, 1) noise per pixel, as
+# timm's RandomErasing (mode "pixel"), or zeros, as torchvision's presets
+# (value=0: the mean colour).
+ERASING_FILLS = ("noise", "zero")
+
+
+def random_erasing(images, seed, probability, fill="noise"):
+  """Each image, with `probability`, gets one box replaced by `fill`:
   area 2%..33% of the image, aspect ratio 0.3..3.3 (log-uniform); the first of
   ERASE_ATTEMPTS draws that fits in the image."""
   batch, height, width, channels = images.shape
@@ -48,6 +54,8 @@ def random_erasing(images, seed, probability):
   left = tf.cast(place[:, 1] * tf.cast(width - box_width + 1, tf.float32), tf.int32)
   erased = (_box_mask(height, width, top, left, box_height, box_width)
             & (erase & tf.reduce_any(fits, axis=1))[:, None, None])
+  if fill == "zero":
+    return tf.where(erased[..., None], tf.zeros_like(images), images)
   noise = tf.random.stateless_normal([batch, height, width, channels], seed + 4,
                                      dtype=images.dtype)
   return tf.where(erased[..., None], noise, images)

@@ -84,6 +84,8 @@ class InputSpec:
   deterministic: bool = False
   slack: bool = False             # tf.data's slack in the last prefetch (accelerators)
   crop: str = ""                  # a preprocess.CROPS entry; "": the source's
+  interpolation: str = "bilinear"  # a preprocess.INTERPOLATIONS entry
+  antialias: bool = False          # shrinking antialiased (preprocess._resized)
 
 
 def check_batch_divides(global_batch_size, num_replicas):
@@ -305,9 +307,11 @@ def _preprocessor(fetch, source, split, spec, training):
     image = preprocess_lib.preprocess(image, spec.crop or source.crop, size=spec.image_size,
                                       training=training,
                                       seed=seed, encoded=split.encoded,
-                                      crop_fraction=spec.crop_fraction)
+                                      crop_fraction=spec.crop_fraction,
+                                      interpolation=spec.interpolation,
+                                      antialias=spec.antialias)
     if training and spec.augment is not None:
-      image = augment_lib.augment(image, spec.augment, seed + 8)
+      image = augment_lib.augment(image, spec.augment, seed + 8, spec.interpolation)
     return image, label, where, skipped
 
   if split.encoded:

@@ -30,6 +30,9 @@ import math
 import tensorflow as tf
 
 CROPS = ("inception", "random_resized", "pad_crop_flip", "pad_crop", "none")
+# --interpolation: how every resize samples (and the augmentation policies'
+# geometric ops, augment.py).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 EVAL_CROP_FRACTION = 0.875
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
@@ -146,14 +149,27 @@ def _random_resized_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
   return tf.cast(tf.where(tf.reduce_any(fits), window, fallback), tf.int32)
 
 
-def _resized(image, size):
-  """uint8 [H, W, C] of any size -> uint8 [size, size, 3]."""
+def _resized(image, size, interpolation="bilinear", antialias=False):
+  """uint8 [H, W, C] of any size -> uint8 [size, size, 3], rounded.
+
+  antialias: shrink as PIL always does and torchvision by default, the filter
+  widened by the scale so every input pixel counts (without it a bilinear
+  shrink reads 2x2 pixels per output pixel, and aliases). TensorFlow's kernel
+  for it costs about as much CPU as decoding the JPEG (docs/benchmarks.md),
+  so it is the recipes' choice: on for the torchvision and timm ones, off
+  for MLPerf's and Model Garden's, whose references resize without it.
+  Bicubic is Keys' (a = -0.5), as PIL's.
+  """
   if image.shape[-1] == 1:
     image = tf.image.grayscale_to_rgb(image)
   if image.shape[0] == size and image.shape[1] == size:
     return image
-  image = tf.image.resize(image, [size, size], method="bilinear")
-  return tf.cast(tf.round(image), tf.uint8)  # bilinear stays within 0..255
+  if interpolation == "nearest":
+    return tf.image.resize(image, [size, size], method="nearest")
+  image = tf.image.resize(image, [size, size], method=interpolation, antialias=antialias)
+  if interpolation == "bilinear":  # a weighted mean: within 0..255
+    return tf.cast(tf.round(image), tf.uint8)
+  return tf.saturate_cast(tf.round(image), tf.uint8)  # bicubic overshoots at edges
 
 
 def _pad_crop(image, size, seed, flip):
@@ -166,13 +182,16 @@ def _pad_crop(image, size, seed, flip):
 
 
 def preprocess(image, crop, size, training, seed, encoded,
-               crop_fraction=EVAL_CROP_FRACTION):
+               crop_fraction=EVAL_CROP_FRACTION, interpolation="bilinear", antialias=False):
   """One example -> uint8 [size, size, 3], cropped as `crop` (CROPS) says.
 
   image: uint8 [H, W, C], or encoded bytes (JPEG, PNG, ...) when encoded.
   seed: int64 [2], used only when training.
   crop_fraction: evaluation's central crop, of the shorter side (inception):
-  224 / 232 is torchvision's "resize to 232, crop 224".
+  224 / 232 is torchvision's "resize to 232, crop 224" (cropped first, then
+  resized: the same pixels but within a filter's reach of the crop's edge).
+  interpolation: an INTERPOLATIONS entry, for every resize; antialias:
+  whether shrinking is antialiased (_resized).
   """
   if crop in ("inception", "random_resized"):
     if training:
@@ -181,13 +200,13 @@ def preprocess(image, crop, size, training, seed, encoded,
     else:
       image = _decode_crop(image, encoded,
                            lambda shape: _centre_window(shape, crop_fraction))
-    image = _resized(image, size)
+    image = _resized(image, size, interpolation, antialias)
     if training:  # after resizing: an average crop has more pixels than the output
       image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
   else:
     if encoded:
       image = _decode(image)
-    image = _resized(image, size)
+    image = _resized(image, size, interpolation, antialias)
     if training and crop in ("pad_crop_flip", "pad_crop"):
       image = _pad_crop(image, size, seed, flip=crop == "pad_crop_flip")
   image.set_shape([size, size, 3])
