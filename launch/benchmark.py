@@ -10,8 +10,11 @@
   python -m launch.benchmark --mode=train [--models=... --batch_sizes=...]
       training steps on synthetic on-device data, one subprocess per case
       (logical devices and peak memory are per process), with the model's
-      FLOP/s against the machine's measured matmul peak, and a
-      keras.applications ResNet-50 peer timed in turns with its case.
+      FLOP/s against the machine's measured matmul peak, and ResNet-50 cases
+      against peers (--peers): keras.applications in this process's
+      environment; Model Garden and PyTorch (eager or compiled) each in its
+      own virtual environment, made in .peers/ on first use, every case a
+      process per round, in turns with our plain step and our train loop.
   python -m launch.benchmark --mode=e2e
       ResNet-20 end to end on real 32x32 JPEG TFRecords against synthetic input,
       and on the same TFRecords through a local tf.data service of 2 workers
@@ -28,6 +31,7 @@ Prints a markdown table and writes the results as JSON (--output).
 import dataclasses
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -39,6 +43,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from launch import exits  # pylint: disable=g-import-not-at-top  # first: its exit handler
+from launch import peers as peers_lib
+from launch.peers import timing
 from absl import app
 from absl import flags
 
@@ -47,7 +53,8 @@ import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CP
 flags.DEFINE_enum("mode", "input", ["input", "train", "e2e", "targets"],
                   "What to measure; targets: the project's speed targets (docs/benchmarks.md).")
 flags.DEFINE_integer("num_images", 512, "input, e2e: distinct JPEGs to generate.")
-flags.DEFINE_integer("image_size", 224, "input: output image size.")
+flags.DEFINE_integer("image_size", 224, "input: output image size; train: the ImageNet "
+                     "models' (and the peers') input size.")
 flags.DEFINE_integer("batch_size", 128, "input: batch size.")
 flags.DEFINE_integer("warmup_batches", 5, "input: batches before timing.")
 def _cores():
@@ -71,8 +78,20 @@ flags.DEFINE_list("strategies", ["one_device"], "train: one_device, mirrored (2 
                   "devices without GPUs).")
 flags.DEFINE_list("steps_per_loop", ["1"], "train: steps per tf.function call.")
 flags.DEFINE_list("xla", ["false"], "train: compile the replica step with XLA (true/false).")
-flags.DEFINE_bool("peer", True, "train: also time keras.applications.ResNet50 for resnet50 cases.")
+flags.DEFINE_list("peers", ["keras"], "train: what ResNet-50 cases (one device, no XLA) are "
+                  "compared with, in turns: keras (keras.applications' ResNet50, in this "
+                  "process's environment), and, each in a virtual environment of its own made "
+                  "in .peers/ on first use, modelgarden (tf-models-official's ResNet-50), torch "
+                  "(torchvision's, eager, channels_last) and torch_compile. With any of the "
+                  "last three our plain step is timed too, and every case runs in a process "
+                  "of its own each round. Empty: no peer.")
+flags.register_validator(
+    "peers", lambda names: set(names) <= {"keras", *peers_lib.PEERS},
+    f"must name peers among keras, {', '.join(peers_lib.PEERS)}")
 flags.DEFINE_integer("min_steps", 1, "train: timed steps per case in each round, at least.")
+flags.DEFINE_string("profile_dir", "", "train: after timing, trace 2 steps of every case (a "
+                    "subfolder each: tf.profiler, or torch.profiler for the PyTorch peers) and "
+                    "list each case's ops by their self time per step.")
 flags.DEFINE_integer("rounds", 3, "Timed turns per case; a case's figure is its median over "
                      "the rounds.")
 flags.DEFINE_string("cases", "", "Internal: run these cases (a JSON list) in this process.")
@@ -249,15 +268,6 @@ OUR_RESNET50_MACS = 4.089e9  # resnet_dist's ResNet-50 (v1.5) at 224x224
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 
 
-def _timed_loops(run_loop, steps_per_loop, min_steps, seconds):
-  """Seconds per step over whole loops of steps_per_loop steps."""
-  steps, began = 0, time.perf_counter()
-  while steps < min_steps or time.perf_counter() - began < seconds:
-    run_loop(steps_per_loop)
-    steps += steps_per_loop
-  return (time.perf_counter() - began) / steps
-
-
 def _ours(case, strategy):
   """Our training step: Trainer's train_loop over synthetic or JPEG TFRecord input."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -286,52 +296,74 @@ def _ours(case, strategy):
           models.count_macs(trainer.model, size), trainer.model.compute_dtype)
 
 
+def _plain_step(case, build_model):
+  """run_loop(n) training a Keras model (built by build_model(policy name)) by a
+  minimal tf.function step: float images in, softmax cross-entropy, SGD with
+  momentum; the step every framework is compared by."""
+  import keras  # pylint: disable=g-import-not-at-top
+  from launch.peers import tf_step  # pylint: disable=g-import-not-at-top
+  from resnet_dist.config import DTYPES  # pylint: disable=g-import-not-at-top
+  model = build_model(DTYPES[case["dtype"]])
+  optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+  optimizer.build(model.trainable_variables)
+  return (tf_step.plain_loop(model, optimizer, case["batch"], case["image_size"]),
+          model.compute_dtype)
+
+
 def _peer(case, strategy):
-  """keras.applications.ResNet50 trained by a minimal tf.function step, on
-  TensorFlow's default device (the peer runs beside one_device cases only)."""
+  """keras.applications.ResNet50 in the plain step, on TensorFlow's default
+  device (the peer runs beside one_device cases only)."""
   del strategy
   import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from resnet_dist.config import DTYPES  # pylint: disable=g-import-not-at-top
-  policy = keras.mixed_precision.Policy(DTYPES[case["dtype"]])
-  previous = keras.mixed_precision.global_policy()
-  keras.mixed_precision.set_global_policy(policy)  # the peer's layers only
-  try:
-    model = keras.applications.ResNet50(weights=None)
-    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
-    optimizer.build(model.trainable_variables)
-  finally:
-    keras.mixed_precision.set_global_policy(previous)
-  images = tf.random.uniform([case["batch"], 224, 224, 3])
-  labels = tf.random.uniform([case["batch"]], maxval=1000, dtype=tf.int64)
 
-  @tf.function
-  def loop(n):
-    for _ in tf.range(n):
-      with tf.GradientTape() as tape:
-        logits = tf.cast(model(images, training=True), tf.float32)
-        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-      grads = tape.gradient(loss, model.trainable_variables)
-      optimizer.apply_gradients(zip(grads, model.trainable_variables))
+  def build(policy):
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)  # the peer's layers only
+    try:
+      return keras.applications.ResNet50(
+          weights=None, input_shape=(case["image_size"], case["image_size"], 3))
+    finally:
+      keras.mixed_precision.set_global_policy(previous)
 
-  return lambda n: loop(tf.constant(n)), PEER_MACS, policy.compute_dtype
+  run_loop, dtype = _plain_step(case, build)
+  return run_loop, PEER_MACS * (case["image_size"] / 224)**2, dtype
+
+
+def _ours_plain(case, strategy):
+  """Our model in the plain step: what the peers are compared with."""
+  del strategy
+  from resnet_dist import models  # pylint: disable=g-import-not-at-top
+  run_loop, dtype = _plain_step(case, lambda policy: models.get_model(
+      case["model"], num_classes=1000, dtype=policy))
+  return run_loop, models.count_macs(case["model"], case["image_size"]), dtype
+
+
+# kind -> how run_cases builds a case of it in this process
+_IN_PROCESS = {"resnet_dist": _ours, "resnet_dist_step": _ours_plain, "keras_peer": _peer}
 
 
 def run_cases(cases):
   """The cases of one process (one strategy), alternating: their rows."""
+  from launch.peers import tf_step  # pylint: disable=g-import-not-at-top
   from resnet_dist import perf  # pylint: disable=g-import-not-at-top
   from resnet_dist import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   from resnet_dist.config import DistributeConfig  # pylint: disable=g-import-not-at-top
   strategy = strategy_lib.create_strategy(
       DistributeConfig(strategy=cases[0]["strategy"], num_cpu_devices=2))
-  built = [(_peer if case["kind"] == "keras_peer" else _ours)(case, strategy) for case in cases]
+  built = [_IN_PROCESS[case["kind"]](case, strategy) for case in cases]
   for (run_loop, _, _), case in zip(built, cases):
-    run_loop(case["steps_per_loop"])  # warm-up: tracing, first allocations
+    # Warm-up: tracing, first allocations, and a second call (as the peers'
+    # two warm-up steps): the train loop's first calls after tracing run slow.
+    for _ in range(2):
+      run_loop(case["steps_per_loop"])
   times = [[] for _ in cases]
   for _ in range(FLAGS.rounds):
     for (run_loop, _, _), case, case_times in zip(built, cases, times):
-      case_times.append(_timed_loops(run_loop, case["steps_per_loop"], FLAGS.min_steps,
+      case_times.append(timing.timed_loops(run_loop, case["steps_per_loop"], FLAGS.min_steps,
                                      FLAGS.seconds / FLAGS.rounds))
+  for (run_loop, _, _), case in zip(built, cases):
+    if case.get("profile_dir"):
+      tf_step.trace(run_loop, case["profile_dir"])
   peaks = {dtype: perf.measure_peak_flops(strategy, dtype, size=2048, seconds=2.0)
            for dtype in {dtype for _, _, dtype in built}}
   rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -352,17 +384,55 @@ def run_cases(cases):
   return rows
 
 
+def _op_times(directory, steps=2, most=12):
+  """[(op type, self ms per step)] of a case's trace, longest first: read from
+  tf.profiler's trace (framework_op_stats), or the ops.json a PyTorch peer wrote."""
+  import glob  # pylint: disable=g-import-not-at-top
+  torch_ops = os.path.join(directory, "ops.json")
+  if os.path.exists(torch_ops):
+    with open(torch_ops) as f:
+      totals = json.load(f)
+  else:
+    from xprof.convert import raw_to_tool_data  # pylint: disable=g-import-not-at-top
+    # Each round of a case traces anew: the newest trace (a folder per start).
+    paths = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
+    data, _ = raw_to_tool_data.xspace_to_tool_data(paths[-1:], "framework_op_stats", {})
+    totals = _self_times_by_type(json.loads(data))
+  ranked = sorted(totals.items(), key=lambda item: -item[1])[:most]
+  return [(name, round(us / 1000 / steps, 1)) for name, us in ranked]
+
+
+def _self_times_by_type(tables):
+  """{op type: self time in us} summed over a framework_op_stats table's rows;
+  oneDNN's kernels (_MklNativeConv2D, ...) under the op they implement."""
+  table = tables[0] if isinstance(tables, list) else tables
+  columns = [column["id"] for column in table["cols"]]
+  kind, self_time = columns.index("type"), columns.index("total_self_time")
+  totals = {}
+  for row in table["rows"]:
+    values = [cell.get("v") if cell else None for cell in row["c"]]
+    if values[kind] != "IDLE":
+      name = re.sub(r"^_Mkl(Native)?", "", values[kind])
+      totals[name] = totals.get(name, 0.0) + float(values[self_time])
+  return totals
+
+
 def _in_subprocess(cases, rounds=None, seconds=None):
-  """Runs cases (one strategy) in a fresh process: logical devices and peak memory are per process."""
-  result = subprocess.run(
-      [sys.executable, "-m", "launch.benchmark", f"--cases={json.dumps(cases)}",
-       f"--seconds={seconds or FLAGS.seconds}", f"--min_steps={FLAGS.min_steps}",
-       f"--rounds={rounds or FLAGS.rounds}"],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      capture_output=True, text=True, check=False)
+  """Runs cases (one strategy) in a fresh process: logical devices and peak
+  memory are per process. A peer's case runs alone, in its own environment."""
+  seconds = seconds or FLAGS.seconds
+  if cases[0]["kind"] in peers_lib.PEERS:
+    argv = peers_lib.command(cases[0]["kind"], cases[0], seconds, FLAGS.min_steps)
+  else:
+    argv = [sys.executable, "-m", "launch.benchmark", f"--cases={json.dumps(cases)}",
+            f"--seconds={seconds}", f"--min_steps={FLAGS.min_steps}",
+            f"--rounds={rounds or FLAGS.rounds}"]
+  result = subprocess.run(argv, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, check=False)
   if result.returncode:
     raise RuntimeError(f"cases {cases} failed:\n{result.stderr[-3000:]}")
   rows = json.loads(result.stdout.strip().splitlines()[-1])
+  rows = rows if isinstance(rows, list) else [_peer_row(rows)]
   for row in rows:
     print(f"  {row['kind']} {row['model']} batch {row['batch']} {row['dtype']} {row['strategy']} "
           f"steps_per_loop {row['steps_per_loop']}: {row['images_per_second']} images/s",
@@ -370,10 +440,20 @@ def _in_subprocess(cases, rounds=None, seconds=None):
   return rows
 
 
+def _peer_row(row):
+  """A peer's row with the model's cost: the peers train ResNet-50 v1.5, as ours."""
+  from resnet_dist import perf  # pylint: disable=g-import-not-at-top
+  macs = OUR_RESNET50_MACS * (row["image_size"] / 224)**2
+  flops = row["images_per_second"] * perf.training_flops_per_image(macs)
+  return {**row, "gmacs_per_image": round(macs / 1e9, 4),
+          "model_gflops": round(flops / 1e9, 1)}
+
+
 def _taking_turns(cases):
-  """Cases that cannot share a process (different strategies): one process
-  per case per round, in turns; each case keeps its middle run (the median
-  for an odd --rounds, the upper middle for an even one)."""
+  """Cases that cannot share a process (different strategies, peers in their
+  own environments): one process per case per round, in turns; each case
+  keeps its middle run (the median for an odd --rounds, the upper middle
+  for an even one) and every round's images/s."""
   runs = [[] for _ in cases]
   for _ in range(FLAGS.rounds):
     for case, case_runs in zip(cases, runs):
@@ -383,7 +463,8 @@ def _taking_turns(cases):
     middle = sorted(case_runs, key=lambda row: row["step_ms"])[len(case_runs) // 2]
     merged.append({**middle, "step_ms_range": [min(r["step_ms"] for r in case_runs),
                                                max(r["step_ms"] for r in case_runs)],
-                   "peak_rss_mb": max(r["peak_rss_mb"] for r in case_runs)})
+                   "images_per_second_rounds": [r["images_per_second"] for r in case_runs],
+                   "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in case_runs)})
   return merged
 
 
@@ -391,7 +472,46 @@ def _case(model, batch, dtype="fp32", strategy="one_device", steps_per_loop=1, x
           kind="resnet_dist", **extra):
   return {"kind": kind, "model": model, "batch": int(batch), "dtype": dtype,
           "strategy": strategy, "steps_per_loop": int(steps_per_loop), "xla": xla,
-          "image_size": 32 if model in CIFAR_MODELS else 224, **extra}
+          "image_size": 32 if model in CIFAR_MODELS else FLAGS.image_size, **extra}
+
+
+_PEER_MODELS = {"keras": "keras ResNet50", "modelgarden": "Model Garden ResNet-50",
+                "torch": "torchvision resnet50", "torch_compile": "torchvision resnet50"}
+
+
+def _peer_cases(case):
+  """The cases a case is compared with: our plain step, where an outside peer
+  is asked for, and the peers; none but for one-device ResNet-50 without XLA."""
+  if not FLAGS.peers or case["model"] != "resnet50" or case["strategy"] != "one_device" \
+      or case["xla"]:
+    return []
+  peers = [dict(case, kind="keras_peer" if name == "keras" else name, model=_PEER_MODELS[name])
+           for name in FLAGS.peers]
+  outside = set(FLAGS.peers) - {"keras"}
+  return ([dict(case, kind="resnet_dist_step")] if outside else []) + peers
+
+
+def _with_ratios(rows):
+  """Each row's images/s against the rows compared with it: ours (the train
+  loop) against our plain step, our plain step against each peer."""
+  by_kind = {row["kind"]: row for row in rows}
+  ours = by_kind.get("resnet_dist_step", by_kind["resnet_dist"])
+  for row in rows:
+    if row is not ours and row["kind"] != "resnet_dist":
+      row["ours_to_this"] = round(ours["images_per_second"] / row["images_per_second"], 3)
+  if "resnet_dist_step" in by_kind:
+    loop = by_kind["resnet_dist"]
+    loop["loop_to_plain_step"] = round(loop["images_per_second"] / ours["images_per_second"], 3)
+  return rows
+
+
+def _profiled(cases):
+  """The cases, each with a profile_dir of its own under --profile_dir."""
+  if not FLAGS.profile_dir:
+    return cases
+  return [dict(case, profile_dir=os.path.abspath(os.path.join(FLAGS.profile_dir, "-".join(
+      str(case[key]) for key in ("kind", "model", "batch", "dtype", "strategy",
+                                 "steps_per_loop")).replace(" ", "_")))) for case in cases]
 
 
 def train_benchmark():
@@ -399,15 +519,17 @@ def train_benchmark():
            for m in FLAGS.models for b in FLAGS.batch_sizes for d in FLAGS.dtypes
            for s in FLAGS.strategies for n in FLAGS.steps_per_loop for x in FLAGS.xla]
   rows = []
-  for case in cases:  # each alone in its process, but for the peer it is compared with
-    group = [case]
-    if FLAGS.peer and case["model"] == "resnet50" and case["strategy"] == "one_device" \
-        and not case["xla"]:
-      group.append(dict(case, kind="keras_peer", model="keras ResNet50"))
-    rows += _in_subprocess(group)
+  for case in cases:  # each alone in its process(es), but for the peers it is compared with
+    group = _profiled([case, *_peer_cases(case)])
+    if any(c["kind"] in peers_lib.PEERS for c in group):
+      rows += _with_ratios(_taking_turns(group))
+    else:
+      rows += _with_ratios(_in_subprocess(group)) if len(group) > 1 else _in_subprocess(group)
   for row in rows:
     if row["kind"] == "keras_peer":
       row["images_per_second_mac_scaled"] = round(_mac_scaled(row), 2)
+    if row.get("profile_dir"):
+      row["top_ops_ms_per_step"] = _op_times(row["profile_dir"])
   return f"training steps on synthetic data, {os.cpu_count()} cores", rows
 
 

@@ -43,6 +43,39 @@ class BenchmarkTest(absltest.TestCase):
       self.assertGreater(row["peak_rss_mb"], 100)
     self.assertIn("| resnet_dist | resnet20 | 8 |", stdout)  # the markdown table
 
+  def test_resnet50_against_the_keras_peer_in_turns(self):
+    _, report = self.run_benchmark(
+        "--mode=train", "--models=resnet50", "--batch_sizes=2", "--image_size=64",
+        "--peers=keras", "--seconds=0.4", "--rounds=2")
+    ours, peer = report["results"]
+    self.assertEqual((ours["kind"], peer["kind"]), ("resnet_dist", "keras_peer"))
+    self.assertEqual((peer["batch"], peer["image_size"]), (2, 64))
+    self.assertAlmostEqual(peer["ours_to_this"],
+                           ours["images_per_second"] / peer["images_per_second"], delta=0.01)
+    # keras.applications' ResNet50 (v1) costs 3.858 GMACs at 224: at 64, (64/224)**2 of that.
+    self.assertAlmostEqual(peer["gmacs_per_image"], 3.858 * (64 / 224)**2, delta=0.001)
+
+  def test_profiles_list_the_ops_by_time(self):
+    directory = self.create_tempdir().full_path
+    _, report = self.run_benchmark(
+        "--mode=train", "--models=resnet20", "--batch_sizes=8", "--seconds=0.2", "--rounds=1",
+        f"--profile_dir={directory}")
+    row, = report["results"]
+    ops = dict(row["top_ops_ms_per_step"])
+    # A ResNet's step: convolutions forward and both backward, the longest ops.
+    self.assertTrue({"Conv2D", "Conv2DBackpropFilter", "Conv2DBackpropInput"} <= set(ops), ops)
+    self.assertTrue(all(ms > 0 for ms in ops.values()), ops)
+    self.assertEqual([ms for _, ms in row["top_ops_ms_per_step"]],
+                     sorted(ops.values(), reverse=True))
+    self.assertTrue(os.path.isdir(row["profile_dir"]) and
+                    row["profile_dir"].startswith(directory), row["profile_dir"])
+
+  def test_an_unknown_peer_is_one_line(self):
+    result = launching.run("launch.benchmark", "--mode=train", "--peers=keras,mxnet")
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    self.assertEqual(result.stderr, "error: flag --peers=['keras', 'mxnet']: must name peers "
+                                    "among keras, modelgarden, torch, torch_compile\n")
+
   def test_input_mode_compares_with_the_bare_pipeline(self):
     _, report = self.run_benchmark("--mode=input", "--num_images=16", "--batch_size=8",
                                    "--image_size=64", "--warmup_batches=1", "--seconds=0.5",
