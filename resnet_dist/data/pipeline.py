@@ -319,14 +319,19 @@ def _preprocessor(fetch, source, split, spec, training):
   return lambda *element: load_and_preprocess(*fetch(*element), tf.constant(0, tf.int64))
 
 
+def _to_decode(ds, fetch, source, split, spec, training):
+  """(elements, load): what the decoding map takes, the usable examples of
+  an encoded split, and load(*element), which decodes and crops one."""
+  load = _preprocessor(fetch, source, split, spec, training)
+  return (_usable(ds, fetch, split, spec) if split.encoded else ds), load
+
+
 def _loaded(ds, fetch, source, split, spec, training):
   """(number, (image, label, where, skipped)) of every example in order,
   decoded in parallel and numbered before decoding, so an image the decoder
   itself rejects (complete-looking, corrupt inside) leaves a gap in the
   numbers. Such an image is an error: dropped outside strict mode."""
-  load = _preprocessor(fetch, source, split, spec, training)
-  if split.encoded:
-    ds = _usable(ds, fetch, split, spec)
+  ds, load = _to_decode(ds, fetch, source, split, spec, training)
   ds = ds.enumerate().map(lambda number, element: (number, load(*_as_tuple(element))),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.ignore_errors() if _skips_errors(split, spec) else ds
@@ -347,9 +352,7 @@ def _decoded_batches(ds, fetch, source, split, spec, batch_size):
   strict mode: the images found unusable before decoding, by far the usual
   ones, are still dropped alone and counted (_usable).
   """
-  load = _preprocessor(fetch, source, split, spec, training=True)
-  if split.encoded:
-    ds = _usable(ds, fetch, split, spec)
+  ds, load = _to_decode(ds, fetch, source, split, spec, training=True)
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.ignore_errors() if _skips_errors(split, spec) else ds

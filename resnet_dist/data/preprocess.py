@@ -188,8 +188,9 @@ def preprocess(image, crop, size, training, seed, encoded,
   image: uint8 [H, W, C], or encoded bytes (JPEG, PNG, ...) when encoded.
   seed: int64 [2], used only when training.
   crop_fraction: evaluation's central crop, of the shorter side (inception):
-  224 / 232 is torchvision's "resize to 232, crop 224" (cropped first, then
-  resized: the same pixels but within a filter's reach of the crop's edge).
+  224 / 232 is torchvision's "resize to 232, crop 224" (here cropped first,
+  then resized: the same but for the pixels within a filter's reach of the
+  crop's edge).
   interpolation: an INTERPOLATIONS entry, for every resize; antialias:
   whether shrinking is antialiased (_resized).
   """
