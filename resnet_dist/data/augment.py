@@ -14,9 +14,10 @@ torchvision.transforms (autoaugment.py and the tensor functional ops): the
 geometric ops sample nearest (torchvision's default) or bilinear (the run's
 --interpolation; bicubic samples bilinear here, the only other mode of the
 transform op) with black fill, shears about the image's corner; blends
-clamped to 0..255 and truncated, a random sign for the signed ops. They run in the input pipeline,
-per example, after the crop and flip and at the model's size; every choice is
-stateless, drawn from the example's seed, so resuming replays them exactly.
+clamped to 0..255 and truncated, a random sign for the signed ops. They run
+in the input pipeline, per example, after the crop and flip and at the
+model's size; every choice is stateless, drawn from the example's seed, so
+resuming replays them exactly.
 """
 
 import functools
