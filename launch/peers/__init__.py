@@ -1,12 +1,13 @@
 """The frameworks launch.benchmark compares ours with, each in a virtual
 environment of its own (never the project's .venv), made on first use.
 
-PEERS: name -> (requirements files in this folder, the last installed with
---no-deps, or None; the step script run by the environment's python). The
-keras peer runs in the project's own environment (launch.benchmark itself).
+PEERS: name -> (its environment, the step script the environment's python
+runs); ENVIRONMENTS: environment -> its requirements files in this folder.
+The keras peer runs in the project's own environment (launch.benchmark itself).
 """
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -68,7 +69,6 @@ def python(peer):
 
 def command(peer, case, seconds, min_steps):
   """argv that times one case of a peer in its environment."""
-  import json  # pylint: disable=g-import-not-at-top
   _, script = PEERS[peer]
   return [python(peer), os.path.join(HERE, script), json.dumps(case), str(seconds),
           str(min_steps)]
