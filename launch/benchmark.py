@@ -394,7 +394,7 @@ def _op_times(directory, steps=2, most=12):
       totals = json.load(f)
   else:
     from xprof.convert import raw_to_tool_data  # pylint: disable=g-import-not-at-top
-    # Each round of a case traces anew: the newest trace (a folder per start).
+    # A rerun into the same folder adds a trace (a folder per start): the newest.
     paths = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
     data, _ = raw_to_tool_data.xspace_to_tool_data(paths[-1:], "framework_op_stats", {})
     totals = _self_times_by_type(json.loads(data))
@@ -453,15 +453,18 @@ def _taking_turns(cases):
   """Cases that cannot share a process (different strategies, peers in their
   own environments): one process per case per round, in turns; each case
   keeps its middle run (the median for an odd --rounds, the upper middle
-  for an even one) and every round's images/s."""
+  for an even one) and every round's images/s. A case with a profile_dir
+  is traced in the last round only."""
   runs = [[] for _ in cases]
-  for _ in range(FLAGS.rounds):
+  for round_ in range(FLAGS.rounds):
     for case, case_runs in zip(cases, runs):
+      if round_ < FLAGS.rounds - 1:
+        case = {k: v for k, v in case.items() if k != "profile_dir"}
       case_runs.append(_in_subprocess([case], rounds=1, seconds=FLAGS.seconds / FLAGS.rounds)[0])
   merged = []
-  for case_runs in runs:
+  for case, case_runs in zip(cases, runs):
     middle = sorted(case_runs, key=lambda row: row["step_ms"])[len(case_runs) // 2]
-    merged.append({**middle, "step_ms_range": [min(r["step_ms"] for r in case_runs),
+    merged.append({**middle, **case, "step_ms_range": [min(r["step_ms"] for r in case_runs),
                                                max(r["step_ms"] for r in case_runs)],
                    "images_per_second_rounds": [r["images_per_second"] for r in case_runs],
                    "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in case_runs)})
