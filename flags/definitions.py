@@ -32,6 +32,11 @@ flags.DEFINE_integer("image_size", _default("image_size"), "Input height and wid
                      lower_bound=32)
 flags.DEFINE_bool("zero_init_residual", _default("zero_init_residual"),
                   "Start the last BN gamma of each residual block at zero.")
+flags.DEFINE_float("drop_path_rate", _default("drop_path_rate"),
+                   "Stochastic depth: in training, drop each example's residual branch of "
+                   "the last block with this probability, of earlier blocks less, in "
+                   "proportion to their place (timm's rule; RSB A1/A2: 0.05); 0: off.",
+                   lower_bound=0, upper_bound=0.99)
 flags.DEFINE_bool("sync_bn", _default("sync_bn"),
                   "BatchNorm statistics over the global batch (all replicas).")
 
@@ -175,8 +180,10 @@ flags.DEFINE_float("mixup_alpha", _default("mixup_alpha"),
 flags.DEFINE_float("cutmix_alpha", _default("cutmix_alpha"),
                    "CutMix: paste a box of another image, area ~ Beta(B, B); 0: off. With "
                    "mixup too, each batch gets one of the two.", lower_bound=0)
-flags.DEFINE_enum("augment", _default("augment"), list(augment.POLICIES),
-                  "Automatic augmentation after the crop and flip, as torchvision's.")
+flags.DEFINE_string("augment", _default("augment"),
+                    f"Automatic augmentation after the crop and flip: {', '.join(augment.POLICIES)} "
+                    "(torchvision's), or timm's RandAugment by its spec string, such as "
+                    "rand-m6-mstd0.5-inc1 (docs/recipes.md).")
 flags.DEFINE_integer("randaugment_num_ops", _default("randaugment_num_ops"),
                      "randaugment: ops applied to each image.", lower_bound=1)
 flags.DEFINE_integer("randaugment_magnitude", _default("randaugment_magnitude"),
@@ -188,6 +195,10 @@ flags.DEFINE_float("random_erasing", _default("random_erasing"),
 flags.DEFINE_enum("random_erasing_fill", _default("random_erasing_fill"),
                   list(mixing.ERASING_FILLS), "What an erased box holds: noise, N(0, 1) per "
                   "pixel (timm's); zero, the mean colour (torchvision's presets).")
+flags.DEFINE_integer("repeated_augmentations", _default("repeated_augmentations"),
+                     "Repeated augmentation, as torchvision's RASampler: each epoch takes a "
+                     "random N-th of the training examples, each N times, augmented apart, "
+                     "on N replicas; the epoch keeps its length; 1: off.", lower_bound=1)
 flags.DEFINE_enum("crop", _default("crop"), ["", *preprocess.CROPS],
                   "Training's crop; empty: the dataset's (inception above 64 pixels, "
                   "pad_crop_flip at 64 or less). inception: MLPerf's and Model Garden's "
@@ -202,8 +213,9 @@ flags.DEFINE_bool("antialias", _default("antialias"),
 flags.DEFINE_integer("eval_image_size", _default("eval_image_size"),
                      "Evaluation image size; 0: --image_size.", lower_bound=0)
 flags.DEFINE_integer("eval_resize_size", _default("eval_resize_size"),
-                     "ImageNet-style evaluation: the crop is eval_image_size of a shorter side "
-                     "resized to this (232 with 224: torchvision's); 0: crop 87.5%.",
+                     "ImageNet-style evaluation as torchvision and timm: the shorter side "
+                     "resized to this, then the central eval_image_size (232 with 224: "
+                     "torchvision's); 0: the central 87.5%, then resized (MLPerf's).",
                      lower_bound=0)
 flags.DEFINE_string("progressive_resize", "",
                     "START:END:FROM_EPOCH:TO_EPOCH: training images grow from START to END "

@@ -54,6 +54,7 @@ class ModelConfig:
   name: str = "resnet20"            # --model
   resnet_variant: str = "v1.5"
   zero_init_residual: bool = False
+  drop_path_rate: float = 0.0       # stochastic depth at the last block (timm's rule)
   sync_bn: bool = False
   dtype: str = "fp32"
 
@@ -66,6 +67,8 @@ class ModelConfig:
     _check_choice("model", self.name, models.list_models())
     _check_choice("resnet_variant", self.resnet_variant, models.VARIANTS)
     _check_choice("dtype", self.dtype, tuple(DTYPES))
+    _check(0 <= self.drop_path_rate < 1, f"--drop_path_rate={self.drop_path_rate} must be "
+           f"in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,7 @@ class DataConfig:
   crop: str = ""                    # a preprocess.CROPS entry; "": the dataset's own
   interpolation: str = "bilinear"   # a preprocess.INTERPOLATIONS entry: resizes, augment geometry
   antialias: bool = False           # shrink as PIL and torchvision (the recipes' choice)
+  repeated_augmentations: int = 1   # copies of each training example an epoch (RASampler)
   cache_data: bool = False
   strict_data: bool = False
   data_service: str = ""            # HOST:PORT of a tf.data service dispatcher; "": local input
@@ -133,6 +137,11 @@ class DataConfig:
       _check(32 <= start and 32 <= end and 0 <= first < last,
              f"--progressive_resize={':'.join(f'{v:g}' for v in self.progressive_resize)} must "
              f"be START:END:FROM_EPOCH:TO_EPOCH with sizes >= 32 and FROM_EPOCH < TO_EPOCH")
+    _check(self.repeated_augmentations >= 1,
+           f"--repeated_augmentations={self.repeated_augmentations} must be >= 1")
+    _check(self.repeated_augmentations == 1 or not self.data_service,
+           "--repeated_augmentations does not go with --data_service: the service's workers "
+           "take the epoch's examples in any order, so the copies cannot be dealt to replicas")
     if self.data_service:
       self._validate_service()
 
@@ -148,7 +157,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  policy: str = "none"              # --augment: an augment.POLICIES entry
+  policy: str = "none"              # --augment: an augment.POLICIES entry or timm's spec
   randaugment_num_ops: int = 2
   randaugment_magnitude: int = 9    # of 31 bins, as torchvision's RandAugment
   random_erasing: float = 0.0       # probability per image
@@ -161,7 +170,10 @@ class AugmentConfig:
     return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
   def validate(self):
-    _check_choice("augment", self.policy, augment_lib.POLICIES)
+    try:
+      augment_lib.check_policy(self.policy)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
            "--mixup_alpha and --cutmix_alpha must be >= 0")
     _check(0 <= self.random_erasing <= 1,

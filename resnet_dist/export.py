@@ -22,7 +22,7 @@ class Classifier(tf.Module):
 
   def __init__(self, model, image_size, crop, mean, std,
                crop_fraction=preprocess.EVAL_CROP_FRACTION, interpolation="bilinear",
-               antialias=False, of_ema=False):
+               antialias=False, resize_first=False, of_ema=False):
     super().__init__(name="classifier")
     self.model = model
     self.image_size = image_size
@@ -31,6 +31,7 @@ class Classifier(tf.Module):
     self.crop_fraction = crop_fraction
     self.interpolation = interpolation
     self.antialias = antialias
+    self.resize_first = resize_first
     self.of_ema = of_ema
 
   def _classify(self, images, encoded):
@@ -39,7 +40,8 @@ class Classifier(tf.Module):
                                    seed=tf.zeros([2], tf.int64), encoded=encoded,
                                    crop_fraction=self.crop_fraction,
                                    interpolation=self.interpolation,
-                                   antialias=self.antialias)
+                                   antialias=self.antialias,
+                                   resize_first=self.resize_first)
     batch = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(
         [self.image_size, self.image_size, 3], tf.uint8))
     logits = self.model(preprocess.normalize(batch, self.mean, self.std, tf.float32),
@@ -72,7 +74,8 @@ def load_classifier(model_dir, checkpoint_path=None, use_ema=True):
   return Classifier(model, size, crop, mean=run["mean"], std=run["std"],
                     crop_fraction=run.get("eval_crop_fraction", preprocess.EVAL_CROP_FRACTION),
                     interpolation=run.get("interpolation", "bilinear"),
-                    antialias=run.get("antialias", False), of_ema=of_ema), path
+                    antialias=run.get("antialias", False),
+                    resize_first=run.get("eval_resize_size", 0) > 0, of_ema=of_ema), path
 
 
 def default_dir(model_dir, checkpoint_path, of_ema):

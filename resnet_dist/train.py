@@ -29,7 +29,7 @@ from resnet_dist import checkpoints, data, models, monitor, perf, preemption
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
 from resnet_dist.data import service
-from resnet_dist.errors import DataError
+from resnet_dist.errors import ConfigError, DataError
 from resnet_dist.models import weights
 from resnet_dist.trainer import Trainer
 
@@ -77,7 +77,8 @@ def input_spec(config):
       augment=config.augment if config.augment.policy != "none" else None,
       crop_fraction=d.eval_crop_fraction, data_service=d.data_service,
       deterministic=config.schedule.deterministic, crop=d.crop, interpolation=d.interpolation,
-      antialias=d.antialias)
+      antialias=d.antialias, repeats=d.repeated_augmentations,
+      resize_first=d.eval_resize_size > 0)
 
 
 def eval_input(config, spec):
@@ -105,7 +106,13 @@ def prepare(config, strategy):
   if strategy_lib.is_chief(strategy):
     checkpoints.check_writable(model_dir)
   train_size = source.split(source.train_split).num_examples
-  steps_per_epoch = max(train_size // schedule.global_batch_size, 1)
+  epoch = data.repeated_epoch(train_size, d.repeated_augmentations,
+                              strategy.num_replicas_in_sync)
+  if epoch < schedule.global_batch_size:
+    raise ConfigError(f"--repeated_augmentations={d.repeated_augmentations}: an epoch of "
+                      f"{train_size} examples holds {epoch} once rounded down to a multiple of "
+                      f"256, fewer than --global_batch_size={schedule.global_batch_size}")
+  steps_per_epoch = max(epoch // schedule.global_batch_size, 1)
   # Slack: the last prefetch leaves the host's cores to an accelerator's
   # step launches at the start of each step (TensorFlow's advice for TPUs).
   spec = dataclasses.replace(input_spec(config), slack=not strategy_lib.all_on_cpu(strategy))

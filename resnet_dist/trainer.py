@@ -23,6 +23,7 @@ from resnet_dist.data import mixing
 # Seeds of the replica step's random draws (erasing, mixing): (salt, counter).
 _ERASE_SALT = 0xE4A5E
 _MIX_SALT = 0x313C5
+_DROP_PATH_SALT = 0xD4095
 
 
 def _op_determinism_enabled():
@@ -143,6 +144,7 @@ class Trainer:
     return models.get_model(
         model.name, num_classes=self.num_classes, variant=model.resnet_variant,
         sync_bn=model.sync_bn, zero_init_residual=model.zero_init_residual,
+        drop_path_rate=model.drop_path_rate,
         image_size=data_config.image_size if data_config.fixed_size else None,
         dtype=model.dtype_policy)
 
@@ -202,7 +204,8 @@ class Trainer:
     config = self.config
     images, targets = self._regularize(self._normalize(images),
                                        tf.one_hot(labels, self.num_classes), micro)
-    with tf.GradientTape() as tape:
+    drop_path_seed = self._step_seed(micro, _DROP_PATH_SALT)  # --drop_path_rate's
+    with tf.GradientTape() as tape, models.drop_path_seed(drop_path_seed):
       logits = self.model(images, training=True)
       per_example = self.loss(targets, logits)
       loss = tf.nn.compute_average_loss(per_example,

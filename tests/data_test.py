@@ -9,7 +9,7 @@ import tensorflow as tf
 from absl.testing import absltest, parameterized
 
 from resnet_dist import config as config_lib, data
-from resnet_dist.data import digits, preprocess
+from resnet_dist.data import digits, pipeline, preprocess
 from resnet_dist.errors import ConfigError
 from tests.fixtures import numbered_source
 
@@ -123,6 +123,50 @@ class PipelineTest(parameterized.TestCase):
     self.assertTrue(set(ordered[:96]) <= set(unordered), "an example augmented otherwise")
     self.assertTrue(set(unordered[:96]) <= set(ordered), "an example augmented otherwise")
 
+  def test_repeated_augmentation_deals_the_stream_as_torchvisions_rasampler(self):
+    """RASampler (torchvision's, timm's RepeatAugSampler): the epoch's
+    permutation, each index `repeats` times running, replica r taking every
+    R-th from r, the first floor(n // 256 * 256 / R) of them. Here 4 replicas
+    on 2 pipelines, 3 repeats, 600 examples: 128 positions a replica."""
+    n, repeats, replicas, per_replica = 600, 3, 4, 4
+    spec = data.InputSpec(per_replica * replicas, 32, seed=2, deterministic=True,
+                          repeats=repeats)
+    length = data.repeated_epoch(n, repeats, replicas)
+    self.assertEqual(length, 512)
+    steps = length // (per_replica * replicas)
+    streams = {r: [] for r in range(replicas)}
+    for p in range(2):
+      ds = data.train_dataset_fn(numbered_source(n), "train", spec)(context(2, p, replicas))
+      for i, labels in enumerate(labels_of(ds, 2 * steps)):
+        streams[2 * p + i % 2] += labels
+    order = pipeline._epoch_order(n, 2, 0).numpy()  # pylint: disable=protected-access
+    repeated = np.repeat(order, repeats)
+    for r in range(replicas):
+      self.assertEqual(streams[r], repeated[r::replicas][:length // replicas].tolist(), r)
+    # So the copies of an example sit on different replicas.
+    seen = {}
+    for r, stream in streams.items():
+      for index in stream:
+        seen.setdefault(index, []).append(r)
+    self.assertTrue(all(len(set(rs)) == len(rs) for rs in seen.values()))
+    self.assertGreater(sum(len(rs) == repeats for rs in seen.values()), 160)
+
+  def test_repeated_copies_are_augmented_apart_and_resume_exactly(self):
+    source = numbered_source(300)
+    spec = data.InputSpec(8, 32, seed=4, deterministic=True, repeats=2,
+                          augment=config_lib.AugmentConfig(policy="rand-m9-mstd0.5-inc1"))
+    full = [(b[0].numpy(), b[1].numpy()) for b in data.train_dataset_fn(
+        source, "train", spec)(context(1, 0, 1)).take(40)]  # 32 steps an epoch: into the next
+    resumed = [(b[0].numpy(), b[1].numpy()) for b in data.train_dataset_fn(
+        source, "train", spec, start_step=29)(context(1, 0, 1)).take(11)]
+    for (image, label), (again, again_label) in zip(full[29:], resumed):
+      np.testing.assert_array_equal(label, again_label)
+      np.testing.assert_array_equal(image, again)
+    images, labels = full[0]
+    self.assertEqual(labels[0], labels[1])  # one replica: the copies run side by side
+    differ = [not np.array_equal(images[i], images[i + 1]) for i in range(0, 8, 2)]
+    self.assertGreaterEqual(sum(differ), 2)
+
   def test_training_input_is_autotuned_in_a_private_pool_of_the_physical_cores(self):
     source = numbered_source(16)
     spec = data.InputSpec(8, 32, slack=True)
@@ -220,7 +264,9 @@ def resampled(image, size, kernel, support):
   """PIL's resampling, in float64 (PIL itself rounds its weights to 22 bits):
   rows, then columns; output pixel i centred at (i + 1/2) * scale on the
   input, the kernel stretched by the scale when shrinking, every input pixel
-  within reach weighted by it, the weights normalised."""
+  within reach weighted by it, the weights normalised. size: a side, or
+  (height, width)."""
+  height, width = (size, size) if isinstance(size, int) else size
   def along(pixels, out):
     n = pixels.shape[0]
     scale = n / out
@@ -233,8 +279,8 @@ def resampled(image, size, kernel, support):
       weights = np.array([kernel((j + 0.5 - centre) / stretch) for j in range(lo, hi)])
       result[i] = np.tensordot(weights / weights.sum(), pixels[lo:hi], axes=1)
     return result
-  rows = along(image.astype(np.float64), size)
-  return along(rows.transpose(1, 0, 2), size).transpose(1, 0, 2)
+  rows = along(image.astype(np.float64), height)
+  return along(rows.transpose(1, 0, 2), width).transpose(1, 0, 2)
 
 
 def triangle(x):
@@ -282,6 +328,23 @@ class ResizeTest(parameterized.TestCase):
       self.assertLessEqual(np.abs(ours.astype(int) - reference).max(), 1)
     nearest = preprocess._resized(tf.constant(image), 16, "nearest").numpy()  # pylint: disable=protected-access
     np.testing.assert_array_equal(nearest, np.repeat(np.repeat(image, 2, 0), 2, 1))
+
+  def test_evaluation_resizes_then_crops_as_torchvision(self):
+    """--eval_resize_size: torchvision's Resize(20) then CenterCrop(16) of a
+    30x47 image: resized to 20 x int(20 * 47 / 30) = 20 x 31, then rows
+    round(2.0) = 2 and columns round(7.5) = 8 on (half to even), 16 each."""
+    image = (np.add.outer(np.arange(30) * 7, np.arange(47) * 3)[..., None] % 256
+             * np.ones(3)).astype(np.uint8)
+    ours = preprocess.preprocess(tf.constant(image), "inception", 16, False, None,
+                                 encoded=False, crop_fraction=16 / 20, antialias=True,
+                                 resize_first=True).numpy()
+    reference = np.round(resampled(image, (20, 31), triangle, 1.0))[2:18, 8:24]
+    self.assertLessEqual(np.abs(ours.astype(int) - reference).max(), 1)
+    # Cropping first (MLPerf's) samples elsewhere: the crop's 24 pixels to 16.
+    cropped_first = preprocess.preprocess(tf.constant(image), "inception", 16, False, None,
+                                          encoded=False, crop_fraction=16 / 20,
+                                          antialias=True).numpy()
+    self.assertGreater(np.abs(cropped_first.astype(int) - reference).max(), 3)
 
   def test_the_flag_reaches_training_and_evaluation(self):
     jpeg = tf.io.encode_jpeg(self.STRIPES)

@@ -145,7 +145,7 @@ class RecipesTest(absltest.TestCase):
 
   def test_every_recipe_parses_and_validates(self):
     recipes = sorted(glob.glob(os.path.join(launching.ROOT, "launch", "configs", "*.cfg")))
-    self.assertGreaterEqual(len(recipes), 8)
+    self.assertGreaterEqual(len(recipes), 10)
     script = (
         "import sys\n"
         "from launch import exits\n"
@@ -157,7 +157,8 @@ class RecipesTest(absltest.TestCase):
         "  config.validate()\n"
         "  print(path, config.model.name, config.schedule.global_batch_size,\n"
         "        config.distribute.strategy, config.data.image_size, config.data.eval_size,\n"
-        "        config.augment.policy)\n")
+        "        config.augment.policy, config.model.drop_path_rate,\n"
+        "        config.data.repeated_augmentations)\n")
     result = subprocess.run([sys.executable, "-c", script, *recipes], env=launching.ENV,
                             cwd=launching.ROOT, capture_output=True, text=True, timeout=300)
     self.assertEqual(result.returncode, 0, result.stderr[-2000:])
@@ -166,10 +167,51 @@ class RecipesTest(absltest.TestCase):
     # auto, so that the same command on every host of a cluster trains one model.
     self.assertIn("resnet50_imagenet_8gpu.cfg resnet50 1024 auto", result.stdout)
     self.assertIn("resnet50_imagenet_torchvision_v2.cfg resnet50 1024 auto 176 224 "
-                  "trivialaugment_wide", result.stdout)
-    self.assertIn("resnet50_imagenet_rsb_a3.cfg resnet50 2048 auto 160 224 randaugment",
-                  result.stdout)
+                  "trivialaugment_wide 0.0 4", result.stdout)
+    self.assertIn("resnet50_imagenet_rsb_a1.cfg resnet50 2048 auto 224 224 "
+                  "rand-m7-mstd0.5-inc1 0.05 3", result.stdout)
+    self.assertIn("resnet50_imagenet_rsb_a2.cfg resnet50 2048 auto 224 224 "
+                  "rand-m7-mstd0.5-inc1 0.05 3", result.stdout)
+    self.assertIn("resnet50_imagenet_rsb_a3.cfg resnet50 2048 auto 160 224 "
+                  "rand-m6-mstd0.5-inc1 0.0 1", result.stdout)
 
+
+  def test_the_imagenet_recipes_train_a_few_steps_with_every_flag_they_set(self):
+    """The torchvision and RSB recipes, each with every flag of its file
+    (timm's RandAugment, stochastic depth, repeated augmentation, LAMB,
+    BCE, ...) but the model, sizes and data, which the test shrinks: two
+    steps of ResNet-8 on synthetic 32-pixel images, as the docs' command
+    trains them at full size."""
+    recipes = sorted(glob.glob(os.path.join(launching.ROOT, "launch", "configs",
+                                            "resnet50_imagenet_*_*.cfg")))
+    recipes = [r for r in recipes if "rsb" in r or "torchvision" in r]
+    self.assertLen(recipes, 4)
+    script = (
+        "import json, sys\n"
+        "from launch import exits\n"
+        "from flags import definitions\n"
+        "from resnet_dist import train\n"
+        "for path in sys.argv[2:]:\n"
+        "  definitions.FLAGS.unparse_flags()\n"
+        "  exits.parse_flags(['x', '--flagfile=' + path, '--dataset=synthetic',\n"
+        "                     '--model=resnet8', '--num_classes=10', '--image_size=32',\n"
+        "                     '--eval_image_size=32', '--eval_resize_size=36',\n"
+        "                     '--global_batch_size=16', '--grad_accum_steps=1',\n"
+        "                     '--strategy=one_device', '--dtype=fp32', '--enable_xla=false',\n"
+        "                     '--train_steps=2', '--steps_per_loop=1', '--skip_eval',\n"
+        "                     '--model_dir=' + sys.argv[1] + '/' + path.split('/')[-1]])\n"
+        "  summary = train.run(definitions.config_from_flags())\n"
+        "  print(path.split('/')[-1], summary['global_step'], json.dumps(summary['train_loss']))\n")
+    result = subprocess.run([sys.executable, "-c", script, self.create_tempdir().full_path,
+                             *recipes], env=launching.ENV, cwd=launching.ROOT,
+                            capture_output=True, text=True, timeout=600)
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    for recipe in recipes:
+      line = [l for l in result.stdout.splitlines() if l.startswith(os.path.basename(recipe))]
+      self.assertLen(line, 1, result.stdout[-2000:])
+      _, steps, loss = line[0].split()
+      self.assertEqual(int(steps), 2)
+      self.assertTrue(np.isfinite(float(loss)), line)
 
 class TpuVmTest(absltest.TestCase):
   ARGS = ["--name=r50", "--project=proj", "--zone=europe-west4-a",

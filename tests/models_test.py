@@ -10,6 +10,7 @@ import tensorflow as tf
 from absl.testing import absltest, parameterized
 
 from resnet_dist import models, optim
+from resnet_dist.models import layers
 
 # Reference figures: torchvision weight tables (ImageNet, 1000 classes) and
 # He et al. 2015 Table 6 (CIFAR, 10 classes).
@@ -226,6 +227,41 @@ class BehaviourTest(parameterized.TestCase):
     model = models.get_model("resnet50", num_classes=10, zero_init_residual=True)
     self.assertEqual(float(tf.reduce_sum(tf.abs(model.get_layer("layer3.2").branch[-1].gamma))), 0.0)
     self.assertEqual(float(tf.reduce_min(model.get_layer("bn1").gamma)), 1.0)
+
+  def test_drop_path_rises_linearly_over_the_blocks_as_timms(self):
+    """timm: block i of n drops with rate * i / (n - 1)."""
+    model = models.get_model("resnet50", num_classes=10, drop_path_rate=0.05)
+    blocks = [layer for layer in model.layers if isinstance(layer, models.ResidualBlock)]
+    self.assertLen(blocks, 16)
+    np.testing.assert_allclose([b.config["drop_path_rate"] for b in blocks],
+                               0.05 * np.arange(16) / 15)
+    self.assertEqual([b.config["index"] for b in blocks], list(range(16)))
+
+  def test_drop_path_zeroes_whole_examples_scales_the_rest_and_is_seeded(self):
+    x = tf.ones([2000, 2, 2, 3])
+    seed = tf.constant([4, 2], tf.int64)
+    with models.drop_path_seed(seed):
+      out = layers.drop_path(x, 0.3, 5).numpy()
+      again = layers.drop_path(x, 0.3, 5).numpy()
+      other_block = layers.drop_path(x, 0.3, 6).numpy()
+    per_example = out.reshape(2000, -1)
+    self.assertTrue(np.all((per_example == 0) | np.isclose(per_example, 1 / 0.7)))
+    self.assertTrue(np.all(per_example.min(1) == per_example.max(1)))  # whole examples
+    self.assertAlmostEqual(np.mean(per_example[:, 0] == 0), 0.3, delta=0.04)
+    np.testing.assert_array_equal(out, again)
+    self.assertFalse(np.array_equal(out, other_block))
+
+  def test_drop_path_acts_in_training_only(self):
+    keras.utils.set_random_seed(3)
+    dropping = models.get_model("resnet8", num_classes=10, drop_path_rate=0.9)
+    keras.utils.set_random_seed(3)
+    plain = models.get_model("resnet8", num_classes=10)
+    randomize(dropping)
+    plain.set_weights(dropping.get_weights())
+    x = tf.random.normal([8, 32, 32, 3])
+    np.testing.assert_array_equal(dropping(x, training=False), plain(x, training=False))
+    with models.drop_path_seed(tf.constant([1, 1], tf.int64)):
+      self.assertFalse(np.allclose(dropping(x, training=True), plain(x, training=True)))
 
   def test_keras_save_and_load_round_trip(self):
     model = models.get_model("resnet20", num_classes=10, sync_bn=True)

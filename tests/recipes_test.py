@@ -19,7 +19,7 @@ from absl.testing import absltest, parameterized
 from resnet_dist import checkpoints, export, models, train
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import AugmentConfig, Config
-from resnet_dist.data import augment, mixing
+from resnet_dist.data import augment, mixing, timm_augment
 from tests import fixtures, launching
 from resnet_dist.errors import ConfigError
 
@@ -182,6 +182,113 @@ class AugmentOpsTest(parameterized.TestCase):
     np.testing.assert_array_equal(outputs[0],
                                   augment.augment(IMAGE, options, tf.constant([3, 0], tf.int64)))
     self.assertGreater(len({out.numpy().tobytes() for out in outputs}), 2)
+
+
+class TimmRandAugmentTest(absltest.TestCase):
+  """timm's RandAugment against timm's definitions (data/auto_augment.py),
+  written here in numpy and by hand: the spec's parse, every op's argument at
+  a magnitude, the ops that differ from torchvision's, and the policy's
+  draws."""
+
+  def test_the_spec_string_parses_as_timms(self):
+    self.assertEqual(timm_augment.parse("rand-m6-mstd0.5-inc1"),
+                     timm_augment.Spec(magnitude=6, num_ops=2, magnitude_std=0.5,
+                                       magnitude_max=10, increasing=True, probability=0.5))
+    self.assertEqual(timm_augment.parse("rand-n3-m9-mstd101-mmax15-p0.7"),
+                     timm_augment.Spec(magnitude=9, num_ops=3, magnitude_std=math.inf,
+                                       magnitude_max=15, increasing=False, probability=0.7))
+    self.assertEqual(timm_augment.parse("rand"), timm_augment.Spec())
+    # timm tests the section's text ("0" is not empty): inc0 selects the increasing set.
+    self.assertTrue(timm_augment.parse("rand-m7-inc0").increasing)
+    with self.assertRaisesRegex(ValueError, "unknown section 'w0'"):
+      timm_augment.parse("rand-m9-w0")
+    for bad in ("rand-m9-x2", "rand-n0", "rand-p1.5", "randaug", "rand_m9"):
+      with self.assertRaisesRegex(ConfigError, "--augment"):
+        Config.from_flat(augment=bad).validate()
+
+  def test_each_ops_argument_is_timms_level_function(self):
+    def args(magnitude, negate, increasing=True):
+      spec = timm_augment.Spec(increasing=increasing)
+      values = timm_augment.arguments(spec, tf.constant(magnitude), tf.constant(negate))
+      return dict(zip(timm_augment.OPS, values.numpy().tolist()))
+
+    # m6 of the increasing set: rotate 6/10 of 30 degrees; posterize keeps
+    # 4 - int(2.4) bits; solarize's threshold 256 - int(153.6); solarize_add
+    # adds int(66.0); each blend's factor 1 +- 0.54; shear 0.18; translate
+    # 0.27 of the image.
+    expected = {"rotate": 18.0, "posterize": 2.0, "solarize": 103.0, "solarize_add": 66.0,
+                "color": 0.54, "contrast": 0.54, "brightness": 0.54, "sharpness": 0.54,
+                "shear_x": 0.18, "shear_y": 0.18, "translate_x": 0.27, "translate_y": 0.27}
+    for op, value in args(6.0, False).items():
+      self.assertAlmostEqual(value, expected.get(op, 0.0), places=5, msg=op)
+    negated = args(6.0, True)
+    for op in ("rotate", "color", "shear_x", "translate_y"):
+      self.assertAlmostEqual(negated[op], -expected[op], places=5, msg=op)
+    self.assertEqual((negated["posterize"], negated["solarize"]), (2.0, 103.0))  # unsigned
+    # At m10 a negated blend's factor is kept at 0.1, and posterize keeps no bit.
+    self.assertAlmostEqual(args(10.0, True)["color"], 0.1 - 1.0, places=5)
+    self.assertEqual(args(10.0, False)["posterize"], 0.0)
+    # The plain set: posterize int(2.4) bits, threshold int(153.6), factor 0.1 + 1.8 * 0.6.
+    plain = args(6.0, True, increasing=False)
+    self.assertEqual((plain["posterize"], plain["solarize"]), (2.0, 153.0))
+    self.assertAlmostEqual(plain["brightness"], 1.18 - 1.0, places=5)
+
+  def test_the_ops_that_differ_from_torchvisions(self):
+    image = PIXELS.astype(np.int64)
+    np.testing.assert_array_equal(timm_augment.solarize_add(IMAGE, tf.constant(66.0)),
+                                  np.where(image < 128, np.minimum(image + 66, 255), image))
+    # PIL's "L": 16-bit fixed-point weights, rounded.
+    luma = (image[..., 0] * 19595 + image[..., 1] * 38470 + image[..., 2] * 7471
+            + 32768) >> 16
+    np.testing.assert_array_equal(timm_augment.pil_grayscale(IMAGE)[..., 0], luma)
+    # PIL's Contrast blends towards the grayscale's mean rounded to an integer:
+    # degenerate + factor (image - degenerate), truncated.
+    mean = np.floor(luma.mean() + 0.5)
+    expected = np.floor(np.clip(mean + 0.46 * (image - mean), 0, 255))
+    got = timm_augment.contrast(IMAGE, tf.constant(-0.54)).numpy()
+    self.assertLessEqual(np.abs(got - expected).max(), 1)
+    self.assertGreater(np.mean(got == expected), 0.99)
+    # Translations are fractions of the image, unrounded, and uncover the mean colour.
+    moved = timm_augment.translate_x(IMAGE, tf.constant(0.25), "nearest",
+                                     timm_augment.FILL).numpy()
+    np.testing.assert_array_equal(moved[:, :24], PIXELS[:, 8:])
+    np.testing.assert_array_equal(moved[:, 24:], np.broadcast_to([124, 116, 104], (32, 8, 3)))
+    half = timm_augment.translate_y(IMAGE, tf.constant(0.5 / 32), "bilinear").numpy()
+    between = (PIXELS[:-1].astype(np.float64) + PIXELS[1:]) / 2
+    self.assertLessEqual(np.abs(half[:-1] - between).max(), 0.5 + 1e-6)
+    turned = timm_augment.apply_op(IMAGE, tf.constant(timm_augment.OPS.index("rotate")),
+                                   tf.constant(45.0), "bilinear").numpy()
+    np.testing.assert_array_equal(turned[0, 0], [124, 116, 104])
+
+  def test_a_quarter_of_the_images_are_left_alone_at_p_one_half(self):
+    """2 ops, each applied with probability 1/2: both left out for 1/4 of the
+    images; on this image every op at m6 changes something, so exactly
+    those are unchanged. torchvision's RandAugment changes all but a few."""
+    spec = timm_augment.parse("rand-m6-mstd0.5-inc1")
+    images = tf.data.Dataset.range(800).map(lambda i: timm_augment.rand_augment(
+        IMAGE, tf.stack([tf.constant(9, tf.int64), i]), spec, "bilinear"))
+    unchanged = [np.array_equal(out, PIXELS) for out in images.as_numpy_iterator()]
+    self.assertAlmostEqual(np.mean(unchanged), 0.25, delta=0.06)  # 4 sigma
+    self.assertEqual(
+        timm_augment.rand_augment(IMAGE, tf.constant([9, 5], tf.int64), spec, "bilinear")
+        .numpy().tobytes(),
+        timm_augment.rand_augment(IMAGE, tf.constant([9, 5], tf.int64), spec, "bilinear")
+        .numpy().tobytes())
+
+  def test_the_magnitude_noise_is_gaussian_or_uniform_and_clipped(self):
+    def draws(policy):
+      spec = timm_augment.parse(policy)
+      return np.array([timm_augment._magnitude(spec, tf.constant([1, i], tf.int64)).numpy()  # pylint: disable=protected-access
+                       for i in range(400)])
+
+    noisy = draws("rand-m6-mstd0.5")
+    self.assertAlmostEqual(noisy.mean(), 6.0, delta=0.1)
+    self.assertAlmostEqual(noisy.std(), 0.5, delta=0.07)
+    uniform = draws("rand-m8-mstd200")
+    self.assertAlmostEqual(uniform.mean(), 4.0, delta=0.4)
+    self.assertTrue(0 <= uniform.min() and uniform.max() <= 8)
+    self.assertEqual(draws("rand-m14-mstd0.5").max(), 10.0)  # clipped at 10 ...
+    self.assertGreater(draws("rand-m14-mstd0.5-mmax20").max(), 13.0)  # ... unless mmax
 
 
 class MixingTest(absltest.TestCase):

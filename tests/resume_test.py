@@ -24,7 +24,8 @@ from tests import fixtures
 # resume. The training size grows to 64 at step 11, after every stop.
 RECIPE = dict(ema_decay=0.9, ema_every_steps=2, mixup_alpha=0.2, cutmix_alpha=1.0,
               random_erasing=0.25, label_smoothing=0.1, progressive_resize=(32, 64, 0.2, 0.35),
-              grad_accum_steps=2, optimizer="lamb", loss="bce", base_learning_rate=0.01)
+              grad_accum_steps=2, optimizer="lamb", loss="bce", base_learning_rate=0.01,
+              drop_path_rate=0.3, repeated_augmentations=2)
 STEPS = 14
 
 
@@ -80,10 +81,11 @@ class ResumeTest(parameterized.TestCase):
       # Over replicas a stop's checkpoint holds the replicas' mean BN
       # statistics, which the run never stopped averages only at its next
       # save (docs/checkpoints.md): stopped on a regular save, it is exact.
-      ("mirrored_randaugment", "mirrored", "randaugment", 7))
+      ("mirrored_timm_randaugment", "mirrored", "rand-m9-mstd0.5-inc1", 7))
   def test_a_stopped_run_resumes_bit_exactly(self, strategy, policy, stop_after):
     """A resume that replayed a random draw differently (an augmentation,
-    mixing, erasing, the EMA's schedule) or lost optimizer state fails here."""
+    mixing, erasing, the blocks stochastic depth drops, the EMA's schedule,
+    the repeated examples) or lost optimizer state fails here."""
     changes = dict(strategy=strategy, augment=policy, randaugment_magnitude=12)
     stopped_dir = self.create_tempdir().full_path
     with stopping_after(stop_after), self.assertRaises(preemption.Preempted) as raised:

@@ -105,6 +105,23 @@ class ImagenetRecordsTest(parameterized.TestCase):
       seen += epoch
     self.assertCountEqual(seen, range(n))     # together: the dataset, no overlap
 
+  def test_repeated_augmentation_deals_each_records_copies_to_the_hosts_replicas(self):
+    """--repeated_augmentations=2 on records, one pipeline feeding 2 replicas:
+    each record's two copies go one to each replica, in the same step; an
+    epoch keeps its 512 positions (520 rounded down to a multiple of 256) and
+    holds 256 records twice each."""
+    directory = self.create_tempdir().full_path
+    images = [jpeg(i % 250, 8, 8) for i in range(520)]
+    records.write_imagenet_records(directory, "train", images, list(range(520)), 2)
+    source = data.get_source("imagenet", directory, num_classes=520)
+    spec = data.InputSpec(8, 32, seed=1, deterministic=True, repeats=2, shuffle_buffer=64)
+    ds = data.train_dataset_fn(source, "train", spec)(context(1, 0, 2))
+    batches = [b[1].numpy().tolist() for b in ds.take(64)]  # replica 0, replica 1, ...
+    for step in range(32):
+      self.assertEqual(batches[2 * step], batches[2 * step + 1], step)
+    counts = np.bincount(np.concatenate(batches), minlength=520)
+    self.assertEqual(set(counts.tolist()), {0, 2})
+
   def test_eval_is_exact_with_two_replicas_and_an_odd_count(self):
     directory = self.create_tempdir().full_path
     n = 37

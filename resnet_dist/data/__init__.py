@@ -3,7 +3,8 @@ sharded tf.data pipeline."""
 
 from resnet_dist.data.pipeline import (BAD_IMAGE, BAD_LABEL, InputSpec, check_batch_divides,
                                        check_decodable, data_errors, eval_dataset_fn,
-                                       eval_steps, input_threads, train_dataset_fn)
+                                       eval_steps, input_threads, repeated_epoch,
+                                       train_dataset_fn)
 from resnet_dist.data.preprocess import normalize
 from resnet_dist.data.sources import (DATASETS_HELP, IMAGENET_MEAN, IMAGENET_STD, Source,
                                       default_data_dir, get_source, is_dataset_name)
@@ -12,5 +13,5 @@ __all__ = ["BAD_IMAGE", "BAD_LABEL", "DATASETS_HELP", "IMAGENET_MEAN", "IMAGENET
            "InputSpec", "Source",
            "check_batch_divides", "check_decodable", "data_errors", "default_data_dir",
            "eval_dataset_fn", "eval_steps", "get_source", "input_threads", "is_dataset_name",
-           "normalize",
+           "normalize", "repeated_epoch",
            "train_dataset_fn"]

@@ -92,28 +92,38 @@ def magnitudes(policy, bins, size):
 
 # --- The ops: uint8 [H, W, 3] and a float32 magnitude -> uint8 [H, W, 3] ------
 
-def _transform(image, matrix, interpolation):
+def _transform(image, matrix, interpolation, fill=None):
   """Samples image at the input point matrix maps each output pixel (x, y) to
   (pixel centres at whole coordinates): x_in = a0 x + a1 y + a2, y_in = b0 x
-  + b1 y + b2. Nearest, or bilinear (for bilinear and bicubic), black outside."""
+  + b1 y + b2. Nearest, or bilinear (for bilinear and bicubic); outside the
+  image black, or the colour fill (3 values)."""
   transform = tf.concat([tf.cast(tf.stack(matrix), tf.float32), tf.zeros([2])], 0)
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
-      fill_value=0.0, interpolation="NEAREST" if interpolation == "nearest" else "BILINEAR",
-      fill_mode="CONSTANT")
-  return out[0]
+
+  def sampled(pixels):
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=pixels[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
+        fill_value=0.0, interpolation="NEAREST" if interpolation == "nearest" else "BILINEAR",
+        fill_mode="CONSTANT")[0]
+
+  if fill is None:
+    return sampled(image)
+  # The op fills with one value for every channel: sampling image - fill with
+  # zeros outside, then adding fill back, fills each channel with its own.
+  fill = tf.constant(fill, tf.float32)
+  out = sampled(tf.cast(image, tf.float32) - fill) + fill
+  return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
 # The shears are about the image's top-left corner, as torchvision's
-# (center=[0, 0] there is the corner, half a pixel before the first centre):
-# x_in + 1/2 = (x + 1/2) + m (y + 1/2).
+# (center=[0, 0] there is the corner, half a pixel before the first centre)
+# and PIL's: x_in + 1/2 = (x + 1/2) + m (y + 1/2).
 
-def shear_x(image, m, interpolation="nearest"):
-  return _transform(image, [1.0, m, m / 2, 0.0, 1.0, 0.0], interpolation)
+def shear_x(image, m, interpolation="nearest", fill=None):
+  return _transform(image, [1.0, m, m / 2, 0.0, 1.0, 0.0], interpolation, fill)
 
 
-def shear_y(image, m, interpolation="nearest"):
-  return _transform(image, [1.0, 0.0, 0.0, m, 1.0, m / 2], interpolation)
+def shear_y(image, m, interpolation="nearest", fill=None):
+  return _transform(image, [1.0, 0.0, 0.0, m, 1.0, m / 2], interpolation, fill)
 
 
 def _pixels(m):
@@ -121,21 +131,21 @@ def _pixels(m):
   return tf.sign(m) * tf.floor(tf.abs(m))
 
 
-def translate_x(image, m, interpolation="nearest"):
-  return _transform(image, [1.0, 0.0, -_pixels(m), 0.0, 1.0, 0.0], interpolation)
+def translate_x(image, m, interpolation="nearest", fill=None):
+  return _transform(image, [1.0, 0.0, -_pixels(m), 0.0, 1.0, 0.0], interpolation, fill)
 
 
-def translate_y(image, m, interpolation="nearest"):
-  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -_pixels(m)], interpolation)
+def translate_y(image, m, interpolation="nearest", fill=None):
+  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -_pixels(m)], interpolation, fill)
 
 
-def rotate(image, degrees, interpolation="nearest"):
+def rotate(image, degrees, interpolation="nearest", fill=None):
   """Counter-clockwise about the image's centre."""
   h, w = (tf.cast(d, tf.float32) for d in tf.unstack(tf.shape(image)[:2]))
   cx, cy = (w - 1) / 2, (h - 1) / 2
   c, s = tf.cos(degrees * math.pi / 180), tf.sin(degrees * math.pi / 180)
   return _transform(image, [c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy],
-                    interpolation)
+                    interpolation, fill)
 
 
 def _blend(image, other, factor):
@@ -288,16 +298,31 @@ def autoaugment(image, seed, options, interpolation):
 
 # The policy table (--augment): name -> policy(image, seed, options,
 # interpolation), where options is the run's config.AugmentConfig (a policy's
-# parameters live there) and interpolation its --interpolation.
+# parameters live there) and interpolation its --interpolation. Beside these,
+# --augment takes timm's RandAugment by its spec string (timm_augment.py).
 POLICIES = {"none": none, "trivialaugment_wide": trivialaugment_wide,
             "randaugment": randaugment, "autoaugment": autoaugment}
 
 
+def check_policy(policy):
+  """ValueError, one line, unless --augment names a policy."""
+  # timm_augment builds on this module's ops, hence the import here.
+  from resnet_dist.data import timm_augment  # pylint: disable=g-import-not-at-top
+  if timm_augment.is_spec(policy):
+    timm_augment.parse(policy)
+  elif policy not in POLICIES:
+    raise ValueError(f"unknown --augment={policy}; choose from {', '.join(POLICIES)}, or "
+                     f"timm's RandAugment as its spec string (rand-m6-mstd0.5-inc1)")
+
+
 def augment(image, options, seed, interpolation="nearest"):
   """image: uint8 [size, size, 3]; options: a config.AugmentConfig, whose
-  policy names the POLICIES entry; seed: int64 [2], this example's;
-  interpolation: how the geometric ops sample (preprocess.INTERPOLATIONS)."""
-  if options.policy not in POLICIES:
-    raise ValueError(f"unknown augmentation policy {options.policy!r}; choose from "
-                     f"{', '.join(POLICIES)}")
+  policy names the POLICIES entry or timm's RandAugment spec; seed: int64
+  [2], this example's; interpolation: how the geometric ops sample
+  (preprocess.INTERPOLATIONS)."""
+  from resnet_dist.data import timm_augment  # pylint: disable=g-import-not-at-top
+  check_policy(options.policy)
+  if timm_augment.is_spec(options.policy):
+    return timm_augment.rand_augment(image, seed, timm_augment.parse(options.policy),
+                                     interpolation)
   return POLICIES[options.policy](image, seed, options, interpolation)

@@ -36,6 +36,12 @@ _decoded_batches), or, with
 strict, stop the run naming the record or file. A label outside
 0..num_classes-1 always stops the run.
 
+Repeated augmentation (InputSpec.repeats, --repeated_augmentations): each
+epoch's stream holds every example `repeats` times running, cut to
+repeated_epoch() positions, and each global batch (indexed splits) or
+pipeline batch (record splits) is dealt to its replicas as torchvision's
+RASampler deals (_spread_copies), so the copies train on different replicas.
+
 Through a tf.data service (data_service set): see _service_train below.
 
 Evaluation: each pipeline's examples, then zero-weight padding up to the same
@@ -86,6 +92,19 @@ class InputSpec:
   crop: str = ""                  # a preprocess.CROPS entry; "": the source's
   interpolation: str = "bilinear"  # a preprocess.INTERPOLATIONS entry
   antialias: bool = False          # shrinking antialiased (preprocess._resized)
+  repeats: int = 1                 # --repeated_augmentations: copies of each example an epoch
+  resize_first: bool = False       # evaluation resizes, then crops (preprocess.preprocess)
+
+
+def repeated_epoch(num_examples, repeats, num_replicas):
+  """Training positions in an epoch of num_examples with each example
+  repeated `repeats` times, as torchvision's RASampler (DeiT's) sets it: the
+  examples rounded down to a multiple of 256, then of the replicas. So an
+  epoch takes as many steps as without repeats, and sees a repeats-th of the
+  examples, each `repeats` times, on as many replicas."""
+  if repeats == 1:
+    return num_examples
+  return (num_examples // 256 * 256) // num_replicas * num_replicas
 
 
 def check_batch_divides(global_batch_size, num_replicas):
@@ -309,7 +328,8 @@ def _preprocessor(fetch, source, split, spec, training):
                                       seed=seed, encoded=split.encoded,
                                       crop_fraction=spec.crop_fraction,
                                       interpolation=spec.interpolation,
-                                      antialias=spec.antialias)
+                                      antialias=spec.antialias,
+                                      resize_first=spec.resize_first)
     if training and spec.augment is not None:
       image = augment_lib.augment(image, spec.augment, seed + 8, spec.interpolation)
     return image, label, where, skipped
@@ -423,10 +443,28 @@ def _epoch_order(num_examples, seed, epoch):
       tf.range(num_examples, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
 
 
-def _epoch_indices(num_examples, seed, epoch):
-  """(index, global position) pairs of one epoch, in that epoch's order."""
-  positions = epoch * num_examples + tf.range(num_examples, dtype=tf.int64)
-  return tf.data.Dataset.from_tensor_slices((_epoch_order(num_examples, seed, epoch), positions))
+def _epoch_indices(num_examples, seed, epoch, repeats=1, length=None):
+  """(index, global position) pairs of one epoch, in that epoch's order: with
+  repeats, each index that many times running, the first `length` of them."""
+  length = num_examples if length is None else length
+  positions = epoch * length + tf.range(length, dtype=tf.int64)
+  order = tf.repeat(_epoch_order(num_examples, seed, epoch), repeats)[:length]
+  return tf.data.Dataset.from_tensor_slices((order, positions))
+
+
+def _spread_copies(ds, rows, columns):
+  """Deals each run of rows x columns elements out as torchvision's RASampler
+  deals its stream to `columns` replicas: element i * columns + c goes to
+  position c * rows + i, the c-th replica's chunk of `rows`. So the copies
+  of a repeated example, next to each other in the stream, go to different
+  replicas (with fewer replicas than copies, some share one)."""
+  def dealt(*block):
+    def transposed(t):
+      grid = tf.reshape(t, [rows, columns, *t.shape[1:]])
+      grid = tf.transpose(grid, [1, 0, *range(2, len(t.shape) + 1)])
+      return tf.reshape(grid, [rows * columns, *t.shape[1:]])
+    return tf.nest.map_structure(transposed, block)
+  return ds.batch(rows * columns, drop_remainder=True).map(dealt).unbatch()
 
 
 def _keep_own_chunks(ds, context, per_replica_batch):
@@ -440,10 +478,12 @@ def _keep_own_chunks(ds, context, per_replica_batch):
 def _indexed_train(source, split, spec, start_step, context):
   per_replica, pipeline_batch = _pipeline_batch(context, spec)
   n = split.num_examples
-  start = start_step * spec.global_batch_size
-  first_epoch, offset = start // n, start % n
+  length = repeated_epoch(n, spec.repeats, context.num_replicas_in_sync)
+  first_epoch, offset = divmod(start_step * spec.global_batch_size, length)
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
-      lambda epoch: _epoch_indices(n, spec.seed, epoch)).skip(offset)
+      lambda epoch: _epoch_indices(n, spec.seed, epoch, spec.repeats, length)).skip(offset)
+  if spec.repeats > 1:
+    ds = _spread_copies(ds, per_replica, context.num_replicas_in_sync)
   ds = _keep_own_chunks(ds, context, per_replica)
   return _train_batches(ds, _indexed_fetch(split), source, split, spec, per_replica)
 
@@ -556,6 +596,13 @@ def _record_train(source, split, spec, start_step, context):
   paths, remote = tf.constant(files), _remote(files)
   keep = _keeper(num_pipelines, p, example_level)
 
+  replicas = context.num_replicas_in_sync // num_pipelines
+  length = repeated_epoch(count, spec.repeats, replicas)
+  if length < pipeline_batch:
+    raise ConfigError(f"input pipeline {p} has {count} training examples, {length} once "
+                      f"rounded down for repeated augmentation: fewer than its "
+                      f"{pipeline_batch} per step")
+
   def epoch_records(epoch):
     order = _file_order(len(files), spec.seed, epoch)
     bases = (epoch * len(split.files) + tf.gather(indices, order)) * _FILE_STRIDE
@@ -569,11 +616,25 @@ def _record_train(source, split, spec, start_step, context):
     # seed when the graph seed is 0 (tf.random.set_seed(0)); this graph's own
     # seed makes the order depend on shuffle_seed alone.
     tf.compat.v1.get_default_graph().seed = 1
-    return ds.shuffle(spec.shuffle_buffer, seed=shuffle_seed)
+    ds = ds.shuffle(spec.shuffle_buffer, seed=shuffle_seed)
+    return _repeated_records(ds, spec.repeats).take(length) if spec.repeats > 1 else ds
 
-  first_epoch, offset = divmod(start_step * pipeline_batch, count)
+  first_epoch, offset = divmod(start_step * pipeline_batch, length)
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_records).skip(offset)
+  if spec.repeats > 1:
+    ds = _spread_copies(ds, per_replica, replicas)
   return _train_batches(ds, None, source, split, spec, per_replica)
+
+
+def _repeated_records(ds, repeats):
+  """Each (key, (record, where)) `repeats` times running, the copies keyed
+  key * repeats + copy, so each is augmented its own way; where still names
+  the record."""
+  def copies(key, record_and_where):
+    keys = key * repeats + tf.range(repeats, dtype=tf.int64)
+    return keys, tf.nest.map_structure(lambda t: tf.repeat(t[None], repeats, 0),
+                                       record_and_where)
+  return ds.map(copies).unbatch()
 
 
 def _record_eval(source, split, spec, context):

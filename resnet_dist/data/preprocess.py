@@ -16,7 +16,8 @@ Crops (Source.crop):
                  aspect ratio 3/4..4/3 covering at least 10% of the image,
                  decoded fused with the JPEG (only the crop is decoded),
                  resized, flipped. Evaluation: the central 87.5% (or
-                 crop_fraction) of the shorter side, resized.
+                 crop_fraction) of the shorter side, resized; or, with
+                 resize_first, resized so the crop is the output, then cropped.
   random_resized torchvision's RandomResizedCrop window instead (no coverage
                  rule, a fallback of the whole image cut to the ratio range),
                  otherwise as inception.
@@ -150,7 +151,14 @@ def _random_resized_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
 
 
 def _resized(image, size, interpolation="bilinear", antialias=False):
-  """uint8 [H, W, C] of any size -> uint8 [size, size, 3], rounded.
+  """uint8 [H, W, C] of any size -> uint8 [size, size, 3], rounded (_resized_to)."""
+  if image.shape[0] == size and image.shape[1] == size and image.shape[-1] == 3:
+    return image
+  return _resized_to(image, [size, size], interpolation, antialias)
+
+
+def _resized_to(image, shape, interpolation="bilinear", antialias=False):
+  """uint8 [H, W, C] -> uint8 [height, width, 3] (shape), rounded.
 
   antialias: shrink as PIL always does and torchvision by default, the filter
   widened by the scale so every input pixel counts (without it a bilinear
@@ -162,14 +170,28 @@ def _resized(image, size, interpolation="bilinear", antialias=False):
   """
   if image.shape[-1] == 1:
     image = tf.image.grayscale_to_rgb(image)
-  if image.shape[0] == size and image.shape[1] == size:
-    return image
   if interpolation == "nearest":
-    return tf.image.resize(image, [size, size], method="nearest")
-  image = tf.image.resize(image, [size, size], method=interpolation, antialias=antialias)
+    return tf.image.resize(image, shape, method="nearest")
+  image = tf.image.resize(image, shape, method=interpolation, antialias=antialias)
   if interpolation == "bilinear":  # a weighted mean: within 0..255
     return tf.cast(tf.round(image), tf.uint8)
   return tf.saturate_cast(tf.round(image), tf.uint8)  # bicubic overshoots at edges
+
+
+def _resized_then_centre(image, size, crop_fraction, interpolation, antialias):
+  """torchvision's evaluation, Resize(round(size / crop_fraction)) then
+  CenterCrop(size): the shorter side resized to that, the longer to
+  int(that * longer / shorter), the central size x size, its offsets
+  rounded half to even as Python's round()."""
+  short = round(size / crop_fraction)
+  height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float64))
+  new_height = tf.where(height <= width, float(short), tf.floor(short * height / width))
+  new_width = tf.where(height <= width, tf.floor(short * width / height), float(short))
+  image = _resized_to(image, tf.cast(tf.stack([new_height, new_width]), tf.int32),
+                      interpolation, antialias)
+  top = tf.cast(tf.round((new_height - size) / 2), tf.int32)
+  left = tf.cast(tf.round((new_width - size) / 2), tf.int32)
+  return image[top:top + size, left:left + size]
 
 
 def _pad_crop(image, size, seed, flip):
@@ -182,28 +204,34 @@ def _pad_crop(image, size, seed, flip):
 
 
 def preprocess(image, crop, size, training, seed, encoded,
-               crop_fraction=EVAL_CROP_FRACTION, interpolation="bilinear", antialias=False):
+               crop_fraction=EVAL_CROP_FRACTION, interpolation="bilinear", antialias=False,
+               resize_first=False):
   """One example -> uint8 [size, size, 3], cropped as `crop` (CROPS) says.
 
   image: uint8 [H, W, C], or encoded bytes (JPEG, PNG, ...) when encoded.
   seed: int64 [2], used only when training.
-  crop_fraction: evaluation's central crop, of the shorter side (inception):
-  224 / 232 is torchvision's "resize to 232, crop 224" (here cropped first,
-  then resized: the same but for the pixels within a filter's reach of the
-  crop's edge).
+  crop_fraction: evaluation's central crop, of the shorter side (inception).
+  resize_first: evaluation resizes the whole image so the crop is size (224
+  of 232: torchvision's), then crops, as torchvision and timm do; else it
+  crops the central crop_fraction, decoded fused with the JPEG, then resizes,
+  as MLPerf and Model Garden do. The two differ in the pixels within a
+  filter's reach of the crop's edge, and in where the crop falls by a
+  fraction of a pixel.
   interpolation: an INTERPOLATIONS entry, for every resize; antialias:
-  whether shrinking is antialiased (_resized).
+  whether shrinking is antialiased (_resized_to).
   """
-  if crop in ("inception", "random_resized"):
-    if training:
-      sample = _random_window if crop == "inception" else _random_resized_window
-      image = _decode_crop(image, encoded, lambda shape: sample(shape, seed))
-    else:
-      image = _decode_crop(image, encoded,
-                           lambda shape: _centre_window(shape, crop_fraction))
+  if crop in ("inception", "random_resized") and training:
+    sample = _random_window if crop == "inception" else _random_resized_window
+    image = _decode_crop(image, encoded, lambda shape: sample(shape, seed))
     image = _resized(image, size, interpolation, antialias)
-    if training:  # after resizing: an average crop has more pixels than the output
-      image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+    # After resizing: an average crop has more pixels than the output.
+    image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+  elif crop in ("inception", "random_resized") and resize_first:
+    image = _resized_then_centre(_decode(image) if encoded else image, size, crop_fraction,
+                                 interpolation, antialias)
+  elif crop in ("inception", "random_resized"):
+    image = _decode_crop(image, encoded, lambda shape: _centre_window(shape, crop_fraction))
+    image = _resized(image, size, interpolation, antialias)
   else:
     if encoded:
       image = _decode(image)

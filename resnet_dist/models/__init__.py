@@ -1,7 +1,7 @@
 """ResNet models by name, in torchvision's words: list_models, get_model,
 count_macs, and load_weights / save_weights for torchvision's and timm's files."""
 
-from resnet_dist.models.layers import BatchNorm
+from resnet_dist.models.layers import BatchNorm, drop_path_seed
 from resnet_dist.models.macs import graph_macs
 from resnet_dist.models import resnet
 from resnet_dist.models.resnet import VARIANTS, ResidualBlock
@@ -24,7 +24,7 @@ def get_model(name, num_classes=1000, **options):
   """Builds model `name` (see list_models) returning float32 logits.
 
   options: variant ("v1.5" default, "v1", "d"; ImageNet models), sync_bn,
-  zero_init_residual, image_size (None: any size >= 32), dtype (a Keras dtype
+  zero_init_residual, drop_path_rate, image_size (None: any size >= 32), dtype (a Keras dtype
   policy name such as "mixed_bfloat16").
   """
   if name not in MODELS:
@@ -57,6 +57,6 @@ def moving_statistics(model):
   return [v for v in model.variables if v.synchronization == "on_read"]
 
 
-__all__ = ["BatchNorm", "MODELS", "ResidualBlock", "VARIANTS", "count_macs", "get_model",
+__all__ = ["BatchNorm", "MODELS", "drop_path_seed", "ResidualBlock", "VARIANTS", "count_macs", "get_model",
            "list_models", "load_weights", "moving_statistics", "plain_variable",
            "save_weights", "weight_decay_variables"]

@@ -1,4 +1,8 @@
-"""Building layers shared by every ResNet: conv with torchvision padding, BatchNorm."""
+"""Building layers shared by every ResNet: conv with torchvision padding,
+BatchNorm, and stochastic depth (drop_path)."""
+
+import contextlib
+import threading
 
 import keras
 import tensorflow as tf
@@ -129,3 +133,37 @@ class BatchNorm(keras.layers.Layer):
     return {**super().get_config(), "momentum": self.momentum,
             "epsilon": self.epsilon, "synchronized": self.synchronized,
             "zero_init": self.zero_init}
+
+
+# --- Stochastic depth -----------------------------------------------------------------
+# The training step sets a stateless seed of its own (its step, micro-batch and
+# replica) around the forward pass; each block folds in its index. A resumed
+# run therefore drops the same blocks of the same examples. The seed is kept
+# per thread: a multi-replica strategy traces each replica in a thread of its own.
+
+_seeds = threading.local()
+
+
+@contextlib.contextmanager
+def drop_path_seed(seed):
+  """Within: drop_path draws from seed (int64 [2]); outside, unseeded."""
+  previous = getattr(_seeds, "seed", None)
+  _seeds.seed = seed
+  try:
+    yield
+  finally:
+    _seeds.seed = previous
+
+
+def drop_path(x, rate, index):
+  """Zeroes each example's x with probability rate, scaling the kept by
+  1 / (1 - rate), as timm's DropPath; index: the block's, to fold into the seed."""
+  shape = [tf.shape(x)[0]] + [1] * (len(x.shape) - 1)
+  seed = getattr(_seeds, "seed", None)
+  if seed is None:
+    draws = tf.random.uniform(shape)
+  else:
+    draws = tf.random.stateless_uniform(
+        shape, seed=tf.random.experimental.stateless_fold_in(seed, index))
+  keep = 1.0 - rate
+  return x * tf.cast(tf.cast(draws < keep, tf.float32) / keep, x.dtype)

@@ -14,7 +14,7 @@ import functools
 import keras
 import tensorflow as tf
 
-from resnet_dist.models.layers import BatchNorm, conv
+from resnet_dist.models.layers import BatchNorm, conv, drop_path
 
 VARIANTS = ("v1.5", "v1", "d")
 
@@ -60,14 +60,18 @@ class ResidualBlock(keras.layers.Layer):
   (ResNet-D: 2x2 average pool, then 1x1 conv + BN); "zero_pad" (CIFAR option A:
   subsample and pad channels with zeros, no parameters).
   stride_on: "3x3" (v1.5 and D) or "1x1" (v1: the stride on the first 1x1 conv).
+  drop_path_rate: in training, the probability of dropping the residual branch
+  of each example (stochastic depth); index: the block's place in the network.
   """
 
   def __init__(self, block, width, stride=1, shortcut="identity", stride_on="3x3",
-               sync_bn=False, zero_init_residual=False, **kwargs):
+               sync_bn=False, zero_init_residual=False, drop_path_rate=0.0, index=0,
+               **kwargs):
     super().__init__(**kwargs)
     self.config = dict(block=block, width=width, stride=stride, shortcut=shortcut,
                        stride_on=stride_on, sync_bn=sync_bn,
-                       zero_init_residual=zero_init_residual)
+                       zero_init_residual=zero_init_residual, drop_path_rate=drop_path_rate,
+                       index=index)
     self.out_channels = width * EXPANSION[block]
     dtype = kwargs.get("dtype")
 
@@ -109,6 +113,8 @@ class ResidualBlock(keras.layers.Layer):
 
   def call(self, inputs, training=False):
     residual = _apply(self.branch, inputs, training)
+    if training and self.config["drop_path_rate"] > 0:
+      residual = drop_path(residual, self.config["drop_path_rate"], self.config["index"])
     if self.config["shortcut"] == "zero_pad":
       identity = inputs[:, ::self.config["stride"], ::self.config["stride"], :]
       extra = self.out_channels - inputs.shape[-1]
@@ -128,11 +134,13 @@ class ResidualBlock(keras.layers.Layer):
 
 
 def build_resnet(name, num_classes=1000, variant="v1.5", sync_bn=False,
-                 zero_init_residual=False, image_size=None, dtype=None):
+                 zero_init_residual=False, drop_path_rate=0.0, image_size=None, dtype=None):
   """Returns the keras.Model `name` with logits in float32.
 
   image_size fixes the input's spatial size (None accepts any size >= 32);
-  dtype is a Keras dtype policy name such as "mixed_bfloat16".
+  dtype is a Keras dtype policy name such as "mixed_bfloat16". drop_path_rate:
+  stochastic depth, rising linearly from 0 at the first block to this at the
+  last, as timm's ResNets.
   """
   spec = SPECS[name]
   if variant not in VARIANTS:
@@ -160,9 +168,10 @@ def build_resnet(name, num_classes=1000, variant="v1.5", sync_bn=False,
   x = _apply(stem, x, training=None)
 
   channels = 16 if spec.cifar else 64
+  num_blocks, index = sum(spec.stage_sizes), 0
   for stage, (blocks, width) in enumerate(zip(spec.stage_sizes, spec.widths), start=1):
-    for index in range(blocks):
-      stride = 2 if stage > 1 and index == 0 else 1
+    for position in range(blocks):
+      stride = 2 if stage > 1 and position == 0 else 1
       out_channels = width * EXPANSION[spec.block]
       if stride == 1 and channels == out_channels:
         shortcut = "identity"
@@ -173,9 +182,10 @@ def build_resnet(name, num_classes=1000, variant="v1.5", sync_bn=False,
       x = ResidualBlock(
           spec.block, width, stride, shortcut,
           stride_on="1x1" if variant == "v1" else "3x3", sync_bn=sync_bn,
-          zero_init_residual=zero_init_residual, name=f"layer{stage}.{index}",
-          dtype=dtype)(x)
-      channels = out_channels
+          zero_init_residual=zero_init_residual,
+          drop_path_rate=drop_path_rate * index / max(num_blocks - 1, 1), index=index,
+          name=f"layer{stage}.{position}", dtype=dtype)(x)
+      channels, index = out_channels, index + 1
   x = keras.layers.GlobalAveragePooling2D(name="avgpool", dtype=dtype)(x)
   # The classifier runs in float32: logits feed a softmax cross-entropy.
   logits = keras.layers.Dense(
