@@ -141,15 +141,17 @@ flags.DEFINE_float("base_learning_rate", _default("base_learning_rate"),
                    "Learning rate per 256 examples; scaled by global_batch_size / 256.")
 flags.DEFINE_enum("lr_schedule", _default("lr_schedule"), list(optim.SCHEDULES),
                   "piecewise (x0.1 at --lr_boundary_epochs), cosine (per step, from the end "
-                  "of warmup), or timm_cosine (timm's: per epoch, warmup from "
-                  "--warmup_learning_rate, the cosine over all epochs).")
+                  "of warmup), timm_cosine (timm's: per epoch, warmup from "
+                  "--warmup_learning_rate, the cosine over all epochs) or torchvision_cosine "
+                  "(torchvision's: per epoch, the same warmup, the cosine after it).")
 flags.DEFINE_list("lr_boundary_epochs", [f"{e:g}" for e in _default("lr_boundary_epochs")],
                   "piecewise: epochs at which the learning rate drops x0.1.")
 flags.DEFINE_float("warmup_epochs", _default("warmup_epochs"), "Linear warmup length.",
                    lower_bound=0)
 flags.DEFINE_float("warmup_learning_rate", _default("warmup_learning_rate"),
-                   "timm_cosine: the learning rate of the first epoch, absolute (timm's "
-                   "--warmup-lr).", lower_bound=0)
+                   "timm_cosine, torchvision_cosine: the learning rate of the first epoch, "
+                   "absolute (timm's --warmup-lr; torchvision's --lr-warmup-decay times the "
+                   "peak).", lower_bound=0)
 flags.DEFINE_float("momentum", _default("momentum"), "Momentum.", lower_bound=0)
 flags.DEFINE_bool("nesterov", _default("nesterov"), "Nesterov momentum.")
 flags.DEFINE_float("weight_decay", _default("weight_decay"),

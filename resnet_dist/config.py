@@ -193,7 +193,7 @@ class OptimConfig:
   # piecewise: x0.1 at each (Goyal et al. 2017, for 90 ImageNet epochs)
   lr_boundary_epochs: Tuple[float, ...] = (30.0, 60.0, 80.0)
   warmup_epochs: float = 0.0
-  warmup_learning_rate: float = 1e-5  # timm_cosine: the first epoch's (absolute) rate
+  warmup_learning_rate: float = 1e-5  # the per-epoch schedules: the first epoch's (absolute) rate
   momentum: float = 0.9
   nesterov: bool = False
   weight_decay: float = 1e-4

@@ -54,30 +54,46 @@ def cosine(step, schedule):
   return _warmed_up(step, schedule, schedule.peak * 0.5 * (1.0 + tf.cos(math.pi * progress)))
 
 
-def timm_cosine(step, schedule):
-  """timm's CosineLRScheduler as its train.py runs it (per epoch, no warmup
-  prefix): the rate changes once an epoch; in epoch e < warmup it is
-  warmup_learning_rate + e * (peak - warmup_learning_rate) / warmup, and from
-  then on the cosine of e over all the run's epochs, warmup included, down
-  to 0 (timm's default --min-lr)."""
-  epoch = tf.floor(step / schedule.steps_per_epoch)
+def _epoch_warmup(epoch, schedule, decayed):
+  """The per-epoch schedules' warmup: in epoch e < warmup the rate is
+  warmup_learning_rate + e * (peak - warmup_learning_rate) / warmup; decayed after."""
   start, warmup = schedule.warmup_learning_rate, schedule.warmup_epochs
-  decayed = 0.5 * schedule.peak * (1.0 + tf.cos(math.pi * epoch / schedule.total_epochs))
   if not warmup:
     return decayed
   return tf.where(epoch < warmup, start + epoch * (schedule.peak - start) / warmup, decayed)
 
 
+def timm_cosine(step, schedule):
+  """timm's CosineLRScheduler as its train.py runs it (per epoch, no warmup
+  prefix): the rate changes once an epoch; after the warmup, the cosine of e
+  over all the run's epochs, warmup included, down to 0 (timm's default --min-lr)."""
+  epoch = tf.floor(step / schedule.steps_per_epoch)
+  return _epoch_warmup(epoch, schedule, 0.5 * schedule.peak * (
+      1.0 + tf.cos(math.pi * epoch / schedule.total_epochs)))
+
+
+def torchvision_cosine(step, schedule):
+  """torchvision's references/classification schedule: LinearLR warmup then
+  CosineAnnealingLR (eta_min 0) in a SequentialLR, stepped once an epoch;
+  the cosine runs over the epochs after the warmup, from the peak at its end.
+  LinearLR's start_factor f is warmup_learning_rate = f * peak here."""
+  epoch = tf.floor(step / schedule.steps_per_epoch)
+  span = max(schedule.total_epochs - schedule.warmup_epochs, 1.0)
+  progress = tf.clip_by_value((epoch - schedule.warmup_epochs) / span, 0.0, 1.0)
+  return _epoch_warmup(epoch, schedule, 0.5 * schedule.peak * (1.0 + tf.cos(math.pi * progress)))
+
+
 # The schedule table (--lr_schedule): name -> lr(step, LearningRate); step
 # is a float32 tensor.
-SCHEDULES = {"piecewise": piecewise, "cosine": cosine, "timm_cosine": timm_cosine}
+SCHEDULES = {"piecewise": piecewise, "cosine": cosine, "timm_cosine": timm_cosine,
+             "torchvision_cosine": torchvision_cosine}
 
 
 class LearningRate:
   """lr(step): a schedule of SCHEDULES, with its warmup. A function of the step.
 
   peak = base_learning_rate * global_batch_size / 256. boundary_epochs are
-  piecewise's, warmup_learning_rate (absolute) timm_cosine's; every schedule
+  piecewise's, warmup_learning_rate (absolute) the per-epoch ones'; every schedule
   ends at total_steps.
   """
 

@@ -55,6 +55,23 @@ class LearningRateTest(absltest.TestCase):
     ours = optim.LearningRate(1e-3, 2048, 625, 100 * 625, warmup_epochs=5, schedule="cosine")
     self.assertGreater(ours.value_at(50 * 625), lr.value_at(50 * 625) * 1.05)
 
+  def test_torchvision_cosine_is_its_sequential_warmup_then_cosine_per_epoch(self):
+    """The torchvision V2 recipe's numbers: peak 0.5 (0.125 at batch 1024),
+    LinearLR(start_factor=0.01, total_iters=5) then CosineAnnealingLR(T_max=
+    595), stepped once an epoch of 1251 steps; their closed forms, written
+    out here (t the epoch)."""
+    lr = optim.LearningRate(0.125, 1024, 1251, 600 * 1251, warmup_epochs=5,
+                            schedule="torchvision_cosine", warmup_learning_rate=0.005)
+
+    def torchvision(t):
+      if t < 5:
+        return 0.5 * (0.01 + (1 - 0.01) * t / 5)
+      return 0.5 * (1 + math.cos(math.pi * (t - 5) / 595)) / 2
+
+    for step in (0, 1250, 1251, 4 * 1251 + 9, 5 * 1251, 5 * 1251 + 1250, 300 * 1251,
+                 600 * 1251 - 1):
+      self.assertAlmostEqual(lr.value_at(step), torchvision(step // 1251), places=7, msg=step)
+
 
 class OptimizerTest(absltest.TestCase):
 
@@ -97,7 +114,8 @@ class OptimizerTest(absltest.TestCase):
 
   def test_the_tables_name_every_choice_and_build_it(self):
     self.assertEqual(list(optim.OPTIMIZERS), ["sgd", "lars", "lamb"])
-    self.assertEqual(list(optim.SCHEDULES), ["piecewise", "cosine", "timm_cosine"])
+    self.assertEqual(list(optim.SCHEDULES),
+                     ["piecewise", "cosine", "timm_cosine", "torchvision_cosine"])
     w = tf.Variable([1.0])
     for kind, cls in optim.OPTIMIZERS.items():
       self.assertIsInstance(optim.create_optimizer(kind, [w], [w], momentum=0.5), cls)
