@@ -289,9 +289,8 @@ def _ours(case, strategy):
   spec = data.InputSpec(case["batch"], size, shuffle_buffer=1000,
                         data_service=case.get("data_service", ""),
                         job_name=f"benchmark-{os.getpid()}-{time.time_ns()}")
-  iterator = iter(strategy.distribute_datasets_from_function(
-      data.train_dataset_fn(source, source.train_split, spec),
-      options=strategy_lib.input_options(strategy)))
+  iterator = iter(strategy_lib.distribute_input(
+      strategy, data.train_dataset_fn(source, source.train_split, spec)))
   return (lambda n: trainer.train_loop(iterator, tf.constant(n)),
           models.count_macs(trainer.model, size), trainer.model.compute_dtype)
 

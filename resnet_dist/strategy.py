@@ -381,10 +381,21 @@ def all_on_cpu(strategy):
   return all("CPU" in d.upper() for d in replica_devices(strategy))
 
 
-def input_options(strategy):
-  """How distributed datasets feed the replicas: with every replica on a CPU
-  the batches already live in host memory and are not copied to devices."""
-  return tf.distribute.InputOptions(experimental_fetch_to_device=not all_on_cpu(strategy))
+def distribute_input(strategy, dataset_fn):
+  """What the replicas take their batches from: the dataset dataset_fn makes
+  for each input pipeline, distributed by the strategy, and copied to the
+  devices unless every replica is a CPU device.
+
+  One replica on a CPU reads its dataset directly: a distributed dataset's
+  iterator (a MultiDeviceIterator, with nothing to copy here) slows every
+  training step in the process by 5-7% on CPUs, steps that do not read from
+  it included (docs/benchmarks.md), and strategy.run takes plain tensors.
+  """
+  if strategy.num_replicas_in_sync == 1 and all_on_cpu(strategy):
+    return dataset_fn(tf.distribute.InputContext())
+  return strategy.distribute_datasets_from_function(
+      dataset_fn, options=tf.distribute.InputOptions(
+          experimental_fetch_to_device=not all_on_cpu(strategy)))
 
 
 def _per_device_input_untuned():

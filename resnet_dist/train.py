@@ -302,8 +302,7 @@ class HostLoop:
     """The training iterator, positioned at `step` (see train_input)."""
     dataset_fn, spec = train_input(self.setup, step)
     self.fed_size = spec.image_size
-    return iter(self.setup.strategy.distribute_datasets_from_function(
-        dataset_fn, options=strategy_lib.input_options(self.setup.strategy)))
+    return iter(strategy_lib.distribute_input(self.setup.strategy, dataset_fn))
 
   def notices(self):
     """The preemption notices to stop at (--gce_metadata), without an earlier
@@ -634,9 +633,8 @@ def evaluate_split(trainer, source, split_name, spec, ema=False):
                           strategy_lib.num_input_pipelines(strategy))
   trainer.eval_metrics.reset()
   trainer.sync_moving_statistics()
-  dataset = strategy.distribute_datasets_from_function(
-      data.eval_dataset_fn(source, split_name, spec),
-      options=strategy_lib.input_options(strategy))
+  dataset = strategy_lib.distribute_input(strategy,
+                                          data.eval_dataset_fn(source, split_name, spec))
   with data.data_errors(source.num_classes):
     trainer.eval_loop(iter(dataset), tf.constant(steps), ema)
   result = trainer.eval_metrics.result()
