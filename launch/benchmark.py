@@ -176,7 +176,8 @@ def _bare_pipeline(files, size, batch_size, shuffle_buffer):
   return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-_AUGMENTED = ("randaugment", "trivialaugment_wide")
+# torchvision's two policies, and timm's RandAugment as the RSB A1/A2 recipes run it.
+_AUGMENTED = ("randaugment", "trivialaugment_wide", "rand-m7-mstd0.5-inc1")
 _SHUFFLE_BUFFER = 1000
 
 

@@ -83,7 +83,8 @@ class BenchmarkTest(absltest.TestCase):
     rows = report["results"]
     self.assertEqual([row["pipeline"] for row in rows],
                      ["resnet_dist", "resnet_dist randaugment",
-                      "resnet_dist trivialaugment_wide", "bare tf.data"])
+                      "resnet_dist trivialaugment_wide", "resnet_dist rand-m7-mstd0.5-inc1",
+                      "bare tf.data"])
     ours, bare = rows[0], rows[-1]
     for row in rows:
       self.assertEqual(row["cores"], 1)  # measured in a process on one CPU
@@ -91,7 +92,7 @@ class BenchmarkTest(absltest.TestCase):
       self.assertTrue(low - 1 <= row["images_per_second"] <= high + 1, row)  # ends are rounded
       self.assertGreater(row["cpu_ms_per_image"], 0)
       self.assertAlmostEqual(row["host_cores"], row["cpu_ms_per_image"], delta=0.06)  # 1000/s
-    for augmented in rows[1:3]:
+    for augmented in rows[1:4]:
       self.assertAlmostEqual(augmented["extra_cpu_ms_per_image"],
                              augmented["cpu_ms_per_image"] - ours["cpu_ms_per_image"], delta=0.01)
     self.assertAlmostEqual(ours["ratio_to_bare"],
