@@ -335,9 +335,10 @@ class ResizeTest(parameterized.TestCase):
     round(2.0) = 2 and columns round(7.5) = 8 on (half to even), 16 each."""
     image = (np.add.outer(np.arange(30) * 7, np.arange(47) * 3)[..., None] % 256
              * np.ones(3)).astype(np.uint8)
-    ours = preprocess.preprocess(tf.constant(image), "inception", 16, False, None,
-                                 encoded=False, crop_fraction=16 / 20, antialias=True,
-                                 resize_first=True).numpy()
+    evaluate = tf.function(lambda image: preprocess.preprocess(  # as the pipeline: a graph
+        image, "inception", 16, False, None, encoded=False, crop_fraction=16 / 20,
+        antialias=True, resize_first=True))
+    ours = evaluate(tf.constant(image)).numpy()
     reference = np.round(resampled(image, (20, 31), triangle, 1.0))[2:18, 8:24]
     self.assertLessEqual(np.abs(ours.astype(int) - reference).max(), 1)
     # Cropping first (MLPerf's) samples elsewhere: the crop's 24 pixels to 16.

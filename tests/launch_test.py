@@ -180,8 +180,8 @@ class RecipesTest(absltest.TestCase):
     """The torchvision and RSB recipes, each with every flag of its file
     (timm's RandAugment, stochastic depth, repeated augmentation, LAMB,
     BCE, ...) but the model, sizes and data, which the test shrinks: two
-    steps of ResNet-8 on synthetic 32-pixel images, as the docs' command
-    trains them at full size."""
+    steps of ResNet-8 on synthetic 32-pixel images and an evaluation, as
+    the docs' command runs them at full size."""
     recipes = sorted(glob.glob(os.path.join(launching.ROOT, "launch", "configs",
                                             "resnet50_imagenet_*_*.cfg")))
     recipes = [r for r in recipes if "rsb" in r or "torchvision" in r]
@@ -198,7 +198,7 @@ class RecipesTest(absltest.TestCase):
         "                     '--eval_image_size=32', '--eval_resize_size=36',\n"
         "                     '--global_batch_size=16', '--grad_accum_steps=1',\n"
         "                     '--strategy=one_device', '--dtype=fp32', '--enable_xla=false',\n"
-        "                     '--train_steps=2', '--steps_per_loop=1', '--skip_eval',\n"
+        "                     '--train_steps=2', '--steps_per_loop=1',\n"
         "                     '--model_dir=' + sys.argv[1] + '/' + path.split('/')[-1]])\n"
         "  summary = train.run(definitions.config_from_flags())\n"
         "  print(path.split('/')[-1], summary['global_step'], json.dumps(summary['train_loss']))\n")

@@ -183,10 +183,10 @@ def _resized_then_centre(image, size, crop_fraction, interpolation, antialias):
   CenterCrop(size): the shorter side resized to that, the longer to
   int(that * longer / shorter), the central size x size, its offsets
   rounded half to even as Python's round()."""
-  short = round(size / crop_fraction)
+  short = tf.constant(round(size / crop_fraction), tf.float64)
   height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float64))
-  new_height = tf.where(height <= width, float(short), tf.floor(short * height / width))
-  new_width = tf.where(height <= width, tf.floor(short * width / height), float(short))
+  new_height = tf.where(height <= width, short, tf.floor(short * height / width))
+  new_width = tf.where(height <= width, tf.floor(short * width / height), short)
   image = _resized_to(image, tf.cast(tf.stack([new_height, new_width]), tf.int32),
                       interpolation, antialias)
   top = tf.cast(tf.round((new_height - size) / 2), tf.int32)
