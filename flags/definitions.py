@@ -183,9 +183,9 @@ flags.DEFINE_float("cutmix_alpha", _default("cutmix_alpha"),
                    "CutMix: paste a box of another image, area ~ Beta(B, B); 0: off. With "
                    "mixup too, each batch gets one of the two.", lower_bound=0)
 flags.DEFINE_string("augment", _default("augment"),
-                    f"Automatic augmentation after the crop and flip: {', '.join(augment.POLICIES)} "
-                    "(torchvision's), or timm's RandAugment by its spec string, such as "
-                    "rand-m6-mstd0.5-inc1 (docs/recipes.md).")
+                    "Automatic augmentation after the crop and flip: "
+                    f"{', '.join(augment.POLICIES)} (torchvision's), or timm's RandAugment by "
+                    "its spec string, such as rand-m6-mstd0.5-inc1 (docs/recipes.md).")
 flags.DEFINE_integer("randaugment_num_ops", _default("randaugment_num_ops"),
                      "randaugment: ops applied to each image.", lower_bound=1)
 flags.DEFINE_integer("randaugment_magnitude", _default("randaugment_magnitude"),

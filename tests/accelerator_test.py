@@ -37,8 +37,9 @@ def build(strategy, **options):
   source = sources.synthetic_source(10, config.data.image_size, num_examples=16)
   keras.utils.set_random_seed(0)
   trainer = trainer_lib.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
-  dataset = strategy_lib.distribute_input(
-      strategy, data.train_dataset_fn(source, "train", data.InputSpec(BATCH, config.data.image_size)))
+  spec = data.InputSpec(BATCH, config.data.image_size)
+  dataset = strategy_lib.distribute_input(strategy,
+                                          data.train_dataset_fn(source, "train", spec))
   return trainer, iter(dataset)
 
 

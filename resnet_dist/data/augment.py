@@ -92,7 +92,7 @@ def magnitudes(policy, bins, size):
 
 # --- The ops: uint8 [H, W, 3] and a float32 magnitude -> uint8 [H, W, 3] ------
 
-def _transform(image, matrix, interpolation, fill=None):
+def affine(image, matrix, interpolation, fill=None):
   """Samples image at the input point matrix maps each output pixel (x, y) to
   (pixel centres at whole coordinates): x_in = a0 x + a1 y + a2, y_in = b0 x
   + b1 y + b2. Nearest, or bilinear (for bilinear and bicubic); outside the
@@ -119,11 +119,11 @@ def _transform(image, matrix, interpolation, fill=None):
 # and PIL's: x_in + 1/2 = (x + 1/2) + m (y + 1/2).
 
 def shear_x(image, m, interpolation="nearest", fill=None):
-  return _transform(image, [1.0, m, m / 2, 0.0, 1.0, 0.0], interpolation, fill)
+  return affine(image, [1.0, m, m / 2, 0.0, 1.0, 0.0], interpolation, fill)
 
 
 def shear_y(image, m, interpolation="nearest", fill=None):
-  return _transform(image, [1.0, 0.0, 0.0, m, 1.0, m / 2], interpolation, fill)
+  return affine(image, [1.0, 0.0, 0.0, m, 1.0, m / 2], interpolation, fill)
 
 
 def _pixels(m):
@@ -132,11 +132,11 @@ def _pixels(m):
 
 
 def translate_x(image, m, interpolation="nearest", fill=None):
-  return _transform(image, [1.0, 0.0, -_pixels(m), 0.0, 1.0, 0.0], interpolation, fill)
+  return affine(image, [1.0, 0.0, -_pixels(m), 0.0, 1.0, 0.0], interpolation, fill)
 
 
 def translate_y(image, m, interpolation="nearest", fill=None):
-  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -_pixels(m)], interpolation, fill)
+  return affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, -_pixels(m)], interpolation, fill)
 
 
 def rotate(image, degrees, interpolation="nearest", fill=None):
@@ -144,11 +144,11 @@ def rotate(image, degrees, interpolation="nearest", fill=None):
   h, w = (tf.cast(d, tf.float32) for d in tf.unstack(tf.shape(image)[:2]))
   cx, cy = (w - 1) / 2, (h - 1) / 2
   c, s = tf.cos(degrees * math.pi / 180), tf.sin(degrees * math.pi / 180)
-  return _transform(image, [c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy],
+  return affine(image, [c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy],
                     interpolation, fill)
 
 
-def _blend(image, other, factor):
+def blend(image, other, factor):
   """factor * image + (1 - factor) * other, clamped and truncated to uint8."""
   mixed = factor * tf.cast(image, tf.float32) + (1.0 - factor) * tf.cast(other, tf.float32)
   return tf.cast(tf.clip_by_value(mixed, 0.0, 255.0), tf.uint8)
@@ -162,15 +162,15 @@ def _grayscale(image):
 
 
 def brightness(image, m):
-  return _blend(image, tf.zeros_like(image), 1.0 + m)
+  return blend(image, tf.zeros_like(image), 1.0 + m)
 
 
 def color(image, m):
-  return _blend(image, _grayscale(image), 1.0 + m)
+  return blend(image, _grayscale(image), 1.0 + m)
 
 
 def contrast(image, m):
-  return _blend(image, tf.reduce_mean(tf.cast(_grayscale(image), tf.float32)), 1.0 + m)
+  return blend(image, tf.reduce_mean(tf.cast(_grayscale(image), tf.float32)), 1.0 + m)
 
 
 def sharpness(image, m):
@@ -183,7 +183,7 @@ def sharpness(image, m):
   smooth = tf.pad(tf.round(smooth), [[1, 1], [1, 1], [0, 0]])
   interior = tf.pad(tf.ones_like(smooth[1:-1, 1:-1]), [[1, 1], [1, 1], [0, 0]])
   degenerate = tf.where(interior > 0, smooth, tf.cast(image, tf.float32))
-  return _blend(image, degenerate, 1.0 + m)
+  return blend(image, degenerate, 1.0 + m)
 
 
 def posterize(image, bits):

@@ -135,13 +135,13 @@ def pil_grayscale(image):
 
 def color(image, m):
   """PIL's ImageEnhance.Color: a blend with the grayscale image."""
-  return augment._blend(image, pil_grayscale(image), 1.0 + m)  # pylint: disable=protected-access
+  return augment.blend(image, pil_grayscale(image), 1.0 + m)
 
 
 def contrast(image, m):
   """PIL's ImageEnhance.Contrast: a blend with the grayscale mean, rounded."""
   mean = tf.floor(tf.reduce_mean(tf.cast(pil_grayscale(image), tf.float32)) + 0.5)
-  return augment._blend(image, mean, 1.0 + m)  # pylint: disable=protected-access
+  return augment.blend(image, mean, 1.0 + m)
 
 
 def solarize_add(image, add):
@@ -153,12 +153,12 @@ def solarize_add(image, add):
 def translate_x(image, fraction, interpolation="nearest", fill=None):
   """PIL's affine (1, 0, f w, 0, 1, 0): the input pixel f w to the right, unrounded."""
   shift = fraction * tf.cast(tf.shape(image)[1], tf.float32)
-  return augment._transform(image, [1.0, 0.0, shift, 0.0, 1.0, 0.0], interpolation, fill)  # pylint: disable=protected-access
+  return augment.affine(image, [1.0, 0.0, shift, 0.0, 1.0, 0.0], interpolation, fill)
 
 
 def translate_y(image, fraction, interpolation="nearest", fill=None):
   shift = fraction * tf.cast(tf.shape(image)[0], tf.float32)
-  return augment._transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, shift], interpolation, fill)  # pylint: disable=protected-access
+  return augment.affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, shift], interpolation, fill)
 
 
 def _functions(interpolation):

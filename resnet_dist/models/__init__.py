@@ -24,8 +24,8 @@ def get_model(name, num_classes=1000, **options):
   """Builds model `name` (see list_models) returning float32 logits.
 
   options: variant ("v1.5" default, "v1", "d"; ImageNet models), sync_bn,
-  zero_init_residual, drop_path_rate, image_size (None: any size >= 32), dtype (a Keras dtype
-  policy name such as "mixed_bfloat16").
+  zero_init_residual, drop_path_rate (stochastic depth), image_size (None:
+  any size >= 32), dtype (a Keras dtype policy name such as "mixed_bfloat16").
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(list_models())}")
@@ -57,6 +57,6 @@ def moving_statistics(model):
   return [v for v in model.variables if v.synchronization == "on_read"]
 
 
-__all__ = ["BatchNorm", "MODELS", "drop_path_seed", "ResidualBlock", "VARIANTS", "count_macs", "get_model",
-           "list_models", "load_weights", "moving_statistics", "plain_variable",
+__all__ = ["BatchNorm", "MODELS", "ResidualBlock", "VARIANTS", "count_macs", "drop_path_seed",
+           "get_model", "list_models", "load_weights", "moving_statistics", "plain_variable",
            "save_weights", "weight_decay_variables"]
