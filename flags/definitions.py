@@ -208,7 +208,8 @@ flags.DEFINE_enum("crop", _default("crop"), ["", *preprocess.CROPS],
                   "torchvision's RandomResizedCrop, which timm uses too.")
 flags.DEFINE_enum("interpolation", _default("interpolation"), list(preprocess.INTERPOLATIONS),
                   "How every resize samples, in training and evaluation, and the geometric "
-                  "ops of --augment (nearest, or bilinear for bilinear and bicubic).")
+                  "ops of --augment (nearest, or else bilinear). random: each training crop "
+                  "bilinear or bicubic at even odds, every other resize bicubic (timm's).")
 flags.DEFINE_bool("antialias", _default("antialias"),
                   "Antialias every shrink, as PIL and torchvision do (their recipes and "
                   "weights expect it); it costs about as much input CPU as decoding.")

@@ -347,13 +347,36 @@ class ResizeTest(parameterized.TestCase):
                                           antialias=True).numpy()
     self.assertGreater(np.abs(cropped_first.astype(int) - reference).max(), 3)
 
+  def test_random_picks_bilinear_or_bicubic_per_training_crop_and_evaluates_bicubic(self):
+    """timm's RandomResizedCropAndInterpolation with its default 'random':
+    each crop bilinear or bicubic at even odds; evaluation bicubic."""
+    jpeg = tf.io.encode_jpeg(self.RAMP)
+    crop = tf.function(lambda seed, interpolation: preprocess.preprocess(
+        jpeg, "random_resized", 24, True, seed, encoded=True, interpolation=interpolation,
+        antialias=True))
+    picks = []
+    for i in range(40):
+      seed = tf.constant([5, i], tf.int64)
+      got = crop(seed, "random").numpy()
+      as_bilinear = np.array_equal(got, crop(seed, "bilinear").numpy())
+      as_bicubic = np.array_equal(got, crop(seed, "bicubic").numpy())
+      self.assertNotEqual(as_bilinear, as_bicubic, i)  # one of the two, and they differ
+      picks.append(as_bilinear)
+    self.assertBetween(np.mean(picks), 0.25, 0.75)
+    for interpolation in ("random", "bicubic"):
+      evaluated = preprocess.preprocess(jpeg, "inception", 24, False, None, encoded=True,
+                                        interpolation=interpolation).numpy()
+      np.testing.assert_array_equal(evaluated, preprocess.preprocess(
+          jpeg, "inception", 24, False, None, encoded=True, interpolation="bicubic").numpy())
+
   def test_the_flag_reaches_training_and_evaluation(self):
     jpeg = tf.io.encode_jpeg(self.STRIPES)
     seed = tf.constant([1, 2], tf.int64)
     for training in (False, True):
       outputs = {interpolation: preprocess.preprocess(
           jpeg, "inception", 32, training, seed, encoded=True,
-          interpolation=interpolation).numpy() for interpolation in preprocess.INTERPOLATIONS}
+          interpolation=interpolation).numpy()
+          for interpolation in ("bilinear", "bicubic", "nearest")}
       self.assertFalse(np.array_equal(outputs["bilinear"], outputs["bicubic"]), training)
       self.assertFalse(np.array_equal(outputs["bilinear"], outputs["nearest"]), training)
       antialiased = preprocess.preprocess(jpeg, "inception", 32, training, seed, encoded=True,

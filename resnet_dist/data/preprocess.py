@@ -32,8 +32,10 @@ import tensorflow as tf
 
 CROPS = ("inception", "random_resized", "pad_crop_flip", "pad_crop", "none")
 # --interpolation: how every resize samples (and the augmentation policies'
-# geometric ops, augment.py).
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# geometric ops, augment.py). random: each training crop bilinear or bicubic,
+# even odds, as timm's default (RandomResizedCropAndInterpolation); every
+# other resize bicubic, as timm evaluates its ResNets.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 EVAL_CROP_FRACTION = 0.875
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
@@ -178,6 +180,20 @@ def _resized_to(image, shape, interpolation="bilinear", antialias=False):
   return tf.saturate_cast(tf.round(image), tf.uint8)  # bicubic overshoots at edges
 
 
+def _fixed(interpolation):
+  """What a resize other than a training crop's samples by."""
+  return "bicubic" if interpolation == "random" else interpolation
+
+
+def _crop_resized(image, size, interpolation, antialias, seed):
+  """A training crop resized: under "random", bilinear or bicubic by a draw of its own."""
+  if interpolation != "random":
+    return _resized(image, size, interpolation, antialias)
+  return tf.cond(tf.random.stateless_uniform([], seed=seed + 2) < 0.5,
+                 lambda: _resized(image, size, "bilinear", antialias),
+                 lambda: _resized(image, size, "bicubic", antialias))
+
+
 def _resized_then_centre(image, size, crop_fraction, interpolation, antialias):
   """torchvision's evaluation, Resize(round(size / crop_fraction)) then
   CenterCrop(size): the shorter side resized to that, the longer to
@@ -223,19 +239,19 @@ def preprocess(image, crop, size, training, seed, encoded,
   if crop in ("inception", "random_resized") and training:
     sample = _random_window if crop == "inception" else _random_resized_window
     image = _decode_crop(image, encoded, lambda shape: sample(shape, seed))
-    image = _resized(image, size, interpolation, antialias)
+    image = _crop_resized(image, size, interpolation, antialias, seed)
     # After resizing: an average crop has more pixels than the output.
     image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
   elif crop in ("inception", "random_resized") and resize_first:
     image = _resized_then_centre(_decode(image) if encoded else image, size, crop_fraction,
-                                 interpolation, antialias)
+                                 _fixed(interpolation), antialias)
   elif crop in ("inception", "random_resized"):
     image = _decode_crop(image, encoded, lambda shape: _centre_window(shape, crop_fraction))
-    image = _resized(image, size, interpolation, antialias)
+    image = _resized(image, size, _fixed(interpolation), antialias)
   else:
     if encoded:
       image = _decode(image)
-    image = _resized(image, size, interpolation, antialias)
+    image = _resized(image, size, _fixed(interpolation), antialias)
     if training and crop in ("pad_crop_flip", "pad_crop"):
       image = _pad_crop(image, size, seed, flip=crop == "pad_crop_flip")
   image.set_shape([size, size, 3])
