@@ -198,6 +198,7 @@ class TimmRandAugmentTest(absltest.TestCase):
                      timm_augment.Spec(magnitude=9, num_ops=3, magnitude_std=math.inf,
                                        magnitude_max=15, increasing=False, probability=0.7))
     self.assertEqual(timm_augment.parse("rand"), timm_augment.Spec())
+    Config.from_flat(augment="rand").validate()  # timm's defaults: m10, n2
     # timm tests the section's text ("0" is not empty): inc0 selects the increasing set.
     self.assertTrue(timm_augment.parse("rand-m7-inc0").increasing)
     with self.assertRaisesRegex(ValueError, "unknown section 'w0'"):

@@ -22,10 +22,10 @@ contrast towards PIL's rounded grayscale.
 
 Where ours differs from timm's: timm picks bilinear or bicubic for each
 geometric op (under its default --train-interpolation=random); ours samples
-by the run's --interpolation, and bicubic samples bilinear here. PIL repeats
-an edge pixel where a bilinear sample falls within a pixel of the border and
-ours blends the fill in; and our geometric ops round where PIL truncates.
-Both move pixels by at most one level, or on the border.
+bilinear (nearest under --interpolation=nearest): TensorFlow's transform op
+has no bicubic. PIL repeats an edge pixel where a bilinear sample falls
+within a pixel of the border and ours blends the fill in, and our geometric
+ops round where PIL truncates: a pixel on the border, or one level.
 """
 
 import dataclasses
@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from resnet_dist.data import augment
 
-PREFIX = "rand-"
+PREFIX = "rand"
 LEVELS = 10.0  # timm's magnitude scale: an op's strength is magnitude / LEVELS of its range
 # timm fills with the model's mean colour, ImageNet's for its ResNets: round(255 * mean).
 FILL = (124.0, 116.0, 104.0)
@@ -61,7 +61,7 @@ class Spec:
 
 
 def is_spec(policy):
-  return policy.startswith(PREFIX)
+  return policy == PREFIX or policy.startswith(PREFIX + "-")
 
 
 def parse(policy):
@@ -115,7 +115,7 @@ def arguments(spec, magnitude, negate):
     threshold = tf.floor(level * 256)
     factor = level * 1.8 + 0.1
   values = {"autocontrast": 0.0, "equalize": 0.0, "invert": 0.0,
-            "rotate": sign * level * 30.0, "posterize": tf.minimum(bits, 8.0),
+            "rotate": sign * level * 30.0, "posterize": tf.clip_by_value(bits, 0.0, 8.0),
             "solarize": threshold, "solarize_add": tf.floor(level * 110),
             **{op: factor - 1.0 for op in _BLENDS},
             "shear_x": sign * level * 0.3, "shear_y": sign * level * 0.3,
