@@ -171,7 +171,7 @@ class AugmentConfig:
 
   def validate(self):
     try:
-      augment_lib.check_policy(self.policy)
+      augment_lib.policy(self.policy)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,

@@ -233,14 +233,19 @@ def identity(image, _=None):
   return image
 
 
+def switch_op(image, op, magnitude, functions):
+  """functions[op] (op an int32 tensor) of (image, magnitude), keeping the
+  image's static shape."""
+  out = tf.switch_case(op, [lambda f=f: f(image, magnitude) for f in functions])
+  return tf.ensure_shape(out, image.shape)
+
+
 def apply_op(image, op, magnitude, interpolation="nearest"):
   """OPS[op] (an int32 tensor) at magnitude, on one uint8 [H, W, 3] image;
   the geometric ops sample by interpolation."""
   functions = [functools.partial(globals()[name], interpolation=interpolation)
                if name in GEOMETRIC else globals()[name] for name in OPS]
-  shape = image.shape
-  out = tf.switch_case(op, [lambda f=f: f(image, magnitude) for f in functions])
-  return tf.ensure_shape(out, shape)
+  return switch_op(image, op, magnitude, functions)
 
 
 # --- The policies ---------------------------------------------------------------
@@ -304,25 +309,24 @@ POLICIES = {"none": none, "trivialaugment_wide": trivialaugment_wide,
             "randaugment": randaugment, "autoaugment": autoaugment}
 
 
-def check_policy(policy):
-  """ValueError, one line, unless --augment names a policy."""
+def policy(name):
+  """The policy(image, seed, options, interpolation) --augment names: a
+  POLICIES entry, or timm's RandAugment by its spec; ValueError, one line,
+  if it names none."""
   # timm_augment builds on this module's ops, hence the import here.
   from resnet_dist.data import timm_augment  # pylint: disable=g-import-not-at-top
-  if timm_augment.is_spec(policy):
-    timm_augment.parse(policy)
-  elif policy not in POLICIES:
-    raise ValueError(f"unknown --augment={policy}; choose from {', '.join(POLICIES)}, or "
+  if timm_augment.is_spec(name):
+    spec = timm_augment.parse(name)
+    return lambda image, seed, options, interpolation: timm_augment.rand_augment(
+        image, seed, spec, interpolation)
+  if name not in POLICIES:
+    raise ValueError(f"unknown --augment={name}; choose from {', '.join(POLICIES)}, or "
                      f"timm's RandAugment as its spec string (rand-m6-mstd0.5-inc1)")
+  return POLICIES[name]
 
 
 def augment(image, options, seed, interpolation="nearest"):
   """image: uint8 [size, size, 3]; options: a config.AugmentConfig, whose
-  policy names the POLICIES entry or timm's RandAugment spec; seed: int64
-  [2], this example's; interpolation: how the geometric ops sample
-  (preprocess.INTERPOLATIONS)."""
-  from resnet_dist.data import timm_augment  # pylint: disable=g-import-not-at-top
-  check_policy(options.policy)
-  if timm_augment.is_spec(options.policy):
-    return timm_augment.rand_augment(image, seed, timm_augment.parse(options.policy),
-                                     interpolation)
-  return POLICIES[options.policy](image, seed, options, interpolation)
+  policy names the policy (policy()); seed: int64 [2], this example's;
+  interpolation: how the geometric ops sample (preprocess.INTERPOLATIONS)."""
+  return policy(options.policy)(image, seed, options, interpolation)

@@ -444,10 +444,9 @@ def _epoch_order(num_examples, seed, epoch):
       tf.range(num_examples, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
 
 
-def _epoch_indices(num_examples, seed, epoch, repeats=1, length=None):
-  """(index, global position) pairs of one epoch, in that epoch's order: with
-  repeats, each index that many times running, the first `length` of them."""
-  length = num_examples if length is None else length
+def _epoch_indices(num_examples, seed, epoch, repeats, length):
+  """(index, global position) pairs of one epoch, in that epoch's order: each
+  index `repeats` times running, the first `length` of them."""
   positions = epoch * length + tf.range(length, dtype=tf.int64)
   order = tf.repeat(_epoch_order(num_examples, seed, epoch), repeats)[:length]
   return tf.data.Dataset.from_tensor_slices((order, positions))

@@ -177,10 +177,7 @@ def _functions(interpolation):
 
 def apply_op(image, op, argument, interpolation="nearest"):
   """OPS[op] at its argument (see arguments); op == len(OPS): unchanged."""
-  shape = image.shape
-  out = tf.switch_case(op, [lambda f=f: f(image, argument)
-                            for f in _functions(interpolation)])
-  return tf.ensure_shape(out, shape)
+  return augment.switch_op(image, op, argument, _functions(interpolation))
 
 
 # --- The policy ---------------------------------------------------------------------
