@@ -128,7 +128,10 @@ flags.DEFINE_float("epochs_between_evals", _default("epochs_between_evals"),
 flags.DEFINE_bool("skip_eval", _default("skip_eval"), "Never evaluate.")
 flags.DEFINE_enum("dtype", _default("dtype"), list(DTYPES),
                   "fp32; bf16 (mixed_bfloat16); fp16 (mixed_float16, dynamic loss scaling).")
-flags.DEFINE_bool("enable_xla", _default("enable_xla"), "Compile the replica step with XLA.")
+flags.DEFINE_bool("enable_xla", _default("enable_xla"),
+                  "Compile with XLA: the whole replica step on one device and on TPUs; "
+                  "forward and backward over several GPUs, the all-reduce and update "
+                  "outside (docs/distributed.md).")
 flags.DEFINE_enum("optimizer", _default("optimizer"), list(optim.OPTIMIZERS),
                   "sgd (momentum), lars (large batches) or lamb (timm's: Adam moments, "
                   "gradients clipped to norm 1, trust ratio on decayed kernels; ignores "
@@ -168,6 +171,11 @@ flags.DEFINE_bool("deterministic", _default("deterministic"),
                   "Deterministic kernels and training input in order: bit-identical reruns "
                   "and resumes, the same batches on any strategy; slower. Without it a slow "
                   "image holds up nothing and each example keeps its augmentation.")
+flags.DEFINE_integer("progress_timeout_seconds", _default("progress_timeout_seconds"),
+                     "A run whose steps, saves or evaluations make no progress for this "
+                     "long (a stuck peer, a read that never returns) ends with one line and "
+                     "status 70, for its launcher to restart it; longer than your slowest "
+                     "evaluation or save. 0: never.", lower_bound=0)
 
 # Recipe: each is off by default (docs/recipes.md)
 flags.DEFINE_float("ema_decay", _default("ema_decay"),

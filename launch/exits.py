@@ -17,10 +17,13 @@ import signal
 import sys
 import tempfile
 
+from resnet_dist import watchdog
+
 OK = 0
 USAGE = 2         # bad flags, data or checkpoints: one line on stderr, nothing lost
 NONFINITE = 3     # a non-finite loss or weights; the last good checkpoint is kept
 WORKER_LOST = 69  # EX_UNAVAILABLE: another worker of a multi-worker run died
+STALLED = watchdog.STALLED  # 70: no progress for --progress_timeout_seconds; run again
 STORAGE = 74      # EX_IOERR: a file could not be written (full disk, read-only dir)
 PREEMPTED = 75    # EX_TEMPFAIL: stopped by SIGTERM or SIGINT after saving; run again
 INTERRUPTED = 130  # the shell's status for SIGINT: interrupted outside training steps
@@ -31,19 +34,35 @@ _console = [2]  # the fd of the user's stderr, also while quiet_start() hides fd
 
 @contextlib.contextmanager
 def quiet_start():
-  """Keeps TensorFlow's native log lines off a healthy run's console.
+  """Starts an entrypoint: this task's GPUs claimed before TensorFlow loads,
+  and TensorFlow's native log lines kept off a healthy run's console.
+
+  TensorFlow's GPUs are fixed the first time it lists them, and it lists
+  them before main() runs (its tf.distribute test helpers, which `import
+  tensorflow` loads, do so as absl's app.run starts): a task of several on
+  a node whose GPUs it shares takes its share (cluster.claim_local_gpus)
+  before that, here.
 
   Loading TensorFlow writes lines straight to stderr (CUDA probing, oneDNN,
-  "All log messages before absl::InitializeLog()") before any setting is read,
-  so stderr is closed while it loads; TF_CPP_MIN_LOG_LEVEL=3 then keeps the
-  later ones (a failed cuInit on a machine without GPUs) quiet. Errors still
-  reach the user as exceptions. Setting TF_CPP_MIN_LOG_LEVEL yourself (0
-  shows everything) brings all of them back.
+  "All log messages before absl::InitializeLog()") before any setting is
+  read, so stderr is closed while it loads and while it first lists the GPUs
+  (on a host without any, CUDA's failed start is logged as an error). After
+  that TF_CPP_MIN_LOG_LEVEL=3 keeps a lone process quiet: its errors reach
+  the user as exceptions. A task of several, or a TPU's client, gets 2
+  instead: the errors that explain why a task died (the coordination
+  service's lost heartbeats, aborted collectives, NCCL's and the TPU
+  runtime's) are logged by threads of TensorFlow's own, never raised where
+  we could print them; a healthy run logs no error. Setting
+  TF_CPP_MIN_LOG_LEVEL yourself (0 shows everything) brings all of them back.
   """
+  cluster = _cluster_of_environment()
+  if cluster is not None:
+    from resnet_dist import cluster as cluster_lib  # pylint: disable=g-import-not-at-top
+    cluster_lib.claim_local_gpus(cluster)
   if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
     yield
     return
-  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2" if _shows_runtime_errors(cluster) else "3"
   sys.stderr.flush()
   saved = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)
@@ -51,11 +70,31 @@ def quiet_start():
   _console[0] = saved
   try:
     yield
+    if "tensorflow" in sys.modules:
+      sys.modules["tensorflow"].config.list_physical_devices("GPU")
   finally:
     _console[0] = 2
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
+
+
+def _cluster_of_environment():
+  """The cluster this process's environment names (cluster.from_environment),
+  or None; one that is malformed is said in one line once the flags are read."""
+  from resnet_dist import cluster  # pylint: disable=g-import-not-at-top  # light: no TensorFlow
+  from resnet_dist.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    return cluster.from_environment()
+  except ConfigError:
+    return None
+
+
+def _shows_runtime_errors(cluster):
+  """Whether this process is one task of several or may drive a TPU, whose
+  runtimes log the errors that end a run (quiet_start)."""
+  from resnet_dist import cluster as cluster_lib  # pylint: disable=g-import-not-at-top
+  return cluster_lib.is_multi_task(cluster) or cluster_lib.tpu_attached()
 
 
 def error(message):

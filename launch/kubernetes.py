@@ -12,15 +12,23 @@ from JOB_COMPLETION_INDEX and every worker's address from the two variables
 the manifest sets (resnet_dist/cluster.py), so every pod runs the same
 command. The manifest is JSON, which kubectl reads as it reads YAML.
 
-What happens when a pod ends:
+What happens when a pod ends (docs/distributed.md has the Kubernetes
+version each field needs):
 - A bad flag or bad data (status 2) or a non-finite loss (3) fails the Job:
   running it again would fail again.
-- A pod that was preempted or evicted does not count against the Job's
-  retries; its replacement gets the same name, and every worker resumes from
-  the last checkpoint. Kubernetes sends SIGTERM first and waits
-  --grace_seconds, in which the trainer saves (status 75).
-- Any other failure (a lost peer is status 69 on every other worker) counts
-  against --max_restarts retries of each worker.
+- A pod that was preempted or evicted, or whose node was lost, does not count
+  against the Job's retries; its replacement gets the same name, and every
+  worker resumes from the last checkpoint. Kubernetes sends SIGTERM first and
+  waits --grace_seconds, in which the trainer saves (status 75). A lost node's
+  pods are evicted after --node_lost_seconds (Kubernetes' default: 300).
+- What the other workers do when one fails or stops, status 69 (a peer lost)
+  and 75 (saved at a peer's stop), counts neither: an incident costs one
+  retry, not one per worker.
+- Any other failure, the stuck run's 70 (the progress watchdog) among them,
+  counts against --max_restarts retries of that worker's index, and against
+  --max_restarts x --num_workers in all where a cluster has no per-index
+  limits. A replacement starts only once the pod it replaces has ended, so
+  two pods of one index never run at once.
 """
 
 import dataclasses
@@ -38,6 +46,8 @@ from resnet_dist.cluster import K8S_NUM_WORKERS, K8S_WORKER_ADDRESS
 CONTAINER = "train"
 # Statuses (launch/exits.py) that fail the Job at once: the next try would fail alike.
 _FINAL_STATUSES = (exits.USAGE, exits.NONFINITE)
+# What a worker does because another one failed or stopped: not an incident of its own.
+_ECHO_STATUSES = (exits.WORKER_LOST, exits.PREEMPTED)
 _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -57,6 +67,7 @@ class Job:
   namespace: str = ""
   max_restarts: int = 3
   grace_seconds: int = 120
+  node_lost_seconds: int = 30
   workdir: str = "/workspace/resnet_dist"
   python: str = "python"
   volume: str = ""
@@ -89,6 +100,10 @@ _MAX_RESTARTS = flags.DEFINE_integer(
 _GRACE = flags.DEFINE_integer(
     "grace_seconds", Job.grace_seconds,
     "Between SIGTERM and SIGKILL: time for the checkpoint.", lower_bound=1)
+_NODE_LOST = flags.DEFINE_integer(
+    "node_lost_seconds", Job.node_lost_seconds,
+    "How long a pod waits on a node that is unreachable or not ready before it is "
+    "evicted and replaced (Kubernetes' default: 300).", lower_bound=0)
 _WORKDIR = flags.DEFINE_string("workdir", Job.workdir, "Where the image holds this project.")
 _PYTHON = flags.DEFINE_string("python", Job.python, "The image's Python with the dependencies.")
 _VOLUME = flags.DEFINE_string(
@@ -136,6 +151,9 @@ def _pod(job, labels):
           "subdomain": job.name,  # the Service's name: NAME-i.NAME resolves
           "restartPolicy": "Never",  # what podFailurePolicy requires
           "terminationGracePeriodSeconds": job.grace_seconds,
+          "tolerations": [{"key": f"node.kubernetes.io/{taint}", "operator": "Exists",
+                           "effect": "NoExecute", "tolerationSeconds": job.node_lost_seconds}
+                          for taint in ("unreachable", "not-ready")],
           "containers": [container],
           "volumes": volumes,
       },
@@ -164,11 +182,17 @@ def manifest(job):
           "completionMode": "Indexed",
           "completions": job.num_workers,
           "parallelism": job.num_workers,
+          "backoffLimitPerIndex": job.max_restarts,
+          "maxFailedIndexes": 0,  # a worker out of retries ends the run
           "backoffLimit": job.max_restarts * job.num_workers,
+          "podReplacementPolicy": "Failed",
           "podFailurePolicy": {"rules": [
               {"action": "FailJob", "onExitCodes": {
                   "containerName": CONTAINER, "operator": "In",
                   "values": list(_FINAL_STATUSES)}},
+              {"action": "Ignore", "onExitCodes": {
+                  "containerName": CONTAINER, "operator": "In",
+                  "values": list(_ECHO_STATUSES)}},
               {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
           ]},
           "template": _pod(job, labels),
@@ -185,6 +209,7 @@ def main(argv):
   job = Job(_NAME.value, _IMAGE.value, argv[1:], num_workers=_NUM_WORKERS.value,
             gpus_per_worker=_GPUS.value, port=_PORT.value, namespace=_NAMESPACE.value,
             max_restarts=_MAX_RESTARTS.value, grace_seconds=_GRACE.value,
+            node_lost_seconds=_NODE_LOST.value,
             workdir=_WORKDIR.value, python=_PYTHON.value, volume=_VOLUME.value)
   try:
     text = manifest(job)

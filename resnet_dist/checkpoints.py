@@ -5,12 +5,10 @@ checkpoints are of, checked on resume), classes.json (label id -> name),
 summary.json, and the TensorBoard logs (monitor.py).
 """
 
-import contextlib
 import datetime
 import json
 import os
 import re
-import socket
 
 import tensorflow as tf
 
@@ -54,61 +52,6 @@ def check_writable(model_dir):
     tf.io.gfile.remove(probe)
   except (tf.errors.OpError, OSError) as e:
     raise ConfigError(f"--model_dir={model_dir} is not writable ({e})") from None
-
-
-LOCK_FILE = "training.lock"  # host and pid of the run training in a model_dir
-
-
-@contextlib.contextmanager
-def run_lock(model_dir, chief):
-  """Holds model_dir for this run: a second run on it fails with one line.
-
-  The lock file names the host and pid; a lock left by a process of this host
-  that no longer exists (killed, crashed) is taken over with a warning. Only
-  the chief holds it: the workers of one run share the model_dir.
-  """
-  if not chief:
-    yield
-    return
-  path = os.path.join(model_dir, LOCK_FILE)
-  host, pid = socket.gethostname(), os.getpid()
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      holder = f.read().split()
-    held_by = " ".join(holder)
-    if len(holder) != 2 or holder[0] != host or _alive(int(holder[1])):
-      raise ConfigError(f"--model_dir={model_dir} is in use by another run ({held_by}); if "
-                        f"that run is gone, delete {path}")
-    log(f"warning: taking over the lock of a run that is gone ({held_by})")
-  with tf.io.gfile.GFile(path, "w") as f:
-    f.write(f"{host} {pid}\n")
-  _held.add(path)
-  try:
-    yield
-  finally:
-    release_locks()
-
-
-_held = set()  # the lock file this process holds, if any
-
-
-def release_locks():
-  """Removes the run lock this process holds: run_lock's own way out, and
-  the one a thread that ends the process at once (os._exit) calls first."""
-  while _held:
-    path = _held.pop()
-    if tf.io.gfile.exists(path):
-      tf.io.gfile.remove(path)
-
-
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, another user's
-    return True
-  return True
 
 
 def checkpoint_dir(model_dir):
@@ -272,11 +215,18 @@ def restore_model(model, path, key=MODEL_KEY):
     raise ConfigError(f"cannot read checkpoint {path} ({_first_line(e)})") from None
 
 
-def save(manager, step):
+def save(manager, step, chief=True):
   """manager.save(step); a failed write (a full disk) leaves no half-written
-  checkpoint behind and raises StorageError, the earlier checkpoints intact."""
+  checkpoint behind and raises StorageError, the earlier checkpoints intact.
+
+  A worker that is not the chief saves only because saving is collective:
+  its copy (save_manager's scratch dir) is deleted once written, or every
+  save would leave N-1 extra checkpoints on the run's shared storage.
+  """
   try:
     manager.save(checkpoint_number=step)
+    if not chief:
+      tf.io.gfile.rmtree(manager.directory)
   except (tf.errors.OpError, OSError) as e:
     for partial in tf.io.gfile.glob(os.path.join(manager.directory, f"ckpt-{step}_temp*")):
       (tf.io.gfile.rmtree if tf.io.gfile.isdir(partial) else tf.io.gfile.remove)(partial)

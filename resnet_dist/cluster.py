@@ -14,6 +14,8 @@ of several tasks never trains a model of its own.
 """
 
 import dataclasses
+import glob
+import hashlib
 import json
 import os
 import re
@@ -38,20 +40,32 @@ class Cluster:
   local_tasks: int = 1      # tasks on this host (SLURM: one per GPU, or one per node)
   local_index: int = 0
   gpus_on_host: int = 0     # as the scheduler says (SLURM_GPUS_ON_NODE); 0: not said
+  run: str = ""             # the job all these tasks are one run of (see run_name)
+  has_chief: bool = False   # tasks[0] is TF_CONFIG's "chief" job, the rest "worker"
 
   @property
   def num_tasks(self):
     return len(self.tasks)
 
-  def resolver(self):
-    """A cluster resolver for MultiWorkerMirroredStrategy."""
+  def resolver(self, num_gpus):
+    """A cluster resolver for MultiWorkerMirroredStrategy whose task holds
+    num_gpus GPUs (the ones it sees, after claim_local_gpus).
+
+    MultiWorkerMirroredStrategy counts a task's GPUs itself only for a
+    TFConfigClusterResolver (all it sees, whatever --num_gpus says, and by
+    starting TensorFlow's runtime, which must not start before the
+    strategy); any other resolver is asked num_accelerators(), which a
+    SimpleClusterResolver answers with what it was given, {} by default: one
+    CPU replica per task, its GPUs idle. So every source, TF_CONFIG's too,
+    gets a SimpleClusterResolver told its GPUs.
+    """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel  # this module is light
-    resolvers = tf.distribute.cluster_resolver
-    if self.source == "TF_CONFIG":
-      return resolvers.TFConfigClusterResolver()
-    return resolvers.SimpleClusterResolver(
-        tf.train.ClusterSpec({"worker": list(self.tasks)}), task_type=self.task_type,
-        task_id=self.task_index, rpc_layer="grpc")
+    jobs = ({"chief": list(self.tasks[:1]), "worker": list(self.tasks[1:])} if self.has_chief
+            else {"worker": list(self.tasks)})
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({job: tasks for job, tasks in jobs.items() if tasks}),
+        task_type=self.task_type, task_id=self.task_index, rpc_layer="grpc",
+        num_accelerators={"GPU": num_gpus} if num_gpus else None)
 
 
 def from_tf_config(text):
@@ -64,6 +78,9 @@ def from_tf_config(text):
     raise ConfigError('TF_CONFIG has no "cluster": expected {"cluster": {"worker": '
                       '["HOST:PORT", ...]}, "task": {"type": "worker", "index": I}}')
   jobs = spec["cluster"]
+  if len(jobs.get("chief", ())) > 1:
+    raise ConfigError(f'TF_CONFIG\'s "chief" job has {len(jobs["chief"])} tasks; it takes one '
+                      f'(the others belong in "worker")')
   tasks = tuple(address for job in _TRAINING_JOBS for address in jobs.get(job, ()))
   task = spec.get("task") or {}
   task_type, task_index = task.get("type"), task.get("index", 0)
@@ -71,7 +88,11 @@ def from_tf_config(text):
       0 <= task_index < len(jobs.get(task_type, ()))):
     raise ConfigError(f'TF_CONFIG\'s "task" ({json.dumps(task)}) is not one of its cluster\'s '
                       f'chief or worker tasks')
-  return Cluster("TF_CONFIG", tasks, task_type, task_index)
+  # The cluster itself names the run: the same TF_CONFIG restarted anywhere is
+  # the same run (a pod's DNS names, a fixed host list).
+  digest = hashlib.sha256(json.dumps(jobs, sort_keys=True).encode()).hexdigest()[:12]
+  return Cluster("TF_CONFIG", tasks, task_type, task_index, run=f"TF_CONFIG cluster {digest}",
+                 has_chief=bool(jobs.get("chief")))
 
 
 # --- SLURM ----------------------------------------------------------------------
@@ -105,12 +126,27 @@ def expand_tasks_per_node(text):
   return counts
 
 
+# Ports derived from the job ID stay below Linux's ephemeral range (32768 and
+# up by default), where the kernel hands out the ports of outgoing
+# connections and a derived port could already be taken.
+_SLURM_PORTS = (12000, 32768)
+_SLURM_PORTS_PER_JOB = 16
+
+
 def slurm_port(environ, port):
-  """The first port of a job's tasks on each node: --cluster_port, else one
-  of its own from the job ID, so that jobs sharing a node do not collide."""
+  """The first port of a job's tasks on each node: --cluster_port; else the
+  first of the ports SLURM reserved for the step (srun --resv-ports, where a
+  site's MpiParams sets a range); else one of the job's own from its ID, so
+  that jobs sharing a node do not collide."""
   if port:
     return port
-  return 20000 + 16 * (int(environ.get("SLURM_JOB_ID", "0")) % 2500)
+  reserved = environ.get("SLURM_STEP_RESV_PORTS", "")
+  match = re.match(r"(\d+)", reserved)
+  if match:
+    return int(match.group(1))
+  first, end = _SLURM_PORTS
+  slots = (end - first) // _SLURM_PORTS_PER_JOB
+  return first + _SLURM_PORTS_PER_JOB * (int(environ.get("SLURM_JOB_ID", "0")) % slots)
 
 
 def from_slurm(environ, port=0):
@@ -135,9 +171,11 @@ def from_slurm(environ, port=0):
       node and places[index][0] != node):
     raise ConfigError(f"SLURM task {index} (local {local} on {node}) is not where block "
                       f"distribution puts it: run srun with --distribution=block")
+  # A requeued job keeps its ID (an array task has one of its own).
   return Cluster("SLURM", tasks, "worker", index,
                  local_tasks=counts[hosts.index(places[index][0])], local_index=local,
-                 gpus_on_host=int(environ.get("SLURM_GPUS_ON_NODE") or 0))
+                 gpus_on_host=int(environ.get("SLURM_GPUS_ON_NODE") or 0),
+                 run=f"SLURM job {environ.get('SLURM_JOB_ID', '?')}")
 
 
 def _in_slurm_step(environ):
@@ -165,7 +203,9 @@ def from_kubernetes(environ):
   if not 0 <= index < num_workers:
     raise ConfigError(f"JOB_COMPLETION_INDEX={index} is outside {num_workers} workers")
   tasks = tuple(pattern.replace("{index}", str(i)) for i in range(num_workers))
-  return Cluster("Kubernetes", tasks, "worker", index)
+  # The pods' addresses hold the Job's name: a replaced pod, or the Job
+  # applied again, is the same run.
+  return Cluster("Kubernetes", tasks, "worker", index, run=f"Kubernetes Job {pattern}")
 
 
 def _in_kubernetes_job(environ):
@@ -199,11 +239,20 @@ def is_multi_task(cluster: Optional[Cluster]):
   return cluster is not None and cluster.num_tasks > 1
 
 
+def gpu_share(cluster):
+  """How many GPUs each task of this host trains on where several tasks
+  share a host whose GPUs the scheduler names (SLURM_GPUS_ON_NODE); None
+  where the scheduler says nothing to share."""
+  if cluster.local_tasks <= 1 or not cluster.gpus_on_host:
+    return None
+  return cluster.gpus_on_host // cluster.local_tasks
+
+
 def local_gpus(cluster, environ):
   """CUDA_VISIBLE_DEVICES for this task where the scheduler shows every task
   of a host all of its GPUs (SLURM's --gres without --gpus-per-task): the
   task's equal share. None where nothing needs changing."""
-  if cluster.local_tasks <= 1 or not cluster.gpus_on_host:
+  if gpu_share(cluster) is None:
     return None
   visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
   visible = visible or [str(i) for i in range(cluster.gpus_on_host)]
@@ -223,3 +272,22 @@ def claim_local_gpus(cluster, environ=None):
   devices = local_gpus(cluster, environ)
   if devices is not None:
     environ["CUDA_VISIBLE_DEVICES"] = devices
+
+
+def tpu_attached(environ=None):
+  """Whether this machine has TPU chips, or names a TPU: a TPU VM exposes its
+  chips as /dev/accel* (v2-v4) or through vfio (v5+)."""
+  environ = os.environ if environ is None else environ
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+              or environ.get("TPU_NAME"))
+
+
+def run_name(cluster: Optional[Cluster], tpu=""):
+  """The run these processes are, as a restart of it anywhere names it too:
+  the cluster's job (a SLURM job, a Kubernetes Job, a TF_CONFIG cluster),
+  else a named TPU; "" for a run of one process that no scheduler names."""
+  if cluster is not None and cluster.run:
+    return cluster.run
+  if tpu and tpu != "local":
+    return f"TPU {tpu}"
+  return ""

@@ -233,6 +233,9 @@ class ScheduleConfig:
   enable_xla: bool = False
   seed: int = 0
   deterministic: bool = False
+  # No progress between host loops, saves and evaluations for this long ends
+  # the run (watchdog.STALLED) so that it is restarted; 0: never.
+  progress_timeout_seconds: int = 1800
 
   @property
   def micro_batch_size(self):
@@ -249,6 +252,8 @@ class ScheduleConfig:
     _check(self.steps_per_loop >= 1, "--steps_per_loop must be at least 1")
     _check(self.stop_check_steps >= 1, "--stop_check_steps must be at least 1")
     _check(self.grad_accum_steps >= 1, "--grad_accum_steps must be at least 1")
+    _check(self.progress_timeout_seconds >= 0,
+           "--progress_timeout_seconds must be 0 (off) or more")
     _check(self.global_batch_size % self.grad_accum_steps == 0,
            f"--global_batch_size={self.global_batch_size} does not divide into "
            f"--grad_accum_steps={self.grad_accum_steps} micro-batches")

@@ -8,6 +8,7 @@ here once per loop, never per step inside it.
 import dataclasses
 import datetime
 import os
+import sys
 
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
@@ -23,8 +24,22 @@ def log(message, chief=True):
     print(message, flush=True)
 
 
+def warn(message):
+  """A warning a watcher of the run must see: on stdout with the run's other
+  lines, and on stderr, which a healthy run leaves empty. Every process that
+  meets the condition says it."""
+  print(f"warning: {message}", flush=True)
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# What the start block says XLA compiles (strategy.xla_scope).
+_XLA_SCOPES = {"": "", "step": ", XLA (the whole replica step)",
+               "gradients": ", XLA (forward and backward; TensorFlow's collectives "
+                            "all-reduce, then the update runs)"}
+
+
 def describe_run(config, strategy, source, *, train_size, eval_size, num_params, macs,
-                 steps_per_epoch, total_steps, model_dir, all_reduce):
+                 steps_per_epoch, total_steps, model_dir, all_reduce, xla_scope=""):
   """The block printed at start: what runs where, on what, for how long."""
   model, schedule, size = config.model, config.schedule, config.data.image_size
   per_replica = schedule.global_batch_size // strategy.num_replicas_in_sync
@@ -39,7 +54,7 @@ def describe_run(config, strategy, source, *, train_size, eval_size, num_params,
       f"batch      {schedule.global_batch_size} global, {per_replica} per replica",
       f"model      {model.name} ({model.resnet_variant}), {num_params:,} trainable "
       f"parameters, {macs / 1e9:.3f} GMACs per {size}x{size} image",
-      f"dtype      {model.dtype}{', XLA' if schedule.enable_xla else ''}; CPU kernels "
+      f"dtype      {model.dtype}{_XLA_SCOPES[xla_scope]}; CPU kernels "
       f"{perf.cpu_kernels()}",
       f"dataset    {config.data.dataset}: {train_size:,} train / {eval_size:,} eval examples, "
       f"{source.num_classes} classes",

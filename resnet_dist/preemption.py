@@ -104,9 +104,10 @@ class StopRequest:
   (where Python cannot install handlers) it does nothing.
   """
 
-  def __init__(self, variable, notices=None):
+  def __init__(self, variable, notices=None, on_stop=lambda reason: None):
     self.variable = variable
     self.notices = notices
+    self.on_stop = on_stop  # told the reason at once (the watchdog's grace starts)
     self.reason = None  # the first signal this process received, or a notice
     self._previous_handlers = {}
     self._previous_fd = None
@@ -152,6 +153,7 @@ class StopRequest:
   def _stop(self, reason):
     if self.reason is None:
       self.reason = reason
+    self.on_stop(reason)
     self.variable.assign(True)
 
   @property

@@ -7,7 +7,6 @@ which devices) without looking at the strategy's type.
 
 import atexit
 import dataclasses
-import glob
 import os
 import socket
 import threading
@@ -51,12 +50,6 @@ def split_cpu(num_devices):
     tf.config.threading.set_inter_op_parallelism_threads(num_devices)
 
 
-def _tpu_attached():
-  # A TPU VM exposes its chips as /dev/accel* (v2-v4) or through vfio (v5+).
-  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
-              or os.environ.get("TPU_NAME"))
-
-
 def is_multi_host(accelerator_type):
   """Whether a TPU type (v3-8, v4-32, v5litepod-16, ...) spans several hosts.
 
@@ -71,7 +64,7 @@ def is_multi_host(accelerator_type):
 
 def _accelerator_type():
   """This TPU VM's type: $TPU_ACCELERATOR_TYPE, else the VM's metadata; "" off a TPU VM."""
-  if os.environ.get("TPU_ACCELERATOR_TYPE") or not _tpu_attached():
+  if os.environ.get("TPU_ACCELERATOR_TYPE") or not cluster_lib.tpu_attached():
     return os.environ.get("TPU_ACCELERATOR_TYPE", "")
   request = urllib.request.Request(
       "http://metadata.google.internal/computeMetadata/v1/instance/attributes/accelerator-type",
@@ -91,7 +84,7 @@ def _check_tpu_reachable(tpu):
       raise ConfigError(
           f"--tpu=local on a {accelerator_type}, a slice of several hosts: train from "
           f"worker 0 only, with --tpu=NAME and TPU_LOAD_LIBRARY=0 (launch/tpu_vm.sh does)")
-    if not _tpu_attached():
+    if not cluster_lib.tpu_attached():
       raise ConfigError("--strategy=tpu: no TPU is attached to this machine "
                         "(no /dev/accel* or /dev/vfio device); pass --tpu=NAME or "
                         "--tpu=grpc://HOST:PORT for a remote TPU")
@@ -137,7 +130,7 @@ def choose_kind(kind, cluster, tpu=""):
                       "(`python -m launch.multi_worker --print_tf_config` prints it), or "
                       "start the tasks with srun or as a Kubernetes Indexed Job")
   if kind == "auto":
-    return "tpu" if tpu or _tpu_attached() else "mirrored"
+    return "tpu" if tpu or cluster_lib.tpu_attached() else "mirrored"
   return kind
 
 
@@ -181,15 +174,7 @@ def create_strategy(distribute):
     os.environ.setdefault(name, value)  # before TensorFlow creates its GPU devices; yours win
   gpus = tf.config.list_physical_devices("GPU")
   if kind == "multi_worker_mirrored":
-    all_reduce = choose_all_reduce(distribute, kind, bool(gpus))
-    # A collective timeout starts a watchdog thread per collective that lives
-    # as long as the timeout, so it stays off unless asked for (debugging); a
-    # dead peer is detected by the coordination service's heartbeats instead.
-    options = tf.distribute.experimental.CommunicationOptions(
-        implementation=_IMPLEMENTATIONS[all_reduce.implementation],
-        timeout_seconds=distribute.collective_timeout_seconds or None)
-    return tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=cluster.resolver(), communication_options=options)
+    return _multi_worker_strategy(distribute, cluster, gpus)
   strategy = _one_host_strategy(kind, distribute.num_gpus, distribute.num_cpu_devices, gpus)
   all_reduce = choose_all_reduce(distribute, kind, not all_on_cpu(strategy))
   if all_reduce.implementation in _IMPLEMENTATIONS:
@@ -199,6 +184,54 @@ def create_strategy(distribute):
     # chosen. It is the default its batch_reduce_to and reduce_to merge in.
     strategy.extended._communication_options = all_reduce.options()  # pylint: disable=protected-access
   return strategy
+
+
+def _wanted_gpus(num_gpus, gpus):
+  """The GPUs a task trains on: --num_gpus of them, default every one it sees."""
+  if num_gpus is not None and num_gpus > len(gpus):
+    raise ConfigError(f"--num_gpus={num_gpus} but {len(gpus)} GPU(s) are visible")
+  return len(gpus) if num_gpus is None else num_gpus
+
+
+def task_devices(resolver):
+  """The replica devices MultiWorkerMirroredStrategy gives this task for a
+  cluster resolver, by TensorFlow's own rule (its _initialize_local_devices:
+  a TFConfigClusterResolver's task holds every GPU the process sees, any
+  other resolver's the GPUs its num_accelerators() names, else one CPU)."""
+  from tensorflow.python.distribute import collective_all_reduce_strategy  # pylint: disable=g-import-not-at-top
+  extended = collective_all_reduce_strategy.CollectiveAllReduceExtended
+  devices, _ = extended._initialize_local_devices(None, resolver, "")  # pylint: disable=protected-access
+  return devices
+
+
+def _multi_worker_strategy(distribute, cluster, gpus):
+  """MultiWorkerMirroredStrategy over the cluster, each task on its GPUs: a
+  task that would hold fewer replicas than the GPUs it should train on is a
+  ConfigError, before the strategy (which waits for every task) is built."""
+  share = cluster_lib.gpu_share(cluster)
+  if share is not None and len(gpus) > share:
+    raise ConfigError(
+        f"this task sees {len(gpus)} GPUs, not its share of {share} ({cluster.local_tasks} "
+        f"tasks on a node of {cluster.gpus_on_host}): TensorFlow listed them before the task "
+        f"claimed its share; start it as `python -m launch.train`, or give each task its own "
+        f"GPUs (srun --gpus-per-task)")
+  wanted = _wanted_gpus(distribute.num_gpus, gpus)
+  resolver = cluster.resolver(wanted)
+  held = [d for d in task_devices(resolver) if "GPU" in d.upper()]
+  if len(held) < wanted:
+    raise ConfigError(
+        f"this task sees {len(gpus)} GPU(s) but multi_worker_mirrored would train on "
+        f"{len(held)} of them ({cluster.source} cluster): refusing to leave them idle")
+  all_reduce = choose_all_reduce(distribute, "multi_worker_mirrored", bool(wanted))
+  # A collective timeout starts a watchdog thread per collective that lives
+  # as long as the timeout, so it stays off unless asked for (debugging); a
+  # dead peer is detected by the coordination service's heartbeats, a stuck
+  # one by the run's progress watchdog (resnet_dist/watchdog.py).
+  options = tf.distribute.experimental.CommunicationOptions(
+      implementation=_IMPLEMENTATIONS[all_reduce.implementation],
+      timeout_seconds=distribute.collective_timeout_seconds or None)
+  return tf.distribute.MultiWorkerMirroredStrategy(
+      cluster_resolver=resolver, communication_options=options)
 
 
 def _tpu_strategy(distribute):
@@ -215,12 +248,11 @@ def _tpu_strategy(distribute):
 
 def _one_host_strategy(kind, num_gpus, num_cpu_devices, gpus):
   """one_device or mirrored: over this host's GPUs, else its logical CPU devices."""
-  if num_gpus is not None and num_gpus > len(gpus):
-    raise ConfigError(f"--num_gpus={num_gpus} but {len(gpus)} GPU(s) are visible")
+  wanted = _wanted_gpus(num_gpus, gpus)
   if kind == "one_device":
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-  if gpus and num_gpus != 0:
-    return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(num_gpus or len(gpus))])
+  if wanted:
+    return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(wanted)])
   if num_cpu_devices < 1:
     raise ConfigError("--num_cpu_devices must be at least 1")
   split_cpu(num_cpu_devices)
@@ -308,6 +340,13 @@ def choose_all_reduce(distribute, kind, on_gpus):
   if requested == "nccl" and not on_gpus:
     raise ConfigError("--all_reduce=nccl needs GPUs; this run's replicas are CPU devices "
                       "(--all_reduce=auto or ring)")
+  if on_gpus and distribute.all_reduce_dtype == "bf16":
+    # NCCL has no bfloat16 in TensorFlow's NcclManager, and TensorFlow's GPU
+    # collectives fail at the first step: "Collective all-reduce does not
+    # support datatype DT_BFLOAT16 on DEVICE_GPU".
+    raise ConfigError("--all_reduce_dtype=bf16: TensorFlow's GPU collectives (NCCL and ring) "
+                      "cannot sum bfloat16; use fp16 (half the bytes too, with fp16's range) "
+                      "or fp32")
   implementation = "nccl" if requested == "nccl" or (requested == "auto" and on_gpus) else "ring"
   return AllReduce(implementation, int(distribute.all_reduce_pack_mb * 2**20),
                    distribute.all_reduce_dtype)
@@ -339,11 +378,15 @@ def is_chief(strategy):
 
 
 def describe_tasks(strategy):
-  """", worker 0 of 2 tasks" for a multi-worker strategy, "" for the others."""
+  """", worker 0 of 2 tasks, 8 GPU replicas each" for a multi-worker
+  strategy, "" for the others."""
   if kind_of(strategy) != "multi_worker_mirrored":
     return ""
   task_type, task_id = task_info(strategy)
-  return f", {task_type} {task_id} of {num_input_pipelines(strategy)} tasks"
+  devices = replica_devices(strategy)
+  device_type = "GPU" if "GPU" in devices[0].upper() else "CPU"
+  return (f", {task_type} {task_id} of {num_input_pipelines(strategy)} tasks, "
+          f"{len(devices)} {device_type} replica{'s' if len(devices) > 1 else ''} each")
 
 
 def kind_of(strategy):
@@ -475,15 +518,35 @@ def input_wait_measurable(strategy):
   return strategy.num_replicas_in_sync == 1 or not all_on_cpu(strategy)
 
 
-def check_xla(strategy):
-  """XLA compiles the replica step on one device, on GPUs and on TPU.
+def xla_scope(strategy, sync_bn=False):
+  """What --enable_xla compiles on this strategy: "step", the whole replica
+  step, or "gradients", its forward and backward only; a ConfigError where
+  XLA cannot run.
 
-  MirroredStrategy over several logical CPU devices fails under jit_compile
-  with "tf.Variable on a different device" (a known XLA limitation), so that
-  combination is refused up front rather than at the first step.
+  The whole step on one device (nothing to all-reduce) and on TPUs, where
+  XLA is the only compiler and its cross-replica sum the TPU's own. Over
+  several GPUs only the forward and backward: an all-reduce compiled into
+  the step would be an XLA collective, which TensorFlow 2.21 cannot run
+  well (each launch arms a thread that sleeps out the collective timeout,
+  exhausting threads: tensorflow#56423) and cannot run across processes at
+  all (no clique id is shared between hosts: tensorflow#58787, #58961), so
+  the gradients are all-reduced and applied by TensorFlow's own collectives,
+  as without XLA. --sync_bn puts an all-reduce in the forward pass; with
+  XLA over several replicas it is refused for the same reason.
+
+  Over several logical CPU devices XLA fails ("tf.Variable on a different
+  device", a known XLA limitation), so that is refused up front rather than
+  at the first step.
   """
+  if kind_of(strategy) == "tpu":
+    return "step"
   if strategy.num_replicas_in_sync == 1:
-    return
+    return "step"
   if all_on_cpu(strategy):
     raise ConfigError("--enable_xla needs one device, GPUs or a TPU; it does not "
                       "work across several logical CPU devices")
+  if sync_bn:
+    raise ConfigError("--enable_xla with --sync_bn over several GPUs would compile BN's "
+                      "all-reduce into XLA, whose collectives TensorFlow cannot run across "
+                      "hosts or for long on one: drop one of the two")
+  return "gradients"

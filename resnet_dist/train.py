@@ -25,7 +25,8 @@ from typing import Optional
 
 import tensorflow as tf
 
-from resnet_dist import checkpoints, data, models, monitor, perf, preemption
+from resnet_dist import checkpoints, data, models, monitor, perf, preemption, run_lock, watchdog
+from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
 from resnet_dist.data import service
@@ -50,6 +51,7 @@ class RunSetup:
   steps_per_epoch: int
   total_steps: int
   service_workers: int = 0  # the tf.data service's workers at start; 0: local input
+  run_name: str = ""        # the job this process is one task of (cluster.run_name)
 
   @property
   def chief(self):
@@ -123,7 +125,12 @@ def prepare(config, strategy):
       model_dir=model_dir, init_path=init_path, train_size=train_size,
       eval_size=source.split(source.eval_split).num_examples,
       steps_per_epoch=steps_per_epoch, total_steps=schedule.total_steps(steps_per_epoch),
-      service_workers=service_workers)
+      service_workers=service_workers, run_name=_run_name(config.distribute))
+
+
+def _run_name(distribute):
+  cluster = cluster_lib.from_environment(distribute.cluster, port=distribute.cluster_port)
+  return cluster_lib.run_name(cluster, distribute.tpu or os.environ.get("TPU_NAME", ""))
 
 
 def _pretrained_normalization(source, strategy):
@@ -142,7 +149,7 @@ def run(config: Config, strategy=None):
   """Trains (or resumes) a run; returns the summary written to model_dir/summary.json."""
   config.validate()
   setup = prepare(config, strategy or create_strategy(config))
-  with checkpoints.run_lock(setup.model_dir, setup.chief):
+  with run_lock.run_lock(setup.model_dir, setup.chief, setup.run_name):
     checkpoints.check_resumable(setup.model_dir, config, setup.source)
     trainer = Trainer(config, setup.strategy, setup.source,
                       steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
@@ -212,7 +219,8 @@ def report_start(setup, trainer, resumed):
       config, strategy, setup.source, train_size=setup.train_size, eval_size=setup.eval_size,
       num_params=num_params, macs=macs, steps_per_epoch=setup.steps_per_epoch,
       total_steps=setup.total_steps, model_dir=setup.model_dir,
-      all_reduce=trainer.all_reduce.describe(trainer.variables)), chief)
+      all_reduce=trainer.all_reduce.describe(trainer.variables),
+      xla_scope=trainer.xla_scope), chief)
   warning = perf.emulated_precision_warning(config.model.dtype, strategy_lib.all_on_cpu(strategy))
   if warning:
     monitor.log(warning, chief)
@@ -283,6 +291,7 @@ class HostLoop:
     self.last = {"loss": float("nan"), "top1": float("nan")}
     self.eval_result = self.ema_result = None
     self.stop_request = None  # run()'s, while it runs
+    self.progress = None      # run()'s watchdog.Watchdog, while it runs
     self.service_watch = None
 
   def image_size_at(self, step):
@@ -329,15 +338,22 @@ class HostLoop:
     """Trains from the resumed step to the end; raises preemption.Preempted
     when a signal stopped the run (after saving)."""
     total = self.setup.total_steps
-    # From here a SIGTERM or SIGINT asks the loop to stop after a step and save.
-    with preemption.StopRequest(self.trainer.stop_requested, self.notices()) as stop_request:
+    # From here a SIGTERM or SIGINT asks the loop to stop after a step and
+    # save; the watchdog ends a run that stops making progress, or that
+    # cannot reach the end of a step to honour a stop.
+    with self.watch_progress() as progress, preemption.StopRequest(
+        self.trainer.stop_requested, self.notices(),
+        on_stop=progress.stop_requested) as stop_request:
       self.stop_request = stop_request
       feed = [self.input_from(self.step)]  # its only reference, for drop_in_background()
       try:
         self.write_start_summaries()
         while self.step < total:
           self.resize_input(feed)
-          stopped = self.train_until(self.next_stop(), feed[0])
+          stop = self.next_stop()
+          progress.progress(f"in training steps {self.step + 1} to {stop}")
+          stopped = self.train_until(stop, feed[0])
+          progress.progress(f"after step {self.step}")
           self.between_loops(stopped, stop_request)
         self.profiler.at(self.step)
         self.profiler.close()
@@ -348,6 +364,20 @@ class HostLoop:
         strategy_lib.drop_in_background(feed)
     self.summaries.flush()
 
+  def watch_progress(self):
+    """The run's watchdog (resnet_dist/watchdog.py), bound by
+    --progress_timeout_seconds; its line names the input files open."""
+    self.progress = watchdog.Watchdog(
+        self.config.schedule.progress_timeout_seconds,
+        describe=self.waiting_on, before_exit=run_lock.release_locks)
+    return self.progress
+
+  def waiting_on(self):
+    files = watchdog.open_files_under(self.config.data.data_dir)
+    if not files:
+      return "waiting for its input or for another task"
+    return f"input files open: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
+
   def watch_service(self):
     """With a tf.data service, a thread that warns of lost service workers and
     stops the run when the dispatcher is gone (service.Watch); else nothing."""
@@ -357,7 +387,7 @@ class HostLoop:
     self.service_watch = service.Watch(
         self.config.data.data_service, self.config.data.data_service_timeout_seconds,
         setup.service_workers, lambda line: monitor.log(line, setup.chief),
-        before_exit=checkpoints.release_locks)
+        before_exit=run_lock.release_locks)
     return self.service_watch
 
   def write_start_summaries(self):
@@ -431,24 +461,26 @@ class HostLoop:
       self.profiler.close()
       self.summaries.flush()
       reason = stop_request.reason or "a signal to another worker"
-      monitor.log(f"{reason}: saved a checkpoint at step {step}; run again to resume",
-                  self.setup.chief)
+      # On every task: each one's last line says why it ended.
+      monitor.log(f"{reason}: saved a checkpoint at step {step}; run again to resume")
       raise preemption.Preempted(step, reason)
     if at_eval and not self.config.schedule.skip_eval and step < total:
       self.evaluate()
 
   def save(self):
     """A checkpoint of this step; never one of non-finite weights."""
+    self.progress.progress(f"saving the checkpoint of step {self.step}")
     self.trainer.sync_moving_statistics()
     if not bool(self.trainer.weights_finite()):
       raise FloatingPointError(f"non-finite weights at step {self.step}; {self.last_good()}")
-    checkpoints.save(self.manager, self.step)
+    checkpoints.save(self.manager, self.step, self.setup.chief)
 
   def evaluate(self):
     """The weights, and their EMA where the run keeps one. Every evaluation
     follows a save, so a signal during one stops it at once: the run exits
     as a signal in training does, with nothing lost."""
     setup = self.setup
+    self.progress.progress(f"evaluating at step {self.step}")
     spec = eval_input(self.config, setup.input_spec)
     self.eval_result = evaluate_split(self.trainer, setup.source, setup.source.eval_split,
                                       spec)
@@ -608,6 +640,9 @@ def write_summary(setup, trainer, cost, loop):
       "model_dir": setup.model_dir,
   }
   summary = _strict_json(summary)
+  if not setup.chief:  # every task's last line says how it ended
+    monitor.log(f"finished at step {loop.step}{strategy_lib.describe_tasks(strategy)}; the "
+                f"chief writes the run's summary")
   if setup.chief:
     path = os.path.join(setup.model_dir, checkpoints.SUMMARY_FILE)
     with tf.io.gfile.GFile(path, "w") as f:

@@ -120,13 +120,17 @@ class Trainer:
     self.moving_statistics = models.moving_statistics(self.model)
     if self.ema_model is not None:
       self.moving_statistics += models.moving_statistics(self.ema_model)
-    xla = config.schedule.enable_xla
-    if xla:
-      strategy_lib.check_xla(strategy)
-    compile_ = (lambda f: tf.function(f, jit_compile=True)) if xla else (lambda f: f)
-    self._compiled_step = compile_(self.replica_step)
-    self._compiled_accumulate = compile_(self.accumulate_step)
-    self._compiled_apply = compile_(self.apply_accumulated)
+    # What XLA compiles (strategy.xla_scope): the whole step, or only its
+    # forward and backward, the all-reduce and update left outside.
+    self.xla_scope = (strategy_lib.xla_scope(strategy, config.model.sync_bn)
+                      if config.schedule.enable_xla else "")
+    jit = lambda f: tf.function(f, jit_compile=True)
+    whole = jit if self.xla_scope == "step" else (lambda f: f)
+    self._compiled_gradients = jit(self._gradients) if self.xla_scope == "gradients" else (
+        self._gradients)
+    self._compiled_step = whole(self.replica_step)
+    self._compiled_accumulate = whole(self.accumulate_step)
+    self._compiled_apply = whole(self.apply_accumulated)
 
   def _build_models(self):
     """The model and, with --ema_decay, the EMA of its weights and BN
@@ -249,11 +253,12 @@ class Trainer:
   def replica_step(self, images, labels, skipped, stop_requested):
     """Forward, backward, all-reduce, update: one replica's part of one step.
     skipped: per example, the bad records the input skipped just before it."""
-    return self._update(self._gradients(images, labels, skipped, 0), stop_requested)
+    return self._update(self._compiled_gradients(images, labels, skipped, 0), stop_requested)
 
   def accumulate_step(self, images, labels, skipped, micro):
     """One micro-batch of an accumulated step: adds its gradients to this replica's sums."""
-    for total, grad in zip(self.accumulated, self._gradients(images, labels, skipped, micro)):
+    for total, grad in zip(self.accumulated,
+                           self._compiled_gradients(images, labels, skipped, micro)):
       total.assign_add(grad)
 
   def apply_accumulated(self, stop_requested):

@@ -4,14 +4,15 @@
   collective per pack of gradients (--all_reduce_pack_mb), in the dtype and
   with the implementation hint --all_reduce* ask for.
 - --enable_xla under MirroredStrategy on GPUs: the real train_loop traces with
-  TensorFlow told that the devices are GPUs (its XLA path then runs the
-  replica step without merge_call).
+  TensorFlow told that the devices are GPUs; XLA compiles the forward and
+  backward, and the all-reduce stays outside it.
 - The TPU replica step of the pod recipe (ResNet-50, bf16, LARS) lowers to HLO,
   and so do the steps of the modern recipes (erasing, mixing, EMA, accumulation).
 - The train loop's condition reads only its counter; only the training
   pipeline autotunes, not the per-device feeds whose teardown stalled.
 """
 
+import os
 from unittest import mock
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
@@ -175,38 +176,72 @@ class CollectivesTest(absltest.TestCase):
       self.assertSequenceAlmostEqual(value.numpy(), mean, places=6)
 
 
+def xla_compiled(function):
+  """{name: its ops} of the functions a traced function runs compiled by XLA."""
+  library = function.graph.as_graph_def().library.function
+  return {f.signature.name: {n.op for n in f.node_def} for f in library
+          if f.attr.get("_XlaMustCompile") and f.attr["_XlaMustCompile"].b}
+
+
+def step_on_gpus(strategy, **options):
+  """(a trainer, its train loop traced for one step) with TensorFlow told the
+  replicas are GPUs and the all-reduce --all_reduce=auto picks there
+  (--all_reduce_pack_mb=0: one pack)."""
+  with mock.patch.object(strategy_lib, "all_on_cpu", return_value=False):
+    all_reduce = strategy_lib.gradient_all_reduce(
+        DistributeConfig(all_reduce_pack_mb=0), strategy)
+  with mock.patch.object(mirrored_run, "_is_gpu_device", return_value=True), \
+       mock.patch.object(mirrored_strategy, "_is_gpu_device", return_value=True), \
+       mock.patch.object(strategy_lib, "all_on_cpu", return_value=False), \
+       mock.patch.object(strategy_lib, "gradient_all_reduce", return_value=all_reduce):
+    trainer, iterator = build(strategy, model="resnet8", **options)
+    return trainer, trainer.train_loop.get_concrete_function(iterator, tf.constant(1))
+
+
 class XlaOnGpusTest(parameterized.TestCase):
+  """--enable_xla over several GPUs compiles the forward and backward only:
+  an XLA-compiled collective exhausts threads on one host and cannot run
+  across hosts in TensorFlow 2.21 (strategy.xla_scope). Tracing is all a
+  CPU can check: XLA cannot run across logical CPU devices."""
 
   @parameterized.parameters("fp32", "fp16")
-  def test_train_loop_traces_with_xla_on_mirrored_gpus(self, dtype):
+  def test_xla_compiles_forward_and_backward_and_leaves_the_all_reduce_outside(self, dtype):
     strategy = strategy_lib.create_strategy(MIRRORED)
-    # TensorFlow takes its no-merge_call XLA path only when every device is a
-    # GPU; tell it they are. Tracing is all a CPU can check: XLA cannot run
-    # across logical CPU devices (strategy.check_xla refuses it).
-    decisions = []
-    use_merge_call = strategy.extended._use_merge_call  # pylint: disable=protected-access
-
-    def recorded():
-      decisions.append(use_merge_call())
-      return decisions[-1]
-
-    # What --all_reduce=auto and _pack_mb=0 choose where the replicas are GPUs.
-    with mock.patch.object(strategy_lib, "all_on_cpu", return_value=False):
-      all_reduce = strategy_lib.gradient_all_reduce(
-          DistributeConfig(all_reduce_pack_mb=0), strategy)
-    self.assertEqual(all_reduce.implementation, "nccl")
-    with mock.patch.object(mirrored_run, "_is_gpu_device", return_value=True), \
-         mock.patch.object(mirrored_strategy, "_is_gpu_device", return_value=True), \
-         mock.patch.object(strategy.extended, "_use_merge_call", recorded), \
-         mock.patch.object(strategy_lib, "check_xla"), \
-         mock.patch.object(strategy_lib, "gradient_all_reduce", return_value=all_reduce):
-      trainer, iterator = build(strategy, model="resnet8", dtype=dtype, enable_xla=True)
-      step = trainer.train_loop.get_concrete_function(iterator, tf.constant(1))
-    self.assertIn(False, decisions, "the replica step did not take the XLA path")
-    # This path launches its collectives without merge_call, where patching
-    # TensorFlow's reduce calls sees nothing: the ops show what crosses.
+    trainer, step = step_on_gpus(strategy, dtype=dtype, enable_xla=True)
+    self.assertEqual(trainer.xla_scope, "gradients")
+    compiled = xla_compiled(step)
+    self.assertTrue(compiled, "nothing is compiled by XLA")
+    for name, ops in compiled.items():
+      self.assertIn("Conv2DBackpropFilter", ops, name)  # forward and backward
+      self.assertFalse({op for op in ops if op.startswith(("Collective", "Nccl"))}, name)
+    # The gradients still cross, once, outside XLA, as the flags ask.
     self.assertEqual(collectives(step), {("CollectiveReduceV2", "nccl", "float32"): 1})
 
+  def test_the_8gpu_recipes_step_compiles_no_collective(self):
+    """The recipe's own numerics and XLA setting, on a small model."""
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "launch", "configs", "resnet50_imagenet_8gpu.cfg")
+    with open(recipe) as f:
+      flags = dict(line.strip().lstrip("-").partition("=")[::2] for line in f
+                   if line.startswith("--"))
+    self.assertEqual((flags["enable_xla"], flags["dtype"]), ("", "fp16"))
+    self.assertNotIn("sync_bn", flags)
+    self.assertNotIn("all_reduce_dtype", flags)  # fp32: GPUs have no bf16 collectives
+    strategy = strategy_lib.create_strategy(MIRRORED)
+    _, step = step_on_gpus(strategy, dtype=flags["dtype"], enable_xla=True)
+    for name, ops in xla_compiled(step).items():
+      self.assertFalse({op for op in ops if op.startswith(("Collective", "Nccl"))}, name)
+
+  def test_one_device_compiles_the_whole_step(self):
+    strategy_lib.create_strategy(MIRRORED)  # the process's logical devices, before any op
+    trainer, _ = build(tf.distribute.OneDeviceStrategy("/cpu:0"), model="resnet8",
+                       enable_xla=True)
+    self.assertEqual(trainer.xla_scope, "step")
+
+  def test_xla_with_sync_bn_over_gpus_is_refused(self):
+    strategy = strategy_lib.create_strategy(MIRRORED)
+    with self.assertRaisesRegex(ConfigError, r"^--enable_xla with --sync_bn over several GPUs"):
+      step_on_gpus(strategy, enable_xla=True, sync_bn=True)
 
   def test_xla_across_logical_cpu_devices_is_refused_before_anything_is_traced(self):
     """The combination XLA cannot place (its variables on several CPU
@@ -214,7 +249,6 @@ class XlaOnGpusTest(parameterized.TestCase):
     strategy = strategy_lib.create_strategy(MIRRORED)
     with self.assertRaisesRegex(ConfigError, r"^--enable_xla needs one device, GPUs or a TPU"):
       build(strategy, model="resnet8", enable_xla=True)
-    strategy_lib.check_xla(tf.distribute.OneDeviceStrategy("/cpu:0"))  # one device: fine
 
 
 class TpuStepTest(absltest.TestCase):

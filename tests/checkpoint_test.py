@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
-from resnet_dist import checkpoints, models, preemption, train
+from resnet_dist import checkpoints, models, preemption, run_lock, train
 from resnet_dist.config import Config
 from resnet_dist.errors import ConfigError, StorageError
 from tests import fixtures
@@ -37,6 +37,11 @@ def variables(model_dir):
 def saved_steps(model_dir):
   return sorted(int(p.split("ckpt-")[1].split(".")[0])
                 for p in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index")))
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
 
 
 def _ended_pid():
@@ -239,14 +244,17 @@ class FaultPathTest(absltest.TestCase):
   def test_a_second_run_on_a_model_dir_is_refused_and_a_dead_runs_lock_taken_over(self):
     model_dir = self.create_tempdir().full_path
     lock = os.path.join(model_dir, "training.lock")
-    with open(lock, "w") as f:  # held by a live process: this test's
-      f.write(f"{socket.gethostname()} {os.getpid()}\n")
-    with self.assertRaisesRegex(ConfigError, r"--model_dir=.* is in use by another run \(\S+ "
-                                             rf"{os.getpid()}\); if that run is gone, delete "):
+    held = run_lock.Lease(model_dir, "SLURM job 7")  # a live process's: this test's
+    with open(lock, "w") as f:
+      json.dump(held.record(), f)
+    with self.assertRaisesRegex(ConfigError, r"^--model_dir=.* is in use by another run \(run "
+                                             rf"SLURM job 7, host \S+, pid {os.getpid()}, "
+                                             r"renewed \d+ s ago\); if it is gone, its lease "
+                                             r"runs out in \d+ s, or delete "):
       self.train(model_dir)
     self.assertFalse(os.path.exists(os.path.join(model_dir, "checkpoints")))
     with open(lock, "w") as f:
-      f.write(f"{socket.gethostname()} {_ended_pid()}\n")
+      json.dump({**held.record(), "pid": _ended_pid()}, f)
     out = self.train(model_dir, train_steps=4)
     self.assertIn("warning: taking over the lock of a run that is gone", out)
     self.assertFalse(os.path.exists(lock))  # released at the end
@@ -261,6 +269,71 @@ class FaultPathTest(absltest.TestCase):
       self.train(model_dir, train_steps=8)
     self.assertEqual(saved_steps(model_dir), [4])
     self.assertEqual(glob.glob(os.path.join(model_dir, "checkpoints", "*_temp*")), [])
+
+
+class RunLockTest(absltest.TestCase):
+  """The lock is a lease naming the run: a restart of the same run takes it
+  from any host or container, another run is refused while the lease is
+  fresh, and a lease nobody renews runs out. (Restarts as another host and
+  as PID 1 of a new PID namespace, for real: tests/restart_test.py.)"""
+
+  def holder(self, **changes):
+    """A lock record of a live process on another host, renewed just now."""
+    return {**run_lock.Lease("/unused", "SLURM job 7").record(), "host": "node-b",
+            "pid_namespace": 1, "pid": 1, **changes}
+
+  def reason(self, holder, run="SLURM job 7", now=None):
+    me = run_lock.Lease("/unused", run).record()
+    return run_lock.takeover_reason(holder, me, now or time.time(), run_lock.LEASE_SECONDS)
+
+  def test_a_restart_of_the_same_run_takes_the_lock_from_any_host(self):
+    self.assertRegex(self.reason(self.holder()), r"^an earlier start of the same run \(run "
+                                                 r"SLURM job 7, host node-b, pid 1\)$")
+
+  def test_another_run_is_refused_while_its_lease_is_fresh_and_not_after(self):
+    holder = self.holder()
+    self.assertIsNone(self.reason(holder, run="SLURM job 8"))
+    self.assertIsNone(self.reason(holder, run=""))  # a run no scheduler names
+    later = holder["renewed"] + run_lock.LEASE_SECONDS + 1
+    self.assertRegex(self.reason(holder, run="SLURM job 8", now=later),
+                     r"^a run whose lease ran out 1 s ago")
+
+  def test_pid_1_of_another_container_on_this_host_is_not_taken_for_alive(self):
+    # A restarted pod: same hostname, the trainer as PID 1, a new PID namespace.
+    me = run_lock.Lease("/unused", "").record()
+    holder = {**me, "pid": 1, "pid_namespace": me["pid_namespace"] + 1}
+    self.assertIsNone(self.reason(holder, run=""))  # alive or not, it cannot tell: the lease
+    self.assertRegex(self.reason({**holder, "pid_namespace": me["pid_namespace"],
+                                  "pid": _ended_pid()}, run=""), r"^a run that is gone")
+
+  def test_the_lease_is_renewed_while_the_run_lives_and_released_at_its_end(self):
+    model_dir = self.create_tempdir().full_path
+    lock = os.path.join(model_dir, run_lock.LOCK_FILE)
+    lease = run_lock.Lease(model_dir, "run A", lease_seconds=0.4)
+    with fixtures.quiet():
+      lease.take()
+      try:
+        first = read_json(lock)["renewed"]
+        time.sleep(0.5)
+        self.assertGreater(read_json(lock)["renewed"], first)
+      finally:
+        lease.release()
+    self.assertFalse(os.path.exists(lock))
+
+  def test_a_lease_taken_over_meanwhile_is_left_to_its_new_holder_with_a_warning(self):
+    model_dir = self.create_tempdir().full_path
+    lock = os.path.join(model_dir, run_lock.LOCK_FILE)
+    lease = run_lock.Lease(model_dir, "run A", lease_seconds=0.2)
+    with fixtures.quiet() as out, mock.patch("sys.stderr") as err:
+      lease.take()
+      other = self.holder(run="run B")
+      with open(lock, "w") as f:
+        json.dump(other, f)
+      time.sleep(0.3)
+      lease.release()
+    self.assertEqual(read_json(lock)["run"], "run B")  # neither renewed nor removed
+    self.assertIn("warning: another run took over", out.getvalue())
+    self.assertIn("warning: another run took over", str(err.write.call_args_list))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from unittest import mock
 
 from absl.testing import absltest, parameterized
 
-from launch import kubernetes
+from launch import exits, kubernetes
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import DistributeConfig
@@ -66,7 +66,10 @@ class ClusterTest(parameterized.TestCase):
       ("index_outside", tf_config(2, index=2), "is not one of its cluster's chief or worker"),
       ("parameter_server", json.dumps({"cluster": {"worker": ["a:1"], "ps": ["b:1"]},
                                        "task": {"type": "ps", "index": 0}}),
-       "is not one of its cluster's chief or worker"))
+       "is not one of its cluster's chief or worker"),
+      ("two_chiefs", json.dumps({"cluster": {"chief": ["a:1", "b:1"], "worker": ["c:1"]},
+                                 "task": {"type": "worker", "index": 0}}),
+       'TF_CONFIG\'s "chief" job has 2 tasks; it takes one'))
   def test_a_malformed_tf_config_is_one_line_naming_it(self, text, message):
     with self.assertRaisesRegex(ConfigError, message) as raised:
       cluster_lib.from_environment(environ={"TF_CONFIG": text})
@@ -81,7 +84,7 @@ class ChooseKindTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     # No TPU on this machine, whatever its environment says.
-    patcher = mock.patch.object(strategy_lib, "_tpu_attached", return_value=False)
+    patcher = mock.patch.object(strategy_lib.cluster_lib, "tpu_attached", return_value=False)
     patcher.start()
     self.addCleanup(patcher.stop)
 
@@ -134,7 +137,7 @@ class SlurmTest(parameterized.TestCase):
 
   def test_tasks_are_ranked_node_by_node_each_on_its_own_port(self):
     cluster = cluster_lib.from_environment(environ=srun_environment(3, 1, node="n02"))
-    base = 20000 + 16 * (4321 % 2500)
+    base = cluster_lib.slurm_port(srun_environment(3, 1), 0)
     self.assertEqual(cluster.tasks, (f"n01:{base}", f"n01:{base + 1}",
                                      f"n02:{base}", f"n02:{base + 1}"))
     self.assertEqual((cluster.source, cluster.task_index, cluster.local_tasks,
@@ -142,6 +145,18 @@ class SlurmTest(parameterized.TestCase):
     self.assertEqual(strategy_lib.choose_kind("auto", cluster), "multi_worker_mirrored")
     given = cluster_lib.from_environment("slurm", srun_environment(0, 0), port=7000)
     self.assertEqual(given.tasks[:2], ("n01:7000", "n01:7001"))
+
+  def test_derived_ports_stay_below_the_ephemeral_range_and_apart(self):
+    # Linux hands out 32768-60999 for outgoing connections: a port there may be taken.
+    bases = [cluster_lib.slurm_port({"SLURM_JOB_ID": str(job)}, 0) for job in range(0, 200000, 7)]
+    self.assertGreaterEqual(min(bases), 1024)
+    self.assertLess(max(bases) + 15, 32768)  # 16 tasks a node
+    neighbours = [cluster_lib.slurm_port({"SLURM_JOB_ID": str(job)}, 0) for job in range(1000)]
+    self.assertLen(set(neighbours), 1000)  # jobs submitted together never share a port
+    # A site that reserves ports for steps (srun --resv-ports): those.
+    reserved = srun_environment(3, 1, node="n02", SLURM_STEP_RESV_PORTS="30100-30101")
+    self.assertEqual(cluster_lib.from_environment(environ=reserved).tasks[2:],
+                     ("n02:30100", "n02:30101"))
 
   def test_tf_config_wins_over_slurm_under_auto(self):
     environ = {**srun_environment(0, 0), "TF_CONFIG": tf_config(2)}
@@ -176,6 +191,102 @@ class SlurmTest(parameterized.TestCase):
                                              environ))
 
 
+def fake_gpus(kind):
+  """tf.config.list_physical_devices on a host of 8 GPUs, as CUDA shows them
+  to a process: those CUDA_VISIBLE_DEVICES names, else all 8."""
+  if kind != "GPU":
+    return [strategy_lib.tf.config.PhysicalDevice("/physical_device:CPU:0", "CPU")]
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  count = len(visible.split(",")) if visible else 8
+  return [strategy_lib.tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU")
+          for i in range(count)]
+
+
+class TaskGpusTest(parameterized.TestCase):
+  """Every task of a cluster trains on its GPUs: the resolver each source
+  gives MultiWorkerMirroredStrategy, on a host TensorFlow is told has 8
+  GPUs, and the replica devices TensorFlow's own rule derives from it. (A
+  resolver without its GPUs gave every SLURM and Kubernetes task one CPU
+  replica.)"""
+
+  def strategy_resolver(self, environ, gpus=fake_gpus, **distribute):
+    """The resolver create_strategy hands MultiWorkerMirroredStrategy (mocked:
+    a real one waits for its peers), and the devices TensorFlow derives."""
+    with mock.patch.dict("os.environ", environ, clear=True), \
+        mock.patch.object(strategy_lib.tf.config, "list_physical_devices", gpus), \
+        mock.patch.object(strategy_lib.tf.distribute, "MultiWorkerMirroredStrategy") as built:
+      strategy_lib.create_strategy(DistributeConfig(**distribute))
+      resolver = built.call_args.kwargs["cluster_resolver"]
+      return resolver, strategy_lib.task_devices(resolver)
+
+  @parameterized.named_parameters(
+      ("tf_config", {"TF_CONFIG": tf_config(2)}, 8),
+      ("slurm_a_task_per_node", srun_environment(1, 0, node="n02",
+                                                 SLURM_STEP_TASKS_PER_NODE="1(x2)",
+                                                 SLURM_STEP_NODELIST="n[01-02]",
+                                                 SLURM_GPUS_ON_NODE="8"), 8),
+      # --gres=gpu:8 with 8 tasks a node: each task claims its one GPU.
+      ("slurm_a_task_per_gpu", srun_environment(3, 3, node="n01",
+                                                SLURM_STEP_TASKS_PER_NODE="8(x2)",
+                                                SLURM_GPUS_ON_NODE="8"), 1),
+      # --gpus-per-task=1: SLURM bound each task to its GPU already.
+      ("slurm_bound_per_gpu", srun_environment(3, 3, node="n01",
+                                               SLURM_STEP_TASKS_PER_NODE="8(x2)",
+                                               SLURM_GPUS_ON_NODE="8",
+                                               CUDA_VISIBLE_DEVICES="3"), 1),
+      ("kubernetes", pod_environment(1), 8))
+  def test_each_task_holds_a_replica_on_every_gpu_it_owns(self, environ, gpus):
+    resolver, devices = self.strategy_resolver(environ)
+    self.assertEqual(devices, tuple(f"/device:GPU:{i}" for i in range(gpus)))
+    self.assertEqual(resolver.num_accelerators(), {"GPU": gpus})
+
+  def test_a_tf_config_chief_stays_the_chief(self):
+    resolver, _ = self.strategy_resolver({"TF_CONFIG": tf_config(2, chief=True)})
+    self.assertEqual(resolver.cluster_spec().as_dict(),
+                     {"chief": ["127.0.0.1:1999"],
+                      "worker": ["127.0.0.1:2000", "127.0.0.1:2001"]})
+    self.assertEqual((resolver.task_type, resolver.task_id), ("chief", 0))
+
+  def test_a_task_whose_gpus_were_listed_before_it_claimed_its_share_is_refused(self):
+    # TensorFlow keeps the GPUs it listed first: a claim after that changes nothing.
+    environ = srun_environment(3, 3, node="n01", SLURM_STEP_TASKS_PER_NODE="8(x2)",
+                               SLURM_GPUS_ON_NODE="8")
+    all_eight = lambda kind: fake_gpus(kind) if kind != "GPU" else [
+        strategy_lib.tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU")
+        for i in range(8)]
+    with self.assertRaisesRegex(ConfigError, r"^this task sees 8 GPUs, not its share of 1 "
+                                             r"\(8 tasks on a node of 8\)"):
+      self.strategy_resolver(environ, gpus=all_eight)
+
+  def test_the_entrypoints_claim_the_tasks_gpus_before_tensorflow_loads(self):
+    environ = srun_environment(3, 3, node="n01", SLURM_STEP_TASKS_PER_NODE="8(x2)",
+                               SLURM_GPUS_ON_NODE="8", TF_CPP_MIN_LOG_LEVEL="3")
+    with mock.patch.dict("os.environ", environ, clear=True):
+      with exits.quiet_start():
+        claimed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    self.assertEqual(claimed, "3")
+
+  def test_num_gpus_limits_each_tasks_gpus(self):
+    _, devices = self.strategy_resolver(pod_environment(0), num_gpus=4)
+    self.assertLen(devices, 4)
+    with self.assertRaisesRegex(ConfigError, r"^--num_gpus=9 but 8 GPU\(s\) are visible"):
+      self.strategy_resolver(pod_environment(0), num_gpus=9)
+
+  def test_a_task_that_would_leave_its_gpus_idle_is_refused_before_the_strategy(self):
+    # The resolver as it was built before: no accelerators named.
+    original = cluster_lib.Cluster.resolver
+    plain = lambda cluster, num_gpus: original(cluster, 0)
+    with mock.patch.object(cluster_lib.Cluster, "resolver", plain), \
+        self.assertRaisesRegex(ConfigError, r"^this task sees 8 GPU\(s\) but "
+                                            r"multi_worker_mirrored would train on 0 of them"):
+      self.strategy_resolver(pod_environment(0))
+
+  def test_a_cpu_cluster_keeps_one_cpu_replica_per_task(self):
+    with mock.patch.dict("os.environ", pod_environment(0), clear=True):
+      cluster = cluster_lib.from_environment()
+    self.assertEqual(strategy_lib.task_devices(cluster.resolver(0)), ("/device:CPU:0",))
+
+
 class KubernetesTest(parameterized.TestCase):
   """launch.kubernetes's manifest and the cluster its pods read from it."""
 
@@ -201,10 +312,47 @@ class KubernetesTest(parameterized.TestCase):
     self.assertEqual(container["args"], ["--flagfile=f.cfg", "--cluster=kubernetes"])
     self.assertEqual(container["resources"], {"limits": {"nvidia.com/gpu": 8}})
     self.assertIn({"name": "shared", "mountPath": "/runs"}, container["volumeMounts"])
-    # Bad flags and a non-finite loss end the Job; a preemption is not a failure.
-    fail, ignore = spec["podFailurePolicy"]["rules"]
-    self.assertEqual((fail["action"], fail["onExitCodes"]["values"]), ("FailJob", [2, 3]))
-    self.assertEqual(ignore["onPodConditions"], [{"type": "DisruptionTarget"}])
+    # Replacements wait for the pod they replace; a lost node's pods go in 30 s.
+    self.assertEqual(spec["podReplacementPolicy"], "Failed")
+    self.assertEqual({(t["key"], t["tolerationSeconds"]) for t in pod["spec"]["tolerations"]},
+                     {("node.kubernetes.io/unreachable", 30),
+                      ("node.kubernetes.io/not-ready", 30)})
+
+  def test_an_incident_costs_one_retry_of_the_worker_that_caused_it(self):
+    """Kubernetes' pod failure policy, applied as Kubernetes applies it (the
+    first rule that matches: FailJob, Ignore, else Count), to what each of 4
+    workers exits with in each incident."""
+    spec = kubernetes.manifest(kubernetes.Job("r", "i", [], num_workers=4))["items"][1]["spec"]
+    rules = spec["podFailurePolicy"]["rules"]
+
+    def verdict(status, disrupted=False):
+      for rule in rules:
+        codes = rule.get("onExitCodes")
+        if codes and codes["containerName"] == kubernetes.CONTAINER and status in codes["values"]:
+          return rule["action"]
+        if disrupted and {"type": "DisruptionTarget"} in rule.get("onPodConditions", []):
+          return rule["action"]
+      return "Count"
+
+    incidents = {
+        # worker 1 crashes; the others lose it
+        "a crash": [verdict(69), verdict(1), verdict(69), verdict(69)],
+        # worker 2's VM is preempted; every worker saves at the same step
+        "a preemption": [verdict(75), verdict(75), verdict(75, disrupted=True), verdict(75)],
+        # worker 3's node is lost: evicted with a DisruptionTarget; the others lose it
+        "a lost node": [verdict(69), verdict(69), verdict(69), verdict(137, disrupted=True)],
+        # a stuck peer: every worker's watchdog ends it
+        "a stall": [verdict(70)] * 4,
+        "bad flags": [verdict(2)] * 4,
+    }
+    self.assertEqual(incidents["a crash"], ["Ignore", "Count", "Ignore", "Ignore"])
+    self.assertEqual(incidents["a preemption"], ["Ignore"] * 4)
+    self.assertEqual(incidents["a lost node"], ["Ignore"] * 4)
+    self.assertEqual(incidents["a stall"], ["Count"] * 4)  # one retry of each index
+    self.assertEqual(incidents["bad flags"], ["FailJob"] * 4)
+    # Counted per index where the cluster has per-index limits, else in all.
+    self.assertEqual((spec["backoffLimitPerIndex"], spec["maxFailedIndexes"],
+                      spec["backoffLimit"]), (3, 0, 12))
 
   def test_the_readme_command_prints_the_manifest_and_refuses_a_bad_name_in_one_line(self):
     command = launching.command("launch.kubernetes", "--name=r50", "--image=registry/r:1",
@@ -285,13 +433,24 @@ class AllReduceTest(parameterized.TestCase):
     with self.assertRaisesRegex(ConfigError, message):
       strategy_lib.choose_all_reduce(DistributeConfig(all_reduce=asked), kind, gpus)
 
+  @parameterized.parameters(("auto", "mirrored"), ("ring", "multi_worker_mirrored"),
+                            ("nccl", "multi_worker_mirrored"))
+  def test_bf16_on_the_wire_between_gpus_is_refused_and_fine_between_cpus(self, asked, kind):
+    distribute = DistributeConfig(all_reduce=asked, all_reduce_dtype="bf16")
+    with self.assertRaisesRegex(ConfigError, r"^--all_reduce_dtype=bf16: TensorFlow's GPU "
+                                             r"collectives \(NCCL and ring\) cannot sum"):
+      strategy_lib.choose_all_reduce(distribute, kind, True)
+    self.assertEqual(strategy_lib.choose_all_reduce(
+        DistributeConfig(all_reduce_dtype="bf16"), kind, False).dtype, "bf16")
+    self.assertEqual(strategy_lib.choose_all_reduce(
+        DistributeConfig(all_reduce_dtype="fp16"), kind, True).dtype, "fp16")
+
   def test_the_strategy_is_built_with_the_chosen_collectives(self):
     # Mocked: a real MultiWorkerMirroredStrategy waits for its peers.
     environ = {"TF_CONFIG": tf_config(2)}
     with mock.patch.dict("os.environ", environ), \
         mock.patch.object(strategy_lib.tf.distribute, "MultiWorkerMirroredStrategy") as built:
       strategy_lib.create_strategy(DistributeConfig(collective_timeout_seconds=30))
-      # TFConfigClusterResolver reads TF_CONFIG when asked.
       self.assertEqual(built.call_args.kwargs["cluster_resolver"].task_type, "worker")
     options = built.call_args.kwargs["communication_options"]
     self.assertEqual(options.implementation,

@@ -63,6 +63,9 @@ class MultiWorkerLauncherTest(absltest.TestCase):
     self.assertIn("[worker 0] error: worker 1 stopped responding; start every worker again "
                   "to resume from the last checkpoint", out)
     self.assertNotIn("Traceback", out)
+    # TensorFlow's own account of it reaches the survivor's stderr (a task of
+    # several logs TensorFlow's errors, launch/exits.py).
+    self.assertRegex(out, r"\[worker 0\] E\d{4} .*(StartAbort|[Cc]oordination)")
     self.assertLess(lasted, 30)
 
   def test_sigterm_to_one_worker_saves_on_all_and_resumes_bit_exactly(self):
@@ -202,7 +205,14 @@ class KubernetesPodsTest(absltest.TestCase):
     self.assertEqual([pod.returncode for pod in pods], [0, 0], chief[-3000:] + other[-3000:])
     self.assertIn("strategy   multi_worker_mirrored: 2 replica(s), worker 0 of 2 tasks", chief)
     self.assertIn("done: 50 steps", chief)
+    # Tasks of several log TensorFlow's errors; a healthy run has none to log.
+    for output in (chief, other):
+      self.assertNotRegex(output, r"(?m)^[EF]\d{4} ", output[-3000:])
     self.assertNotIn("done:", other)  # one run of two tasks, reported by its chief
+    self.assertIn("finished at step 50, worker 1 of 2 tasks, 1 CPU replica each; the chief "
+                  "writes the run's summary", other)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "scratch", "worker_1")),
+                     "worker 1 left its copy of a checkpoint")
     print(f"threads per worker at step N: {at_step}")
     self.assertGreaterEqual(len(at_step), 3, at_step)
     self.assertGreater(min(at_step.values()), 20)  # a TensorFlow process: counted, not gone

@@ -194,12 +194,12 @@ class SlurmTest(absltest.TestCase):
     self.assertEqual(submitted.returncode, 0, submitted.stderr)
     job = submitted.stdout.strip().split(";")[0]
     try:
-      self.wait_for(output, r"^step \d+/", "the first run to train")
+      self.wait_for(output, r"^0: step \d+/", "the first run to train")
       self.slurm.command("scancel", "--signal=TERM", job)
       saved = self.wait_for(output, r"SIGTERM: saved a checkpoint at step (\d+)",
                             "the checkpoint of the signal")
       self.wait_for(output, r"^requeued job", "the script to requeue the job")
-      self.wait_for(output, rf"^resuming from step {saved.group(1)} ", "the requeued job")
+      self.wait_for(output, rf"^0: resuming from step {saved.group(1)} ", "the requeued job")
     finally:
       self.slurm.command("scancel", job)
     text = read(output)
@@ -207,7 +207,10 @@ class SlurmTest(absltest.TestCase):
     # and one log of one run, its chief's.
     self.assertIn("strategy   multi_worker_mirrored: 2 replica(s), worker 0 of 2 tasks", text)
     self.assertRegex(text, r"all-reduce ring, [\d.]+ MB a step in 1 pack")
-    self.assertEqual(text.count(f"SIGTERM: saved a checkpoint at step {saved.group(1)}"), 1)
+    # Each task's own line (srun --label) says how it ended.
+    for task in (0, 1):
+      self.assertEqual(text.count(f"{task}: SIGTERM: saved a checkpoint at step {saved.group(1)}"),
+                       1, text[-3000:])
     self.assertRegex(text, r"srun: error: \S+: tasks 0-1: Exited with exit code 75")
     self.assertIn("srun ended with status 75", text)
     self.assertIn("(restart 1)", text)
