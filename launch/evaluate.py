@@ -30,6 +30,12 @@ FROM_RUN = ("model", "resnet_variant", "image_size", "dataset", "data_dir", "num
             "eval_image_size", "eval_resize_size", "interpolation", "antialias")
 
 
+def _evaluate(config, path):
+  """(path, whether of the EMA weights, train.evaluate's result)."""
+  use_ema = FLAGS.use_ema and checkpoints.has_ema(path)
+  return path, use_ema, train.evaluate(config, path, FLAGS.split or None, use_ema=use_ema)
+
+
 @exits.prompt
 def main(argv):
   del argv
@@ -39,9 +45,11 @@ def main(argv):
       raise ConfigError("--model_dir is required: the run to evaluate")
     run = checkpoints.read_run(FLAGS.model_dir)
     config = definitions.config_from_flags(**{k: run[k] for k in FROM_RUN if k in run})
-    path = checkpoints.find_checkpoint(FLAGS.checkpoint or FLAGS.model_dir)
-    use_ema = FLAGS.use_ema and checkpoints.has_ema(path)
-    result = train.evaluate(config, path, FLAGS.split or None, use_ema=use_ema)
+    evaluate = lambda path: _evaluate(config, path)
+    # Of the newest checkpoint readable now: the run may still be saving and rotating them.
+    path, use_ema, result = (evaluate(checkpoints.find_checkpoint(FLAGS.checkpoint))
+                             if FLAGS.checkpoint else
+                             checkpoints.using_latest(FLAGS.model_dir, evaluate))
   except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
     return exits.fail(e)
   print(f"{result['split']}: loss {result['loss']:.4f} top-1 {result['top1']:.4f} "

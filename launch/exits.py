@@ -25,7 +25,7 @@ NONFINITE = 3     # a non-finite loss or weights; the last good checkpoint is ke
 WORKER_LOST = 69  # EX_UNAVAILABLE: another worker of a multi-worker run died
 STALLED = watchdog.STALLED  # 70: no progress for --progress_timeout_seconds; run again
 STORAGE = 74      # EX_IOERR: a file could not be written (full disk, read-only dir)
-PREEMPTED = 75    # EX_TEMPFAIL: stopped by SIGTERM or SIGINT after saving; run again
+PREEMPTED = 75    # EX_TEMPFAIL: stopped by SIGTERM, SIGINT or SIGHUP after saving; run again
 INTERRUPTED = 130  # the shell's status for SIGINT: interrupted outside training steps
 
 _finished = []  # the status main() returned, once it has
@@ -116,7 +116,8 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    error(e)
+    # absl words some of its errors "ERROR:: ..." (a flag file it cannot open).
+    error(re.sub(r"^ERROR::\s*", "", str(e)))
     sys.exit(USAGE)
   except SystemExit:
     if any(arg.lstrip("-").split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
@@ -124,13 +125,22 @@ def parse_flags(argv):
     raise
 
 
-def lost_workers(message):
+def lost_workers(message, own=None):
   """The tasks an UnavailableError's message says stopped answering:
   TensorFlow's coordination service aborts every collective when a task
-  misses its heartbeats."""
+  misses its heartbeats, and a collective whose peer's socket closed names
+  that peer. own: this task ("worker 1"), which the message may name too
+  (the caller of a remote call) and which is never the one lost."""
   unhealthy = message.split("unhealthy", 1)[-1]
-  return [f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)",
-                                                      unhealthy)]
+  named = [f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)",
+                                                       unhealthy)]
+  return [task for task in dict.fromkeys(named) if task != own]
+
+
+def _own_task():
+  """This process's task, "worker 1", as its environment names it; None alone."""
+  cluster = _cluster_of_environment()
+  return f"{cluster.task_type} {cluster.task_index}" if cluster else None
 
 
 def fail(exception):
@@ -148,8 +158,9 @@ def fail(exception):
     error("interrupted (SIGINT) outside training steps; nothing new was saved")
     return INTERRUPTED
   if isinstance(exception, tf.errors.UnavailableError):
-    error(f"{', '.join(lost_workers(exception.message)) or 'another worker'} stopped "
-          f"responding; start every worker again to resume from the last checkpoint")
+    lost = lost_workers(exception.message, _own_task())
+    error(f"{', '.join(lost) or 'another worker'} stopped responding; start every worker "
+          f"again to resume from the last checkpoint")
     return WORKER_LOST
   for kind, status in ((ConfigError, USAGE), (FloatingPointError, NONFINITE),
                        (StorageError, STORAGE)):

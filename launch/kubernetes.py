@@ -33,6 +33,7 @@ version each field needs):
 
 import dataclasses
 import json
+import os
 import re
 import sys
 from typing import Sequence
@@ -81,6 +82,21 @@ class Job:
     claim, _, path = self.volume.partition(":")
     if self.volume and not (claim and path.startswith("/")):
       raise ManifestError(f"--volume={self.volume} must be CLAIM:/absolute/path")
+    self.check_model_dir(path if self.volume else "")
+
+  def check_model_dir(self, mount):
+    """Every pod must write to one model_dir that outlives the pods: remote
+    storage, or a path under the shared volume. Without one each pod writes
+    into its own container, and a replaced pod starts over from step 0."""
+    model_dir = _flag_value(self.train_args, "model_dir")
+    shared = model_dir and ("://" in model_dir or (
+        mount and os.path.normpath(model_dir).startswith(mount.rstrip("/") + "/")))
+    if not shared:
+      where = f"a path under --volume's {mount}" if mount else "a path under --volume's mount"
+      raise ManifestError(
+          f"the training flags need a --model_dir every pod reaches (gs://BUCKET/..., or {where})"
+          + (f", not {model_dir}" if model_dir else "") + ": each pod would write into its own "
+          f"container, and a replaced one would start over")
 
 
 _NAME = flags.DEFINE_string(
@@ -109,6 +125,25 @@ _PYTHON = flags.DEFINE_string("python", Job.python, "The image's Python with the
 _VOLUME = flags.DEFINE_string(
     "volume", Job.volume, "CLAIM:PATH: a PersistentVolumeClaim mounted at PATH in every pod "
     "(for a --model_dir or --data_dir on a shared file system).")
+
+
+def _flag_value(args, name, root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+  """The value absl would give --name from args, flag files (relative to this
+  repository, as in the image's workdir) included: the last one wins; "" if
+  none sets it."""
+  value = ""
+  for arg in args:
+    key, _, text = arg.lstrip("-").partition("=")
+    if key == name:
+      value = text
+    elif key == "flagfile":
+      path = text if os.path.isabs(text) else os.path.join(root, text)
+      if os.path.isfile(path):
+        with open(path) as f:
+          found = _flag_value([line.strip() for line in f if line.strip().startswith("--")],
+                              name, root)
+        value = found or value
+  return value
 
 
 def worker_address(name, port):

@@ -6,7 +6,7 @@
 Local mode starts one `launch.train --strategy=multi_worker_mirrored` process
 per worker on free ports of 127.0.0.1, prefixes each output line with the
 worker's index, and when any worker fails ends the others and exits with that
-worker's status.
+worker's status, or 128 + N for a worker killed by signal N (137: SIGKILL).
 """
 
 import json
@@ -60,6 +60,18 @@ def _relay(stream, prefix, out):
     out.flush()
 
 
+def _ending(returncode):
+  """(the launcher's status, words) for the first worker that ended badly:
+  its own status, or for a worker killed by signal N (returncode -N) the
+  shell's 128 + N."""
+  if returncode < 0:
+    name = signal.Signals(-returncode).name
+    return 128 - returncode, f"was killed by {name} (status {128 - returncode})"
+  if returncode == exits.PREEMPTED:
+    return returncode, "stopped by a signal after saving a checkpoint"
+  return returncode, f"failed with status {returncode}"
+
+
 def run_local(num_workers, train_args, python=sys.executable):
   """Runs the workers to the end; returns 0, or the first failing worker's status."""
   hosts = [f"127.0.0.1:{port}" for port in free_ports(num_workers)]
@@ -102,9 +114,7 @@ def run_local(num_workers, train_args, python=sys.executable):
     remaining.discard(index)
     workers[index].returncode = os.waitstatus_to_exitcode(code)
     if workers[index].returncode != 0 and status == 0:
-      status = workers[index].returncode if workers[index].returncode > 0 else 1
-      what = ("stopped by a signal after saving a checkpoint" if status == exits.PREEMPTED
-              else f"failed with status {workers[index].returncode}")
+      status, what = _ending(workers[index].returncode)
       print(f"[launcher] worker {index} {what}; ending the others", file=sys.stderr, flush=True)
       for other in remaining:
         os.killpg(workers[other].pid, signal.SIGTERM)

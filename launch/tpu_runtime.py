@@ -73,6 +73,13 @@ def resolve(accelerator_type, tensorflow, runtime=""):
   if family not in GENERATIONS:
     raise Error(f"--accelerator_type={accelerator_type}: unknown TPU family {family} (known: "
                 f"{', '.join(GENERATIONS)})")
+  # Slices come in powers of two: of chips from 1 (v5e, v6e), of TensorCores from 8.
+  chips = family in _PJRT_ONLY
+  smallest, examples = (1, (4, 16)) if chips else (_CORES_PER_HOST, (8, 32))
+  if count < smallest or count & (count - 1):
+    raise Error(f"--accelerator_type={accelerator_type}: {family} slices have a power of two "
+                f"of {'chips' if chips else 'TensorCores'} from {smallest} "
+                f"({family}-{examples[0]}, {family}-{examples[1]}, ...)")
   pod = count > _CORES_PER_HOST
   runtime = runtime or default_runtime(family, tensorflow, pod)
   image = re.match(r"tpu-vm-tf-([0-9]+\.[0-9]+\.[0-9]+)", runtime)

@@ -3,11 +3,13 @@
 Exit status (launch/exits.py): 0 done; 2 bad flags, data or checkpoints (one
 line on stderr, before any training); 3 a non-finite loss (the last good
 checkpoint is kept); 69 another worker of a multi-worker run died (start them
-all again to resume from the last checkpoint); 74 a checkpoint could not be
-written (a full disk; the earlier ones stay); 75 stopped by SIGTERM or SIGINT,
-to this or another worker, after saving a checkpoint (run the same command
-again to resume; an evaluation stops at once, the same way); 130 SIGINT
-while starting, nothing new saved.
+all again to resume from the last checkpoint); 70 no progress for
+--progress_timeout_seconds (a stuck peer or read; start every task again);
+74 a checkpoint could not be written (a full disk; the earlier ones stay); 75
+stopped by SIGTERM, SIGINT or SIGHUP, to this or another worker, after saving
+a checkpoint (run the same command again to resume; an evaluation stops at
+once, the same way; a run stuck on a read exits at once with its last
+checkpoint); 130 SIGINT while starting, nothing new saved.
 """
 
 from launch import exits  # first: its exit handler runs last

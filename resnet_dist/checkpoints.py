@@ -17,6 +17,7 @@ from resnet_dist.models import weights
 from resnet_dist import strategy as strategy_lib
 from resnet_dist import errors
 from resnet_dist.errors import ConfigError, StorageError
+from resnet_dist import monitor
 from resnet_dist.monitor import log
 
 SUMMARY_FILE = "summary.json"
@@ -44,6 +45,8 @@ def resolve_model_dir(config):
 
 
 def check_writable(model_dir):
+  """ConfigError, before any work, where model_dir or a directory the run
+  writes in it (checkpoints, TensorBoard's) cannot be written."""
   try:
     tf.io.gfile.makedirs(model_dir)
     probe = os.path.join(model_dir, ".write_test")
@@ -52,6 +55,12 @@ def check_writable(model_dir):
     tf.io.gfile.remove(probe)
   except (tf.errors.OpError, OSError) as e:
     raise ConfigError(f"--model_dir={model_dir} is not writable ({e})") from None
+  for name in ("checkpoints", *monitor.SUMMARY_DIRS):
+    path = os.path.join(model_dir, name)
+    if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
+      raise ConfigError(f"{path} is a file where the run writes a directory "
+                        f"({'checkpoints' if name == 'checkpoints' else 'TensorBoard events'}); "
+                        f"move it, or use another --model_dir")
 
 
 def checkpoint_dir(model_dir):
@@ -127,6 +136,21 @@ def check_resumable(model_dir, config, source):
         f"--model_dir={model_dir} was trained with --dtype={dtype}; resuming with "
         f"--dtype={config.model.dtype} would change its arithmetic (and its loss scale) "
         f"mid-run: pass --dtype={dtype}, or --start_over")
+  _check_same_data(model_dir, saved, config, source)
+
+
+def _check_same_data(model_dir, saved, config, source):
+  """A resume trains on the data the run began with, normalised alike:
+  run.json, classes.json, evaluate and export describe that data, and the
+  weights were fitted to it. Another dataset is a fine-tuning, in a model_dir
+  of its own."""
+  here = {"dataset": config.data.dataset, "mean": list(source.mean), "std": list(source.std)}
+  for key, value in here.items():
+    if key in saved and saved[key] != value:
+      raise ConfigError(
+          f"--model_dir={model_dir} was trained on {key} {saved[key]}, not {value}: a resume "
+          f"trains on the data it began with; to train these weights on other data, start a "
+          f"new --model_dir with --init_checkpoint={model_dir}")
 
 
 def _has_checkpoints(model_dir):
@@ -134,10 +158,11 @@ def _has_checkpoints(model_dir):
           and bool(saved_checkpoints(checkpoint_dir(model_dir))))
 
 
-def write_run_record(model_dir, config, source):
+def write_run_record(model_dir, config, source, total_steps=None):
   """Writes run.json for a new run (or one started over): the model, and how
-  it sees its input, for resuming, evaluate and export; and under "config"
-  every setting, part by part."""
+  it sees its input, for resuming, evaluate and export; the length its
+  learning-rate schedule was made for; and under "config" every setting,
+  part by part."""
   path = os.path.join(model_dir, RUN_FILE)
   if _has_checkpoints(model_dir) and not config.checkpoint.start_over:
     return
@@ -150,8 +175,16 @@ def write_run_record(model_dir, config, source):
                "mean": list(source.mean), "std": list(source.std),
                "global_batch_size": config.schedule.global_batch_size,
                "eval_image_size": data.eval_size, "eval_resize_size": data.eval_resize_size,
-               "eval_crop_fraction": data.eval_crop_fraction, "config": config.to_dict()},
+               "eval_crop_fraction": data.eval_crop_fraction, "total_steps": total_steps,
+               "config": config.to_dict()},
               f, indent=2)
+
+
+def record_total_steps(model_dir, total_steps):
+  """run.json's length, after a resume that changed it."""
+  run = read_run(model_dir)
+  with tf.io.gfile.GFile(os.path.join(model_dir, RUN_FILE), "w") as f:
+    json.dump({**run, "total_steps": total_steps}, f, indent=2)
 
 
 def read_run(model_dir):
@@ -169,6 +202,20 @@ def find_checkpoint(path):
     return _find_checkpoint(path)
   except tf.errors.OpError as e:  # a remote path that cannot be reached
     raise ConfigError(f"cannot read {path} ({_first_line(e)})") from None
+
+
+def using_latest(model_dir, use, attempts=3):
+  """use(the model_dir's latest checkpoint), for a reader beside a live run:
+  a checkpoint the run's rotation deleted between the look and the read (a
+  ConfigError, its files gone) is replaced by the newest at that moment."""
+  for attempt in range(attempts):
+    path = find_checkpoint(model_dir)
+    try:
+      return use(path)
+    except ConfigError:
+      if attempt == attempts - 1 or tf.io.gfile.exists(path + ".index"):
+        raise
+  raise AssertionError("unreachable")
 
 
 def _find_checkpoint(path):
@@ -300,8 +347,8 @@ def restore_latest(checkpoint, paths, chief):
     try:
       keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
     except Exception as e:  # pylint: disable=broad-except
-      log(f"warning: cannot read checkpoint {path} ({_first_line(e)}); trying the one before",
-          chief)
+      monitor.warn(f"cannot read checkpoint {path} ({_first_line(e)}); trying the one before",
+                   chief)
       continue
     _check_same_parts(path, keys, checkpoint)
     try:
@@ -310,8 +357,8 @@ def restore_latest(checkpoint, paths, chief):
       raise ConfigError(f"{path} does not fit this run ({_first_line(e)})") from None
     except Exception as e:  # pylint: disable=broad-except
       # Damaged data surfaces as OpError, IndexError or ValueError, by where it is cut.
-      log(f"warning: cannot read checkpoint {path} ({_first_line(e)}); trying the one before",
-          chief)
+      monitor.warn(f"cannot read checkpoint {path} ({_first_line(e)}); trying the one before",
+                   chief)
       continue
     return path
   if paths:
@@ -334,6 +381,9 @@ def save_class_names(model_dir, source, chief):
   with tf.io.gfile.GFile(os.path.join(model_dir, CLASSES_FILE), "w") as f:
     json.dump(list(source.class_names), f, indent=0)
   if source.name.startswith("folder:"):
-    shown = ", ".join(f"{i}={name}" for i, name in enumerate(source.class_names[:20]))
+    # A name with a newline or another control character is shown escaped:
+    # the console keeps one line.
+    shown = ", ".join(f"{i}={name}" if name.isprintable() else f"{i}={name!r}"
+                      for i, name in enumerate(source.class_names[:20]))
     more = f", ... ({len(source.class_names)} in all)" if len(source.class_names) > 20 else ""
     log(f"label ids: {shown}{more} (saved in {CLASSES_FILE})")

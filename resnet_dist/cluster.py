@@ -169,8 +169,9 @@ def from_slurm(environ, port=0):
   node = environ.get("SLURMD_NODENAME")
   if not 0 <= index < len(places) or places[index][1] != local or (
       node and places[index][0] != node):
-    raise ConfigError(f"SLURM task {index} (local {local} on {node}) is not where block "
-                      f"distribution puts it: run srun with --distribution=block")
+    where = f"local task {local} on {node}" if node else f"local task {local}"
+    raise ConfigError(f"SLURM task {index} ({where}) is not where block distribution puts "
+                      f"it: run srun with --distribution=block")
   # A requeued job keeps its ID (an array task has one of its own).
   return Cluster("SLURM", tasks, "worker", index,
                  local_tasks=counts[hosts.index(places[index][0])], local_index=local,

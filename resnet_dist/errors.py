@@ -1,5 +1,8 @@
 """The errors users see as one line: bad flags, data or checkpoints, and storage."""
 
+import os
+import stat
+
 
 class ConfigError(ValueError):
   """A problem with the user's input, found before expensive work starts.
@@ -28,3 +31,18 @@ def missing(named, path):
   if "://" in path:
     return f"{named} does not exist or cannot be read from here (credentials, network)"
   return f"{named} does not exist"
+
+
+def not_a_directory(named, path):
+  """'<named> is a FIFO, not a directory' for a local path that exists but is
+  no directory (a file, a FIFO, a socket, a device); else missing()."""
+  if "://" not in path:
+    try:
+      mode = os.stat(path).st_mode
+    except OSError:
+      return missing(named, path)
+    kinds = ((stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    kind = next((name for test, name in kinds if test(mode)), "no directory")
+    return f"{named} is {kind}, not a directory"
+  return missing(named, path)

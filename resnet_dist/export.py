@@ -11,6 +11,7 @@ Both return probabilities [batch, num_classes] and classes [batch] (int64).
 import os
 
 import tensorflow as tf
+from safetensors import SafetensorError
 
 from resnet_dist import checkpoints, models
 from resnet_dist.errors import StorageError
@@ -59,11 +60,18 @@ class Classifier(tf.Module):
 
 
 def load_classifier(model_dir, checkpoint_path=None, use_ema=True):
-  """The Classifier of a run's checkpoint (default: its latest), in float32,
-  at the run's evaluation size and crop; of the EMA weights where the
-  checkpoint has them, unless not use_ema."""
+  """(the Classifier of a run's checkpoint, its path): of checkpoint_path, or
+  of the newest one readable while the run may still be saving and rotating
+  them; in float32, at the run's evaluation size and crop; of the EMA weights
+  where the checkpoint has them, unless not use_ema."""
   run = checkpoints.read_run(model_dir)
-  path = checkpoints.find_checkpoint(checkpoint_path or model_dir)
+  load = lambda path: (_classifier(run, path, use_ema), path)
+  if checkpoint_path:
+    return load(checkpoints.find_checkpoint(checkpoint_path))
+  return checkpoints.using_latest(model_dir, load)
+
+
+def _classifier(run, path, use_ema):
   size = run.get("eval_image_size") or run["image_size"]
   model = models.get_model(run["model"], num_classes=run["num_classes"],
                            variant=run["resnet_variant"], image_size=size)
@@ -75,7 +83,7 @@ def load_classifier(model_dir, checkpoint_path=None, use_ema=True):
                     crop_fraction=run.get("eval_crop_fraction", preprocess.EVAL_CROP_FRACTION),
                     interpolation=run.get("interpolation", "bilinear"),
                     antialias=run.get("antialias", False),
-                    resize_first=run.get("eval_resize_size", 0) > 0, of_ema=of_ema), path
+                    resize_first=run.get("eval_resize_size", 0) > 0, of_ema=of_ema)
 
 
 def default_dir(model_dir, checkpoint_path, of_ema):
@@ -85,20 +93,39 @@ def default_dir(model_dir, checkpoint_path, of_ema):
   return os.path.join(model_dir, "export", f"{step}-ema" if of_ema else step)
 
 
+def _partial(path):
+  """Where an export is written before it is complete: beside path, under a
+  name of this process's own that a watcher of export/ ignores."""
+  head, tail = os.path.split(path.rstrip("/"))
+  return os.path.join(head, f".partial-{os.getpid()}-{tail}")
+
+
+def _write_whole(path, write):
+  """write(a temporary path), then the result renamed to path: a reader (a
+  serving system watching export/) sees the whole export or none, and a write
+  that fails (a full disk) leaves nothing behind but raises StorageError."""
+  partial = _partial(path)
+  try:
+    tf.io.gfile.makedirs(os.path.dirname(path.rstrip("/")) or ".")
+    write(partial)
+    if tf.io.gfile.isdir(path):  # an earlier export of the same checkpoint
+      tf.io.gfile.rmtree(path)
+    tf.io.gfile.rename(partial, path, overwrite=True)
+  except (tf.errors.OpError, OSError, SafetensorError) as e:
+    if tf.io.gfile.exists(partial):
+      (tf.io.gfile.rmtree if tf.io.gfile.isdir(partial) else tf.io.gfile.remove)(partial)
+    raise StorageError(f"cannot write {path} ({str(e).strip().splitlines()[0]})") from None
+
+
 def save_weights(classifier, path):
   """The model's weights as a torchvision-layout .safetensors file; StorageError
   when it cannot be written."""
-  try:
-    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    models.save_weights(classifier.model, path)
-  except (tf.errors.OpError, OSError) as e:
-    raise StorageError(f"cannot write {path} ({str(e).strip().splitlines()[0]})") from None
+  # The temporary name keeps the .safetensors ending save_weights asks for.
+  _write_whole(path, lambda partial: models.save_weights(classifier.model, partial))
 
 
 def save(classifier, export_dir):
   """Writes the SavedModel; StorageError when it cannot be written."""
-  try:
-    tf.saved_model.save(classifier, export_dir, signatures={
-        "serving_default": classifier.serve, "encoded": classifier.serve_encoded})
-  except (tf.errors.OpError, OSError) as e:
-    raise StorageError(f"cannot write {export_dir} ({str(e).strip().splitlines()[0]})") from None
+  _write_whole(export_dir, lambda partial: tf.saved_model.save(
+      classifier, partial, signatures={"serving_default": classifier.serve,
+                                       "encoded": classifier.serve_encoded}))

@@ -24,12 +24,12 @@ def log(message, chief=True):
     print(message, flush=True)
 
 
-def warn(message):
+def warn(message, chief=True):
   """A warning a watcher of the run must see: on stdout with the run's other
-  lines, and on stderr, which a healthy run leaves empty. Every process that
-  meets the condition says it."""
-  print(f"warning: {message}", flush=True)
-  print(f"warning: {message}", file=sys.stderr, flush=True)
+  lines, and on stderr, which a healthy run leaves empty."""
+  if chief:
+    print(f"warning: {message}", flush=True)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # What the start block says XLA compiles (strategy.xla_scope).
@@ -139,6 +139,10 @@ class LoopStats:
   @property
   def flop_utilization(self):
     return self.images_per_second * self.flops_per_image / self.peak_flops if self.peak_flops else 0.0
+
+
+# The TensorBoard runs a model_dir holds, one directory each.
+SUMMARY_DIRS = ("train", "eval", "eval_ema")
 
 
 class Summaries:

@@ -1,5 +1,6 @@
 """Stopping on request: SIGTERM (a preempted VM, a scheduler), SIGINT
-(Ctrl-C), or a GCE preemption or maintenance notice (Notices).
+(Ctrl-C), SIGHUP (a dropped ssh session), or a GCE preemption or
+maintenance notice (Notices).
 
 A Python signal handler runs only when the main thread is back in the
 interpreter, which during training is at the end of a host loop: up to
@@ -20,7 +21,9 @@ import urllib.request
 
 import tensorflow as tf
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: the ssh session or terminal a run was started from went away; it
+# would kill the run with nothing saved. A run under nohup ignores it still.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Preempted(Exception):
@@ -123,7 +126,8 @@ class StopRequest:
     self._pipe = os.pipe()
     os.set_blocking(self._pipe[1], False)
     self._previous_fd = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
-    self._previous_handlers = {s: signal.signal(s, self._note) for s in SIGNALS}
+    self._previous_handlers = {s: signal.signal(s, self._note) for s in SIGNALS
+                               if signal.getsignal(s) != signal.SIG_IGN}
     self._watcher = threading.Thread(target=self._watch, name="stop-request", daemon=True)
     self._watcher.start()
     return self

@@ -7,6 +7,7 @@ which devices) without looking at the strategy's type.
 
 import atexit
 import dataclasses
+import hashlib
 import os
 import socket
 import threading
@@ -357,6 +358,48 @@ def gradient_all_reduce(distribute, strategy):
   if strategy.num_replicas_in_sync == 1 and kind_of(strategy) != "tpu":
     return AllReduce("none", dtype=distribute.all_reduce_dtype)
   return choose_all_reduce(distribute, kind_of(strategy), not all_on_cpu(strategy))
+
+
+# Settings that say where a task finds things, not what the run does: they
+# may differ between the tasks of one run (a dataset copied to each host's
+# own disk, say).
+PER_TASK_SETTINGS = ("data_dir", "download", "cluster", "cluster_port")
+
+
+def _setting_hashes(settings):
+  """Each setting's value as a number below 2**24, exact in float32."""
+  return [int(hashlib.sha256(repr(value).encode()).hexdigest()[:6], 16)
+          for value in settings.values()]
+
+
+def check_tasks_agree(strategy, settings):
+  """Stops every task of a multi-worker run, with one line and a
+  ConfigError, where the tasks were given different settings ({flag name:
+  value}, but PER_TASK_SETTINGS): they would fail in a collective whose
+  shapes differ, deadlock, or train something else than asked. Two small
+  all-reduces over the cluster itself: the chief's fingerprint of each
+  setting, then which ones some task's differ from."""
+  if kind_of(strategy) != "multi_worker_mirrored" or num_input_pipelines(strategy) < 2:
+    return
+  settings = {k: v for k, v in settings.items() if k not in PER_TASK_SETTINGS}
+  mine = tf.constant(_setting_hashes(settings), tf.float32)
+
+  def compare():
+    context = tf.distribute.get_replica_context()
+    first = context.replica_id_in_sync_group == 0  # the chief's first replica
+    chiefs = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                tf.where(first, mine, tf.zeros_like(mine)))
+    return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                              tf.cast(tf.not_equal(mine, chiefs), tf.float32))
+
+  differing = strategy.experimental_local_results(strategy.run(tf.function(compare)))[0]
+  names = [name for name, count in zip(settings, differing.numpy()) if count]
+  if names:
+    shown = ", ".join(f"--{name}" for name in names[:3]) + (" ..." if len(names) > 3 else "")
+    here = settings[names[0]]
+    raise ConfigError(
+        f"the tasks of this run were given different settings ({shown}; here --{names[0]}="
+        f"{here}); start every task with the same flags")
 
 
 def task_info(strategy):

@@ -20,12 +20,14 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import time
 from typing import Optional
 
 import tensorflow as tf
 
-from resnet_dist import checkpoints, data, models, monitor, perf, preemption, run_lock, watchdog
+from resnet_dist import checkpoints, data, models, monitor, optim, perf, preemption, run_lock
+from resnet_dist import watchdog
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
@@ -92,6 +94,7 @@ def prepare(config, strategy):
   """Seeds, opens and probes the data (and the tf.data service), checks
   model_dir: a RunSetup, or a ConfigError before anything is built or written."""
   d, schedule = config.data, config.schedule
+  strategy_lib.check_tasks_agree(strategy, config.flag_values())
   service_workers = (service.wait_for_workers(d.data_service, d.data_service_timeout_seconds)
                      if d.data_service else 0)
   if schedule.deterministic:
@@ -115,6 +118,7 @@ def prepare(config, strategy):
                       f"{train_size} examples holds {epoch} once rounded down to a multiple of "
                       f"256, fewer than --global_batch_size={schedule.global_batch_size}")
   steps_per_epoch = max(epoch // schedule.global_batch_size, 1)
+  _check_ramp(d.progressive_resize, schedule.total_steps(steps_per_epoch) / steps_per_epoch)
   # Slack: the last prefetch leaves the host's cores to an accelerator's
   # step launches at the start of each step (TensorFlow's advice for TPUs).
   spec = dataclasses.replace(input_spec(config), slack=not strategy_lib.all_on_cpu(strategy))
@@ -131,6 +135,19 @@ def prepare(config, strategy):
 def _run_name(distribute):
   cluster = cluster_lib.from_environment(distribute.cluster, port=distribute.cluster_port)
   return cluster_lib.run_name(cluster, distribute.tpu or os.environ.get("TPU_NAME", ""))
+
+
+def _check_ramp(progressive_resize, epochs):
+  """A --progressive_resize ramp that ends after the run's last epoch would
+  never reach its last size: a ConfigError."""
+  if progressive_resize is None:
+    return
+  start, end, _, last = progressive_resize
+  if last > epochs:
+    raise ConfigError(
+        f"--progressive_resize={start}:{end}:{':'.join(f'{v:g}' for v in progressive_resize[2:])}"
+        f" ramps until epoch {last:g}, after the run's last ({epochs:g}): it would never train "
+        f"at {end}; end the ramp by epoch {epochs:g}")
 
 
 def _pretrained_normalization(source, strategy):
@@ -157,7 +174,7 @@ def run(config: Config, strategy=None):
     # Written once the model is built and its weights are in: a start that
     # fails before leaves the model_dir as it was.
     if setup.chief:
-      checkpoints.write_run_record(setup.model_dir, config, setup.source)
+      checkpoints.write_run_record(setup.model_dir, config, setup.source, setup.total_steps)
     checkpoints.save_class_names(setup.model_dir, setup.source, setup.chief)
     finished = finished_summary(setup, resumed.start_step)
     if finished:
@@ -238,6 +255,7 @@ def report_start(setup, trainer, resumed):
                 "threads, autotuned", chief)
   if resumed.start_step:
     monitor.log(f"resuming from step {resumed.start_step} ({resumed.restored})", chief)
+    report_new_length(setup, trainer, resumed.start_step)
     if setup.service_workers:
       monitor.log("the data service starts at the split holding that step's data position; "
                   "examples in flight at the checkpoint may be seen twice, or not at all, in "
@@ -246,6 +264,23 @@ def report_start(setup, trainer, resumed):
     monitor.log(f"warning: {setup.source.name} has no evaluation split; evaluating on the "
                 f"training split", chief)
   return Cost(num_params, macs, peak_flops)
+
+
+def report_new_length(setup, trainer, step):
+  """A resume with another --train_steps or --train_epochs: one line on what
+  that does to the learning-rate schedule, and run.json records the new
+  length for the next resume."""
+  was = checkpoints.read_run(setup.model_dir).get("total_steps")
+  if not was or was == setup.total_steps:
+    return
+  config = setup.config
+  before = optim.LearningRate.of(config.optim, config.schedule.global_batch_size,
+                                 setup.steps_per_epoch, was).value_at(step)
+  monitor.log(f"the run was begun for {was} steps, now {setup.total_steps}: its learning-rate "
+              f"schedule is recomputed over {setup.total_steps} (at step {step}: "
+              f"{trainer.schedule.value_at(step):.4g}, not {before:.4g})", setup.chief)
+  if setup.chief:
+    checkpoints.record_total_steps(setup.model_dir, setup.total_steps)
 
 
 # --- The host loop ------------------------------------------------------------
@@ -653,7 +688,7 @@ def write_summary(setup, trainer, cost, loop):
                 + (f", eval top-1 {top1:.4f}" if top1 is not None else "")
                 + (f", {rate:.0f} images/s" if rate else "") + "\n"
                 f"checkpoints in {loop.manager.directory}, summary in {path}\n"
-                f"look at the run: tensorboard --logdir {setup.model_dir}")
+                f"look at the run: tensorboard --logdir {shlex.quote(setup.model_dir)}")
   return summary
 
 

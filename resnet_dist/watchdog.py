@@ -13,10 +13,10 @@ evaluations) and ends the process itself:
 - no progress for timeout_seconds: one line naming what the run was doing,
   and exit status STALLED. Every task of a stuck run has the same bound from
   about the same last progress, so each ends this way.
-- a stop request (SIGTERM, SIGINT, a notice) that the loop has not reached
-  within stop_grace_seconds: the loop cannot save, so the process exits at
-  once with the stop's status (75), its last checkpoint being what a restart
-  resumes from.
+- a stop request (SIGTERM, SIGINT, SIGHUP, a notice) that the loop has not
+  reached within STOP_GRACE_SECONDS (or half the bound, if shorter): the loop
+  cannot save, so the process exits with the stop's status (75), its last
+  checkpoint being what a restart resumes from.
 """
 
 import os
@@ -58,12 +58,13 @@ class Watchdog:
   """
 
   def __init__(self, timeout_seconds, describe=lambda: "", before_exit=lambda: None,
-               stop_grace_seconds=STOP_GRACE_SECONDS, poll_seconds=None):
+               poll_seconds=None):
     self.timeout = timeout_seconds
     self.describe, self.before_exit = describe, before_exit
-    self.stop_grace = stop_grace_seconds
-    bounds = [b for b in (timeout_seconds, stop_grace_seconds) if b]
-    self.poll = poll_seconds or min(1.0, min(bounds) / 10)
+    # After a stop request a loop is waited for half the bound at most: it
+    # has then shown no progress for that long after being asked to stop.
+    self.stop_grace = min(STOP_GRACE_SECONDS, (timeout_seconds or 2 * STOP_GRACE_SECONDS) / 2)
+    self.poll = poll_seconds or min(1.0, self.stop_grace / 10)
     self._lock = threading.Lock()
     self._since = time.monotonic()
     self._doing = "starting"
@@ -112,9 +113,15 @@ class Watchdog:
     return f"; {what}" if what else ""
 
   def _end(self, status, message):
-    if self._closed.is_set():  # the loop ended meanwhile: nothing is stuck
-      return
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    self.before_exit()
-    os._exit(status)  # pylint: disable=protected-access
+    if not self._closed.is_set():  # the loop ended meanwhile: nothing is stuck
+      end_process(status, message, self.before_exit)
+
+
+def end_process(status, message, before_exit):
+  """Ends this process from a thread of its own, with its one line: the way
+  out where the main thread waits inside TensorFlow, which no exception
+  reaches. before_exit(): what must not outlive the process (its run lock)."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  before_exit()
+  os._exit(status)  # pylint: disable=protected-access

@@ -6,7 +6,9 @@ signalled processes: tests/interruption_test.py.
 """
 
 
+import contextlib
 import glob
+import io
 import json
 import os
 import shutil
@@ -94,6 +96,51 @@ class FaultPathTest(absltest.TestCase):
     shutil.copytree(self.two, copy)
     self.assertEqual(saved_steps(copy), [4, 8])
     return copy
+
+  def test_a_resume_on_other_data_is_refused_and_another_length_said(self):
+    """A digits run resumed on other data trained on it and said only
+    "resuming from step 8", its run.json still describing digits; a resume
+    with another length recomputed the schedule without a word."""
+    model_dir = self.two_checkpoints()
+    with self.assertRaisesRegex(ConfigError, r"^--model_dir=\S+ was trained on dataset digits, "
+                                             r"not synthetic: a resume trains on the data it "
+                                             r"began with; to train these weights on other "
+                                             r"data, start a new --model_dir with "
+                                             r"--init_checkpoint="):
+      self.train(model_dir, dataset="synthetic", num_classes=10)
+    self.assertEqual(saved_steps(model_dir), [4, 8])
+    out = self.train(model_dir, train_steps=24)
+    self.assertRegex(out, r"the run was begun for 8 steps, now 24: its learning-rate schedule "
+                          r"is recomputed over 24 \(at step 8: [\d.e-]+, not [\d.e-]+\)")
+    self.assertEqual(read_json(os.path.join(model_dir, "run.json"))["total_steps"], 24)
+
+  def test_odd_names_keep_each_console_line_one_line_and_each_command_runnable(self):
+    root = self.create_tempdir().full_path
+    fixtures.make_image_folder(os.path.join(root, "images"), per_class=4,
+                               classes=("ants\nand bees", "moths"))
+    model_dir = os.path.join(root, "my runs", "one")
+    out = self.train(model_dir, dataset=f"folder:{root}/images", train_steps=2, image_size=32,
+                     global_batch_size=8)
+    self.assertIn("label ids: 0='ants\\nand bees', 1=moths (saved in classes.json)\n", out)
+    self.assertIn(f"look at the run: tensorboard --logdir '{model_dir}'\n", out)
+
+  def test_a_resize_ramp_past_the_last_epoch_is_one_line_before_any_work(self):
+    model_dir = self.create_tempdir().full_path
+    with self.assertRaisesRegex(ConfigError, r"^--progressive_resize=32:64:0:2 ramps until "
+                                             r"epoch 2, after the run's last \(0\.\d+\): it "
+                                             r"would never train at 64; end the ramp by epoch"):
+      self.train(model_dir, progressive_resize=(32, 64, 0.0, 2.0), train_steps=4)
+    self.assertEqual(os.listdir(model_dir), [])
+
+  def test_a_file_where_tensorboard_writes_is_one_line_before_any_work(self):
+    """It ended in a 41-line traceback once the first summary was written."""
+    model_dir = self.create_tempdir().full_path
+    open(os.path.join(model_dir, "train"), "w").close()
+    with self.assertRaisesRegex(ConfigError, r"^\S+/train is a file where the run writes a "
+                                             r"directory \(TensorBoard events\); move it, or "
+                                             r"use another --model_dir$"):
+      self.train(model_dir)
+    self.assertEqual(sorted(os.listdir(model_dir)), ["train"])
 
   def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(self):
     model_dir = self.create_tempdir().full_path
@@ -183,8 +230,13 @@ class FaultPathTest(absltest.TestCase):
     data_file = glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-8.data-*"))[0]
     with open(data_file, "r+b") as f:
       f.truncate(os.path.getsize(data_file) // 2)
-    out = self.train(model_dir, train_steps=12)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      out = self.train(model_dir, train_steps=12)
     self.assertIn("warning: cannot read checkpoint", out)
+    # On stderr too, which a watcher reads for what went wrong (it was stdout only).
+    self.assertRegex(err.getvalue(), r"(?m)^warning: cannot read checkpoint \S+ckpt-8 .*; "
+                                     r"trying the one before$")
     self.assertIn("resuming from step 4", out)
 
   def test_a_lost_or_garbled_state_file_still_resumes_from_the_newest(self):

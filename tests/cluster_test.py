@@ -44,7 +44,8 @@ def srun_environment(procid, localid, node="n01", **extra):
 def pod_environment(index, num_workers=3, **job):
   """What a pod of launch.kubernetes's Indexed Job sees: the container's
   variables from the manifest, and the index Kubernetes adds."""
-  _, env = launching.pod_of(kubernetes.Job("train", "image", [], num_workers, **job))
+  _, env = launching.pod_of(kubernetes.Job("train", "image", ["--model_dir=gs://b/r"],
+                                           num_workers, **job))
   return {"JOB_COMPLETION_INDEX": str(index), "KUBERNETES_SERVICE_HOST": "10.0.0.1", **env}
 
 
@@ -164,8 +165,16 @@ class SlurmTest(parameterized.TestCase):
 
   def test_a_task_out_of_block_order_is_refused(self):
     # srun --distribution=cyclic puts rank 1 on the second node.
-    with self.assertRaisesRegex(ConfigError, "run srun with --distribution=block"):
+    with self.assertRaisesRegex(ConfigError, r"^SLURM task 1 \(local task 0 on n02\) is not "
+                                             r"where block distribution puts it: run srun "
+                                             r"with --distribution=block$"):
       cluster_lib.from_environment(environ=srun_environment(1, 0, node="n02"))
+    # Without SLURMD_NODENAME (an older SLURM, a container): no "None" in the line.
+    environ = srun_environment(1, 1, node="n02")
+    del environ["SLURMD_NODENAME"]
+    environ["SLURM_LOCALID"] = "0"
+    with self.assertRaisesRegex(ConfigError, r"^SLURM task 1 \(local task 0\) is not where"):
+      cluster_lib.from_environment(environ=environ)
 
   def test_slurm_asked_for_outside_srun_is_one_line(self):
     environ = {"SLURM_JOB_ID": "4321", "SLURM_PROCID": "0"}  # a batch script's own shell
@@ -297,8 +306,9 @@ class KubernetesTest(parameterized.TestCase):
                      ("Kubernetes", "worker", 2))
 
   def test_the_manifest_is_an_indexed_job_whose_pods_resolve_under_its_service(self):
-    job = kubernetes.Job("r50", "registry/resnet_dist:1", ["--flagfile=f.cfg"], num_workers=4,
-                         gpus_per_worker=8, volume="runs:/runs")
+    job = kubernetes.Job("r50", "registry/resnet_dist:1", ["--flagfile=f.cfg",
+                                                          "--model_dir=/runs/r50"],
+                         num_workers=4, gpus_per_worker=8, volume="runs:/runs")
     service, indexed = json.loads(json.dumps(kubernetes.manifest(job)))["items"]
     pod = indexed["spec"]["template"]
     self.assertEqual((service["kind"], service["spec"]["clusterIP"]), ("Service", "None"))
@@ -309,7 +319,8 @@ class KubernetesTest(parameterized.TestCase):
     self.assertEqual((spec["completionMode"], spec["completions"], spec["parallelism"]),
                      ("Indexed", 4, 4))
     container, = pod["spec"]["containers"]
-    self.assertEqual(container["args"], ["--flagfile=f.cfg", "--cluster=kubernetes"])
+    self.assertEqual(container["args"], ["--flagfile=f.cfg", "--model_dir=/runs/r50",
+                                         "--cluster=kubernetes"])
     self.assertEqual(container["resources"], {"limits": {"nvidia.com/gpu": 8}})
     self.assertIn({"name": "shared", "mountPath": "/runs"}, container["volumeMounts"])
     # Replacements wait for the pod they replace; a lost node's pods go in 30 s.
@@ -322,7 +333,8 @@ class KubernetesTest(parameterized.TestCase):
     """Kubernetes' pod failure policy, applied as Kubernetes applies it (the
     first rule that matches: FailJob, Ignore, else Count), to what each of 4
     workers exits with in each incident."""
-    spec = kubernetes.manifest(kubernetes.Job("r", "i", [], num_workers=4))["items"][1]["spec"]
+    spec = kubernetes.manifest(kubernetes.Job("r", "i", ["--model_dir=gs://b/r"],
+                                              num_workers=4))["items"][1]["spec"]
     rules = spec["podFailurePolicy"]["rules"]
 
     def verdict(status, disrupted=False):
@@ -357,7 +369,9 @@ class KubernetesTest(parameterized.TestCase):
   def test_the_readme_command_prints_the_manifest_and_refuses_a_bad_name_in_one_line(self):
     command = launching.command("launch.kubernetes", "--name=r50", "--image=registry/r:1",
                                 "--num_workers=3", "--gpus_per_worker=8", "--",
-                                "--flagfile=launch/configs/resnet50_imagenet_8gpu.cfg")
+                                "--flagfile=launch/configs/resnet50_imagenet_8gpu.cfg",
+                                "--data_dir=gs://BUCKET/imagenet",
+                                "--model_dir=gs://BUCKET/runs/r50")
     result = subprocess.run(command, cwd=launching.ROOT, env=launching.ENV,
                             capture_output=True, text=True, timeout=60)
     self.assertEqual(result.returncode, 0, result.stderr)
@@ -366,6 +380,7 @@ class KubernetesTest(parameterized.TestCase):
                      ("Service", "Job", 3))
     self.assertEqual(job["spec"]["template"]["spec"]["containers"][0]["args"],
                      ["--flagfile=launch/configs/resnet50_imagenet_8gpu.cfg",
+                      "--data_dir=gs://BUCKET/imagenet", "--model_dir=gs://BUCKET/runs/r50",
                       "--cluster=kubernetes"])
     bad = subprocess.run([*command[:3], "--name=R50", "--image=i"], cwd=launching.ROOT,
                          env=launching.ENV, capture_output=True, text=True, timeout=60)
@@ -376,9 +391,19 @@ class KubernetesTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("capitals", {"name": "R50"}, "must be a DNS label"),
       ("too_long", {"name": "r" * 62}, "short enough for"),
-      ("relative_mount", {"name": "r", "volume": "runs:runs"}, "CLAIM:/absolute/path"))
+      ("relative_mount", {"name": "r", "volume": "runs:runs"}, "CLAIM:/absolute/path"),
+      # Each pod would write into its own container; a replaced one would start over.
+      ("no_model_dir", {"name": "r", "train_args": ["--flagfile=launch/configs/digits.cfg"]},
+       r"^the training flags need a --model_dir every pod reaches \(gs://BUCKET/\.\.\., or "
+       r"a path under --volume's mount\): each pod would write"),
+      ("model_dir_in_the_container", {"name": "r", "train_args": ["--model_dir=runs/r"]},
+       r"reaches \(gs://BUCKET/\.\.\., or a path under --volume's mount\), not runs/r:"),
+      ("model_dir_beside_the_volume", {"name": "r", "volume": "c:/shared",
+                                       "train_args": ["--model_dir=/sharedx/r"]},
+       r"or a path under --volume's /shared\), not /sharedx/r:"))
   def test_a_manifest_that_kubernetes_would_refuse_is_one_line(self, fields, message):
-    job = kubernetes.Job(**{"image": "i", "train_args": [], "num_workers": 10, **fields})
+    job = kubernetes.Job(**{"image": "i", "train_args": ["--model_dir=gs://b/r"],
+                            "num_workers": 10, **fields})
     with self.assertRaisesRegex(kubernetes.ManifestError, message):
       kubernetes.manifest(job)
 

@@ -5,6 +5,8 @@ import contextlib
 import glob
 import io
 import os
+import signal
+import time
 
 from launch import exits  # pylint: disable=g-bad-import-order  # first, as the entrypoints do
 import tensorflow as tf
@@ -48,14 +50,53 @@ class FailTest(absltest.TestCase):
     for exception, status, line in cases:
       self.assertEqual(self.fail(exception), (status, line), repr(exception))
 
+  def test_the_lost_worker_named_is_never_this_one(self):
+    """A collective whose peer's socket closed names both ends: the peer
+    (the remote target) and, where this task called it, this task."""
+    message = ("Socket closed\nAdditional GRPC error information from remote target "
+               "/job:worker/replica:0/task:0 while calling /tensorflow.WorkerService/RecvBuf "
+               "for /job:worker/replica:0/task:1")
+    self.assertEqual(exits.lost_workers(message, own="worker 1"), ["worker 0"])
+    self.assertEqual(exits.lost_workers(UNHEALTHY, own="worker 0"), ["worker 1"])
+
   def test_a_bug_keeps_its_traceback(self):
     with self.assertRaises(TypeError):
       self.fail(TypeError("a bug"))
 
   def test_statuses_are_distinct(self):
-    statuses = [exits.OK, exits.USAGE, exits.NONFINITE, exits.WORKER_LOST, exits.STORAGE,
-                exits.PREEMPTED, exits.INTERRUPTED]
+    statuses = [exits.OK, exits.USAGE, exits.NONFINITE, exits.WORKER_LOST, exits.STALLED,
+                exits.STORAGE, exits.PREEMPTED, exits.INTERRUPTED]
     self.assertLen(set(statuses), len(statuses))
+
+  def test_a_flag_file_that_cannot_be_opened_is_one_plain_line(self):
+    """absl words it "ERROR:: Unable to open flagfile", which read "error: ERROR::"."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), self.assertRaises(SystemExit) as ended:
+      exits.parse_flags(["train", "--flagfile=/no/such.cfg"])
+    self.assertEqual(ended.exception.code, exits.USAGE)
+    self.assertEqual(stderr.getvalue(), "error: Unable to open flagfile: [Errno 2] No such file "
+                                        "or directory: '/no/such.cfg'\n")
+
+
+class StopRequestTest(absltest.TestCase):
+
+  def test_sighup_asks_the_run_to_stop_and_save_unless_nohup_ignores_it(self):
+    """An ssh session that drops sends SIGHUP: it killed the run at once,
+    nothing saved, the lock left behind (in this process, the test's)."""
+    stop = tf.Variable(False)
+    with preemption.StopRequest(stop) as request:
+      os.kill(os.getpid(), signal.SIGHUP)
+      deadline = time.time() + 10
+      while not bool(stop.numpy()) and time.time() < deadline:
+        time.sleep(0.01)
+    self.assertTrue(bool(stop.numpy()))
+    self.assertEqual(request.reason, "SIGHUP")
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    try:
+      with preemption.StopRequest(tf.Variable(False)):
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+    finally:
+      signal.signal(signal.SIGHUP, previous)
 
 
 class EntrypointTest(absltest.TestCase):

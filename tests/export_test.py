@@ -2,8 +2,12 @@
 --init_checkpoint. (launch.export as a process, and the SavedModel loaded in
 a fresh one: tests/launch_test.py.)"""
 
+import contextlib
 import glob
 import os
+import resource
+import signal
+from unittest import mock
 
 import resnet_dist  # pylint: disable=unused-import  # before TensorFlow: its CPU kernels
 import numpy as np
@@ -13,6 +17,20 @@ from absl.testing import absltest
 from resnet_dist import checkpoints, export, models
 from resnet_dist.errors import ConfigError, StorageError
 from tests import fixtures
+
+@contextlib.contextmanager
+def disk_full_above(size):
+  """Writes that would make a file larger than `size` fail, as on a full disk
+  (RLIMIT_FSIZE; its SIGXFSZ ignored, so the write fails with EFBIG)."""
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, handler)
+
 
 class ExportTest(absltest.TestCase):
 
@@ -48,6 +66,44 @@ class ExportTest(absltest.TestCase):
     with self.assertRaisesRegex(ConfigError, r"has no run.json"):
       export.load_classifier(self.create_tempdir().full_path)
 
+
+  def test_an_export_cut_short_by_the_disk_leaves_nothing_and_says_so(self):
+    """The disk fills as an export is written (file sizes above 64 KB
+    refused, as by a full disk): a SavedModel left export/<step>/variables/
+    variables_temp/ behind, for a serving watcher of export/ to pick up, and
+    safetensors ended in SafetensorError's traceback (exit 1, not 74)."""
+    model_dir = self.create_tempdir().full_path
+    fixtures.make_run(model_dir)
+    classifier, path = export.load_classifier(model_dir)
+    saved_model = export.default_dir(model_dir, path, of_ema=False)
+    weights = os.path.join(model_dir, "export", "w", "model.safetensors")
+    with disk_full_above(64 * 1024):
+      with self.assertRaisesRegex(StorageError, rf"^cannot write {saved_model} \("):
+        export.save(classifier, saved_model)
+      with self.assertRaisesRegex(StorageError, rf"^cannot write {weights} \("):
+        export.save_weights(classifier, weights)
+    self.assertEqual(glob.glob(os.path.join(model_dir, "export", "**"), recursive=True),
+                     [os.path.join(model_dir, "export", ""),
+                      os.path.join(model_dir, "export", "w")])
+    export.save(classifier, saved_model)  # with room again: whole, under its name
+    self.assertTrue(tf.saved_model.contains_saved_model(saved_model))
+
+  def test_a_checkpoint_rotated_away_as_it_is_read_gives_way_to_the_newest(self):
+    """Beside a live run keeping few checkpoints, the latest one found can be
+    deleted before it is read: export (and evaluate) said it could not be
+    read, as though it were damaged."""
+    model_dir = self.create_tempdir().full_path
+    fixtures.make_run(model_dir)
+    latest = os.path.join(model_dir, "checkpoints", "ckpt-1")
+    rotated = os.path.join(model_dir, "checkpoints", "ckpt-0")  # found, then deleted
+    with mock.patch.object(checkpoints, "find_checkpoint", side_effect=[rotated, latest]):
+      _, path = export.load_classifier(model_dir)
+    self.assertEqual(path, latest)
+    damaged = os.path.join(model_dir, "checkpoints", "ckpt-1.index")
+    with open(damaged, "r+b") as f:  # still there, but unreadable: said, not retried
+      f.truncate(10)
+    with self.assertRaisesRegex(ConfigError, r"^cannot read checkpoint .*ckpt-1 \("):
+      export.load_classifier(model_dir)
 
   def test_the_ema_and_the_raw_weights_export_to_different_directories(self):
     """Catches `--use_ema=false` after an EMA export overwriting it in place

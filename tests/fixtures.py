@@ -72,3 +72,27 @@ def assert_same_training(initial, a, b, per_variable=0.1, overall=0.02):
     total, differing = total + size**2, differing + gap**2
   if differing > overall**2 * total:
     raise AssertionError(f"displacements differ by {(differing / total)**0.5:.3g} of their size")
+
+
+def make_image_folder(root, per_class=24, size=32, classes=("a", "b")):
+  """root/train/<class>/<i>.png and root/validation/..., small random images."""
+  rng = np.random.default_rng(0)
+  for split in ("train", "validation"):
+    for name in classes:
+      directory = os.path.join(root, split, name)
+      os.makedirs(directory)
+      for i in range(per_class):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        tf.io.write_file(os.path.join(directory, f"{i:03d}.png"), tf.io.encode_png(pixels))
+
+
+def images_to_fifos(root):
+  """Every training image of root becomes a FIFO nobody writes: a read of
+  it waits forever, as one on a stalled mount does. Renamed into place, so
+  a read already open finishes."""
+  for directory, _, files in os.walk(os.path.join(root, "train")):
+    for name in files:
+      path = os.path.join(directory, name)
+      fifo = path + ".fifo"
+      os.mkfifo(fifo)
+      os.replace(fifo, path)

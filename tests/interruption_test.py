@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl.testing import absltest
 
 from resnet_dist import preemption
-from tests import launching
+from tests import fixtures, launching
 
 COMMON = ["--model=resnet8", "--dataset=digits", "--global_batch_size=32",
           "--train_steps=16", "--steps_per_loop=2", "--checkpoint_every_steps=4",
@@ -110,6 +110,46 @@ class SigtermTest(absltest.TestCase):
     self.assertLess(latency, 15, "from the signal to the exit, checkpoint saved")
     print(f"exited {latency:.1f} s after SIGTERM, at step {step} of {total}")
     # That the run resumes from it: CheckpointTest.test_sigterm_saves_then_resumes_exactly.
+
+
+class StuckReadTest(absltest.TestCase):
+
+  def test_sigterm_while_a_read_never_returns_exits_75_within_the_grace(self):
+    """The images turn into FIFOs mid-run (a stalled mount): the loop waits
+    on its input inside TensorFlow, where it never reads the stop request.
+    The signal was ignored until SIGKILL, the lock left behind."""
+    root = self.create_tempdir().full_path
+    data_dir, model_dir = os.path.join(root, "images"), os.path.join(root, "run")
+    fixtures.make_image_folder(data_dir)
+    bound = 30  # the progress bound: a stop is waited for half of it
+    process = launching.start(
+        "launch.train", "--model=resnet8", f"--dataset=folder:{data_dir}", "--image_size=32",
+        "--global_batch_size=8", "--train_steps=100000", "--steps_per_loop=2",
+        "--checkpoint_every_steps=4", "--skip_eval", "--strategy=one_device",
+        f"--model_dir={model_dir}", f"--progress_timeout_seconds={bound}")
+    deadline = time.time() + 300
+    while registered_step(model_dir) < 4 and process.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    fixtures.images_to_fifos(data_dir)
+    # Until the prefetched batches run out the loop still steps; then it waits, idle.
+    idle_since, used = time.time(), launching.cpu_seconds(process.pid)
+    while time.time() - idle_since < 3 and process.poll() is None:
+      time.sleep(0.2)
+      if launching.cpu_seconds(process.pid) > used + 0.1:
+        idle_since, used = time.time(), launching.cpu_seconds(process.pid)
+    process.send_signal(signal.SIGTERM)
+    signalled = time.time()
+    out, err = process.communicate(timeout=300)
+    lasted = time.time() - signalled
+    print(f"exited {lasted:.0f} s after SIGTERM (grace {bound // 2} s)")
+    self.assertEqual(process.returncode, 75, err[-3000:])
+    self.assertRegex(err, r"(?m)^error: SIGTERM, but the run did not reach the end of a step "
+                          rf"within {bound // 2} s \(in training steps \d+ to \d+; .*\); "
+                          r"exiting without a new checkpoint: run again to resume from the "
+                          r"last one$")
+    self.assertLess(lasted, bound)  # before the stall's own exit (70)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "training.lock")))
+    self.assertGreaterEqual(registered_step(model_dir), 4)
 
 
 class FakeMetadataServer:

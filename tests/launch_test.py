@@ -446,6 +446,11 @@ esac
     result = self.tpu_vm(*self.ARGS, "--accelerator_type=v4", "--dry_run")
     self.assertEqual(result.returncode, 2)
     self.assertIn("--accelerator_type=v4 is not of the form", result.stderr)
+    result = self.tpu_vm(*self.ARGS, "--accelerator_type=v3-9", "--dry_run")
+    self.assertEqual(result.returncode, 2)
+    self.assertEqual(result.stderr.strip(), "error: --accelerator_type=v3-9: v3 slices have a "
+                                            "power of two of TensorCores from 8 (v3-8, v3-32, "
+                                            "...)")
     result = self.tpu_vm("--name=x", "--dry_run")
     self.assertEqual(result.returncode, 2)
     self.assertIn("--project is required", result.stderr)

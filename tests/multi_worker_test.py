@@ -4,6 +4,7 @@ one worker or to the launcher) and the pods of launch.kubernetes's Job.
 (That 2 workers train the weights one device does is tests/equivalence_test.py.)
 """
 
+import json
 import os
 import random
 import re
@@ -55,8 +56,9 @@ class MultiWorkerLauncherTest(absltest.TestCase):
     out, err = launcher.communicate(timeout=300)
     lasted = time.time() - began
     print(f"launcher exited {lasted:.1f} s after the worker died")
-    self.assertNotEqual(launcher.returncode, 0)
-    self.assertIn("worker 1 failed with status -9; ending the others", err)
+    # The shell's status for a process killed by SIGKILL, as the launcher says.
+    self.assertEqual(launcher.returncode, 128 + signal.SIGKILL)
+    self.assertIn("worker 1 was killed by SIGKILL (status 137); ending the others", err)
     # Worker 0 sits in a collective with its dead peer, where the launcher's
     # SIGTERM cannot reach it; TensorFlow's heartbeats end it, with one line,
     # before the launcher's SIGKILL would (30 s).
@@ -138,6 +140,36 @@ class LauncherSignalTest(parameterized.TestCase):
                      os.path.join(model_dir, "checkpoints", f"ckpt-{saved[0]}"))
 
 
+class TasksAgreeTest(absltest.TestCase):
+
+  def test_workers_given_different_settings_stop_with_one_line_each(self):
+    """Two workers started by hand, one with --train_steps=40, one with 80:
+    both ended in a TensorFlow traceback ("Shape mismatch in the collective
+    instance"); others would deadlock or train something else."""
+    model_dir = self.create_tempdir().full_path
+    base = free_port_pair()
+    hosts = [f"127.0.0.1:{base}{index}" for index in (0, 1)]
+    workers = []
+    for index, steps in enumerate((40, 80)):
+      config = json.dumps({"cluster": {"worker": hosts},
+                           "task": {"type": "worker", "index": index}})
+      workers.append(subprocess.Popen(
+          launching.command("launch.train", "--flagfile=launch/configs/digits.cfg",
+                            "--model=resnet8", f"--train_steps={steps}",
+                            f"--model_dir={model_dir}", f"--data_dir={model_dir}/data"),
+          cwd=launching.ROOT, env={**launching.ENV, "TF_CONFIG": config},
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for index, worker in enumerate(workers):
+      out, err = worker.communicate(timeout=300)
+      self.assertEqual(worker.returncode, 2, err[-3000:])
+      self.assertEqual(err.count("\n"), 1, err)
+      self.assertEqual(err, f"error: the tasks of this run were given different settings "
+                            f"(--train_steps; here --train_steps={40 * (index + 1)}); start "
+                            f"every task with the same flags\n")
+      self.assertNotIn("step ", out)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "checkpoints")))
+
+
 def thread_count(pid):
   """Threads of a live process; None once it is gone (never a count of 0)."""
   try:
@@ -166,9 +198,11 @@ def start_pods(model_dir, *train_args):
   runs the container's command with the container's variables and the index
   Kubernetes adds. Only the address changes: the pods' DNS names do not
   resolve here, and two local workers cannot share a port."""
+  # model_dir as the pods see a shared claim mounted there.
   job = kubernetes.Job("train", "image", ["--flagfile=launch/configs/digits.cfg",
-                                          "--model=resnet8", f"--model_dir={model_dir}",
-                                          f"--data_dir={model_dir}/data", *train_args])
+                                          "--model=resnet8", f"--model_dir={model_dir}/run",
+                                          f"--data_dir={model_dir}/data", *train_args],
+                       volume=f"runs:{model_dir}")
   command, env = launching.pod_of(job)
   command[0] = sys.executable  # the image's python
   env["RESNET_DIST_WORKER_ADDRESS"] = f"127.0.0.1:{free_port_pair()}{{index}}"
@@ -211,7 +245,7 @@ class KubernetesPodsTest(absltest.TestCase):
     self.assertNotIn("done:", other)  # one run of two tasks, reported by its chief
     self.assertIn("finished at step 50, worker 1 of 2 tasks, 1 CPU replica each; the chief "
                   "writes the run's summary", other)
-    self.assertFalse(os.path.exists(os.path.join(model_dir, "scratch", "worker_1")),
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "run", "scratch", "worker_1")),
                      "worker 1 left its copy of a checkpoint")
     print(f"threads per worker at step N: {at_step}")
     self.assertGreaterEqual(len(at_step), 3, at_step)

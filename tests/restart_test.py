@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,7 +27,8 @@ import tensorflow as tf
 from absl.testing import absltest
 
 from resnet_dist import watchdog
-from tests import launching
+from launch import multi_worker
+from tests import fixtures, launching
 
 # 16 steps that resume bit-exactly, a checkpoint every 4.
 EXACT = ["--flagfile=launch/configs/digits.cfg", "--model=resnet8", "--global_batch_size=32",
@@ -36,20 +36,9 @@ EXACT = ["--flagfile=launch/configs/digits.cfg", "--model=resnet8", "--global_ba
          "--deterministic", "--skip_eval", "--keep_checkpoints=10"]
 
 
-def free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def tf_configs(ports):
   hosts = [f"127.0.0.1:{port}" for port in ports]
-  return [json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}})
-          for i in range(len(hosts))]
+  return [json.dumps(multi_worker.tf_config(hosts, i)) for i in range(len(hosts))]
 
 
 def as_pod(hostname, command, bind=None):
@@ -110,7 +99,7 @@ class RestartElsewhereTest(absltest.TestCase):
     data_dir = launching.digits_dir()
     model_dir = self.create_tempdir().full_path
     args = [*EXACT, f"--model_dir={model_dir}", f"--data_dir={data_dir}"]
-    configs = tf_configs(free_ports(2))
+    configs = tf_configs(multi_worker.free_ports(2))
     processes, logs = start_workers(self, args, configs)
     deadline = time.time() + 300
     while checkpoint_step(model_dir) < 4 and time.time() < deadline and all(
@@ -147,8 +136,9 @@ class RestartElsewhereTest(absltest.TestCase):
     self.assertIn("done: 16 steps", chief)
 
     straight_dir = self.create_tempdir().full_path
-    processes, logs = start_workers(self, [*EXACT, f"--model_dir={straight_dir}",
-                                     f"--data_dir={data_dir}"], tf_configs(free_ports(2)))
+    processes, logs = start_workers(
+        self, [*EXACT, f"--model_dir={straight_dir}", f"--data_dir={data_dir}"],
+        tf_configs(multi_worker.free_ports(2)))
     self.assertEqual(wait_all(processes, 300), [0, 0], read(logs[0])[-3000:])
     resumed, uninterrupted = model_of(model_dir), model_of(straight_dir)
     self.assertEqual(sorted(resumed), sorted(uninterrupted))
@@ -157,36 +147,12 @@ class RestartElsewhereTest(absltest.TestCase):
       np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 
 
-def make_image_folder(root, per_class=24, size=32):
-  """root/train/<a|b>/<i>.png and root/validation/..., small random images."""
-  rng = np.random.default_rng(0)
-  for split in ("train", "validation"):
-    for name in ("a", "b"):
-      directory = os.path.join(root, split, name)
-      os.makedirs(directory)
-      for i in range(per_class):
-        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        tf.io.write_file(os.path.join(directory, f"{i:03d}.png"), tf.io.encode_png(pixels))
-
-
-def images_to_fifos(root):
-  """Every training image of root becomes a FIFO nobody writes: a read of
-  it waits forever, as one on a stalled mount does. Renamed into place, so
-  a read already open finishes."""
-  for directory, _, files in os.walk(os.path.join(root, "train")):
-    for name in files:
-      path = os.path.join(directory, name)
-      fifo = path + ".fifo"
-      os.mkfifo(fifo)
-      os.replace(fifo, path)
-
-
 class StuckWorkerTest(absltest.TestCase):
 
   def test_a_worker_stuck_on_its_input_ends_every_worker_within_the_bound(self):
     root = self.create_tempdir().full_path
     data_dir, stuck_copy = os.path.join(root, "images"), os.path.join(root, "stuck")
-    make_image_folder(data_dir)
+    fixtures.make_image_folder(data_dir)
     shutil.copytree(data_dir, stuck_copy)
     model_dir = os.path.join(root, "run")
     bound = 20
@@ -194,7 +160,7 @@ class StuckWorkerTest(absltest.TestCase):
             "--global_batch_size=8", "--train_steps=100000", "--steps_per_loop=2",
             "--checkpoint_every_steps=4", "--skip_eval", f"--model_dir={model_dir}",
             f"--progress_timeout_seconds={bound}"]
-    configs = tf_configs(free_ports(2))
+    configs = tf_configs(multi_worker.free_ports(2))
     # Worker 1 alone sees the copy at data_dir: its images are the ones that stall.
     wrap = lambda index, command: (as_pod("pod-1", command, bind=(stuck_copy, data_dir))
                                    if index else command)
@@ -204,7 +170,7 @@ class StuckWorkerTest(absltest.TestCase):
         p.poll() is None for p in processes):
       time.sleep(0.05)
     self.assertGreaterEqual(checkpoint_step(model_dir), 4, read(logs[0])[-3000:])
-    images_to_fifos(stuck_copy)
+    fixtures.images_to_fifos(stuck_copy)
     stalled_from = time.time()
     statuses = wait_all(processes, 300)
     lasted = time.time() - stalled_from

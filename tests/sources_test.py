@@ -380,6 +380,25 @@ class NotAnExampleTest(absltest.TestCase):
         next(iter(data.train_dataset_fn(source, "train", strict)(context(1, 0, 1))))
 
 
+  def test_records_whose_labels_are_strings_are_named_as_such_at_start(self):
+    """Records with image/class/label as bytes ("n01440764"): the images are
+    fine, yet the run said none of them could be decoded."""
+    directory = self.create_tempdir().full_path
+    files = numbered_records(directory, 8, 1)
+    written = list(tf.data.TFRecordDataset(files[0]).as_numpy_iterator())
+    with tf.io.TFRecordWriter(files[0]) as writer:
+      for record in written:
+        example = tf.train.Example.FromString(record)
+        del example.features.feature["image/class/label"]
+        example.features.feature["image/class/label"].bytes_list.value.append(b"n01440764")
+        writer.write(example.SerializeToString())
+    source = data.get_source("imagenet", directory, num_classes=8)
+    with self.assertRaisesRegex(DataError, r"^no record sampled from the train split can be "
+                                           r"parsed: the first of \S+/train-00000-of-00001 holds "
+                                           r"image/class/label as a bytes_list, not the "
+                                           r"int64_list it must be$"):
+      pipeline.check_decodable(source.split("train"), "train")
+
   def test_a_record_that_is_no_example_is_skipped_and_counted(self):
     """Catches a start-up sample or a pipeline that fails on a record whose
     bytes are not a tf.train.Example (TensorFlow's message about it quotes
@@ -478,6 +497,36 @@ class FolderTest(absltest.TestCase):
                                            r"or directory\); --strict_data stops"):
       with data.data_errors(2):
         next(iter(strict))
+
+  def test_a_fifo_among_the_images_is_skipped_and_counted_or_named_under_strict_data(self):
+    """A FIFO named like an image (as a file on a stalled mount behaves):
+    reading it waited forever, hanging the run before its first steps."""
+    root = self.create_tempdir().full_path
+    write_folder(root, ["ant", "moth"], 3)
+    os.mkfifo(os.path.join(root, "train", "moth", "x.png"))
+    source = data.get_source("folder:" + root, image_size=32)
+    spec = data.InputSpec(5, 32, deterministic=True)
+    ds = data.train_dataset_fn(source, "train", spec)(context(1, 0, 1))
+    self.assertEqual(int(tf.reduce_sum(next(iter(ds))[2])), 1)  # one epoch: 5 of 6 files
+    strict = data.train_dataset_fn(source, "train", dataclasses.replace(spec, strict=True))(
+        context(1, 0, 1))
+    with self.assertRaisesRegex(DataError, r"^cannot read .*/train/moth/x.png#not-a-regular-"
+                                           r"file \(no such file or directory\); --strict_data"):
+      with data.data_errors(2):
+        next(iter(strict))
+
+  def test_a_data_dir_that_is_no_directory_is_named_as_what_it_is(self):
+    root = self.create_tempdir().full_path
+    fifo, plain = os.path.join(root, "fifo"), os.path.join(root, "file")
+    os.mkfifo(fifo)
+    open(plain, "w").close()
+    with self.assertRaisesRegex(ConfigError, rf"^--data_dir={fifo} is a FIFO, not a directory$"):
+      data.get_source("imagenet", fifo).split("train")
+    with self.assertRaisesRegex(ConfigError, rf"^image folder {plain} is a file, not a "
+                                             r"directory$"):
+      data.get_source("folder:" + plain)
+    with self.assertRaisesRegex(ConfigError, r"^--data_dir=/no/where does not exist$"):
+      data.get_source("imagenet", "/no/where").split("train")
 
   def test_bad_folders_fail_clearly(self):
     root = self.create_tempdir().full_path

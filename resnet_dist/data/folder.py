@@ -30,7 +30,7 @@ def _subdirs(directory):
 
 def _split_dirs(root):
   if not tf.io.gfile.isdir(root):
-    raise ConfigError(errors.missing(f"image folder {root}", root))
+    raise ConfigError(errors.not_a_directory(f"image folder {root}", root))
   splits = _subdirs(root)
   if "train" not in splits:
     raise ConfigError(f"image folder {root} has no train/ directory (it has: "
@@ -48,6 +48,23 @@ def class_names(root):
   return names
 
 
+# Appended to the path of an entry that is no regular file (a FIFO, a socket,
+# a device): reading it could wait forever, as a FIFO nobody writes does, so
+# the read is of a name that does not exist, and the image is skipped and
+# counted like any unreadable one (or named, under --strict_data).
+NOT_REGULAR = "#not-a-regular-file"
+
+
+def _not_regular(directory):
+  """The names in a local directory that exist but are no regular files
+  (after symbolic links); none on remote storage, which holds only files."""
+  if "://" in directory:
+    return set()
+  with os.scandir(directory) as entries:
+    return {e.name for e in entries if not e.is_file() and not e.is_dir()
+            and os.path.exists(e.path)}
+
+
 def list_split(root, split, names):
   """(paths, labels) of one split, in a fixed order."""
   directory = os.path.join(root, split)
@@ -59,9 +76,10 @@ def list_split(root, split, names):
     class_dir = os.path.join(directory, name)
     if not tf.io.gfile.isdir(class_dir):
       continue
+    odd = _not_regular(class_dir)
     for filename in _visible(class_dir):
       if filename.lower().endswith(EXTENSIONS):
-        paths.append(os.path.join(class_dir, filename))
+        paths.append(os.path.join(class_dir, filename) + (NOT_REGULAR if filename in odd else ""))
         labels.append(label)
   if not paths:
     raise ConfigError(f"split {split!r} of image folder {root} has no "

@@ -166,9 +166,14 @@ def check_decodable(split, split_name, sample=32):
     per_file = max(1, sample // len(files))
     # A corrupt record ends its file's share of the sample, as it ends the
     # file's reading in training.
-    records = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f).take(per_file).ignore_errors(), cycle_length=1)
-    encoded = [_parsed_image(split, record) for record in records.take(sample)]
+    records = [(record, f) for f in files
+               for record in tf.data.TFRecordDataset(f).take(per_file).ignore_errors()]
+    records = records[:sample]
+    encoded = [_parsed_image(split, record) for record, _ in records]
+    if records and not any(image is not None for image in encoded):
+      record, path = records[0]
+      raise DataError(f"no record sampled from the {split_name} split can be parsed: the "
+                      f"first of {path} {_unparsable(record.numpy())}")
   else:
     step = max(1, split.num_examples // sample)
     encoded = [_fetched_image(split, i) for i in range(0, split.num_examples, step)][:sample]
@@ -190,6 +195,23 @@ def _fetched_image(split, index):
     return split.fetch(tf.constant(index, tf.int64))[0]
   except tf.errors.OpError:
     return None
+
+
+def _unparsable(serialized):
+  """Why a record does not parse as an image Example, in words."""
+  example = tf.train.Example()
+  try:
+    example.ParseFromString(serialized)
+  except Exception:  # pylint: disable=broad-except  # protobuf's DecodeError, by version
+    return "is not a tf.train.Example"
+  features = example.features.feature
+  for key, kind in (("image/encoded", "bytes_list"), ("image/class/label", "int64_list")):
+    if key not in features:
+      return f"has no {key} (it has: {', '.join(sorted(features)) or 'nothing'})"
+    found = features[key].WhichOneof("kind")
+    if found != kind:
+      return f"holds {key} as a {found}, not the {kind} it must be"
+  return "does not parse as this dataset's records"
 
 
 def _parsed_image(split, record):

@@ -73,7 +73,7 @@ def count_all(files):
 
 def _glob(data_dir, pattern, what):
   if not tf.io.gfile.isdir(data_dir):
-    raise ConfigError(errors.missing(f"--data_dir={data_dir}", data_dir))
+    raise ConfigError(errors.not_a_directory(f"--data_dir={data_dir}", data_dir))
   files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{pattern}"))
   if not files:
     raise ConfigError(f"no {what} files {pattern} in --data_dir={data_dir}")

@@ -12,12 +12,12 @@ import hashlib
 import os
 import re
 import socket
-import sys
 import threading
 import time
 
 import grpc
 
+from resnet_dist import watchdog
 from resnet_dist.errors import ConfigError
 
 # A run whose dispatcher stays unreachable ends with EX_UNAVAILABLE, as one
@@ -167,9 +167,7 @@ class Watch:
     self.workers, self.most = count, max(self.most, count)
 
   def _give_up(self, what):
-    print(f"error: the tf.data service dispatcher at {self.address} {what} for "
-          f"{self.timeout} s; restart it (with its --work_dir to keep the jobs) and run again "
-          f"to resume from the last checkpoint", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    self.before_exit()
-    os._exit(DISPATCHER_LOST)  # pylint: disable=protected-access
+    watchdog.end_process(
+        DISPATCHER_LOST, f"the tf.data service dispatcher at {self.address} {what} for "
+        f"{self.timeout} s; restart it (with its --work_dir to keep the jobs) and run again "
+        f"to resume from the last checkpoint", self.before_exit)
