@@ -7,8 +7,10 @@ The path of a batch, one module each:
   optim.py       -> learning-rate schedules, SGD and LARS
   trainer.py     -> the replica step and the loops of steps
   train.py       -> a run: prepare, resume, report, the host loop, the summary
-  checkpoints.py -> model_dir: checkpoints, resume, the run lock
-  preemption.py  -> SIGTERM and SIGINT: the stop request every step reads
+  checkpoints.py -> model_dir: checkpoints, resume
+  run_lock.py    -> the run lock: a lease naming the run
+  preemption.py  -> SIGTERM, SIGINT, SIGHUP: the stop request every step reads
+  watchdog.py    -> a run that makes no progress ends, for a restart
   monitor.py     -> console, TensorBoard summaries, profiling
   perf.py        -> the hardware: measured peak, CPU kernels, bf16 support
 config.py holds the run's settings (Config); the library never reads flags.

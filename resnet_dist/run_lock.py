@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import socket
-import sys
 import threading
 import time
 
@@ -92,8 +91,8 @@ def takeover_reason(holder, me, now, lease_seconds):
 
 
 class Lease:
-  """The chief's hold on model_dir: taken in __enter__, renewed by a thread,
-  released in __exit__ (or by release_locks, before an os._exit)."""
+  """The chief's hold on model_dir: take() it, a thread renews it, release()
+  it (run_lock does both; release_locks too, before an os._exit)."""
 
   def __init__(self, model_dir, run, lease_seconds=LEASE_SECONDS):
     self.path = os.path.join(model_dir, LOCK_FILE)
@@ -146,7 +145,7 @@ class Lease:
           return
         self._write()
       except (tf.errors.OpError, OSError) as e:  # tried again at the next renewal
-        print(f"warning: cannot renew {self.path} ({e})", file=sys.stderr, flush=True)
+        monitor.warn(f"cannot renew {self.path} ({e}); trying again")
 
   def release(self):
     self._stop.set()

@@ -408,7 +408,10 @@ class HostLoop:
     return self.progress
 
   def waiting_on(self):
-    files = watchdog.open_files_under(self.config.data.data_dir)
+    d = self.config.data
+    # A folder dataset's images are under its path; the others' under --data_dir.
+    root = d.dataset[len("folder:"):] if d.dataset.startswith("folder:") else d.data_dir
+    files = watchdog.open_files_under(root)
     if not files:
       return "waiting for its input or for another task"
     return f"input files open: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
