@@ -89,8 +89,9 @@ class Job:
     storage, or a path under the shared volume. Without one each pod writes
     into its own container, and a replaced pod starts over from step 0."""
     model_dir = _flag_value(self.train_args, "model_dir")
-    shared = model_dir and ("://" in model_dir or (
-        mount and os.path.normpath(model_dir).startswith(mount.rstrip("/") + "/")))
+    mount = mount.rstrip("/")
+    shared = model_dir and ("://" in model_dir or (mount and (
+        os.path.normpath(model_dir) + "/").startswith(mount + "/")))
     if not shared:
       where = f"a path under --volume's {mount}" if mount else "a path under --volume's mount"
       raise ManifestError(
