@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 
-from resnet_dist import watchdog
+from resnet_dist import processes, watchdog
 
 OK = 0
 USAGE = 2         # bad flags, data or checkpoints: one line on stderr, nothing lost
@@ -224,33 +224,16 @@ def _end_without_final_collection():
 _TEMP_PREFIX = "resnet_dist-"
 
 
-def _pid_namespace():
-  try:
-    return os.stat("/proc/self/ns/pid").st_ino
-  except OSError:  # no /proc: one namespace as far as we can tell
-    return 0
-
-
 def tempdir_of(parent, pid):
   """The temp dir that process `pid` of this PID namespace makes in parent."""
-  return os.path.join(parent, f"{_TEMP_PREFIX}{_pid_namespace()}-{pid}")
-
-
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+  return os.path.join(parent, f"{_TEMP_PREFIX}{processes.pid_namespace()}-{pid}")
 
 
 def _remove_dead_tempdirs(parent):
-  prefix = f"{_TEMP_PREFIX}{_pid_namespace()}-"
+  prefix = f"{_TEMP_PREFIX}{processes.pid_namespace()}-"
   for path in glob.glob(os.path.join(parent, prefix + "*")):
     pid = os.path.basename(path)[len(prefix):]
-    if pid.isdigit() and not _alive(int(pid)):
+    if pid.isdigit() and not processes.alive(int(pid)):
       shutil.rmtree(path, ignore_errors=True)
 
 

@@ -31,27 +31,10 @@ import time
 import tensorflow as tf
 
 from resnet_dist.errors import ConfigError
-from resnet_dist import monitor
+from resnet_dist import monitor, processes
 
 LOCK_FILE = "training.lock"
 LEASE_SECONDS = 120.0
-
-
-def _pid_namespace():
-  try:
-    return os.stat("/proc/self/ns/pid").st_ino
-  except OSError:  # no /proc: one namespace as far as this process can tell
-    return 0
-
-
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, another user's
-    return True
-  return True
 
 
 def _read(path):
@@ -82,7 +65,7 @@ def takeover_reason(holder, me, now, lease_seconds):
   if me["run"] and holder.get("run") == me["run"]:
     return f"an earlier start of the same run ({_describe(holder)})"
   if (holder.get("host") == me["host"] and holder.get("pid_namespace") == me["pid_namespace"]
-      and not _alive(int(holder.get("pid", 0)))):
+      and not processes.alive(int(holder.get("pid", 0)))):
     return f"a run that is gone ({_describe(holder)})"
   over = now - holder.get("renewed", 0.0) - holder.get("lease_seconds", lease_seconds)
   if over > 0:
@@ -102,9 +85,9 @@ class Lease:
     self._thread = None
 
   def record(self, now=None):
-    return {"run": self.run, "host": socket.gethostname(), "pid_namespace": _pid_namespace(),
-            "pid": os.getpid(), "renewed": time.time() if now is None else now,
-            "lease_seconds": self.lease_seconds}
+    return {"run": self.run, "host": socket.gethostname(),
+            "pid_namespace": processes.pid_namespace(), "pid": os.getpid(),
+            "renewed": time.time() if now is None else now, "lease_seconds": self.lease_seconds}
 
   def _ours(self, holder):
     me = self.record()
