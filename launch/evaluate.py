@@ -15,7 +15,7 @@ from absl import logging
 
 with exits.quiet_start():
   from flags import definitions
-  from resnet_dist import checkpoints, train
+  from resnet_dist import checkpoints, evaluation
   from resnet_dist.errors import ConfigError
 
 flags.adopt_module_key_flags(definitions)
@@ -31,9 +31,9 @@ FROM_RUN = ("model", "resnet_variant", "image_size", "dataset", "data_dir", "num
 
 
 def _evaluate(config, path):
-  """(path, whether of the EMA weights, train.evaluate's result)."""
+  """(path, whether of the EMA weights, evaluation.evaluate's result)."""
   use_ema = FLAGS.use_ema and checkpoints.has_ema(path)
-  return path, use_ema, train.evaluate(config, path, FLAGS.split or None, use_ema=use_ema)
+  return path, use_ema, evaluation.evaluate(config, path, FLAGS.split or None, use_ema=use_ema)
 
 
 @exits.prompt

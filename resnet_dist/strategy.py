@@ -444,6 +444,14 @@ def kind_of(strategy):
   }.get(type(strategy).__name__, type(strategy).__name__)
 
 
+def stops_alone(strategy):
+  """Whether a process can end an evaluation by itself when it is asked to
+  stop: the workers of a multi-worker run learn of a stop only inside a
+  training step's all-reduce, so each finishes the evaluation and all stop
+  at that step."""
+  return kind_of(strategy) != "multi_worker_mirrored"
+
+
 def num_input_pipelines(strategy):
   """Input pipelines the strategy builds: one per worker (TPU: per host)."""
   kind = kind_of(strategy)

@@ -1,9 +1,11 @@
 """One step of training, as every replica runs it, and the loops around it.
 
 Trainer owns the model, the optimizer and what a step updates: replica_step()
-(forward, backward, the gradients' all-reduce, update), train_loop() and eval_loop()
-(many steps in one tf.function), and the BN statistics sync before a save or
-an evaluation. When to save, evaluate or stop is the host loop's (train.py).
+(forward, backward, the gradients' all-reduce, update), train_loop() (many
+steps in one tf.function), and the BN statistics sync before a save or an
+evaluation. The host loop (host_loop.py) asks it for N steps through train(),
+which returns what they did (Steps); when to save, evaluate or stop is the
+host loop's. Evaluation's steps are evaluation.py's.
 
 A step, on each replica: normalise the batch; random erasing, then mixup or
 CutMix (data/mixing.py); forward and backward; with --grad_accum_steps=N,
@@ -11,6 +13,10 @@ add the gradients to this replica's accumulators and repeat for N
 micro-batches; all-reduce the gradients and update; every ema_every_steps
 updates, move the EMA of the weights (ema_model) towards them.
 """
+
+import dataclasses
+import time
+from typing import Optional
 
 import keras
 import tensorflow as tf
@@ -68,6 +74,88 @@ class Metrics(tf.Module):
       v.assign(0.0)
 
 
+def build_models(config, num_classes):
+  """The model and, with --ema_decay, the model that holds the EMA of its
+  weights and BN statistics (in float32 like the weights). Keras draws the
+  initial weights' seeds from Python's `random`, which whatever ran since
+  start-up has advanced (preparing a dataset does, in whichever worker
+  prepares it): seeded here, the weights depend on --seed alone."""
+  keras.utils.set_random_seed(config.schedule.seed)
+  model, data_config = config.model, config.data
+
+  def build():
+    return models.get_model(
+        model.name, num_classes=num_classes, variant=model.resnet_variant,
+        sync_bn=model.sync_bn, zero_init_residual=model.zero_init_residual,
+        drop_path_rate=model.drop_path_rate,
+        # A fixed input size where training and evaluation share one.
+        image_size=data_config.image_size if data_config.fixed_size else None,
+        dtype=model.dtype_policy)
+
+  first = build()
+  return first, (build() if config.optim.ema_decay else None)
+
+
+class WeightAverage:
+  """The EMA of a model's weights (--ema_decay), moved in the replica step on
+  each replica's copies: every ema_every_steps steps by
+  ema_decay**ema_every_steps; during the learning-rate warmup it copies the
+  weights, as torchvision's does."""
+
+  def __init__(self, model, average, optim_config, warmup_steps):
+    self.model, self.average = model, average
+    self.decay, self.every = optim_config.ema_decay, optim_config.ema_every_steps
+    self.warmup_steps = warmup_steps
+
+  def reset(self):
+    """Starts the average at the current weights."""
+    self._move(0.0)
+
+  def update(self, step):
+    decay = tf.where(step <= self.warmup_steps, 0.0, self.decay ** self.every)
+    tf.cond(step % self.every == 0, lambda: self._move(decay), lambda: None)
+
+  def _move(self, decay):
+    """average <- decay * average + (1 - decay) * weights."""
+    for average, value in zip(self.average.variables, self.model.variables):
+      average = models.plain_variable(average)
+      average.assign(decay * average + (1.0 - decay) * models.plain_variable(value))
+
+
+def statistics_averaging(strategy, moving_statistics):
+  """A tf.function that gives every replica the mean of the replicas' BN
+  moving statistics, in one all-reduce: before evaluations and saves (see
+  layers.BatchNorm)."""
+  def average():  # in replica context, where a variable reads as this replica's copy
+    local = [tf.reshape(tf.convert_to_tensor(v), [-1]) for v in moving_statistics]
+    mean = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.MEAN, tf.concat(local, axis=0))
+    for variable, value in zip(moving_statistics,
+                               tf.split(mean, [int(v.shape[0]) for v in local])):
+      variable.assign(tf.reshape(value, variable.shape))
+
+  @tf.function
+  def sync():
+    if strategy.num_replicas_in_sync > 1 and moving_statistics:
+      strategy.run(average)
+
+  return sync
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """What one Trainer.train() did: the host loop's only view of the steps."""
+  step: int                       # the global step after them
+  num_steps: int
+  seconds: float                  # wall time, tracing included on the first call
+  metrics: dict                   # loss, top1, top5, count over their examples
+  grad_norm: float                # the mean of their global gradient norms
+  input_seconds: Optional[float]  # of `seconds`, waiting for input; None: not timed
+  skipped_records: float          # the run's records skipped as undecodable, so far
+  loss_scale: Optional[float]     # fp16's dynamic loss scale after them
+  stopped: bool                   # a stop asked of some process ended them early
+
+
 class Trainer:
   """Model, optimizer and step functions of one run, built in the strategy's scope."""
 
@@ -82,7 +170,7 @@ class Trainer:
     self.schedule = optim.LearningRate.of(config.optim, config.schedule.global_batch_size,
                                           steps_per_epoch, total_steps)
     with strategy.scope():
-      self.model, self.ema_model = self._build_models()
+      self.model, self.ema_model = build_models(config, self.num_classes)
       self.variables = self.model.trainable_variables
       self.all_reduce = strategy_lib.gradient_all_reduce(config.distribute, strategy)
       self.optimizer = optim.create_optimizer(
@@ -91,7 +179,6 @@ class Trainer:
           weight_decay=config.optim.weight_decay)
       self.loss_scale = optim.DynamicLossScale() if config.model.dtype == "fp16" else None
       self.train_metrics = Metrics("train_metrics")
-      self.eval_metrics = Metrics("eval_metrics")
       self.grad_norm_sum = tf.Variable(
           0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
           aggregation=tf.VariableAggregation.MEAN)
@@ -113,13 +200,11 @@ class Trainer:
     # Host-side, this process's own: set when a SIGTERM or SIGINT asks the run
     # to stop (preemption.StopRequest); every step reads it.
     self.stop_requested = tf.Variable(False, trainable=False)
-    # Whether this process can stop an evaluation by itself: the workers of a
-    # multi-worker run learn of a stop only inside a training step's
-    # all-reduce, so each finishes the evaluation and all stop at that step.
-    self.stops_alone = strategy_lib.kind_of(strategy) != "multi_worker_mirrored"
-    self.moving_statistics = models.moving_statistics(self.model)
-    if self.ema_model is not None:
-      self.moving_statistics += models.moving_statistics(self.ema_model)
+    self.ema = (WeightAverage(self.model, self.ema_model, config.optim, self.schedule.warmup_steps)
+                if self.ema_model is not None else None)
+    self.moving_statistics = models.moving_statistics(self.model) + (
+        models.moving_statistics(self.ema_model) if self.ema_model is not None else [])
+    self.sync_moving_statistics = statistics_averaging(strategy, self.moving_statistics)
     # What XLA compiles (strategy.xla_scope): the whole step, or only its
     # forward and backward, the all-reduce and update left outside.
     self.xla_scope = (strategy_lib.xla_scope(strategy, config.model.sync_bn)
@@ -131,26 +216,6 @@ class Trainer:
     self._compiled_step = whole(self.replica_step)
     self._compiled_accumulate = whole(self.accumulate_step)
     self._compiled_apply = whole(self.apply_accumulated)
-
-  def _build_models(self):
-    """The model and, with --ema_decay, the EMA of its weights and BN
-    statistics (in float32 like the weights). Keras draws the initial
-    weights' seeds from Python's `random`, which whatever ran since start-up
-    has advanced (preparing a dataset does, in whichever worker prepares it):
-    seeded here, the weights depend on --seed alone."""
-    keras.utils.set_random_seed(self.config.schedule.seed)
-    model = self._build_model()
-    return model, (self._build_model() if self.config.optim.ema_decay else None)
-
-  def _build_model(self):
-    # A fixed input size where training and evaluation share one.
-    model, data_config = self.config.model, self.config.data
-    return models.get_model(
-        model.name, num_classes=self.num_classes, variant=model.resnet_variant,
-        sync_bn=model.sync_bn, zero_init_residual=model.zero_init_residual,
-        drop_path_rate=model.drop_path_rate,
-        image_size=data_config.image_size if data_config.fixed_size else None,
-        dtype=model.dtype_policy)
 
   @property
   def step(self):
@@ -169,16 +234,10 @@ class Trainer:
   @tf.function
   def reset_ema(self):
     """Starts the EMA at the current weights (a new run, after its initial weights)."""
-    if self.ema_model is not None:
-      self.strategy.run(lambda: self._move_ema(0.0))
+    if self.ema is not None:
+      self.strategy.run(self.ema.reset)
 
-  def _move_ema(self, decay):
-    """ema <- decay * ema + (1 - decay) * weights, on this replica's copies."""
-    for average, value in zip(self.ema_model.variables, self.model.variables):
-      average = models.plain_variable(average)
-      average.assign(decay * average + (1.0 - decay) * models.plain_variable(value))
-
-  def _normalize(self, images):
+  def normalize(self, images):
     return data.normalize(images, self.source.mean, self.source.std, self.model.compute_dtype)
 
   def _step_seed(self, micro, salt):
@@ -206,7 +265,7 @@ class Trainer:
     (micro-)batch; counts the batch in the training metrics. With loss
     scaling the gradients are scaled."""
     config = self.config
-    images, targets = self._regularize(self._normalize(images),
+    images, targets = self._regularize(self.normalize(images),
                                        tf.one_hot(labels, self.num_classes), micro)
     drop_path_seed = self._step_seed(micro, _DROP_PATH_SALT)  # --drop_path_rate's
     with tf.GradientTape() as tape, models.drop_path_seed(drop_path_seed):
@@ -238,17 +297,9 @@ class Trainer:
     lr = self.schedule(self.optimizer.iterations)
     step = self.optimizer.apply(grads, lr, apply)
     self.grad_norm_sum.assign_add(tf.linalg.global_norm(grads))
-    if self.ema_model is not None:
-      self._update_ema(step)
+    if self.ema is not None:
+      self.ema.update(step)
     return stops[0] > 0
-
-  def _update_ema(self, step):
-    """Every ema_every_steps steps, by ema_decay**ema_every_steps; during the
-    learning-rate warmup the EMA copies the weights, as torchvision's does."""
-    every = self.config.optim.ema_every_steps
-    decay = tf.where(step <= self.schedule.warmup_steps, 0.0,
-                     self.config.optim.ema_decay ** every)
-    tf.cond(step % every == 0, lambda: self._move_ema(decay), lambda: None)
 
   def replica_step(self, images, labels, skipped, stop_requested):
     """Forward, backward, all-reduce, update: one replica's part of one step.
@@ -269,32 +320,33 @@ class Trainer:
         total.assign(tf.zeros_like(total))
     return self._update(grads, stop_requested)
 
-  def eval_step(self, images, labels, weights, ema=False):
-    model = self.ema_model if ema else self.model
-    logits = model(self._normalize(images), training=False)
-    # Softmax cross-entropy whatever --loss is: eval losses compare across recipes.
-    per_example = losses.cross_entropy(tf.one_hot(labels, self.num_classes), logits)
-    self.eval_metrics.update(labels, logits, per_example, weights)
-
   @tf.function
   def weights_finite(self):
     """Checked before every save, so a checkpoint never holds inf or NaN weights."""
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.model.variables])
 
-  @tf.function
-  def sync_moving_statistics(self):
-    """Gives every replica the mean of the replicas' BN moving statistics, in
-    one all-reduce: before evaluations and saves (see layers.BatchNorm)."""
-    def average():  # in replica context, where a variable reads as this replica's copy
-      local = [tf.reshape(tf.convert_to_tensor(v), [-1]) for v in self.moving_statistics]
-      mean = tf.distribute.get_replica_context().all_reduce(
-          tf.distribute.ReduceOp.MEAN, tf.concat(local, axis=0))
-      for variable, value in zip(self.moving_statistics,
-                                 tf.split(mean, [int(v.shape[0]) for v in local])):
-        variable.assign(tf.reshape(value, variable.shape))
+  def train(self, iterator, num_steps):
+    """Runs up to num_steps steps (train_loop) and returns what they did."""
+    self.train_metrics.reset()
+    self.grad_norm_sum.assign(0.0)
+    self.input_seconds.assign(0.0)
+    first = int(self.step.numpy())
+    began = time.perf_counter()
+    stopped = bool(self.train_loop(iterator, tf.constant(num_steps)))
+    seconds = time.perf_counter() - began
+    step = int(self.step.numpy())
+    return Steps(
+        step=step, num_steps=step - first, seconds=seconds,
+        metrics=self.train_metrics.result(),
+        grad_norm=float(self.grad_norm_sum.read_value()) / max(step - first, 1),
+        input_seconds=float(self.input_seconds.numpy()) if self.times_input else None,
+        skipped_records=self.skipped_total(),
+        loss_scale=float(self.loss_scale.scale.read_value()) if self.loss_scale else None,
+        stopped=stopped)
 
-    if self.strategy.num_replicas_in_sync > 1 and self.moving_statistics:
-      self.strategy.run(average)
+  def skipped_total(self):
+    """The records the input skipped as undecodable over the whole run."""
+    return float(self.skipped_records.read_value())
 
   @tf.function
   def train_loop(self, iterator, num_steps):
@@ -343,13 +395,3 @@ class Trainer:
     with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
       self.input_seconds.assign_add(tf.timestamp() - asked)
     return batch
-
-  @tf.function
-  def eval_loop(self, iterator, num_steps, ema=False):
-    """ema: evaluate the EMA of the weights instead of the weights. A stop
-    asked of this process (a signal) ends the loop before its next step,
-    where this process is the whole run (see stops_alone)."""
-    for _ in tf.range(num_steps):
-      if self.stops_alone and self.stop_requested:
-        break
-      self.strategy.run(self.eval_step, args=next(iterator), kwargs={"ema": ema})

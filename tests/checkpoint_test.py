@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
-from resnet_dist import checkpoints, models, preemption, run_lock, train
+from resnet_dist import checkpoints, evaluation, models, preemption, run_lock, train
 from resnet_dist.config import Config
 from resnet_dist.errors import ConfigError, StorageError
 from tests import fixtures
@@ -201,19 +201,19 @@ class FaultPathTest(absltest.TestCase):
     """Catches a signal dropped until the evaluation is over (the run then
     ended with status 0, as if finished and evaluated)."""
     model_dir = self.create_tempdir().full_path
-    evaluate_split = train.evaluate_split
+    evaluate_split = evaluation.Evaluator.evaluate
 
-    def signalled_first(trainer, *args, **kwargs):
+    def signalled_first(evaluator, *args, **kwargs):
       os.kill(os.getpid(), signal.SIGTERM)
       for _ in range(100):  # the stop request's thread sets the flag
-        if bool(trainer.stop_requested.numpy()):
+        if bool(evaluator.trainer.stop_requested.numpy()):
           break
         time.sleep(0.05)
-      counted.append(evaluate_split(trainer, *args, **kwargs)["count"])
+      counted.append(evaluate_split(evaluator, *args, **kwargs)["count"])
       return {"count": counted[-1]}
 
     counted = []
-    with mock.patch.object(train, "evaluate_split", signalled_first):
+    with mock.patch.object(evaluation.Evaluator, "evaluate", signalled_first):
       with self.assertRaises(preemption.Preempted):
         self.train(model_dir, train_steps=4, skip_eval=False)
     self.assertEqual(counted, [0])  # stopped before its first batch, not after its last

@@ -296,7 +296,7 @@ class MixedTop1Test(absltest.TestCase):
       trainer._gradients(images, labels, tf.zeros([16], tf.int32), 0)  # pylint: disable=protected-access
       self.assertEqual(trainer.train_metrics.result()["top1"], 1.0, f"step {step}")
       mixed, _ = trainer._regularize(  # pylint: disable=protected-access
-          trainer._normalize(images), tf.one_hot(labels, 3), 0)  # pylint: disable=protected-access
+          trainer.normalize(images), tf.one_hot(labels, 3), 0)  # pylint: disable=protected-access
       own = tf.reduce_mean(mixed * std + mean, axis=[1, 2])
       partner_won += int(tf.reduce_sum(tf.cast(tf.argmax(own, -1) != labels, tf.int32)))
     self.assertGreater(partner_won, 0)  # the test saw targets that a wrong top-1 misses

@@ -16,7 +16,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 
-from resnet_dist import checkpoints, export, models, train
+from resnet_dist import checkpoints, evaluation, export, host_loop, models, run_setup, train
+from resnet_dist.trainer import Trainer
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import AugmentConfig, Config
 from resnet_dist.data import augment, mixing, timm_augment
@@ -34,7 +35,7 @@ def setUpModule():
   SEED = tf.constant([3, 4], tf.int64)
   # One for every run: a second MirroredStrategy in a process reuses the
   # first one's collective instance keys.
-  MIRRORED = train.create_strategy(Config.from_flat(strategy="mirrored", num_cpu_devices=2))
+  MIRRORED = run_setup.create_strategy(Config.from_flat(strategy="mirrored", num_cpu_devices=2))
 
 
 def strategy_of(config):
@@ -436,7 +437,7 @@ class RecipeRunTest(absltest.TestCase):
       self.assertEqual(json.load(f)["eval_top1_ema"], summary["eval_top1_ema"])
     path = checkpoints.find_checkpoint(model_dir)
     for use_ema, suffix in ((True, "_ema"), (False, "")):
-      result = train.evaluate(config, path, use_ema=use_ema)
+      result = evaluation.evaluate(config, path, use_ema=use_ema)
       for key in ("loss", "top1"):
         self.assertAlmostEqual(result[key], summary[f"eval_{key}{suffix}"], places=5)
     self.assertNotAlmostEqual(summary["eval_loss"], summary["eval_loss_ema"], places=3)
@@ -454,11 +455,11 @@ class RecipeRunTest(absltest.TestCase):
     config = self.config(self.create_tempdir().full_path, train_steps=4, warmup_epochs=0.0,
                          ema_decay=0.9, grad_accum_steps=1, model="resnet8")
     config.validate()
-    setup = train.prepare(config, train.create_strategy(config))
-    trainer = train.Trainer(config, setup.strategy, setup.source, setup.steps_per_epoch,
+    setup = run_setup.prepare(config, run_setup.create_strategy(config))
+    trainer = Trainer(config, setup.strategy, setup.source, setup.steps_per_epoch,
                             setup.total_steps)
     trainer.reset_ema()
-    loop = train.HostLoop(setup, trainer, train.Resumed(None, 0, None), train.Cost(0, 0, 0.0))
+    loop = host_loop.HostLoop(setup, trainer, train.Resumed(None, 0, None), train.Cost(0, 0, 0.0))
     iterator = loop.input_from(0)
     ema = [v.numpy() for v in trainer.ema_model.variables]
     for step in range(1, 5):
@@ -475,12 +476,12 @@ class RecipeRunTest(absltest.TestCase):
     config = self.config(self.create_tempdir().full_path, train_steps=6, warmup_epochs=0.1,
                          ema_decay=0.9, ema_every_steps=1, grad_accum_steps=1, model="resnet8")
     config.validate()
-    setup = train.prepare(config, train.create_strategy(config))
-    trainer = train.Trainer(config, setup.strategy, setup.source,
+    setup = run_setup.prepare(config, run_setup.create_strategy(config))
+    trainer = Trainer(config, setup.strategy, setup.source,
                             steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
     self.assertEqual(trainer.schedule.warmup_steps, 4)  # 0.1 of 44 steps
     trainer.reset_ema()
-    loop = train.HostLoop(setup, trainer, train.Resumed(None, 0, None), train.Cost(0, 0, 0.0))
+    loop = host_loop.HostLoop(setup, trainer, train.Resumed(None, 0, None), train.Cost(0, 0, 0.0))
     iterator = loop.input_from(0)
     for step in range(1, 7):
       before = [v.numpy() for v in trainer.ema_model.variables]

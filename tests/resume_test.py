@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 
-from resnet_dist import preemption, train
+from resnet_dist import host_loop, preemption, run_setup, train
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
 from tests import fixtures
@@ -32,7 +32,7 @@ STEPS = 14
 def setUpModule():
   strategy_lib.split_cpu(2)
   global MIRRORED  # one for the process: a second one reuses the first's collective keys
-  MIRRORED = train.create_strategy(Config.from_flat(strategy="mirrored", num_cpu_devices=2))
+  MIRRORED = run_setup.create_strategy(Config.from_flat(strategy="mirrored", num_cpu_devices=2))
 
 
 def variables(model_dir):
@@ -45,14 +45,14 @@ def variables(model_dir):
 def stopping_after(step):
   """A patch of HostLoop.train_until that asks the run to stop, as a signal
   would, once `step` steps are done: the next loop stops after one step."""
-  original = train.HostLoop.train_until
+  original = host_loop.HostLoop.train_until
 
-  def train_until(loop, stop, iterator):
+  def train_until(loop, stop):
     if loop.step >= step:
       loop.trainer.stop_requested.assign(True)
-    return original(loop, stop, iterator)
+    return original(loop, stop)
 
-  return mock.patch.object(train.HostLoop, "train_until", train_until)
+  return mock.patch.object(host_loop.HostLoop, "train_until", train_until)
 
 
 class ResumeTest(parameterized.TestCase):
