@@ -30,6 +30,7 @@ from resnet_dist import checkpoints, data, models, monitor, optim, perf, preempt
 from resnet_dist import watchdog
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
+from resnet_dist import distributed_input
 from resnet_dist.config import Config
 from resnet_dist.data import service
 from resnet_dist.errors import ConfigError, DataError
@@ -346,7 +347,7 @@ class HostLoop:
     """The training iterator, positioned at `step` (see train_input)."""
     dataset_fn, spec = train_input(self.setup, step)
     self.fed_size = spec.image_size
-    return iter(strategy_lib.distribute_input(self.setup.strategy, dataset_fn))
+    return iter(distributed_input.distribute_input(self.setup.strategy, dataset_fn))
 
   def notices(self):
     """The preemption notices to stop at (--gce_metadata), without an earlier
@@ -366,7 +367,7 @@ class HostLoop:
     if size != self.fed_size:
       old = [feed.pop()]
       feed.append(self.input_from(self.step))
-      strategy_lib.drop_in_background(old)
+      distributed_input.drop_in_background(old)
       monitor.log(f"training images are {size}x{size} from step {self.step}", self.setup.chief)
 
   def run(self):
@@ -396,7 +397,7 @@ class HostLoop:
                                           or self.eval_result["step"] != self.step):
           self.evaluate()
       finally:
-        strategy_lib.drop_in_background(feed)
+        distributed_input.drop_in_background(feed)
     self.summaries.flush()
 
   def watch_progress(self):
@@ -596,7 +597,7 @@ def probe_input(setup, step, seconds):
         batches += 1
       return batches * per_batch / (time.perf_counter() - began)
   finally:
-    strategy_lib.drop_in_background(holder)
+    distributed_input.drop_in_background(holder)
 
 
 def input_verdict(setup, loop, rates):
@@ -706,7 +707,7 @@ def evaluate_split(trainer, source, split_name, spec, ema=False):
                           strategy_lib.num_input_pipelines(strategy))
   trainer.eval_metrics.reset()
   trainer.sync_moving_statistics()
-  dataset = strategy_lib.distribute_input(strategy,
+  dataset = distributed_input.distribute_input(strategy,
                                           data.eval_dataset_fn(source, split_name, spec))
   with data.data_errors(source.num_classes):
     trainer.eval_loop(iter(dataset), tf.constant(steps), ema)
