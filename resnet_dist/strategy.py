@@ -103,11 +103,11 @@ def describe_gpu_threads():
 def create_strategy(distribute):
   """Returns the tf.distribute strategy of a config.DistributeConfig: its
   --strategy as choose_kind() reads it in this process's cluster, with its
-  collectives as choose_all_reduce() reads --all_reduce.
+  collectives as collectives.choose_all_reduce() reads --all_reduce.
 
   tpu defaults to $TPU_NAME.
   """
-  tf_patches.apply()
+  tf_patches.apply()  # here, never at import (tf_patches.py says why)
   cluster = cluster_lib.from_environment(distribute.cluster, port=distribute.cluster_port)
   kind = choose_kind(distribute.strategy, cluster, distribute.tpu)
   if cluster is not None:
