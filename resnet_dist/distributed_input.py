@@ -28,7 +28,7 @@ def distribute_input(strategy, dataset_fn):
   """
   if strategy.num_replicas_in_sync == 1 and strategy_lib.all_on_cpu(strategy):
     return dataset_fn(tf.distribute.InputContext())
-  tf_patches.apply()  # already, where create_strategy() built the strategy
+  tf_patches.apply()  # a no-op after create_strategy(); for a strategy built elsewhere
   return strategy.distribute_datasets_from_function(
       dataset_fn, options=tf.distribute.InputOptions(
           experimental_fetch_to_device=not strategy_lib.all_on_cpu(strategy)))
