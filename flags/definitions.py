@@ -13,6 +13,7 @@ from resnet_dist import data, losses, models, optim, preemption
 from resnet_dist.data import augment, mixing, preprocess
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
+from resnet_dist import collectives
 from resnet_dist import config as config_lib
 from resnet_dist.config import DTYPES, Config
 
@@ -95,7 +96,7 @@ flags.DEFINE_enum("cluster", _default("cluster"), cluster_lib.SOURCES,
 flags.DEFINE_integer("cluster_port", _default("cluster_port"),
                      "SLURM: the port of each node's first task (the next tasks take the next "
                      "ports); 0: one derived from the job ID.", lower_bound=0)
-flags.DEFINE_enum("all_reduce", _default("all_reduce"), strategy_lib.ALL_REDUCE,
+flags.DEFINE_enum("all_reduce", _default("all_reduce"), collectives.ALL_REDUCE,
                   "The gradients' collective between replicas: auto (NCCL between GPUs, "
                   "within and across hosts; ring between CPUs), nccl or ring.")
 flags.DEFINE_float("all_reduce_pack_mb", _default("all_reduce_pack_mb"),
@@ -103,7 +104,7 @@ flags.DEFINE_float("all_reduce_pack_mb", _default("all_reduce_pack_mb"),
                    "layers' first, so a pack can cross while the backward pass goes on; "
                    "0: one pack.", lower_bound=0)
 flags.DEFINE_enum("all_reduce_dtype", _default("all_reduce_dtype"),
-                  tuple(strategy_lib.ALL_REDUCE_DTYPES),
+                  tuple(collectives.ALL_REDUCE_DTYPES),
                   "The gradients' dtype on the wire (fp16, bf16: half the bytes); the "
                   "update reads them back as float32.")
 flags.DEFINE_enum("gpu_thread_mode", _default("gpu_thread_mode"), strategy_lib.GPU_THREAD_MODES,

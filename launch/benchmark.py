@@ -274,7 +274,7 @@ def _ours(case, strategy):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from resnet_dist import data, models  # pylint: disable=g-import-not-at-top
   from resnet_dist.trainer import Trainer  # pylint: disable=g-import-not-at-top
-  from resnet_dist import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  from resnet_dist import distributed_input  # pylint: disable=g-import-not-at-top
   from resnet_dist.config import Config  # pylint: disable=g-import-not-at-top
   size = case["image_size"]
   config = Config.from_flat(model=case["model"], image_size=size, dtype=case["dtype"],
@@ -290,7 +290,7 @@ def _ours(case, strategy):
   spec = data.InputSpec(case["batch"], size, shuffle_buffer=1000,
                         data_service=case.get("data_service", ""),
                         job_name=f"benchmark-{os.getpid()}-{time.time_ns()}")
-  iterator = iter(strategy_lib.distribute_input(
+  iterator = iter(distributed_input.distribute_input(
       strategy, data.train_dataset_fn(source, source.train_split, spec)))
   return (lambda n: trainer.train_loop(iterator, tf.constant(n)),
           models.count_macs(trainer.model, size), trainer.model.compute_dtype)

@@ -198,9 +198,9 @@ def prompt(main):
     # status, or, in the training steps, a request to save and stop.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     status = main(argv)
-    strategy = sys.modules.get("resnet_dist.strategy")
-    if strategy is not None:  # the exit handler below skips finalization
-      strategy.ends_without_finalization()
+    distributed_input = sys.modules.get("resnet_dist.distributed_input")
+    if distributed_input is not None:  # the exit handler below skips finalization
+      distributed_input.ends_without_finalization()
     _finished.append(status)
     return status
 

@@ -28,6 +28,7 @@ from resnet_dist.data import augment as augment_lib
 from resnet_dist.data import mixing, preprocess, service
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import strategy as strategy_lib
+from resnet_dist import collectives
 from resnet_dist.errors import ConfigError
 
 DTYPES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -270,7 +271,7 @@ class DistributeConfig:
   collective_timeout_seconds: int = 0   # 0: no timeout (a debugging aid)
   cluster: str = "auto"             # where the cluster is read from (cluster.SOURCES)
   cluster_port: int = 0             # SLURM: the tasks' first port; 0: from the job ID
-  all_reduce: str = "auto"          # the gradients' collective (strategy.ALL_REDUCE)
+  all_reduce: str = "auto"          # the gradients' collective (collectives.ALL_REDUCE)
   all_reduce_pack_mb: float = 32.0  # 0: one pack
   all_reduce_dtype: str = "fp32"    # what crosses the wire
   gpu_thread_mode: str = "gpu_private"  # strategy.GPU_THREAD_MODES
@@ -279,8 +280,8 @@ class DistributeConfig:
     _check_choice("strategy", self.strategy, strategy_lib.STRATEGIES)
     _check_choice("gpu_thread_mode", self.gpu_thread_mode, strategy_lib.GPU_THREAD_MODES)
     _check_choice("cluster", self.cluster, cluster_lib.SOURCES)
-    _check_choice("all_reduce", self.all_reduce, strategy_lib.ALL_REDUCE)
-    _check_choice("all_reduce_dtype", self.all_reduce_dtype, tuple(strategy_lib.ALL_REDUCE_DTYPES))
+    _check_choice("all_reduce", self.all_reduce, collectives.ALL_REDUCE)
+    _check_choice("all_reduce_dtype", self.all_reduce_dtype, tuple(collectives.ALL_REDUCE_DTYPES))
     _check(self.all_reduce_pack_mb >= 0, "--all_reduce_pack_mb must be 0 (one pack) or more")
     _check(not self.tpu or self.strategy in ("tpu", "auto"),
            f"--tpu={self.tpu} is for --strategy=tpu, not --strategy={self.strategy}")

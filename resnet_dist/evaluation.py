@@ -12,6 +12,7 @@ import dataclasses
 import tensorflow as tf
 
 from resnet_dist import checkpoints, data, losses, run_setup
+from resnet_dist import distributed_input
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
 from resnet_dist.errors import DataError
@@ -38,7 +39,7 @@ class Evaluator:
                             strategy_lib.num_input_pipelines(strategy))
     self.metrics.reset()
     trainer.sync_moving_statistics()
-    dataset = strategy_lib.distribute_input(strategy,
+    dataset = distributed_input.distribute_input(strategy,
                                             data.eval_dataset_fn(source, split_name, spec))
     with data.data_errors(source.num_classes):
       self.eval_loop(iter(dataset), tf.constant(steps), ema)

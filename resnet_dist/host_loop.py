@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 import tensorflow as tf
 
 from resnet_dist import checkpoints, data, monitor, perf, preemption, run_lock, watchdog
-from resnet_dist import strategy as strategy_lib
+from resnet_dist import distributed_input
 from resnet_dist.data import service
 from resnet_dist.evaluation import Evaluator, eval_input
 
@@ -163,7 +163,7 @@ class HostLoop:
                                                    or evaluated["step"] != self.step):
           self.evaluate()
       finally:
-        strategy_lib.drop_in_background(self.feed)
+        distributed_input.drop_in_background(self.feed)
     self.reporter.summaries.flush()
     return self.reporter.record(
         self.step, input_timed=self.trainer.times_input,
@@ -231,7 +231,7 @@ class HostLoop:
     if size != self.fed_size:
       old = [self.feed.pop()]
       self.feed.append(self.input_from(self.step))
-      strategy_lib.drop_in_background(old)
+      distributed_input.drop_in_background(old)
       monitor.log(f"training images are {size}x{size} from step {self.step}", self.setup.chief)
 
   def last_good(self):
@@ -243,7 +243,7 @@ class HostLoop:
     """The training iterator, positioned at `step` (see train_input)."""
     dataset_fn, spec = train_input(self.setup, step)
     self.fed_size = spec.image_size
-    return iter(strategy_lib.distribute_input(self.setup.strategy, dataset_fn))
+    return iter(distributed_input.distribute_input(self.setup.strategy, dataset_fn))
 
 class Reporter:
   """What the host loop tells as it goes (TensorBoard, the progress and

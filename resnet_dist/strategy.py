@@ -2,31 +2,28 @@
 
 create_strategy() turns --strategy and its companions into a tf.distribute
 strategy; the helpers answer the questions the loop has (who writes files,
-which devices) without looking at the strategy's type.
+which devices) without looking at the strategy's type; check_tasks_agree()
+stops a multi-worker run whose tasks were started with different settings.
+
+What create_strategy() draws on lives beside it: tpu.py (is a TPU there),
+collectives.py (how the gradients cross), tf_patches.py (TensorFlow's
+private code changed, once a strategy is created); the input through a
+strategy is distributed_input.py's.
 """
 
-import atexit
-import dataclasses
 import hashlib
 import os
-import socket
-import threading
-import urllib.request
-from urllib.parse import urlparse
 
 import tensorflow as tf
 
 from resnet_dist import cluster as cluster_lib
+from resnet_dist import collectives, tf_patches, tpu as tpu_lib
 from resnet_dist.errors import ConfigError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
-ALL_REDUCE = ("auto", "nccl", "ring")
-ALL_REDUCE_DTYPES = {"fp32": tf.float32, "fp16": tf.float16, "bf16": tf.bfloat16}
-_IMPLEMENTATIONS = {
-    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
-    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
-}
 
+
+# --- Choosing and building -----------------------------------------------------
 
 def split_cpu(num_devices):
   """Splits the host CPU into logical devices; must run before any op.
@@ -49,61 +46,6 @@ def split_cpu(num_devices):
     tf.config.threading.set_intra_op_parallelism_threads(
         max(1, (os.cpu_count() or 1) // num_devices))
     tf.config.threading.set_inter_op_parallelism_threads(num_devices)
-
-
-def is_multi_host(accelerator_type):
-  """Whether a TPU type (v3-8, v4-32, v5litepod-16, ...) spans several hosts.
-
-  The number counts TensorCores (v2-v5p) or chips (v5e, v6e); one host has
-  at most 8 of either, so every type ending in 8 or less is one host.
-  """
-  try:
-    return int(accelerator_type.rsplit("-", 1)[1]) > 8
-  except (IndexError, ValueError):
-    return False
-
-
-def _accelerator_type():
-  """This TPU VM's type: $TPU_ACCELERATOR_TYPE, else the VM's metadata; "" off a TPU VM."""
-  if os.environ.get("TPU_ACCELERATOR_TYPE") or not cluster_lib.tpu_attached():
-    return os.environ.get("TPU_ACCELERATOR_TYPE", "")
-  request = urllib.request.Request(
-      "http://metadata.google.internal/computeMetadata/v1/instance/attributes/accelerator-type",
-      headers={"Metadata-Flavor": "Google"})
-  try:
-    with urllib.request.urlopen(request, timeout=3) as response:
-      return response.read().decode().strip()
-  except OSError:
-    return ""
-
-
-def _check_tpu_reachable(tpu):
-  """Fails within seconds, naming the problem, where no TPU can be reached."""
-  if tpu in ("", "local"):
-    accelerator_type = _accelerator_type()
-    if is_multi_host(accelerator_type):
-      raise ConfigError(
-          f"--tpu=local on a {accelerator_type}, a slice of several hosts: train from "
-          f"worker 0 only, with --tpu=NAME and TPU_LOAD_LIBRARY=0 (launch/tpu_vm.sh does)")
-    if not cluster_lib.tpu_attached():
-      raise ConfigError("--strategy=tpu: no TPU is attached to this machine "
-                        "(no /dev/accel* or /dev/vfio device); pass --tpu=NAME or "
-                        "--tpu=grpc://HOST:PORT for a remote TPU")
-    return
-  if tpu.startswith("grpc://"):
-    address = urlparse(tpu)
-    try:
-      socket.create_connection((address.hostname, address.port or 8470), timeout=5).close()
-    except OSError as e:
-      raise ConfigError(f"--tpu={tpu}: cannot connect ({e.strerror or e})") from None
-    return
-  # A named Cloud TPU node is resolved through the GCE metadata server and the
-  # Cloud TPU API (cloud-tpu-client); without the metadata server that hangs.
-  try:
-    socket.create_connection(("metadata.google.internal", 80), timeout=3).close()
-  except OSError:
-    raise ConfigError(f"--tpu={tpu}: cannot resolve a named TPU off Google Cloud "
-                      "(metadata.google.internal is unreachable)") from None
 
 
 def choose_kind(kind, cluster, tpu=""):
@@ -161,10 +103,11 @@ def describe_gpu_threads():
 def create_strategy(distribute):
   """Returns the tf.distribute strategy of a config.DistributeConfig: its
   --strategy as choose_kind() reads it in this process's cluster, with its
-  collectives as choose_all_reduce() reads --all_reduce.
+  collectives as collectives.choose_all_reduce() reads --all_reduce.
 
   tpu defaults to $TPU_NAME.
   """
+  tf_patches.apply()  # here, never at import (tf_patches.py says why)
   cluster = cluster_lib.from_environment(distribute.cluster, port=distribute.cluster_port)
   kind = choose_kind(distribute.strategy, cluster, distribute.tpu)
   if cluster is not None:
@@ -177,8 +120,8 @@ def create_strategy(distribute):
   if kind == "multi_worker_mirrored":
     return _multi_worker_strategy(distribute, cluster, gpus)
   strategy = _one_host_strategy(kind, distribute.num_gpus, distribute.num_cpu_devices, gpus)
-  all_reduce = choose_all_reduce(distribute, kind, not all_on_cpu(strategy))
-  if all_reduce.implementation in _IMPLEMENTATIONS:
+  all_reduce = collectives.choose_all_reduce(distribute, kind, not all_on_cpu(strategy))
+  if all_reduce.by_collectives:
     # MirroredStrategy takes no communication options, and left to itself
     # hints nothing, which TensorFlow's collectives read as ring, on GPUs
     # too; every collective of the run (sync BN's too) should use the one
@@ -223,13 +166,13 @@ def _multi_worker_strategy(distribute, cluster, gpus):
     raise ConfigError(
         f"this task sees {len(gpus)} GPU(s) but multi_worker_mirrored would train on "
         f"{len(held)} of them ({cluster.source} cluster): refusing to leave them idle")
-  all_reduce = choose_all_reduce(distribute, "multi_worker_mirrored", bool(wanted))
+  all_reduce = collectives.choose_all_reduce(distribute, "multi_worker_mirrored", bool(wanted))
   # A collective timeout starts a watchdog thread per collective that lives
   # as long as the timeout, so it stays off unless asked for (debugging); a
   # dead peer is detected by the coordination service's heartbeats, a stuck
   # one by the run's progress watchdog (resnet_dist/watchdog.py).
   options = tf.distribute.experimental.CommunicationOptions(
-      implementation=_IMPLEMENTATIONS[all_reduce.implementation],
+      implementation=all_reduce.communication(),
       timeout_seconds=distribute.collective_timeout_seconds or None)
   return tf.distribute.MultiWorkerMirroredStrategy(
       cluster_resolver=resolver, communication_options=options)
@@ -237,8 +180,8 @@ def _multi_worker_strategy(distribute, cluster, gpus):
 
 def _tpu_strategy(distribute):
   tpu = distribute.tpu or os.environ.get("TPU_NAME", "")
-  _check_tpu_reachable(tpu)
-  choose_all_reduce(distribute, "tpu", False)
+  tpu_lib.check_reachable(tpu)
+  collectives.choose_all_reduce(distribute, "tpu", False)
   resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
       tpu=tpu or "local", zone=distribute.tpu_zone, project=distribute.gcp_project)
   if tpu not in ("", "local"):
@@ -260,147 +203,7 @@ def _one_host_strategy(kind, num_gpus, num_cpu_devices, gpus):
   return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_cpu_devices)])
 
 
-# --- The gradients' all-reduce ------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class AllReduce:
-  """How a step's gradients cross the replicas.
-
-  implementation: "nccl" or "ring" (TensorFlow's collectives, within a host
-  and between hosts), "tpu" (XLA's cross-replica sum over the TPU
-  interconnect) or "none" (one replica). TensorFlow groups the gradients,
-  last layer first, into packs of at least pack_bytes (0: one pack), one
-  collective each: a pack of the last layers can cross while the backward
-  pass computes the first layers' gradients. dtype: what crosses; the
-  update always reads float32.
-  """
-  implementation: str
-  pack_bytes: int = 0
-  dtype: str = "fp32"
-
-  def options(self):
-    return tf.distribute.experimental.CommunicationOptions(
-        bytes_per_pack=self.pack_bytes, implementation=_IMPLEMENTATIONS.get(
-            self.implementation,
-            tf.distribute.experimental.CommunicationImplementation.AUTO))
-
-  def sum(self, values):
-    """The sum over the replicas of each of values (float32 tensors), in replica context."""
-    context = tf.distribute.get_replica_context()
-    if self.implementation == "none" or context.num_replicas_in_sync == 1:
-      return list(values)
-    wire = ALL_REDUCE_DTYPES[self.dtype]
-    sums = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                              [tf.cast(v, wire) for v in values], options=self.options())
-    return [tf.cast(total, v.dtype) for total, v in zip(sums, values)]
-
-  def num_packs(self, values):
-    """The collectives sum(values) launches: TensorFlow's grouping
-    (cross_device_utils.group_by_size), last value first, each pack at
-    least pack_bytes where the values last."""
-    if self.implementation in ("none", "tpu"):
-      return 0 if self.implementation == "none" else 1
-    if not self.pack_bytes:
-      return 1
-    size = ALL_REDUCE_DTYPES[self.dtype].size
-    packs, filled = 0, 0
-    for v in reversed(values):
-      if not packs or filled > self.pack_bytes:
-        packs, filled = packs + 1, 0
-      filled += v.shape.num_elements() * size
-    return packs
-
-  def describe(self, values):
-    """"nccl, 48.8 MB a step in 2 packs (--all_reduce_pack_mb=32), in bf16"."""
-    if self.implementation == "none":
-      return "none (one replica)"
-    if self.implementation == "tpu":
-      return f"the TPU interconnect (XLA's cross-replica sum), in {self.dtype}"
-    total = sum(v.shape.num_elements() for v in values) * ALL_REDUCE_DTYPES[self.dtype].size
-    packs = self.num_packs(values)
-    return (f"{self.implementation}, {total / 2**20:.1f} MB a step in {packs} "
-            f"pack{'s' if packs > 1 else ''} (--all_reduce_pack_mb="
-            f"{self.pack_bytes / 2**20:g}), in {self.dtype}")
-
-
-def choose_all_reduce(distribute, kind, on_gpus):
-  """The AllReduce of --all_reduce* for a strategy kind; a ConfigError where
-  the implementation asked for cannot run on these devices.
-
-  auto: NCCL between GPUs, within a host and between hosts; ring between CPUs.
-  """
-  requested = distribute.all_reduce
-  if requested not in ALL_REDUCE:
-    raise ConfigError(f"unknown --all_reduce={requested}; choose from {', '.join(ALL_REDUCE)}")
-  if kind in ("one_device", "tpu"):
-    if requested != "auto":
-      raise ConfigError(f"--all_reduce={requested} is for mirrored and multi_worker_mirrored; "
-                        f"--strategy={kind} " + ("all-reduces over the TPU interconnect"
-                                                 if kind == "tpu" else "has one replica"))
-    return AllReduce("tpu" if kind == "tpu" else "none", dtype=distribute.all_reduce_dtype)
-  if requested == "nccl" and not on_gpus:
-    raise ConfigError("--all_reduce=nccl needs GPUs; this run's replicas are CPU devices "
-                      "(--all_reduce=auto or ring)")
-  if on_gpus and distribute.all_reduce_dtype == "bf16":
-    # NCCL has no bfloat16 in TensorFlow's NcclManager, and TensorFlow's GPU
-    # collectives fail at the first step: "Collective all-reduce does not
-    # support datatype DT_BFLOAT16 on DEVICE_GPU".
-    raise ConfigError("--all_reduce_dtype=bf16: TensorFlow's GPU collectives (NCCL and ring) "
-                      "cannot sum bfloat16; use fp16 (half the bytes too, with fp16's range) "
-                      "or fp32")
-  implementation = "nccl" if requested == "nccl" or (requested == "auto" and on_gpus) else "ring"
-  return AllReduce(implementation, int(distribute.all_reduce_pack_mb * 2**20),
-                   distribute.all_reduce_dtype)
-
-
-def gradient_all_reduce(distribute, strategy):
-  """The AllReduce a built strategy's gradients use (see choose_all_reduce)."""
-  if strategy.num_replicas_in_sync == 1 and kind_of(strategy) != "tpu":
-    return AllReduce("none", dtype=distribute.all_reduce_dtype)
-  return choose_all_reduce(distribute, kind_of(strategy), not all_on_cpu(strategy))
-
-
-# Settings that say where a task finds things, not what the run does: they
-# may differ between the tasks of one run (a dataset copied to each host's
-# own disk, say).
-PER_TASK_SETTINGS = ("data_dir", "download", "cluster", "cluster_port")
-
-
-def _setting_hashes(settings):
-  """Each setting's value as a number below 2**24, exact in float32."""
-  return [int(hashlib.sha256(repr(value).encode()).hexdigest()[:6], 16)
-          for value in settings.values()]
-
-
-def check_tasks_agree(strategy, settings):
-  """Stops every task of a multi-worker run, with one line and a
-  ConfigError, where the tasks were given different settings ({flag name:
-  value}, but PER_TASK_SETTINGS): they would fail in a collective whose
-  shapes differ, deadlock, or train something else than asked. Two small
-  all-reduces over the cluster itself: the chief's fingerprint of each
-  setting, then which ones some task's differ from."""
-  if kind_of(strategy) != "multi_worker_mirrored" or num_input_pipelines(strategy) < 2:
-    return
-  settings = {k: v for k, v in settings.items() if k not in PER_TASK_SETTINGS}
-  mine = tf.constant(_setting_hashes(settings), tf.float32)
-
-  def compare():
-    context = tf.distribute.get_replica_context()
-    first = context.replica_id_in_sync_group == 0  # the chief's first replica
-    chiefs = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                tf.where(first, mine, tf.zeros_like(mine)))
-    return context.all_reduce(tf.distribute.ReduceOp.SUM,
-                              tf.cast(tf.not_equal(mine, chiefs), tf.float32))
-
-  differing = strategy.experimental_local_results(strategy.run(tf.function(compare)))[0]
-  names = [name for name, count in zip(settings, differing.numpy()) if count]
-  if names:
-    shown = ", ".join(f"--{name}" for name in names[:3]) + (" ..." if len(names) > 3 else "")
-    here = settings[names[0]]
-    raise ConfigError(
-        f"the tasks of this run were given different settings ({shown}; here --{names[0]}="
-        f"{here}); start every task with the same flags")
-
+# --- The questions the step and the loop ask of a built strategy --------------
 
 def task_info(strategy):
   """(task_type, task_id) of this process; ("chief", 0) outside a cluster."""
@@ -475,100 +278,6 @@ def all_on_cpu(strategy):
   return all("CPU" in d.upper() for d in replica_devices(strategy))
 
 
-def distribute_input(strategy, dataset_fn):
-  """What the replicas take their batches from: the dataset dataset_fn makes
-  for each input pipeline, distributed by the strategy, and copied to the
-  devices unless every replica is a CPU device.
-
-  One replica on a CPU reads its dataset directly: a distributed dataset's
-  iterator (a MultiDeviceIterator, with nothing to copy here) slows every
-  training step in the process by 5-7% on CPUs, steps that do not read from
-  it included (docs/benchmarks.md), and strategy.run takes plain tensors.
-  """
-  if strategy.num_replicas_in_sync == 1 and all_on_cpu(strategy):
-    return dataset_fn(tf.distribute.InputContext())
-  return strategy.distribute_datasets_from_function(
-      dataset_fn, options=tf.distribute.InputOptions(
-          experimental_fetch_to_device=not all_on_cpu(strategy)))
-
-
-def _per_device_input_untuned():
-  """Turns tf.data autotuning off in the datasets of a MultiDeviceIterator.
-
-  A distributed iterator (a MultiDeviceIterator, on CPUs too) feeds each
-  device through a small dataset of its own: a generator and a prefetch of
-  fixed size, nothing to tune. TensorFlow 2.21 still autotunes each, and its
-  optimisation thread sleeps up to a minute between rounds without waking
-  when the iterator is destroyed: deleting an iterator then waits out the
-  sleep, in ~RootDataset::Iterator joining Model::OptimizeLoop
-  (docs/benchmarks.md). The training and evaluation pipelines themselves
-  keep autotuning.
-  """
-  from tensorflow.python.data.ops import multi_device_iterator_ops  # pylint: disable=g-import-not-at-top
-  create = getattr(multi_device_iterator_ops, "_create_device_dataset", None)
-  if create is None or getattr(create, "untuned", False):
-    return
-
-  def create_untuned(*args, **kwargs):
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return create(*args, **kwargs).with_options(options)
-
-  create_untuned.untuned = True
-  multi_device_iterator_ops._create_device_dataset = create_untuned  # pylint: disable=protected-access
-
-
-_per_device_input_untuned()
-
-
-_dropping = []             # the threads drop_in_background() started
-_wait_for_drops_at_exit = [True]
-
-
-def drop_in_background(holder):
-  """Empties holder, a list holding the only references to distributed
-  iterators, in a daemon thread.
-
-  Destroying an iterator can still wait for its pipeline's threads (the
-  per-device autotuning that made it wait up to a minute is off,
-  _per_device_input_untuned); a run done with its input has no reason to
-  wait at all. A process that ends with os._exit (the entrypoints) does
-  not wait for the thread either; one that finalizes normally (a notebook, a
-  test) waits at exit (_wait_for_drops).
-  """
-  thread = threading.Thread(target=holder.clear, name="drop-iterators", daemon=True)
-  thread.start()
-  _dropping.append(thread)
-
-
-def ends_without_finalization():
-  """Says that this process will end with os._exit, skipping Python's
-  finalization, so no iterator need be destroyed before it ends."""
-  _wait_for_drops_at_exit[0] = False
-
-
-@atexit.register
-def _wait_for_drops():
-  # A daemon thread still inside TensorFlow's C++ code when Python finalizes
-  # is unwound by force, and the process aborts ("FATAL: exception not
-  # rethrown"): a process that finalizes lets the drops finish first.
-  if _wait_for_drops_at_exit[0]:
-    for thread in _dropping:
-      thread.join()
-
-
-def input_wait_measurable(strategy):
-  """Whether timing next(iterator) in the train loop measures input waits.
-
-  Over several logical CPU devices it does not: the replicas' kernels occupy
-  the inter-op threads the distributed iterator also needs, so next() waits
-  for a thread while the step computes. On synthetic data, where input costs
-  nothing, it read a quarter to a half of the time there; a third inter-op
-  thread hides that but costs throughput.
-  """
-  return strategy.num_replicas_in_sync == 1 or not all_on_cpu(strategy)
-
-
 def xla_scope(strategy, sync_bn=False):
   """What --enable_xla compiles on this strategy: "step", the whole replica
   step, or "gradients", its forward and backward only; a ConfigError where
@@ -601,3 +310,55 @@ def xla_scope(strategy, sync_bn=False):
                       "all-reduce into XLA, whose collectives TensorFlow cannot run across "
                       "hosts or for long on one: drop one of the two")
   return "gradients"
+
+
+def gradient_all_reduce(distribute, strategy):
+  """The collectives.AllReduce a built strategy's gradients use (see
+  collectives.choose_all_reduce)."""
+  if strategy.num_replicas_in_sync == 1 and kind_of(strategy) != "tpu":
+    return collectives.AllReduce("none", dtype=distribute.all_reduce_dtype)
+  return collectives.choose_all_reduce(distribute, kind_of(strategy), not all_on_cpu(strategy))
+
+
+# --- Whether the tasks of a run were given the same settings ------------------
+
+# Settings that say where a task finds things, not what the run does: they
+# may differ between the tasks of one run (a dataset copied to each host's
+# own disk, say).
+PER_TASK_SETTINGS = ("data_dir", "download", "cluster", "cluster_port")
+
+
+def _setting_hashes(settings):
+  """Each setting's value as a number below 2**24, exact in float32."""
+  return [int(hashlib.sha256(repr(value).encode()).hexdigest()[:6], 16)
+          for value in settings.values()]
+
+
+def check_tasks_agree(strategy, settings):
+  """Stops every task of a multi-worker run, with one line and a
+  ConfigError, where the tasks were given different settings ({flag name:
+  value}, but PER_TASK_SETTINGS): they would fail in a collective whose
+  shapes differ, deadlock, or train something else than asked. Two small
+  all-reduces over the cluster itself: the chief's fingerprint of each
+  setting, then which ones some task's differ from."""
+  if kind_of(strategy) != "multi_worker_mirrored" or num_input_pipelines(strategy) < 2:
+    return
+  settings = {k: v for k, v in settings.items() if k not in PER_TASK_SETTINGS}
+  mine = tf.constant(_setting_hashes(settings), tf.float32)
+
+  def compare():
+    context = tf.distribute.get_replica_context()
+    first = context.replica_id_in_sync_group == 0  # the chief's first replica
+    chiefs = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                tf.where(first, mine, tf.zeros_like(mine)))
+    return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                              tf.cast(tf.not_equal(mine, chiefs), tf.float32))
+
+  differing = strategy.experimental_local_results(strategy.run(tf.function(compare)))[0]
+  names = [name for name, count in zip(settings, differing.numpy()) if count]
+  if names:
+    shown = ", ".join(f"--{name}" for name in names[:3]) + (" ..." if len(names) > 3 else "")
+    here = settings[names[0]]
+    raise ConfigError(
+        f"the tasks of this run were given different settings ({shown}; here --{names[0]}="
+        f"{here}); start every task with the same flags")

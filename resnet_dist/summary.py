@@ -10,6 +10,7 @@ import time
 import tensorflow as tf
 
 from resnet_dist import checkpoints, data, host_loop, monitor, perf
+from resnet_dist import distributed_input
 from resnet_dist import strategy as strategy_lib
 
 
@@ -49,7 +50,7 @@ def probe_input(setup, step, seconds):
         batches += 1
       return batches * per_batch / (time.perf_counter() - began)
   finally:
-    strategy_lib.drop_in_background(holder)
+    distributed_input.drop_in_background(holder)
 
 
 def input_verdict(setup, record, rates):

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from resnet_dist import checkpoints, data, losses, models, optim
 from resnet_dist import strategy as strategy_lib
+from resnet_dist import distributed_input
 from resnet_dist.config import Config
 from resnet_dist.data import mixing
 
@@ -195,7 +196,7 @@ class Trainer:
           for v in self.variables] if config.schedule.grad_accum_steps > 1 else []
     # Host-side: seconds the train loop waited for input (see train_loop).
     self.times_input = (not _op_determinism_enabled()
-                        and strategy_lib.input_wait_measurable(strategy))
+                        and distributed_input.input_wait_measurable(strategy))
     self.input_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
     # Host-side, this process's own: set when a SIGTERM or SIGINT asks the run
     # to stop (preemption.StopRequest); every step reads it.

@@ -22,6 +22,7 @@ from absl.testing import absltest, parameterized
 from tensorflow.python.distribute import mirrored_run, mirrored_strategy
 
 from resnet_dist import data
+from resnet_dist import distributed_input
 from resnet_dist import trainer as trainer_lib
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config, DistributeConfig
@@ -39,8 +40,8 @@ def build(strategy, **options):
   keras.utils.set_random_seed(0)
   trainer = trainer_lib.Trainer(config, strategy, source, steps_per_epoch=4, total_steps=100)
   spec = data.InputSpec(BATCH, config.data.image_size)
-  dataset = strategy_lib.distribute_input(strategy,
-                                          data.train_dataset_fn(source, "train", spec))
+  dataset = distributed_input.distribute_input(strategy,
+                                              data.train_dataset_fn(source, "train", spec))
   return trainer, iter(dataset)
 
 
@@ -101,9 +102,8 @@ class InputTeardownTest(absltest.TestCase):
   """A distributed iterator feeds each device through a small dataset of its
   own; with tf.data autotuning on there, deleting the iterator after a
   minute of training waited out the autotuner's sleep of up to a minute
-  (docs/benchmarks.md). Catches those
-  per-device datasets autotuning again (strategy._per_device_input_untuned
-  lost), while the training pipeline itself keeps autotuning."""
+  (docs/benchmarks.md). Catches those per-device datasets autotuning again
+  (tf_patches lost), while the training pipeline itself keeps autotuning."""
 
   def test_only_the_training_pipeline_autotunes(self):
     strategy = strategy_lib.create_strategy(MIRRORED)

@@ -14,6 +14,7 @@ from absl.testing import absltest, parameterized
 
 from launch import exits, kubernetes
 from resnet_dist import cluster as cluster_lib
+from resnet_dist import collectives
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import DistributeConfig
 from resnet_dist.errors import ConfigError
@@ -446,7 +447,7 @@ class AllReduceTest(parameterized.TestCase):
       ("ring", "multi_worker_mirrored", True, "ring"), ("nccl", "mirrored", True, "nccl"),
       ("auto", "tpu", False, "tpu"), ("auto", "one_device", True, "none"))
   def test_auto_is_nccl_between_gpus_and_ring_between_cpus(self, asked, kind, gpus, chosen):
-    all_reduce = strategy_lib.choose_all_reduce(DistributeConfig(all_reduce=asked), kind, gpus)
+    all_reduce = collectives.choose_all_reduce(DistributeConfig(all_reduce=asked), kind, gpus)
     self.assertEqual(all_reduce.implementation, chosen)
 
   @parameterized.parameters(
@@ -456,7 +457,7 @@ class AllReduceTest(parameterized.TestCase):
       ("nccl", "one_device", True, "has one replica"))
   def test_an_implementation_the_devices_lack_is_one_line(self, asked, kind, gpus, message):
     with self.assertRaisesRegex(ConfigError, message):
-      strategy_lib.choose_all_reduce(DistributeConfig(all_reduce=asked), kind, gpus)
+      collectives.choose_all_reduce(DistributeConfig(all_reduce=asked), kind, gpus)
 
   @parameterized.parameters(("auto", "mirrored"), ("ring", "multi_worker_mirrored"),
                             ("nccl", "multi_worker_mirrored"))
@@ -464,10 +465,10 @@ class AllReduceTest(parameterized.TestCase):
     distribute = DistributeConfig(all_reduce=asked, all_reduce_dtype="bf16")
     with self.assertRaisesRegex(ConfigError, r"^--all_reduce_dtype=bf16: TensorFlow's GPU "
                                              r"collectives \(NCCL and ring\) cannot sum"):
-      strategy_lib.choose_all_reduce(distribute, kind, True)
-    self.assertEqual(strategy_lib.choose_all_reduce(
+      collectives.choose_all_reduce(distribute, kind, True)
+    self.assertEqual(collectives.choose_all_reduce(
         DistributeConfig(all_reduce_dtype="bf16"), kind, False).dtype, "bf16")
-    self.assertEqual(strategy_lib.choose_all_reduce(
+    self.assertEqual(collectives.choose_all_reduce(
         DistributeConfig(all_reduce_dtype="fp16"), kind, True).dtype, "fp16")
 
   def test_the_strategy_is_built_with_the_chosen_collectives(self):
@@ -501,7 +502,7 @@ class AllReduceTest(parameterized.TestCase):
   def test_packs_are_counted_as_tensorflow_groups_them(self):
     shapes = [[600], [100], [300], [50]]  # float32: 2400, 400, 1200, 200 bytes
     values = [strategy_lib.tf.zeros(s) for s in shapes]
-    packs = lambda n, dtype="fp32": strategy_lib.AllReduce("ring", n, dtype).num_packs(values)
+    packs = lambda n, dtype="fp32": collectives.AllReduce("ring", n, dtype).num_packs(values)
     # Last value first; a pack closes once it holds more than the pack size.
     self.assertEqual(packs(1000), 2)   # [200, 1200] [400, 2400]
     self.assertEqual(packs(100), 4)

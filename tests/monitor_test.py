@@ -108,7 +108,7 @@ class RunMonitoringTest(absltest.TestCase):
                 "perf/examples_per_second", "perf/examples_per_second_per_replica",
                 "perf/step_time_ms", "perf/flop_utilization", "input/skipped_records"):
       self.assertEqual(sorted(self.train[tag]), [4, 8, 12], tag)  # a point per loop of 4
-    # Not measurable over logical CPU devices (strategy.input_wait_measurable).
+    # Not measurable over logical CPU devices (distributed_input.input_wait_measurable).
     self.assertNotIn("perf/input_wait_fraction", self.train)
     for step in (4, 8, 12):
       self.assertAlmostEqual(self.train["perf/examples_per_second_per_replica"][step] * 2,

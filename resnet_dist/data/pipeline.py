@@ -1,9 +1,9 @@
 """Sharded tf.data input for tf.distribute, exact for training and evaluation.
 
 Every dataset_fn here is given to strategy.distribute_datasets_from_function
-(by strategy.distribute_input) and builds the input of one input pipeline
-(one per worker or TPU host), which feeds the replicas of that pipeline
-batches of global_batch_size / replicas.
+(by distributed_input.distribute_input) and builds the input of one input
+pipeline (one per worker or TPU host), which feeds the replicas of that
+pipeline batches of global_batch_size / replicas.
 
 Indexed splits (in memory, image folders): one global order of example
 indices, a permutation per epoch seeded by (seed, epoch), is cut into global
