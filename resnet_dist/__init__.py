@@ -5,8 +5,10 @@ The path of a batch, one module each:
   models/        -> the ResNet family
   strategy.py    -> every tf.distribute difference, in one place
   optim.py       -> learning-rate schedules, SGD and LARS
-  trainer.py     -> the replica step and the loops of steps
-  train.py       -> a run: prepare, resume, report, the host loop, the summary
+  trainer.py     -> the replica step and the loops of steps (Trainer.train)
+  evaluation.py  -> the eval step and loop, a split's result, evaluate()
+  host_loop.py   -> the host loop: when to save, evaluate, resize, profile, stop
+  train.py       -> a run: run_setup.prepare, resume, report, HostLoop, summary
   checkpoints.py -> model_dir: checkpoints, resume
   run_lock.py    -> the run lock: a lease naming the run
   preemption.py  -> SIGTERM, SIGINT, SIGHUP: the stop request every step reads

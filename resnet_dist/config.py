@@ -159,6 +159,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   policy: str = "none"              # --augment: an augment.POLICIES entry or timm's spec
+  # A policy's own settings (augment.RandAugment reads and checks these):
   randaugment_num_ops: int = 2
   randaugment_magnitude: int = 9    # of 31 bins, as torchvision's RandAugment
   random_erasing: float = 0.0       # probability per image
@@ -180,9 +181,10 @@ class AugmentConfig:
     _check(0 <= self.random_erasing <= 1,
            f"--random_erasing={self.random_erasing} must be a probability")
     _check_choice("random_erasing_fill", self.random_erasing_fill, mixing.ERASING_FILLS)
-    _check(1 <= self.randaugment_num_ops and 0 <= self.randaugment_magnitude < augment_lib.BINS,
-           f"--randaugment_num_ops must be >= 1 and --randaugment_magnitude in "
-           f"0..{augment_lib.BINS - 1}")
+    try:  # each policy checks its own settings
+      augment_lib.check_settings(self)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)

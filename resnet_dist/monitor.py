@@ -15,6 +15,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 from resnet_dist import perf
 from resnet_dist import strategy as strategy_lib
+from resnet_dist.data import augment as augment_lib
 
 NUM_IMAGES_SHOWN = 8
 
@@ -75,9 +76,7 @@ def describe_recipe(config):
     parts.append(f"{config.schedule.grad_accum_steps} micro-batches of "
                  f"{config.schedule.micro_batch_size} a step")
   if options.policy != "none":
-    parts.append(options.policy + (f" ({options.randaugment_num_ops} ops at "
-                                   f"{options.randaugment_magnitude})"
-                                   if options.policy == "randaugment" else ""))
+    parts.append(augment_lib.build(options).describe())
   if options.random_erasing:
     parts.append(f"random erasing {options.random_erasing:g}")
   for name, alpha in (("mixup", options.mixup_alpha), ("cutmix", options.cutmix_alpha)):

@@ -25,12 +25,7 @@ from resnet_dist import checkpoints, data, losses, models, optim
 from resnet_dist import strategy as strategy_lib
 from resnet_dist import distributed_input
 from resnet_dist.config import Config
-from resnet_dist.data import mixing
-
-# Seeds of the replica step's random draws (erasing, mixing): (salt, counter).
-_ERASE_SALT = 0xE4A5E
-_MIX_SALT = 0x313C5
-_DROP_PATH_SALT = 0xD4095
+from resnet_dist.data import mixing, seeds
 
 
 def _op_determinism_enabled():
@@ -253,10 +248,10 @@ class Trainer:
     """Random erasing, then mixup or CutMix, as the flags ask."""
     options = self.config.augment
     if options.random_erasing:
-      images = mixing.random_erasing(images, self._step_seed(micro, _ERASE_SALT),
+      images = mixing.random_erasing(images, self._step_seed(micro, seeds.ERASING),
                                      options.random_erasing, options.random_erasing_fill)
     if options.mixes:
-      images, targets = mixing.mix(images, targets, self._step_seed(micro, _MIX_SALT),
+      images, targets = mixing.mix(images, targets, self._step_seed(micro, seeds.MIXING),
                                    mixup_alpha=options.mixup_alpha,
                                    cutmix_alpha=options.cutmix_alpha)
     return images, targets
@@ -268,7 +263,7 @@ class Trainer:
     config = self.config
     images, targets = self._regularize(self.normalize(images),
                                        tf.one_hot(labels, self.num_classes), micro)
-    drop_path_seed = self._step_seed(micro, _DROP_PATH_SALT)  # --drop_path_rate's
+    drop_path_seed = self._step_seed(micro, seeds.DROP_PATH)  # --drop_path_rate's
     with tf.GradientTape() as tape, models.drop_path_seed(drop_path_seed):
       logits = self.model(images, training=True)
       per_example = self.loss(targets, logits)

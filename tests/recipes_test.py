@@ -5,6 +5,7 @@ In-process, on 2 logical CPU devices: the ops against hand-computed
 expectations, then short runs of train.run.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -16,11 +17,12 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest, parameterized
 
-from resnet_dist import checkpoints, evaluation, export, host_loop, models, run_setup, train
+from resnet_dist import checkpoints, evaluation, export, host_loop, models, monitor, run_setup
+from resnet_dist import train
 from resnet_dist.trainer import Trainer
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import AugmentConfig, Config
-from resnet_dist.data import augment, mixing, timm_augment
+from resnet_dist.data import augment, augment_ops, mixing, seeds, timm_augment
 from tests import fixtures, launching
 from resnet_dist.errors import ConfigError
 
@@ -85,25 +87,25 @@ class AugmentOpsTest(parameterized.TestCase):
   def test_ops_do_what_torchvision_does(self):
     image = IMAGE.numpy().astype(np.int32)
     # A quarter turn counter-clockwise: the top row comes from the right column.
-    np.testing.assert_array_equal(augment.rotate(IMAGE, tf.constant(90.0))[0, :, 0],
+    np.testing.assert_array_equal(augment_ops.rotate(IMAGE, tf.constant(90.0))[0, :, 0],
                                   image[:, -1, 0])
     # ShearX: output (x, y) samples the input at (x + m * y, y); black outside.
-    np.testing.assert_array_equal(augment.shear_x(IMAGE, tf.constant(0.5))[4, :10],
+    np.testing.assert_array_equal(augment_ops.shear_x(IMAGE, tf.constant(0.5))[4, :10],
                                   image[4, 2:12])
     # Translations are in whole pixels, towards zero.
-    shifted = augment.translate_x(IMAGE, tf.constant(2.9)).numpy()
+    shifted = augment_ops.translate_x(IMAGE, tf.constant(2.9)).numpy()
     np.testing.assert_array_equal(shifted[:, 2:], image[:, :-2])
     np.testing.assert_array_equal(shifted[:, :2], 0)
-    np.testing.assert_array_equal(augment.posterize(IMAGE, tf.constant(3.0)), image & 0xE0)
-    np.testing.assert_array_equal(augment.solarize(IMAGE, tf.constant(0.0)), 255 - image)
-    np.testing.assert_array_equal(augment.brightness(IMAGE, tf.constant(-1.0)), 0)
-    stretched = augment.autocontrast(IMAGE // 2 + 10).numpy()
+    np.testing.assert_array_equal(augment_ops.posterize(IMAGE, tf.constant(3.0)), image & 0xE0)
+    np.testing.assert_array_equal(augment_ops.solarize(IMAGE, tf.constant(0.0)), 255 - image)
+    np.testing.assert_array_equal(augment_ops.brightness(IMAGE, tf.constant(-1.0)), 0)
+    stretched = augment_ops.autocontrast(IMAGE // 2 + 10).numpy()
     self.assertEqual((stretched.min(), stretched.max()), (0, 255))
     flat = tf.fill([8, 8, 3], tf.constant(7, tf.uint8))
-    np.testing.assert_array_equal(augment.equalize(flat), flat)
+    np.testing.assert_array_equal(augment_ops.equalize(flat), flat)
     # Its own inverse, and not the identity (which is its own inverse too).
-    np.testing.assert_array_equal(augment.invert(IMAGE), 255 - image)
-    np.testing.assert_array_equal(augment.invert(augment.invert(IMAGE)), IMAGE)
+    np.testing.assert_array_equal(augment_ops.invert(IMAGE), 255 - image)
+    np.testing.assert_array_equal(augment_ops.invert(augment_ops.invert(IMAGE)), IMAGE)
 
   def test_shears_are_about_the_corner_and_sample_as_asked(self):
     """torchvision shears about the image's corner, half a pixel before the
@@ -112,10 +114,10 @@ class AugmentOpsTest(parameterized.TestCase):
     image = IMAGE.numpy().astype(np.float64)
     # Row 0, m = 1.2: the input at x + 0.6, nearest x + 1 (about the first
     # pixel's centre it would be x itself).
-    np.testing.assert_array_equal(augment.shear_x(IMAGE, tf.constant(1.2))[0, :10],
+    np.testing.assert_array_equal(augment_ops.shear_x(IMAGE, tf.constant(1.2))[0, :10],
                                   IMAGE[0, 1:11])
     # Bilinear: row 1, m = 0.25: the input at x + 0.375, between x and x + 1.
-    sheared = augment.shear_x(IMAGE, tf.constant(0.25), "bilinear").numpy()
+    sheared = augment_ops.shear_x(IMAGE, tf.constant(0.25), "bilinear").numpy()
     expected = 0.625 * image[1, :20] + 0.375 * image[1, 1:21]
     self.assertLessEqual(np.abs(sheared[1, :20] - expected).max(), 1.0)
     for interpolation in ("bilinear", "bicubic"):  # the transform op has no bicubic
@@ -135,9 +137,9 @@ class AugmentOpsTest(parameterized.TestCase):
       factor = f32(factor)
       return np.floor(np.clip(factor * a + (f32(1) - factor) * b, 0, 255))
 
-    np.testing.assert_array_equal(augment.color(IMAGE, tf.constant(0.6)),
+    np.testing.assert_array_equal(augment_ops.color(IMAGE, tf.constant(0.6)),
                                   blend(image, gray, f32(1) + f32(0.6)))
-    np.testing.assert_array_equal(augment.contrast(IMAGE, tf.constant(-0.4)),
+    np.testing.assert_array_equal(augment_ops.contrast(IMAGE, tf.constant(-0.4)),
                                   blend(image, gray.mean(dtype=f32), f32(1) + f32(-0.4)))
     smooth = image.copy()
     kernel = np.ones((3, 3)) / 13.0
@@ -146,11 +148,11 @@ class AugmentOpsTest(parameterized.TestCase):
       for x in range(1, 31):
         smooth[y, x] = np.round(np.tensordot(kernel, image[y - 1:y + 2, x - 1:x + 2],
                                              axes=([0, 1], [0, 1])))
-    np.testing.assert_allclose(augment.sharpness(IMAGE, tf.constant(0.8)),
+    np.testing.assert_allclose(augment_ops.sharpness(IMAGE, tf.constant(0.8)),
                                blend(image, smooth, f32(1) + f32(0.8)), atol=1)
     transposed = tf.transpose(IMAGE, [1, 0, 2])
-    for y_op, x_op, m in ((augment.shear_y, augment.shear_x, 0.3),
-                          (augment.translate_y, augment.translate_x, -4.0)):
+    for y_op, x_op, m in ((augment_ops.shear_y, augment_ops.shear_x, 0.3),
+                          (augment_ops.translate_y, augment_ops.translate_x, -4.0)):
       np.testing.assert_array_equal(
           y_op(IMAGE, tf.constant(m)),
           tf.transpose(x_op(transposed, tf.constant(m)), [1, 0, 2]), err_msg=y_op.__name__)
@@ -171,7 +173,7 @@ class AugmentOpsTest(parameterized.TestCase):
                              lambda shape, seed: tf.zeros(shape)), \
            mock.patch.object(augment, "_signed",
                              lambda table, signs, op, level, sign_seed: tf.abs(table[op, level])):
-        got = augment.autoaugment(IMAGE, seed, AugmentConfig(policy="autoaugment"), "nearest")
+        got = augment.AutoAugment(AugmentConfig(policy="autoaugment"))(IMAGE, seed, "nearest")
       np.testing.assert_array_equal(got, expected, err_msg=str(sub_policy))
 
   @parameterized.parameters("trivialaugment_wide", "randaugment", "autoaugment")
@@ -183,6 +185,71 @@ class AugmentOpsTest(parameterized.TestCase):
     np.testing.assert_array_equal(outputs[0],
                                   augment.augment(IMAGE, options, tf.constant([3, 0], tf.int64)))
     self.assertGreater(len({out.numpy().tobytes() for out in outputs}), 2)
+
+
+class PolicyTableTest(absltest.TestCase):
+
+  def test_both_policy_families_take_their_ops_from_the_one_table(self):
+    self.assertLessEqual(set(augment.OPS) | set(timm_augment.OPS), set(augment_ops.OPS))
+    # timm's PIL arithmetic is an entry of its own, not torchvision's op.
+    self.assertFalse(np.array_equal(augment_ops.OPS["pil_color"](IMAGE, tf.constant(0.6)),
+                                    augment_ops.OPS["color"](IMAGE, tf.constant(0.6))))
+
+  def test_a_new_policy_is_a_class_and_an_entry_with_settings_of_its_own(self):
+    """Its settings are fields of the config's augment part; the policy reads
+    them, checks them (whichever policy is chosen, as the flags' bounds do)
+    and names itself on the console."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Options(AugmentConfig):
+      posterize_bits: int = 4
+
+    class Posterize(augment.Policy):
+
+      def __init__(self, options):
+        super().__init__(options)
+        self.bits = options.posterize_bits
+
+      @classmethod
+      def check(cls, options):
+        if not 1 <= options.posterize_bits <= 8:
+          raise ValueError(f"--posterize_bits={options.posterize_bits} must be in 1..8")
+
+      def describe(self):
+        return f"{self.name} to {self.bits} bits"
+
+      def __call__(self, image, seed, interpolation):
+        return augment_ops.posterize(image, tf.constant(float(self.bits)))
+
+    with mock.patch.dict(augment.POLICIES, posterize=Posterize):
+      options = Options(policy="posterize", posterize_bits=3)
+      options.validate()
+      np.testing.assert_array_equal(augment.augment(IMAGE, options, SEED), PIXELS & 0xE0)
+      config = dataclasses.replace(Config(), augment=options)
+      self.assertIn("posterize to 3 bits", monitor.describe_recipe(config))
+      with self.assertRaisesRegex(ConfigError, r"^--posterize_bits=9 must be in 1\.\.8$"):
+        Options(policy="none", posterize_bits=9).validate()
+    self.assertEqual(monitor.describe_recipe(Config.from_flat(augment="randaugment")),
+                     ["randaugment (2 ops at 9)"])
+
+
+class SeedsTest(absltest.TestCase):
+
+  def test_no_stream_changes_its_offset(self):
+    """Each stream's draws are a function of its seed: a changed offset would
+    resume an older checkpoint on other crops, augmentations and mixes, and
+    an old --seed would no longer reproduce its run. A new stream adds its
+    name here, with a value no other stream uses."""
+    streams = {name: value for name, value in vars(seeds).items() if name.isupper()}
+    self.assertEqual(streams, dict(
+        EXAMPLE=0x5EED, CROP=0, FLIP=1, RESIZE=2, POLICY=8, ORDER=0,
+        RECORD_EPOCH_STRIDE=1000003, TRIVIAL_OP=0, TRIVIAL_LEVEL=1, TRIVIAL_SIGN=2,
+        RANDAUGMENT_STRIDE=3, RANDAUGMENT_OP=0, RANDAUGMENT_SIGN=1, AUTOAUGMENT_SUB_POLICY=0,
+        AUTOAUGMENT_APPLIES=1, AUTOAUGMENT_SIGN=2, TIMM_STRIDE=4, TIMM_OP=0, TIMM_APPLIES=1,
+        TIMM_MAGNITUDE=2, ERASING=0xE4A5E, MIXING=0x313C5, DROP_PATH=0xD4095,
+        ERASE_WHETHER=0, ERASE_AREA=1, ERASE_ASPECT=2, ERASE_PLACE=3, ERASE_NOISE=4,
+        MIX_WHICH=0, MIXUP=1, CUTMIX=2, CUTMIX_CENTRE=0, CUTMIX_LAMBDA=1, BETA_FIRST=0,
+        BETA_SECOND=3, GAMMA_PROPOSALS=0, GAMMA_ACCEPT=1, GAMMA_BOOST=2))
 
 
 class TimmRandAugmentTest(absltest.TestCase):
@@ -219,16 +286,17 @@ class TimmRandAugmentTest(absltest.TestCase):
     # adds int(66.0); each blend's factor 1 +- 0.54; shear 0.18; translate
     # 0.27 of the image.
     expected = {"rotate": 18.0, "posterize": 2.0, "solarize": 103.0, "solarize_add": 66.0,
-                "color": 0.54, "contrast": 0.54, "brightness": 0.54, "sharpness": 0.54,
-                "shear_x": 0.18, "shear_y": 0.18, "translate_x": 0.27, "translate_y": 0.27}
+                "pil_color": 0.54, "pil_contrast": 0.54, "brightness": 0.54, "sharpness": 0.54,
+                "shear_x": 0.18, "shear_y": 0.18, "translate_x_rel": 0.27,
+                "translate_y_rel": 0.27}
     for op, value in args(6.0, False).items():
       self.assertAlmostEqual(value, expected.get(op, 0.0), places=5, msg=op)
     negated = args(6.0, True)
-    for op in ("rotate", "color", "shear_x", "translate_y"):
+    for op in ("rotate", "pil_color", "shear_x", "translate_y_rel"):
       self.assertAlmostEqual(negated[op], -expected[op], places=5, msg=op)
     self.assertEqual((negated["posterize"], negated["solarize"]), (2.0, 103.0))  # unsigned
     # At m10 a negated blend's factor is kept at 0.1, and posterize keeps no bit.
-    self.assertAlmostEqual(args(10.0, True)["color"], 0.1 - 1.0, places=5)
+    self.assertAlmostEqual(args(10.0, True)["pil_color"], 0.1 - 1.0, places=5)
     self.assertEqual(args(10.0, False)["posterize"], 0.0)
     # The plain set: posterize int(2.4) bits, threshold int(153.6), factor 0.1 + 1.8 * 0.6.
     plain = args(6.0, True, increasing=False)
@@ -237,25 +305,25 @@ class TimmRandAugmentTest(absltest.TestCase):
 
   def test_the_ops_that_differ_from_torchvisions(self):
     image = PIXELS.astype(np.int64)
-    np.testing.assert_array_equal(timm_augment.solarize_add(IMAGE, tf.constant(66.0)),
+    np.testing.assert_array_equal(augment_ops.solarize_add(IMAGE, tf.constant(66.0)),
                                   np.where(image < 128, np.minimum(image + 66, 255), image))
     # PIL's "L": 16-bit fixed-point weights, rounded.
     luma = (image[..., 0] * 19595 + image[..., 1] * 38470 + image[..., 2] * 7471
             + 32768) >> 16
-    np.testing.assert_array_equal(timm_augment.pil_grayscale(IMAGE)[..., 0], luma)
+    np.testing.assert_array_equal(augment_ops.pil_grayscale(IMAGE)[..., 0], luma)
     # PIL's Contrast blends towards the grayscale's mean rounded to an integer:
     # degenerate + factor (image - degenerate), truncated.
     mean = np.floor(luma.mean() + 0.5)
     expected = np.floor(np.clip(mean + 0.46 * (image - mean), 0, 255))
-    got = timm_augment.contrast(IMAGE, tf.constant(-0.54)).numpy()
+    got = augment_ops.pil_contrast(IMAGE, tf.constant(-0.54)).numpy()
     self.assertLessEqual(np.abs(got - expected).max(), 1)
     self.assertGreater(np.mean(got == expected), 0.99)
     # Translations are fractions of the image, unrounded, and uncover the mean colour.
-    moved = timm_augment.translate_x(IMAGE, tf.constant(0.25), "nearest",
-                                     timm_augment.FILL).numpy()
+    moved = augment_ops.translate_x_rel(IMAGE, tf.constant(0.25), "nearest",
+                                        timm_augment.FILL).numpy()
     np.testing.assert_array_equal(moved[:, :24], PIXELS[:, 8:])
     np.testing.assert_array_equal(moved[:, 24:], np.broadcast_to([124, 116, 104], (32, 8, 3)))
-    half = timm_augment.translate_y(IMAGE, tf.constant(0.5 / 32), "bilinear").numpy()
+    half = augment_ops.translate_y_rel(IMAGE, tf.constant(0.5 / 32), "bilinear").numpy()
     between = (PIXELS[:-1].astype(np.float64) + PIXELS[1:]) / 2
     self.assertLessEqual(np.abs(half[:-1] - between).max(), 0.5 + 1e-6)
     turned = timm_augment.apply_op(IMAGE, tf.constant(timm_augment.OPS.index("rotate")),

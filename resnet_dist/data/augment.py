@@ -1,4 +1,4 @@
-"""Automatic augmentation policies on uint8 images (--augment), as torchvision's.
+"""The augmentation policy table (--augment, POLICIES), and torchvision's policies.
 
   trivialaugment_wide  one op per image, uniformly, at a uniformly drawn
                        magnitude of 31 bins over the "wide" ranges
@@ -8,33 +8,37 @@
   autoaugment          one of the 25 sub-policies learned on ImageNet, each
                        op applied with its probability, at magnitude bins of 10
                        (AutoAugment, Cubuk et al. 2019)
+  rand-...             timm's RandAugment, by its spec string (timm_augment.py)
 
-The ops, their magnitude ranges and what each does at a magnitude follow
-torchvision.transforms (autoaugment.py and the tensor functional ops): the
-geometric ops sample nearest (torchvision's default) or bilinear (the run's
---interpolation; bicubic samples bilinear here, the only other mode of the
-transform op) with black fill, shears about the image's corner; blends
-clamped to 0..255 and truncated, a random sign for the signed ops. They run
-in the input pipeline, per example, after the crop and flip and at the
-model's size; every choice is stateless, drawn from the example's seed, so
-resuming replays them exactly.
+The ops (augment_ops.py), their magnitude ranges and what each does at a
+magnitude follow torchvision.transforms (autoaugment.py): the geometric ops
+sample nearest (torchvision's default) or as the run's --interpolation, a
+random sign for the signed ops. The policies run in the input pipeline, per
+example, after the crop and flip and at the model's size; every choice is
+stateless, drawn from the example's seed (seeds.py), so resuming replays
+them exactly.
+
+Each entry is a Policy built from the run's config.AugmentConfig, where every
+policy's settings live: a new policy is a class here (or a module beside
+this one) and an entry, and its settings are fields of AugmentConfig that
+its check() reads.
 """
-
-import functools
-import math
 
 import numpy as np
 import tensorflow as tf
 
+from resnet_dist.data import augment_ops, seeds, timm_augment
+
 BINS = 31            # magnitude bins of TrivialAugment-wide and RandAugment
 AUTOAUGMENT_BINS = 10
 
+# torchvision's ops (augment_ops.OPS names), in its order: a policy draws an
+# index into this.
 OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate",
        "brightness", "color", "contrast", "sharpness", "posterize", "solarize",
        "autocontrast", "equalize", "invert")
 # TrivialAugment-wide and RandAugment draw from every op but invert.
 DRAWN = OPS[:-1]
-GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 
 # ImageNet's AutoAugment policy (the paper's appendix, in torchvision's order):
 # 25 sub-policies of two (op, probability, magnitude bin or None).
@@ -90,162 +94,10 @@ def magnitudes(policy, bins, size):
   return tf.constant(table), tf.constant(signed)
 
 
-# --- The ops: uint8 [H, W, 3] and a float32 magnitude -> uint8 [H, W, 3] ------
-
-def affine(image, matrix, interpolation, fill=None):
-  """Samples image at the input point matrix maps each output pixel (x, y) to
-  (pixel centres at whole coordinates): x_in = a0 x + a1 y + a2, y_in = b0 x
-  + b1 y + b2. Nearest, or bilinear (for bilinear and bicubic); outside the
-  image black, or the colour fill (3 values)."""
-  transform = tf.concat([tf.cast(tf.stack(matrix), tf.float32), tf.zeros([2])], 0)
-
-  def sampled(pixels):
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=pixels[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
-        fill_value=0.0, interpolation="NEAREST" if interpolation == "nearest" else "BILINEAR",
-        fill_mode="CONSTANT")[0]
-
-  if fill is None:
-    return sampled(image)
-  # The op fills with one value for every channel: sampling image - fill with
-  # zeros outside, then adding fill back, fills each channel with its own.
-  fill = tf.constant(fill, tf.float32)
-  out = sampled(tf.cast(image, tf.float32) - fill) + fill
-  return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
-
-
-# The shears are about the image's top-left corner, as torchvision's
-# (center=[0, 0] there is the corner, half a pixel before the first centre)
-# and PIL's: x_in + 1/2 = (x + 1/2) + m (y + 1/2).
-
-def shear_x(image, m, interpolation="nearest", fill=None):
-  return affine(image, [1.0, m, m / 2, 0.0, 1.0, 0.0], interpolation, fill)
-
-
-def shear_y(image, m, interpolation="nearest", fill=None):
-  return affine(image, [1.0, 0.0, 0.0, m, 1.0, m / 2], interpolation, fill)
-
-
-def _pixels(m):
-  """Whole pixels, towards zero, as torchvision's int(magnitude)."""
-  return tf.sign(m) * tf.floor(tf.abs(m))
-
-
-def translate_x(image, m, interpolation="nearest", fill=None):
-  return affine(image, [1.0, 0.0, -_pixels(m), 0.0, 1.0, 0.0], interpolation, fill)
-
-
-def translate_y(image, m, interpolation="nearest", fill=None):
-  return affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, -_pixels(m)], interpolation, fill)
-
-
-def rotate(image, degrees, interpolation="nearest", fill=None):
-  """Counter-clockwise about the image's centre."""
-  h, w = (tf.cast(d, tf.float32) for d in tf.unstack(tf.shape(image)[:2]))
-  cx, cy = (w - 1) / 2, (h - 1) / 2
-  c, s = tf.cos(degrees * math.pi / 180), tf.sin(degrees * math.pi / 180)
-  return affine(image, [c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy],
-                    interpolation, fill)
-
-
-def blend(image, other, factor):
-  """factor * image + (1 - factor) * other, clamped and truncated to uint8."""
-  mixed = factor * tf.cast(image, tf.float32) + (1.0 - factor) * tf.cast(other, tf.float32)
-  return tf.cast(tf.clip_by_value(mixed, 0.0, 255.0), tf.uint8)
-
-
-def _grayscale(image):
-  """ITU-R 601-2 luma, truncated to uint8 (torchvision's rgb_to_grayscale)."""
-  weights = tf.constant([0.2989, 0.587, 0.114])
-  return tf.cast(tf.reduce_sum(tf.cast(image, tf.float32) * weights, -1, keepdims=True),
-                 tf.uint8)
-
-
-def brightness(image, m):
-  return blend(image, tf.zeros_like(image), 1.0 + m)
-
-
-def color(image, m):
-  return blend(image, _grayscale(image), 1.0 + m)
-
-
-def contrast(image, m):
-  return blend(image, tf.reduce_mean(tf.cast(_grayscale(image), tf.float32)), 1.0 + m)
-
-
-def sharpness(image, m):
-  """Blends with a smoothed image (3x3, centre weight 5 of 13); the border
-  pixels keep their values."""
-  kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1, 1, 1, 1],
-                                  "VALID")[0]
-  smooth = tf.pad(tf.round(smooth), [[1, 1], [1, 1], [0, 0]])
-  interior = tf.pad(tf.ones_like(smooth[1:-1, 1:-1]), [[1, 1], [1, 1], [0, 0]])
-  degenerate = tf.where(interior > 0, smooth, tf.cast(image, tf.float32))
-  return blend(image, degenerate, 1.0 + m)
-
-
-def posterize(image, bits):
-  """Keeps the `bits` high bits of every value."""
-  shift = 8 - tf.cast(bits, tf.int32)
-  mask = tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(255, shift), shift), tf.uint8)
-  return tf.bitwise.bitwise_and(image, mask)
-
-
-def solarize(image, threshold):
-  return tf.where(tf.cast(image, tf.float32) >= threshold, 255 - image, image)
-
-
-def autocontrast(image, _=None):
-  """Stretches each channel to 0..255; a constant channel stays as it is."""
-  pixels = tf.cast(image, tf.float32)
-  low = tf.reduce_min(pixels, axis=[0, 1])
-  high = tf.reduce_max(pixels, axis=[0, 1])
-  scale = tf.where(high > low, 255.0 / tf.maximum(high - low, 1.0), 1.0)
-  low = tf.where(high > low, low, 0.0)
-  return tf.cast(tf.clip_by_value((pixels - low) * scale, 0.0, 255.0), tf.uint8)
-
-
-def _equalize_channel(channel):
-  """PIL's histogram equalisation of one uint8 channel."""
-  histogram = tf.math.bincount(tf.cast(channel, tf.int32), minlength=256, maxlength=256)
-  last = tf.gather(histogram, tf.reduce_max(tf.where(histogram > 0)))
-  step = (tf.reduce_sum(histogram) - last) // 255
-
-  def equalized():
-    lut = (tf.cumsum(histogram) + step // 2) // tf.maximum(step, 1)
-    lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
-    return tf.cast(tf.gather(lut, tf.cast(channel, tf.int32)), tf.uint8)
-
-  return tf.cond(step > 0, equalized, lambda: channel)
-
-
-def equalize(image, _=None):
-  return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], -1)
-
-
-def invert(image, _=None):
-  return 255 - image
-
-
-def identity(image, _=None):
-  return image
-
-
-def switch_op(image, op, magnitude, functions):
-  """functions[op] (op an int32 tensor) of (image, magnitude), keeping the
-  image's static shape."""
-  out = tf.switch_case(op, [lambda f=f: f(image, magnitude) for f in functions])
-  return tf.ensure_shape(out, image.shape)
-
-
 def apply_op(image, op, magnitude, interpolation="nearest"):
   """OPS[op] (an int32 tensor) at magnitude, on one uint8 [H, W, 3] image;
-  the geometric ops sample by interpolation."""
-  functions = [functools.partial(globals()[name], interpolation=interpolation)
-               if name in GEOMETRIC else globals()[name] for name in OPS]
-  return switch_op(image, op, magnitude, functions)
+  the geometric ops sample by interpolation and fill black."""
+  return augment_ops.switch_op(image, op, magnitude, augment_ops.functions(OPS, interpolation))
 
 
 # --- The policies ---------------------------------------------------------------
@@ -261,72 +113,132 @@ def _signed(table, signs, op, level, sign_seed):
   return tf.where(flip, -value, value)
 
 
-def none(image, seed, options, interpolation):
-  del seed, options, interpolation
-  return image
+class Policy:
+  """An --augment entry, built from the run's config.AugmentConfig (whose
+  policy names it), then applied per example: policy(image, seed,
+  interpolation) -> image, a uint8 [size, size, 3] image, seed the
+  example's policy seed (int64 [2], seeds.POLICY), interpolation how the
+  geometric ops sample (preprocess.INTERPOLATIONS).
+
+  This one is --augment=none: the image as it is."""
+
+  def __init__(self, options):
+    self.check(options)
+    self.name = options.policy
+
+  @classmethod
+  def check(cls, options):
+    """ValueError, one line, if options hold a setting of this policy's that
+    it cannot take. Every entry's check runs whichever policy is chosen, as
+    the flags bound every setting whatever --augment says."""
+
+  def describe(self):
+    """How the console's recipe line names this policy."""
+    return self.name
+
+  def __call__(self, image, seed, interpolation):
+    del seed, interpolation
+    return image
 
 
-def trivialaugment_wide(image, seed, options, interpolation):
-  del options
-  table, signs = magnitudes("trivialaugment_wide", BINS, image.shape[0])
-  op = _draw(seed, [], len(DRAWN))
-  return apply_op(image, op, _signed(table, signs, op, _draw(seed + 1, [], BINS), seed + 2),
-                  interpolation)
+class TrivialAugmentWide(Policy):
+
+  def __call__(self, image, seed, interpolation):
+    table, signs = magnitudes("trivialaugment_wide", BINS, image.shape[0])
+    op = _draw(seed + seeds.TRIVIAL_OP, [], len(DRAWN))
+    level = _draw(seed + seeds.TRIVIAL_LEVEL, [], BINS)
+    return apply_op(image, op, _signed(table, signs, op, level, seed + seeds.TRIVIAL_SIGN),
+                    interpolation)
 
 
-def randaugment(image, seed, options, interpolation):
+class RandAugment(Policy):
   """options.randaugment_num_ops ops, each at bin options.randaugment_magnitude."""
-  table, signs = magnitudes("randaugment", BINS, image.shape[0])
-  for i in range(options.randaugment_num_ops):
-    op_seed = seed + 3 * i
-    op = _draw(op_seed, [], len(DRAWN))
-    image = apply_op(image, op, _signed(table, signs, op, options.randaugment_magnitude,
-                                        op_seed + 1), interpolation)
-  return image
+
+  def __init__(self, options):
+    super().__init__(options)
+    self.num_ops = options.randaugment_num_ops
+    self.magnitude = options.randaugment_magnitude
+
+  @classmethod
+  def check(cls, options):
+    if not (1 <= options.randaugment_num_ops and 0 <= options.randaugment_magnitude < BINS):
+      raise ValueError(f"--randaugment_num_ops must be >= 1 and --randaugment_magnitude in "
+                       f"0..{BINS - 1}")
+
+  def describe(self):
+    return f"{self.name} ({self.num_ops} ops at {self.magnitude})"
+
+  def __call__(self, image, seed, interpolation):
+    table, signs = magnitudes("randaugment", BINS, image.shape[0])
+    for i in range(self.num_ops):
+      op_seed = seed + seeds.RANDAUGMENT_STRIDE * i
+      op = _draw(op_seed + seeds.RANDAUGMENT_OP, [], len(DRAWN))
+      image = apply_op(image, op, _signed(table, signs, op, self.magnitude,
+                                          op_seed + seeds.RANDAUGMENT_SIGN), interpolation)
+    return image
 
 
-def autoaugment(image, seed, options, interpolation):
-  del options
-  table, signs = magnitudes("autoaugment", AUTOAUGMENT_BINS, image.shape[0])
-  ops = tf.constant([[OPS.index(op) for op, _, _ in sub] for sub in IMAGENET_POLICY])
-  probabilities = tf.constant([[p for _, p, _ in sub] for sub in IMAGENET_POLICY])
-  levels = tf.constant([[level or 0 for _, _, level in sub] for sub in IMAGENET_POLICY])
-  chosen = _draw(seed, [], len(IMAGENET_POLICY))
-  draws = tf.random.stateless_uniform([2], seed=seed + 1)
-  for i in range(2):
-    applies = draws[i] <= probabilities[chosen, i]
-    op = tf.where(applies, ops[chosen, i], OPS.index("identity"))
-    image = apply_op(image, op, _signed(table, signs, op, levels[chosen, i], seed + 2 + i),
-                     interpolation)
-  return image
+class AutoAugment(Policy):
+  """ImageNet's policy (IMAGENET_POLICY)."""
+
+  def __call__(self, image, seed, interpolation):
+    table, signs = magnitudes("autoaugment", AUTOAUGMENT_BINS, image.shape[0])
+    ops = tf.constant([[OPS.index(op) for op, _, _ in sub] for sub in IMAGENET_POLICY])
+    probabilities = tf.constant([[p for _, p, _ in sub] for sub in IMAGENET_POLICY])
+    levels = tf.constant([[level or 0 for _, _, level in sub] for sub in IMAGENET_POLICY])
+    chosen = _draw(seed + seeds.AUTOAUGMENT_SUB_POLICY, [], len(IMAGENET_POLICY))
+    draws = tf.random.stateless_uniform([2], seed=seed + seeds.AUTOAUGMENT_APPLIES)
+    for i in range(2):
+      applies = draws[i] <= probabilities[chosen, i]
+      op = tf.where(applies, ops[chosen, i], OPS.index("identity"))
+      image = apply_op(image, op, _signed(table, signs, op, levels[chosen, i],
+                                          seed + seeds.AUTOAUGMENT_SIGN + i), interpolation)
+    return image
 
 
-# The policy table (--augment): name -> policy(image, seed, options,
-# interpolation), where options is the run's config.AugmentConfig (a policy's
-# parameters live there) and interpolation its --interpolation. Beside these,
-# --augment takes timm's RandAugment by its spec string (timm_augment.py).
-POLICIES = {"none": none, "trivialaugment_wide": trivialaugment_wide,
-            "randaugment": randaugment, "autoaugment": autoaugment}
+class TimmRandAugment(Policy):
+  """timm's RandAugment, as its spec string (the policy's name) says."""
+
+  def __init__(self, options):
+    super().__init__(options)
+    self.spec = timm_augment.parse(options.policy)
+
+  def __call__(self, image, seed, interpolation):
+    return timm_augment.rand_augment(image, seed, self.spec, interpolation)
+
+
+# The policy table (--augment). Beside these, --augment takes timm's
+# RandAugment by its spec string (TimmRandAugment).
+POLICIES = {"none": Policy, "trivialaugment_wide": TrivialAugmentWide,
+            "randaugment": RandAugment, "autoaugment": AutoAugment}
 
 
 def policy(name):
-  """The policy(image, seed, options, interpolation) --augment names: a
-  POLICIES entry, or timm's RandAugment by its spec; ValueError, one line,
-  if it names none."""
-  # timm_augment builds on this module's ops, hence the import here.
-  from resnet_dist.data import timm_augment  # pylint: disable=g-import-not-at-top
+  """The Policy class --augment names: a POLICIES entry, or TimmRandAugment
+  for timm's spec once it parses; ValueError, one line, if it names none."""
   if timm_augment.is_spec(name):
-    spec = timm_augment.parse(name)
-    return lambda image, seed, options, interpolation: timm_augment.rand_augment(
-        image, seed, spec, interpolation)
+    timm_augment.parse(name)  # its ValueError names what is wrong with the spec
+    return TimmRandAugment
   if name not in POLICIES:
     raise ValueError(f"unknown --augment={name}; choose from {', '.join(POLICIES)}, or "
                      f"timm's RandAugment as its spec string (rand-m6-mstd0.5-inc1)")
   return POLICIES[name]
 
 
+def check_settings(options):
+  """ValueError, one line, if options (a config.AugmentConfig) hold a
+  setting a policy refuses (Policy.check)."""
+  for entry in POLICIES.values():
+    entry.check(options)
+
+
+def build(options):
+  """The Policy options.policy names, built from options."""
+  return policy(options.policy)(options)
+
+
 def augment(image, options, seed, interpolation="nearest"):
   """image: uint8 [size, size, 3]; options: a config.AugmentConfig, whose
-  policy names the policy (policy()); seed: int64 [2], this example's;
+  policy names the policy; seed: int64 [2], the example's policy seed;
   interpolation: how the geometric ops sample (preprocess.INTERPOLATIONS)."""
-  return policy(options.policy)(image, seed, options, interpolation)
+  return build(options)(image, seed, interpolation)

@@ -63,10 +63,10 @@ import tensorflow as tf
 from resnet_dist.data import augment as augment_lib
 from resnet_dist.data import preprocess as preprocess_lib
 from resnet_dist.data import records as records_lib
+from resnet_dist.data import seeds
 from resnet_dist.data.splits import IndexedSplit, RecordSplit
 from resnet_dist.errors import ConfigError, DataError
 
-_AUGMENT_SALT = 0x5EED
 BAD_IMAGE = "resnet_dist: undecodable image"
 BAD_LABEL = "resnet_dist: label out of range"
 _CYCLE_LENGTH = 16      # files read at once by one pipeline
@@ -345,7 +345,7 @@ def _preprocessor(fetch, source, split, spec, training):
   the same way whatever order, pipeline or restart it comes in.
   """
   def load_and_preprocess(key, image, label, where, skipped):
-    seed = tf.stack([tf.constant(spec.seed + _AUGMENT_SALT, tf.int64), key])
+    seed = tf.stack([tf.constant(spec.seed + seeds.EXAMPLE, tf.int64), key])
     image = preprocess_lib.preprocess(image, spec.crop or source.crop, size=spec.image_size,
                                       training=training,
                                       seed=seed, encoded=split.encoded,
@@ -354,7 +354,7 @@ def _preprocessor(fetch, source, split, spec, training):
                                       antialias=spec.antialias,
                                       resize_first=spec.resize_first)
     if training and spec.augment is not None:
-      image = augment_lib.augment(image, spec.augment, seed + 8, spec.interpolation)
+      image = augment_lib.augment(image, spec.augment, seed + seeds.POLICY, spec.interpolation)
     return image, label, where, skipped
 
   if split.encoded:
@@ -463,7 +463,8 @@ def _eval_batches(ds, fetch, source, split, spec, num_examples, per_replica_batc
 def _epoch_order(num_examples, seed, epoch):
   """The example indices of one epoch, in that epoch's order."""
   return tf.random.experimental.stateless_shuffle(
-      tf.range(num_examples, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+      tf.range(num_examples, dtype=tf.int64),
+      seed=tf.stack([tf.cast(seed + seeds.ORDER, tf.int64), epoch]))
 
 
 def _epoch_indices(num_examples, seed, epoch, repeats, length):
@@ -561,7 +562,7 @@ def _file_order(num_files, seed, epoch):
   """Indices of a pipeline's files in one epoch's order; the same on every
   pipeline, as example-level sharding needs."""
   return tf.random.experimental.stateless_shuffle(
-      tf.range(num_files), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+      tf.range(num_files), seed=tf.stack([tf.constant(seed + seeds.ORDER, tf.int64), epoch]))
 
 
 def _keeper(num_pipelines, pipeline_id, example_level):
@@ -604,7 +605,8 @@ def _remote(files):
 
 
 def _record_seed(spec, epoch, pipeline_id):
-  return tf.stack([tf.constant(spec.seed, tf.int64), epoch * 1000003 + pipeline_id])
+  return tf.stack([tf.constant(spec.seed + seeds.ORDER, tf.int64),
+                   epoch * seeds.RECORD_EPOCH_STRIDE + pipeline_id])
 
 
 def _record_train(source, split, spec, start_step, context):
@@ -735,7 +737,7 @@ def _service_records(split, spec, start, context):
 
   ds = _interleave(tf.data.Dataset.range(first, 2**62).map(file_of), num_files,
                    _remote(files), _keeper(num_pipelines, p, example_level), deterministic=False)
-  return ds.shuffle(spec.shuffle_buffer, seed=spec.seed)
+  return ds.shuffle(spec.shuffle_buffer, seed=spec.seed + seeds.ORDER)
 
 
 def _service_train(source, split, spec, start_step, context):

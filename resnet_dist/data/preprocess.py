@@ -30,6 +30,8 @@ import math
 
 import tensorflow as tf
 
+from resnet_dist.data import seeds
+
 CROPS = ("inception", "random_resized", "pad_crop_flip", "pad_crop", "none")
 # --interpolation: how every resize samples (and the augmentation policies'
 # geometric ops, augment.py). random: each training crop bilinear or bicubic,
@@ -189,7 +191,7 @@ def _crop_resized(image, size, interpolation, antialias, seed):
   """A training crop resized: under "random", bilinear or bicubic by a draw of its own."""
   if interpolation != "random":
     return _resized(image, size, interpolation, antialias)
-  return tf.cond(tf.random.stateless_uniform([], seed=seed + 2) < 0.5,
+  return tf.cond(tf.random.stateless_uniform([], seed=seed + seeds.RESIZE) < 0.5,
                  lambda: _resized(image, size, "bilinear", antialias),
                  lambda: _resized(image, size, "bicubic", antialias))
 
@@ -213,9 +215,9 @@ def _resized_then_centre(image, size, crop_fraction, interpolation, antialias):
 def _pad_crop(image, size, seed, flip):
   pad = max(size // 8, 1)  # 4 pixels at 32x32
   image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-  image = tf.image.stateless_random_crop(image, [size, size, 3], seed=seed)
+  image = tf.image.stateless_random_crop(image, [size, size, 3], seed=seed + seeds.CROP)
   if flip:
-    image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+    image = tf.image.stateless_random_flip_left_right(image, seed=seed + seeds.FLIP)
   return image
 
 
@@ -225,7 +227,7 @@ def preprocess(image, crop, size, training, seed, encoded,
   """One example -> uint8 [size, size, 3], cropped as `crop` (CROPS) says.
 
   image: uint8 [H, W, C], or encoded bytes (JPEG, PNG, ...) when encoded.
-  seed: int64 [2], used only when training.
+  seed: int64 [2], the example's, used only when training (its streams: seeds.py).
   crop_fraction: evaluation's central crop, of the shorter side (inception).
   resize_first: evaluation resizes the whole image so the crop is size (224
   of 232: torchvision's), then crops, as torchvision and timm do; else it
@@ -238,10 +240,10 @@ def preprocess(image, crop, size, training, seed, encoded,
   """
   if crop in ("inception", "random_resized") and training:
     sample = _random_window if crop == "inception" else _random_resized_window
-    image = _decode_crop(image, encoded, lambda shape: sample(shape, seed))
+    image = _decode_crop(image, encoded, lambda shape: sample(shape, seed + seeds.CROP))
     image = _crop_resized(image, size, interpolation, antialias, seed)
     # After resizing: an average crop has more pixels than the output.
-    image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+    image = tf.image.stateless_random_flip_left_right(image, seed=seed + seeds.FLIP)
   elif crop in ("inception", "random_resized") and resize_first:
     image = _resized_then_centre(_decode(image) if encoded else image, size, crop_fraction,
                                  _fixed(interpolation), antialias)

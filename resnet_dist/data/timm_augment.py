@@ -13,7 +13,7 @@ The spec is "rand" and dash-separated sections, in any order, as timm parses it:
              (timm tests the section's text, which is never empty)
   p<num>     each drawn op's probability of applying (default 0.5)
 
-Against torchvision's RandAugment (augment.randaugment) this policy leaves an
+Against torchvision's RandAugment (augment.RandAugment) this policy leaves an
 op out with probability 1 - p, has Invert and SolarizeAdd and no Identity,
 scales magnitudes over 0..10 with timm's formulas (posterize keeps 4 down to 0
 bits, translations are fractions of the image, up to 0.45), fills what the
@@ -34,20 +34,21 @@ import re
 
 import tensorflow as tf
 
-from resnet_dist.data import augment
+from resnet_dist.data import augment_ops, seeds
 
 PREFIX = "rand"
 LEVELS = 10.0  # timm's magnitude scale: an op's strength is magnitude / LEVELS of its range
 # timm fills with the model's mean colour, ImageNet's for its ResNets: round(255 * mean).
 FILL = (124.0, 116.0, 104.0)
 
-# Both op sets, in timm's order; the increasing set differs in posterize,
-# solarize and the four blends.
+# Both op sets, in timm's order, as augment_ops.OPS names them (timm's Color,
+# Contrast and TranslateXRel/YRel are PIL's arithmetic: the pil_ and _rel
+# entries); the increasing set differs in posterize, solarize and the four
+# blends. An op's index here is what a draw picks; len(OPS) leaves it out.
 OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize",
-       "solarize_add", "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
-       "translate_x", "translate_y")
-_BLENDS = ("color", "contrast", "brightness", "sharpness")
-_SIGNED = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+       "solarize_add", "pil_color", "pil_contrast", "brightness", "sharpness", "shear_x",
+       "shear_y", "translate_x_rel", "translate_y_rel")
+_BLENDS = ("pil_color", "pil_contrast", "brightness", "sharpness")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +104,7 @@ def arguments(spec, magnitude, negate):
 
   The geometric ops take degrees, shear factors and fractions of the image;
   posterize the bits kept; solarize its threshold; solarize_add the amount
-  added below 128; the blends their factor minus 1, as augment's ops do."""
+  added below 128; the blends their factor minus 1, as augment_ops' blends take it."""
   level = magnitude / LEVELS
   sign = tf.where(negate, -1.0, 1.0)
   if spec.increasing:
@@ -119,65 +120,17 @@ def arguments(spec, magnitude, negate):
             "solarize": threshold, "solarize_add": tf.floor(level * 110),
             **{op: factor - 1.0 for op in _BLENDS},
             "shear_x": sign * level * 0.3, "shear_y": sign * level * 0.3,
-            "translate_x": sign * level * 0.45, "translate_y": sign * level * 0.45}
+            "translate_x_rel": sign * level * 0.45, "translate_y_rel": sign * level * 0.45}
   return tf.stack([tf.cast(values[op], tf.float32) for op in OPS])
 
 
-# --- The ops that differ from augment's ------------------------------------------
-
-def pil_grayscale(image):
-  """PIL's convert("L"): ITU-R 601-2 luma in 16-bit fixed point, rounded."""
-  rgb = tf.cast(image, tf.int32)
-  luma = tf.bitwise.right_shift(
-      rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000, 16)
-  return tf.cast(luma[..., None], tf.uint8)
-
-
-def color(image, m):
-  """PIL's ImageEnhance.Color: a blend with the grayscale image."""
-  return augment.blend(image, pil_grayscale(image), 1.0 + m)
-
-
-def contrast(image, m):
-  """PIL's ImageEnhance.Contrast: a blend with the grayscale mean, rounded."""
-  mean = tf.floor(tf.reduce_mean(tf.cast(pil_grayscale(image), tf.float32)) + 0.5)
-  return augment.blend(image, mean, 1.0 + m)
-
-
-def solarize_add(image, add):
-  """Adds `add` to every value below 128, up to 255."""
-  added = tf.minimum(tf.cast(image, tf.float32) + add, 255.0)
-  return tf.where(image < 128, tf.cast(added, tf.uint8), image)
-
-
-def translate_x(image, fraction, interpolation="nearest", fill=None):
-  """PIL's affine (1, 0, f w, 0, 1, 0): the input pixel f w to the right, unrounded."""
-  shift = fraction * tf.cast(tf.shape(image)[1], tf.float32)
-  return augment.affine(image, [1.0, 0.0, shift, 0.0, 1.0, 0.0], interpolation, fill)
-
-
-def translate_y(image, fraction, interpolation="nearest", fill=None):
-  shift = fraction * tf.cast(tf.shape(image)[0], tf.float32)
-  return augment.affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, shift], interpolation, fill)
-
-
-def _functions(interpolation):
-  """OPS' functions (image, argument) -> image, then the identity: where an op
-  is left out."""
-  own = {"color": color, "contrast": contrast, "solarize_add": solarize_add,
-         "translate_x": translate_x, "translate_y": translate_y}
-  functions = []
-  for op in OPS:
-    function = own.get(op) or getattr(augment, op)
-    if op in _SIGNED:
-      function = (lambda f: lambda image, a: f(image, a, interpolation, FILL))(function)
-    functions.append(function)
-  return functions + [augment.identity]
-
+# --- The ops (augment_ops.OPS) --------------------------------------------------
 
 def apply_op(image, op, argument, interpolation="nearest"):
-  """OPS[op] at its argument (see arguments); op == len(OPS): unchanged."""
-  return augment.switch_op(image, op, argument, _functions(interpolation))
+  """OPS[op] at its argument (see arguments); op == len(OPS): unchanged. The
+  geometric ops sample by interpolation and fill with FILL."""
+  ops = augment_ops.functions(OPS + ("identity",), interpolation, FILL)
+  return augment_ops.switch_op(image, op, argument, ops)
 
 
 # --- The policy ---------------------------------------------------------------------
@@ -196,10 +149,11 @@ def rand_augment(image, seed, spec, interpolation):
   """spec.num_ops ops drawn uniformly with replacement, each applied with
   spec.probability at its own noisy magnitude and random sign."""
   for i in range(spec.num_ops):
-    op_seed = seed + 4 * i
-    op = tf.random.stateless_uniform([], seed=op_seed, maxval=len(OPS), dtype=tf.int32)
-    draws = tf.random.stateless_uniform([2], seed=op_seed + 1)
-    magnitude = _magnitude(spec, op_seed + 2)
+    op_seed = seed + seeds.TIMM_STRIDE * i
+    op = tf.random.stateless_uniform([], seed=op_seed + seeds.TIMM_OP, maxval=len(OPS),
+                                     dtype=tf.int32)
+    draws = tf.random.stateless_uniform([2], seed=op_seed + seeds.TIMM_APPLIES)
+    magnitude = _magnitude(spec, op_seed + seeds.TIMM_MAGNITUDE)
     argument = arguments(spec, magnitude, draws[1] < 0.5)[op]
     # timm leaves the op out when its draw exceeds p.
     op = tf.where(draws[0] < spec.probability, op, len(OPS))
