@@ -16,11 +16,11 @@ loads only where a function below needs the library.
 import dataclasses
 import functools
 
-# keras.applications' ResNet50 (v1) at 224x224. models.count_macs of
-# keras.applications.ResNet50(weights=None) counts 3,857,973,248; it stays a
-# number because that model is no entry of our model table, and the process
-# comparing with it (cases_lib.mac_scaled, the rows' gmacs_per_image) never
-# builds it. At other sizes it scales with the image's area.
+# keras.applications' ResNet50 (v1) at 224x224 (models.count_macs of
+# keras.applications.ResNet50(weights=None) is 3,857,973,248). A number, not
+# a count: that model is no entry of our model table, and the process that
+# compares with it (mac_scaled) never builds it. Other sizes scale it by the
+# image's area (peer_macs).
 PEER_MACS = 3.858e9
 
 
@@ -57,7 +57,7 @@ def cifar_models():
 @functools.lru_cache(maxsize=None)
 def resnet50_macs(image_size=224):
   """Our ResNet-50's (v1.5) multiply-adds per image, as the library counts
-  them: what every peer trains (the peers train v1.5, as we do), but keras."""
+  them; the outside peers' too, which train v1.5 as we do."""
   from resnet_dist import models  # pylint: disable=g-import-not-at-top
   return models.count_macs("resnet50", image_size)
 

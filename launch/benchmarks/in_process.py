@@ -16,8 +16,8 @@ import time
 import keras
 import tensorflow as tf
 
-from launch.peers import tf_step, timing
 from launch.benchmarks import cases as cases_lib
+from launch.peers import tf_step, timing
 from resnet_dist import data, models, perf
 from resnet_dist import strategy as strategy_lib
 from resnet_dist import train as train_lib

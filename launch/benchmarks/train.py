@@ -30,11 +30,11 @@ def run(cases, peers, profile_dir, budget):
   profile_dir ("": none)."""
   rows = []
   for case in cases:
-    group = _profiled([case, *_peer_cases(case, peers)], profile_dir)
+    group = _profiled([case, *peer_cases(case, peers)], profile_dir)
     if any(c["kind"] in peers_lib.PEERS for c in group):
-      rows += _with_ratios(turns.taking_turns(group, budget))
+      rows += with_ratios(turns.taking_turns(group, budget))
     elif len(group) > 1:
-      rows += _with_ratios(turns.in_subprocess(group, budget))
+      rows += with_ratios(turns.in_subprocess(group, budget))
     else:
       rows += turns.in_subprocess(group, budget)
   for row in rows:
@@ -45,7 +45,7 @@ def run(cases, peers, profile_dir, budget):
   return f"training steps on synthetic data, {os.cpu_count()} cores", rows
 
 
-def _peer_cases(case, peers):
+def peer_cases(case, peers):
   """The cases a case is compared with: our plain step, where an outside peer
   is asked for, and the peers; none but for one-device ResNet-50 without XLA."""
   if not peers or case["model"] != "resnet50" or case["strategy"] != "one_device" \
@@ -57,7 +57,7 @@ def _peer_cases(case, peers):
   return ([dict(case, kind="resnet_dist_step")] if outside else []) + compared
 
 
-def _with_ratios(rows):
+def with_ratios(rows):
   """Each row's images/s against the rows compared with it: ours (the train
   loop) against our plain step, our plain step against each peer."""
   by_kind = {row["kind"]: row for row in rows}
