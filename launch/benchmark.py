@@ -118,8 +118,9 @@ def main(argv):
                                       for field in dataclasses.fields(input_mode.Settings)})
     header, results = input_mode.run(settings, FLAGS.cores)
   elif FLAGS.mode == "train":
-    cases = train.grid(FLAGS.models, FLAGS.batch_sizes, FLAGS.dtypes, FLAGS.strategies,
-                       FLAGS.steps_per_loop, [x == "true" for x in FLAGS.xla], FLAGS.image_size)
+    cases = train.grid(models=FLAGS.models, batch_sizes=FLAGS.batch_sizes, dtypes=FLAGS.dtypes,
+                       strategies=FLAGS.strategies, steps_per_loop=FLAGS.steps_per_loop,
+                       xla=[x == "true" for x in FLAGS.xla], image_size=FLAGS.image_size)
     header, results = train.run(cases, FLAGS.peers, FLAGS.profile_dir, budget)
   elif FLAGS.mode == "e2e":
     header, results = e2e.run(FLAGS.num_images, budget)

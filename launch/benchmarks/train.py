@@ -17,9 +17,10 @@ _PEER_MODELS = {"keras": "keras ResNet50", "modelgarden": "Model Garden ResNet-5
                 "torch": "torchvision resnet50", "torch_compile": "torchvision resnet50"}
 
 
-def grid(models, batch_sizes, dtypes, strategies, steps_per_loop, xla, image_size):
+def grid(*, models, batch_sizes, dtypes, strategies, steps_per_loop, xla, image_size):
   """Every combination's case, the first list varying slowest."""
-  return [cases_lib.case(m, b, d, s, n, x, image_size=image_size)
+  return [cases_lib.case(m, b, dtype=d, strategy=s, steps_per_loop=n, xla=x,
+                         image_size=image_size)
           for m in models for b in batch_sizes for d in dtypes
           for s in strategies for n in steps_per_loop for x in xla]
 
