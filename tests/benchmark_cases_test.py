@@ -59,11 +59,11 @@ class RunTest(absltest.TestCase):
 
   def test_a_case_is_the_config_of_a_training_run(self):
     case = cases.case("resnet20", 16, steps_per_loop=10, input="jpeg via tf.data service",
-                      data_dir="/data", data_service="localhost:5050")
+                      data_dir="records", data_service="localhost:5050")
     config = in_process.case_config(case)
     self.assertEqual(config, Config.from_flat(
         model="resnet20", global_batch_size=16, steps_per_loop=10, image_size=32,
-        dataset="imagenet", data_dir="/data", num_classes=10, data_service="localhost:5050",
+        dataset="imagenet", data_dir="records", num_classes=10, data_service="localhost:5050",
         strategy="one_device", dtype="fp32", enable_xla=False, train_steps=10**6))
     # What a run reads besides: its defaults (a run's shuffle buffer, not one of the benchmark's).
     self.assertEqual(train_lib.input_spec(config).shuffle_buffer, Config().data.shuffle_buffer)

@@ -1,6 +1,7 @@
 """launch.benchmark's modes, a module each, and what they share.
 
   input.py       --mode=input: the training input pipeline alone, against a bare one
+  pipelines.py   the pipelines it times, and the JPEGs they read
   train.py       --mode=train: training steps, case by case, against the peers
   e2e.py         --mode=e2e: ResNet-20 on JPEG TFRecords (and a tf.data service)
                  against synthetic input
