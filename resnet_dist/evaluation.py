@@ -16,7 +16,8 @@ from resnet_dist import distributed_input
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import Config
 from resnet_dist.errors import DataError
-from resnet_dist.trainer import Metrics, Trainer
+from resnet_dist.replica_step import Metrics
+from resnet_dist.trainer import Trainer
 
 
 class Evaluator:
@@ -52,7 +53,9 @@ class Evaluator:
   def eval_step(self, images, labels, weights, ema=False):
     trainer = self.trainer
     model = trainer.ema_model if ema else trainer.model
-    logits = model(trainer.normalize(images), training=False)
+    source = trainer.source
+    logits = model(data.normalize(images, source.mean, source.std, model.compute_dtype),
+                   training=False)
     # Softmax cross-entropy whatever --loss is: eval losses compare across recipes.
     per_example = losses.cross_entropy(tf.one_hot(labels, trainer.num_classes), logits)
     self.metrics.update(labels, logits, per_example, weights)

@@ -62,6 +62,14 @@ def input_spec(config):
       resize_first=d.eval_resize_size > 0)
 
 
+def train_input_spec(config, strategy):
+  """The InputSpec a run on `strategy` trains on (prepare's, and
+  launch.benchmark's): input_spec(config), with slack on accelerators."""
+  # Slack: the last prefetch leaves the host's cores to an accelerator's
+  # step launches at the start of each step (TensorFlow's advice for TPUs).
+  return dataclasses.replace(input_spec(config), slack=not strategy_lib.all_on_cpu(strategy))
+
+
 def prepare(config, strategy):
   """Seeds, opens and probes the data (and the tf.data service), checks
   model_dir: a RunSetup, or a ConfigError before anything is built or written."""
@@ -91,9 +99,7 @@ def prepare(config, strategy):
                       f"256, fewer than --global_batch_size={schedule.global_batch_size}")
   steps_per_epoch = max(epoch // schedule.global_batch_size, 1)
   _check_ramp(d.progressive_resize, schedule.total_steps(steps_per_epoch) / steps_per_epoch)
-  # Slack: the last prefetch leaves the host's cores to an accelerator's
-  # step launches at the start of each step (TensorFlow's advice for TPUs).
-  spec = dataclasses.replace(input_spec(config), slack=not strategy_lib.all_on_cpu(strategy))
+  spec = train_input_spec(config, strategy)
   if d.data_service:
     spec = dataclasses.replace(spec, job_name=service.job_prefix(model_dir))
   return RunSetup(

@@ -1,17 +1,10 @@
-"""One step of training, as every replica runs it, and the loops around it.
+"""The loops of training steps, and what they train.
 
-Trainer owns the model, the optimizer and what a step updates: replica_step()
-(forward, backward, the gradients' all-reduce, update), train_loop() (many
-steps in one tf.function), and the BN statistics sync before a save or an
-evaluation. The host loop (host_loop.py) asks it for N steps through train(),
-which returns what they did (Steps); when to save, evaluate or stop is the
-host loop's. Evaluation's steps are evaluation.py's.
-
-A step, on each replica: normalise the batch; random erasing, then mixup or
-CutMix (data/mixing.py); forward and backward; with --grad_accum_steps=N,
-add the gradients to this replica's accumulators and repeat for N
-micro-batches; all-reduce the gradients and update; every ema_every_steps
-updates, move the EMA of the weights (ema_model) towards them.
+Trainer owns the model (and its EMA), the optimizer, the replica step
+(replica_step.py) and train_loop(): many steps in one tf.function. The host
+loop (host_loop.py) asks it for N steps through train(), which returns what
+they did (Steps); when to save, evaluate or stop is the host loop's.
+Evaluation's steps are evaluation.py's.
 """
 
 import dataclasses
@@ -21,11 +14,10 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from resnet_dist import checkpoints, data, losses, models, optim
+from resnet_dist import checkpoints, distributed_input, models, optim
 from resnet_dist import strategy as strategy_lib
-from resnet_dist import distributed_input
 from resnet_dist.config import Config
-from resnet_dist.data import mixing, seeds
+from resnet_dist.replica_step import ReplicaStep
 
 
 def _op_determinism_enabled():
@@ -34,40 +26,6 @@ def _op_determinism_enabled():
   train loop's timestamps. The process's state, not a run's flag, decides."""
   from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
   return getattr(tf_config, "is_op_determinism_enabled", lambda: False)()
-
-
-class Metrics(tf.Module):
-  """Weighted sums that every replica adds to; reading them sums across replicas."""
-
-  NAMES = ("loss", "top1", "top5", "count")
-
-  def __init__(self, name):
-    super().__init__(name=name)
-    self.sums = {
-        key: tf.Variable(0.0, trainable=False, name=key,
-                         synchronization=tf.VariableSynchronization.ON_READ,
-                         aggregation=tf.VariableAggregation.SUM)
-        for key in self.NAMES}
-
-  def update(self, labels, logits, per_example_loss, weights):
-    labels = tf.cast(labels, tf.int32)
-    logits = tf.cast(logits, tf.float32)
-    top1 = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)
-    top5 = tf.cast(tf.math.in_top_k(labels, logits, min(5, logits.shape[-1])), tf.float32)
-    for key, values in (("loss", per_example_loss), ("top1", top1), ("top5", top5),
-                        ("count", tf.ones_like(top1))):
-      self.sums[key].assign_add(tf.reduce_sum(values * weights))
-
-  def result(self):
-    """Means over the examples counted; NaN where none was."""
-    values = {k: float(v.read_value()) for k, v in self.sums.items()}
-    count = values.pop("count")
-    return {**{k: v / count if count else float("nan") for k, v in values.items()},
-            "count": count}
-
-  def reset(self):
-    for v in self.sums.values():
-      v.assign(0.0)
 
 
 def build_models(config, num_classes):
@@ -160,7 +118,6 @@ class Trainer:
     self.strategy = strategy
     self.source = source
     self.num_classes = source.num_classes
-    self.loss = losses.per_example_loss(config.optim)
     self.steps_per_epoch = steps_per_epoch
     self.total_steps = total_steps
     self.schedule = optim.LearningRate.of(config.optim, config.schedule.global_batch_size,
@@ -173,22 +130,15 @@ class Trainer:
           config.optim.optimizer, self.variables, models.weight_decay_variables(self.model),
           momentum=config.optim.momentum, nesterov=config.optim.nesterov,
           weight_decay=config.optim.weight_decay)
-      self.loss_scale = optim.DynamicLossScale() if config.model.dtype == "fp16" else None
-      self.train_metrics = Metrics("train_metrics")
-      self.grad_norm_sum = tf.Variable(
-          0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-          aggregation=tf.VariableAggregation.MEAN)
-      # Records the input skipped as undecodable, over the whole run (checkpointed).
-      self.skipped_records = tf.Variable(
-          0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-          aggregation=tf.VariableAggregation.SUM)
-      # Each replica's own sum of its micro-batches' gradients (not checkpointed:
-      # a checkpoint falls between updates, where they are zero).
-      self.accumulated = [
-          tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
-                      synchronization=tf.VariableSynchronization.ON_READ,
-                      aggregation=tf.VariableAggregation.SUM)
-          for v in self.variables] if config.schedule.grad_accum_steps > 1 else []
+      self.ema = (WeightAverage(self.model, self.ema_model, config.optim,
+                                self.schedule.warmup_steps)
+                  if self.ema_model is not None else None)
+      # What XLA compiles (strategy.xla_scope): the whole step, or only its
+      # forward and backward, the all-reduce and update left outside.
+      self.xla_scope = (strategy_lib.xla_scope(strategy, config.model.sync_bn)
+                        if config.schedule.enable_xla else "")
+      self.replica = ReplicaStep(config, source, self.model, self.optimizer, self.schedule,
+                                 self.all_reduce, self.ema, self.xla_scope)
     # Host-side: seconds the train loop waited for input (see train_loop).
     self.times_input = (not _op_determinism_enabled()
                         and distributed_input.input_wait_measurable(strategy))
@@ -196,22 +146,9 @@ class Trainer:
     # Host-side, this process's own: set when a SIGTERM or SIGINT asks the run
     # to stop (preemption.StopRequest); every step reads it.
     self.stop_requested = tf.Variable(False, trainable=False)
-    self.ema = (WeightAverage(self.model, self.ema_model, config.optim, self.schedule.warmup_steps)
-                if self.ema_model is not None else None)
     self.moving_statistics = models.moving_statistics(self.model) + (
         models.moving_statistics(self.ema_model) if self.ema_model is not None else [])
     self.sync_moving_statistics = statistics_averaging(strategy, self.moving_statistics)
-    # What XLA compiles (strategy.xla_scope): the whole step, or only its
-    # forward and backward, the all-reduce and update left outside.
-    self.xla_scope = (strategy_lib.xla_scope(strategy, config.model.sync_bn)
-                      if config.schedule.enable_xla else "")
-    jit = lambda f: tf.function(f, jit_compile=True)
-    whole = jit if self.xla_scope == "step" else (lambda f: f)
-    self._compiled_gradients = jit(self._gradients) if self.xla_scope == "gradients" else (
-        self._gradients)
-    self._compiled_step = whole(self.replica_step)
-    self._compiled_accumulate = whole(self.accumulate_step)
-    self._compiled_apply = whole(self.apply_accumulated)
 
   @property
   def step(self):
@@ -220,9 +157,9 @@ class Trainer:
   def checkpoint_state(self):
     """What a checkpoint holds to resume this run exactly, for tf.train.Checkpoint."""
     state = {checkpoints.MODEL_KEY: checkpoints.model_state(self.model),
-             "optimizer": self.optimizer, "skipped_records": self.skipped_records}
-    if self.loss_scale is not None:
-      state["loss_scale"] = self.loss_scale
+             "optimizer": self.optimizer, "skipped_records": self.replica.skipped_records}
+    if self.replica.loss_scale is not None:
+      state["loss_scale"] = self.replica.loss_scale
     if self.ema_model is not None:
       state[checkpoints.EMA_KEY] = checkpoints.model_state(self.ema_model)
     return state
@@ -233,89 +170,6 @@ class Trainer:
     if self.ema is not None:
       self.strategy.run(self.ema.reset)
 
-  def normalize(self, images):
-    return data.normalize(images, self.source.mean, self.source.std, self.model.compute_dtype)
-
-  def _step_seed(self, micro, salt):
-    """A stateless seed unique to (--seed, step, micro-batch, replica)."""
-    context = tf.distribute.get_replica_context()
-    counter = ((self.optimizer.iterations * self.config.schedule.grad_accum_steps
-                + tf.cast(micro, tf.int64)) * context.num_replicas_in_sync
-               + tf.cast(context.replica_id_in_sync_group, tf.int64))
-    return tf.stack([tf.constant(self.config.schedule.seed + salt, tf.int64), counter])
-
-  def _regularize(self, images, targets, micro):
-    """Random erasing, then mixup or CutMix, as the flags ask."""
-    options = self.config.augment
-    if options.random_erasing:
-      images = mixing.random_erasing(images, self._step_seed(micro, seeds.ERASING),
-                                     options.random_erasing, options.random_erasing_fill)
-    if options.mixes:
-      images, targets = mixing.mix(images, targets, self._step_seed(micro, seeds.MIXING),
-                                   mixup_alpha=options.mixup_alpha,
-                                   cutmix_alpha=options.cutmix_alpha)
-    return images, targets
-
-  def _gradients(self, images, labels, skipped, micro):
-    """This replica's gradients of its share of the step's loss, on one
-    (micro-)batch; counts the batch in the training metrics. With loss
-    scaling the gradients are scaled."""
-    config = self.config
-    images, targets = self._regularize(self.normalize(images),
-                                       tf.one_hot(labels, self.num_classes), micro)
-    drop_path_seed = self._step_seed(micro, seeds.DROP_PATH)  # --drop_path_rate's
-    with tf.GradientTape() as tape, models.drop_path_seed(drop_path_seed):
-      logits = self.model(images, training=True)
-      per_example = self.loss(targets, logits)
-      loss = tf.nn.compute_average_loss(per_example,
-                                        global_batch_size=config.schedule.global_batch_size)
-      if self.loss_scale is not None:
-        loss = loss * self.loss_scale.scale
-    grads = tape.gradient(loss, self.variables)
-    self.skipped_records.assign_add(tf.cast(tf.reduce_sum(skipped), tf.float32))
-    # Mixed targets count against the label that weighs most.
-    dominant = tf.argmax(targets, axis=-1) if config.augment.mixes else labels
-    self.train_metrics.update(dominant, logits, per_example, tf.ones_like(per_example))
-    return grads
-
-  def _update(self, grads, stop_requested):
-    """All-reduce, update, EMA. stop_requested: whether this process was asked
-    to stop. It travels in the gradients' all-reduce, so every replica of
-    every worker learns in the same step that some process was, at no cost of
-    its own. Returns that answer."""
-    stops = tf.reshape(tf.cast(stop_requested, tf.float32), [1])
-    *grads, stops = self.all_reduce.sum([*grads, stops])
-    apply = None
-    if self.loss_scale is not None:
-      grads = [g / self.loss_scale.scale for g in grads]
-      apply = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-      self.loss_scale.update(apply)
-    lr = self.schedule(self.optimizer.iterations)
-    step = self.optimizer.apply(grads, lr, apply)
-    self.grad_norm_sum.assign_add(tf.linalg.global_norm(grads))
-    if self.ema is not None:
-      self.ema.update(step)
-    return stops[0] > 0
-
-  def replica_step(self, images, labels, skipped, stop_requested):
-    """Forward, backward, all-reduce, update: one replica's part of one step.
-    skipped: per example, the bad records the input skipped just before it."""
-    return self._update(self._compiled_gradients(images, labels, skipped, 0), stop_requested)
-
-  def accumulate_step(self, images, labels, skipped, micro):
-    """One micro-batch of an accumulated step: adds its gradients to this replica's sums."""
-    for total, grad in zip(self.accumulated,
-                           self._compiled_gradients(images, labels, skipped, micro)):
-      total.assign_add(grad)
-
-  def apply_accumulated(self, stop_requested):
-    """The update of an accumulated step, from the sums; zeroes them."""
-    grads = [total.read_value() for total in self.accumulated]
-    with tf.control_dependencies(grads):
-      for total in self.accumulated:
-        total.assign(tf.zeros_like(total))
-    return self._update(grads, stop_requested)
-
   @tf.function
   def weights_finite(self):
     """Checked before every save, so a checkpoint never holds inf or NaN weights."""
@@ -323,8 +177,9 @@ class Trainer:
 
   def train(self, iterator, num_steps):
     """Runs up to num_steps steps (train_loop) and returns what they did."""
-    self.train_metrics.reset()
-    self.grad_norm_sum.assign(0.0)
+    replica = self.replica
+    replica.train_metrics.reset()
+    replica.grad_norm_sum.assign(0.0)
     self.input_seconds.assign(0.0)
     first = int(self.step.numpy())
     began = time.perf_counter()
@@ -333,16 +188,17 @@ class Trainer:
     step = int(self.step.numpy())
     return Steps(
         step=step, num_steps=step - first, seconds=seconds,
-        metrics=self.train_metrics.result(),
-        grad_norm=float(self.grad_norm_sum.read_value()) / max(step - first, 1),
+        metrics=replica.train_metrics.result(),
+        grad_norm=float(replica.grad_norm_sum.read_value()) / max(step - first, 1),
         input_seconds=float(self.input_seconds.numpy()) if self.times_input else None,
         skipped_records=self.skipped_total(),
-        loss_scale=float(self.loss_scale.scale.read_value()) if self.loss_scale else None,
+        loss_scale=(float(replica.loss_scale.scale.read_value()) if replica.loss_scale
+                    else None),
         stopped=stopped)
 
   def skipped_total(self):
     """The records the input skipped as undecodable over the whole run."""
-    return float(self.skipped_records.read_value())
+    return float(self.replica.skipped_records.read_value())
 
   @tf.function
   def train_loop(self, iterator, num_steps):
@@ -374,12 +230,12 @@ class Trainer:
   def _step(self, iterator):
     """One training step on every replica; whether some process asked to stop."""
     if self.config.schedule.grad_accum_steps == 1:
-      stops = self.strategy.run(self._compiled_step,
+      stops = self.strategy.run(self.replica.compiled_step,
                                 args=(*self._next(iterator), self.stop_requested.read_value()))
     else:
       for micro in tf.range(self.config.schedule.grad_accum_steps):
-        self.strategy.run(self._compiled_accumulate, args=(*self._next(iterator), micro))
-      stops = self.strategy.run(self._compiled_apply, args=(self.stop_requested.read_value(),))
+        self.strategy.run(self.replica.compiled_accumulate, args=(*self._next(iterator), micro))
+      stops = self.strategy.run(self.replica.compiled_apply, args=(self.stop_requested.read_value(),))
     return self.strategy.experimental_local_results(stops)[0]
 
   def _next(self, iterator):

@@ -259,7 +259,7 @@ class TpuStepTest(absltest.TestCase):
     strategy = tf.distribute.get_strategy()
     trainer, _ = build(strategy, model="resnet50", image_size=64, dtype="bf16",
                        optimizer="lars", sync_bn=True, label_smoothing=0.1)
-    step = tf.function(trainer.replica_step, jit_compile=True)
+    step = tf.function(trainer.replica.replica_step, jit_compile=True)
     args = (tf.zeros([BATCH, 64, 64, 3], tf.uint8), tf.zeros([BATCH], tf.int64),
             tf.zeros([BATCH], tf.int32), tf.constant(False))
     hlo = step.experimental_get_compiler_ir(*args)(stage="hlo")
@@ -276,13 +276,13 @@ class TpuStepTest(absltest.TestCase):
                        loss="bce", mixup_alpha=0.2, cutmix_alpha=1.0, random_erasing=0.25,
                        ema_decay=0.999, ema_every_steps=4, grad_accum_steps=2)
     half = BATCH // 2
-    accumulate = tf.function(trainer.accumulate_step, jit_compile=True)
+    accumulate = tf.function(trainer.replica.accumulate_step, jit_compile=True)
     hlo = accumulate.experimental_get_compiler_ir(
         tf.zeros([half, 32, 32, 3], tf.uint8), tf.zeros([half], tf.int64),
         tf.zeros([half], tf.int32), tf.constant(1))(stage="hlo")
     self.assertIn("convolution", hlo)
     self.assertIn("rng", hlo)  # the stateless draws
-    apply = tf.function(trainer.apply_accumulated, jit_compile=True)
+    apply = tf.function(trainer.replica.apply_accumulated, jit_compile=True)
     hlo = apply.experimental_get_compiler_ir(tf.constant(False))(stage="hlo")
     self.assertIn("ENTRY", hlo)
     self.assertNotIn("custom-call", hlo.replace("custom-call-target", ""))

@@ -285,18 +285,18 @@ class MixedTop1Test(absltest.TestCase):
         del training
         return tf.reduce_mean(images * std + mean, axis=[1, 2])
 
-    trainer.model = Reader()
+    trainer.replica.model = Reader()
     labels = tf.constant([i % 3 for i in range(15)] + [1], tf.int64)  # no neighbours alike
     images = tf.cast(tf.one_hot(labels, 3)[:, None, None, :] * 255 * tf.ones([1, 8, 8, 1]),
                      tf.uint8)
     partner_won = 0
     for step in range(8):
       trainer.optimizer.iterations.assign(step)  # a new mixing draw each step
-      trainer.train_metrics.reset()
-      trainer._gradients(images, labels, tf.zeros([16], tf.int32), 0)  # pylint: disable=protected-access
-      self.assertEqual(trainer.train_metrics.result()["top1"], 1.0, f"step {step}")
-      mixed, _ = trainer._regularize(  # pylint: disable=protected-access
-          trainer.normalize(images), tf.one_hot(labels, 3), 0)  # pylint: disable=protected-access
+      trainer.replica.train_metrics.reset()
+      trainer.replica._gradients(images, labels, tf.zeros([16], tf.int32), 0)  # pylint: disable=protected-access
+      self.assertEqual(trainer.replica.train_metrics.result()["top1"], 1.0, f"step {step}")
+      mixed, _ = trainer.replica._regularize(  # pylint: disable=protected-access
+          trainer.replica.normalize(images), tf.one_hot(labels, 3), 0)  # pylint: disable=protected-access
       own = tf.reduce_mean(mixed * std + mean, axis=[1, 2])
       partner_won += int(tf.reduce_sum(tf.cast(tf.argmax(own, -1) != labels, tf.int32)))
     self.assertGreater(partner_won, 0)  # the test saw targets that a wrong top-1 misses

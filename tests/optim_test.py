@@ -215,12 +215,12 @@ class PrecisionTest(parameterized.TestCase):
   def test_mixed_precision_lowers_the_loss(self, dtype):
     trainer, iterator = make_trainer(dtype)
     trainer.train_loop(iterator, tf.constant(4))
-    first = trainer.train_metrics.result()["loss"]
+    first = trainer.replica.train_metrics.result()["loss"]
     for _ in range(3):  # the loss falls to about a quarter of the first loop's
-      trainer.train_metrics.reset()
+      trainer.replica.train_metrics.reset()
       trainer.train_loop(iterator, tf.constant(4))
     # Half, not a quarter: bf16's and fp16's rounding leave some room.
-    self.assertLess(trainer.train_metrics.result()["loss"], first * 0.5)
+    self.assertLess(trainer.replica.train_metrics.result()["loss"], first * 0.5)
 
   def test_fp16_overflow_skips_the_step_and_halves_the_scale(self):
     trainer, iterator = make_trainer("fp16")
@@ -228,14 +228,14 @@ class PrecisionTest(parameterized.TestCase):
     weights = [v.numpy().copy() for v in trainer.variables]
     # A scale far past float16's range (65504) overflows the float16 backward pass.
     scale = 2.0**40
-    trainer.loss_scale.scale.assign(scale)
+    trainer.replica.loss_scale.scale.assign(scale)
     step = int(trainer.step.numpy())
     trainer.train_loop(iterator, tf.constant(1))
-    self.assertEqual(float(trainer.loss_scale.scale.numpy()), scale / 2)
+    self.assertEqual(float(trainer.replica.loss_scale.scale.numpy()), scale / 2)
     self.assertEqual(int(trainer.step.numpy()), step + 1)  # counted, not applied
     for before, v in zip(weights, trainer.variables):
       np.testing.assert_array_equal(before, v.numpy())
-    trainer.loss_scale.scale.assign(1024.0)  # back in range: the next step applies
+    trainer.replica.loss_scale.scale.assign(1024.0)  # back in range: the next step applies
     trainer.train_loop(iterator, tf.constant(1))
     self.assertTrue(any(not np.array_equal(b, v.numpy())
                         for b, v in zip(weights, trainer.variables)))
