@@ -137,8 +137,9 @@ class Trainer:
       # forward and backward, the all-reduce and update left outside.
       self.xla_scope = (strategy_lib.xla_scope(strategy, config.model.sync_bn)
                         if config.schedule.enable_xla else "")
-      self.replica = ReplicaStep(config, source, self.model, self.optimizer, self.schedule,
-                                 self.all_reduce, self.ema, self.xla_scope)
+      self.replica = ReplicaStep(config, source, self.model, optimizer=self.optimizer,
+                                 schedule=self.schedule, all_reduce=self.all_reduce,
+                                 ema=self.ema, xla_scope=self.xla_scope)
     # Host-side: seconds the train loop waited for input (see train_loop).
     self.times_input = (not _op_determinism_enabled()
                         and distributed_input.input_wait_measurable(strategy))
