@@ -17,11 +17,12 @@ from urllib.parse import urlparse
 import tensorflow as tf
 
 from resnet_dist import cluster as cluster_lib
+from resnet_dist import config as config_lib
+from resnet_dist.config import ALL_REDUCE, STRATEGIES
 from resnet_dist.errors import ConfigError
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
-ALL_REDUCE = ("auto", "nccl", "ring")
-ALL_REDUCE_DTYPES = {"fp32": tf.float32, "fp16": tf.float16, "bf16": tf.bfloat16}
+ALL_REDUCE_DTYPES = {name: tf.as_dtype(dtype)
+                     for name, dtype in config_lib.ALL_REDUCE_DTYPES.items()}
 _IMPLEMENTATIONS = {
     "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
     "ring": tf.distribute.experimental.CommunicationImplementation.RING,
@@ -138,8 +139,8 @@ def choose_kind(kind, cluster, tpu=""):
 # TensorFlow's GPU thread modes: gpu_private gives each GPU threads of its own
 # that launch its kernels, so the input pipeline's threads never delay a
 # step's launches (TensorFlow's GPU performance guide; Model Garden's ResNet
-# sets it); global is TensorFlow's default, one pool for everything.
-GPU_THREAD_MODES = ("gpu_private", "gpu_shared", "global")
+# sets it); global is TensorFlow's default, one pool for everything
+# (config.GPU_THREAD_MODES).
 GPU_THREADS_PER_GPU = 2
 
 

@@ -77,10 +77,10 @@ def input_spec(config):
   d = config.data
   return data.InputSpec(
       global_batch_size=config.schedule.micro_batch_size, image_size=d.image_size,
-      seed=config.schedule.seed, shuffle_buffer=d.shuffle_buffer, strict=d.strict_data,
+      seed=config.execution.seed, shuffle_buffer=d.shuffle_buffer, strict=d.strict_data,
       augment=config.augment if config.augment.policy != "none" else None,
       crop_fraction=d.eval_crop_fraction, data_service=d.data_service,
-      deterministic=config.schedule.deterministic, crop=d.crop, interpolation=d.interpolation,
+      deterministic=config.execution.deterministic, crop=d.crop, interpolation=d.interpolation,
       antialias=d.antialias, repeats=d.repeated_augmentations,
       resize_first=d.eval_resize_size > 0)
 
@@ -97,7 +97,7 @@ def prepare(config, strategy):
   strategy_lib.check_tasks_agree(strategy, config.flag_values())
   service_workers = (service.wait_for_workers(d.data_service, d.data_service_timeout_seconds)
                      if d.data_service else 0)
-  if schedule.deterministic:
+  if config.execution.deterministic:
     tf.config.experimental.enable_op_determinism()
   source = open_source(config, strategy)
   read_splits = [source.train_split] + ([] if schedule.skip_eval else [source.eval_split])
@@ -249,7 +249,7 @@ def report_start(setup, trainer, resumed):
                 f"{setup.service_workers} worker{'s' if setup.service_workers > 1 else ''}; "
                 "evaluation reads here", chief)
   else:
-    order = ("in order (--deterministic)" if config.schedule.deterministic else
+    order = ("in order (--deterministic)" if config.execution.deterministic else
              "out of order, each as soon as it is ready")
     monitor.log(f"input      training examples {order}; {data.input_threads()} decoding "
                 "threads, autotuned", chief)
@@ -403,7 +403,7 @@ class HostLoop:
     """The run's watchdog (resnet_dist/watchdog.py), bound by
     --progress_timeout_seconds; its line names the input files open."""
     self.progress = watchdog.Watchdog(
-        self.config.schedule.progress_timeout_seconds,
+        self.config.execution.progress_timeout_seconds,
         describe=self.waiting_on, before_exit=run_lock.release_locks)
     return self.progress
 

@@ -86,9 +86,7 @@ class Trainer:
       self.variables = self.model.trainable_variables
       self.all_reduce = strategy_lib.gradient_all_reduce(config.distribute, strategy)
       self.optimizer = optim.create_optimizer(
-          config.optim.optimizer, self.variables, models.weight_decay_variables(self.model),
-          momentum=config.optim.momentum, nesterov=config.optim.nesterov,
-          weight_decay=config.optim.weight_decay)
+          config.optim, self.variables, models.weight_decay_variables(self.model))
       self.loss_scale = optim.DynamicLossScale() if config.model.dtype == "fp16" else None
       self.train_metrics = Metrics("train_metrics")
       self.eval_metrics = Metrics("eval_metrics")
@@ -123,7 +121,7 @@ class Trainer:
     # What XLA compiles (strategy.xla_scope): the whole step, or only its
     # forward and backward, the all-reduce and update left outside.
     self.xla_scope = (strategy_lib.xla_scope(strategy, config.model.sync_bn)
-                      if config.schedule.enable_xla else "")
+                      if config.execution.enable_xla else "")
     jit = lambda f: tf.function(f, jit_compile=True)
     whole = jit if self.xla_scope == "step" else (lambda f: f)
     self._compiled_gradients = jit(self._gradients) if self.xla_scope == "gradients" else (
@@ -138,7 +136,7 @@ class Trainer:
     weights' seeds from Python's `random`, which whatever ran since start-up
     has advanced (preparing a dataset does, in whichever worker prepares it):
     seeded here, the weights depend on --seed alone."""
-    keras.utils.set_random_seed(self.config.schedule.seed)
+    keras.utils.set_random_seed(self.config.execution.seed)
     model = self._build_model()
     return model, (self._build_model() if self.config.optim.ema_decay else None)
 
@@ -187,7 +185,7 @@ class Trainer:
     counter = ((self.optimizer.iterations * self.config.schedule.grad_accum_steps
                 + tf.cast(micro, tf.int64)) * context.num_replicas_in_sync
                + tf.cast(context.replica_id_in_sync_group, tf.int64))
-    return tf.stack([tf.constant(self.config.schedule.seed + salt, tf.int64), counter])
+    return tf.stack([tf.constant(self.config.execution.seed + salt, tf.int64), counter])
 
   def _regularize(self, images, targets, micro):
     """Random erasing, then mixup or CutMix, as the flags ask."""
