@@ -67,7 +67,7 @@ class DataConfig:
       "stops answering (or loses every worker) mid-run, before it stops.", at_least=1,
       invalid="--{flag} must be >= 1")
   image_size: int = setting(
-      32, "Input height and width, in training and where the model's is fixed; at most "
+      32, "Training's image height and width, and the model's where it is fixed; at most "
       f"{MAX_IMAGE_SIZE}.", at_least=MIN_IMAGE_SIZE, invalid=_TOO_SMALL)
   eval_image_size: int = setting(0, "Evaluation image size; 0: --image_size.", at_least=0)
   eval_resize_size: int = setting(
@@ -109,37 +109,37 @@ class DataConfig:
     settings.check(self)
     self._validate_sizes()
     require(self.repeated_augmentations == 1 or not self.data_service,
-           "--repeated_augmentations does not go with --data_service: the service's workers "
-           "take the epoch's examples in any order, so the copies cannot be dealt to replicas")
+            "--repeated_augmentations does not go with --data_service: the service's workers "
+            "take the epoch's examples in any order, so the copies cannot be dealt to replicas")
     if self.data_service:
       self._validate_service()
 
   def _validate_sizes(self):
     """The sizes that follow from others: evaluation's (0: image_size), the ramp's."""
     require(self.eval_size >= MIN_IMAGE_SIZE,
-           _TOO_SMALL.format(flag="eval_image_size", value=self.eval_size))
+            _TOO_SMALL.format(flag="eval_image_size", value=self.eval_size))
     for flag, size in (("image_size", self.image_size), ("eval_image_size", self.eval_size)):
       require(size <= MAX_IMAGE_SIZE, f"--{flag}={size} is above the maximum of "
-             f"{MAX_IMAGE_SIZE}: {_TOO_LARGE}")
+              f"{MAX_IMAGE_SIZE}: {_TOO_LARGE}")
     require(not self.eval_resize_size or self.eval_resize_size >= self.eval_size,
-           f"--eval_resize_size={self.eval_resize_size} is smaller than the evaluation crop "
-           f"({self.eval_size})")
+            f"--eval_resize_size={self.eval_resize_size} is smaller than the evaluation crop "
+            f"({self.eval_size})")
     if self.progressive_resize is not None:
       start, end, first, last = self.progressive_resize
       require(max(start, end) <= MAX_IMAGE_SIZE,
-             f"--progressive_resize sizes must be at most {MAX_IMAGE_SIZE}: {_TOO_LARGE}")
+              f"--progressive_resize sizes must be at most {MAX_IMAGE_SIZE}: {_TOO_LARGE}")
       require(MIN_IMAGE_SIZE <= min(start, end) and 0 <= first < last,
-             f"--progressive_resize={':'.join(f'{v:g}' for v in self.progressive_resize)} must "
-             f"be START:END:FROM_EPOCH:TO_EPOCH with sizes >= {MIN_IMAGE_SIZE} and "
-             f"FROM_EPOCH < TO_EPOCH")
+              f"--progressive_resize={':'.join(f'{v:g}' for v in self.progressive_resize)} must "
+              f"be START:END:FROM_EPOCH:TO_EPOCH with sizes >= {MIN_IMAGE_SIZE} and "
+              f"FROM_EPOCH < TO_EPOCH")
 
   def _validate_service(self):
     service.check_address(self.data_service)
     require(self.dataset != "synthetic",
-           "--data_service has nothing to do for --dataset=synthetic (no input work)")
+            "--data_service has nothing to do for --dataset=synthetic (no input work)")
     require(not self.cache_data,
-           "--data_service and --cache_data do not go together: the cached records would "
-           "travel to the service inside the dataset's definition; its workers read the files")
+            "--data_service and --cache_data do not go together: the cached records would "
+            "travel to the service inside the dataset's definition; its workers read the files")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,7 +63,7 @@ class Setting:
     """Raises ConfigError when value is not one of the choices or is out of bounds."""
     if self.choices is not None and not (self.blank and value == ""):
       require(value in self.choices,
-             f"unknown --{flag}={value}; choose from {', '.join(self.choices)}")
+              f"unknown --{flag}={value}; choose from {', '.join(self.choices)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not self.holds(value):
       if self.invalid:
         raise ConfigError(self.invalid.format(flag=flag, value=value))
@@ -101,7 +101,7 @@ def check(part):
     value = getattr(part, field.name)
     numbers = value if isinstance(value, tuple) else (value,)
     require(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
-           f"--{flag_name(field)}={value} is not a finite number")
+            f"--{flag_name(field)}={value} is not a finite number")
     if value is not None and not isinstance(value, tuple):
       of(field).check(flag_name(field), value)
 
@@ -113,7 +113,7 @@ def describe(table):
 
 def _summary(entry):
   """The first paragraph of entry's docstring, on one line."""
-  return " ".join(entry.__doc__.split("\n\n")[0].split())
+  return " ".join((entry.__doc__ or "").split("\n\n")[0].split())
 
 
 def require(condition, message):

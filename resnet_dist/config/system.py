@@ -66,7 +66,7 @@ class DistributeConfig:
   def validate(self):
     settings.check(self)
     require(not self.tpu or self.strategy in ("tpu", "auto"),
-           f"--tpu={self.tpu} is for --strategy=tpu, not --strategy={self.strategy}")
+            f"--tpu={self.tpu} is for --strategy=tpu, not --strategy={self.strategy}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class CheckpointConfig:
   def validate(self):
     settings.check(self)
     require(not self.gce_metadata or self.gce_metadata.startswith(("http://", "https://")),
-           f"--gce_metadata={self.gce_metadata} is not an http:// URL")
+            f"--gce_metadata={self.gce_metadata} is not an http:// URL")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,4 +112,4 @@ class MonitorConfig:
     if self.profile_steps is not None:
       start, end = self.profile_steps
       require(0 <= start < end,
-             f"--profile_steps={start},{end} must be START,END with 0 <= START < END")
+              f"--profile_steps={start},{end} must be START,END with 0 <= START < END")

@@ -81,10 +81,10 @@ class OptimConfig:
     settings.check(self)
     epochs = self.lr_boundary_epochs
     require(epochs and list(epochs) == sorted(set(epochs)) and epochs[0] > 0,
-           f"--lr_boundary_epochs={','.join(map(str, epochs))} must be increasing positive "
-           f"epochs")
+            f"--lr_boundary_epochs={','.join(map(str, epochs))} must be increasing positive "
+            f"epochs")
     require(not self.bce_target_threshold or self.loss == "bce",
-           f"--bce_target_threshold is for --loss=bce, not --loss={self.loss}")
+            f"--bce_target_threshold is for --loss=bce, not --loss={self.loss}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +117,10 @@ class ScheduleConfig:
   def validate(self):
     settings.check(self)
     require(self.train_steps > 0 or self.train_epochs > 0,
-           "set --train_steps or --train_epochs to a positive value")
+            "set --train_steps or --train_epochs to a positive value")
     require(self.global_batch_size % self.grad_accum_steps == 0,
-           f"--global_batch_size={self.global_batch_size} does not divide into "
-           f"--grad_accum_steps={self.grad_accum_steps} micro-batches")
+            f"--global_batch_size={self.global_batch_size} does not divide into "
+            f"--grad_accum_steps={self.grad_accum_steps} micro-batches")
 
 
 @dataclasses.dataclass(frozen=True)
