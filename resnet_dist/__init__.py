@@ -15,7 +15,7 @@ The path of a batch, one module each:
   watchdog.py    -> a run that makes no progress ends, for a restart
   monitor.py     -> console, TensorBoard summaries, profiling
   perf.py        -> the hardware: measured peak, CPU kernels, bf16 support
-config.py holds the run's settings (Config); the library never reads flags.
+config/ holds the run's settings (Config); the library never reads flags.
 """
 
 import os as _os

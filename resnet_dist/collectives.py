@@ -10,10 +10,13 @@ import dataclasses
 
 import tensorflow as tf
 
+from resnet_dist import config as config_lib
+from resnet_dist.config import ALL_REDUCE
 from resnet_dist.errors import ConfigError
 
-ALL_REDUCE = ("auto", "nccl", "ring")
-ALL_REDUCE_DTYPES = {"fp32": tf.float32, "fp16": tf.float16, "bf16": tf.bfloat16}
+# The names --all_reduce_dtype takes (the config's plain table) as TensorFlow's dtypes.
+ALL_REDUCE_DTYPES = {name: tf.as_dtype(dtype)
+                     for name, dtype in config_lib.ALL_REDUCE_DTYPES.items()}
 _IMPLEMENTATIONS = {
     "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
     "ring": tf.distribute.experimental.CommunicationImplementation.RING,

@@ -318,7 +318,7 @@ def notices(setup):
 def watchdog_of(config):
   """The run's watchdog (resnet_dist/watchdog.py), bound by
   --progress_timeout_seconds; its line names the input files open."""
-  return watchdog.Watchdog(config.schedule.progress_timeout_seconds,
+  return watchdog.Watchdog(config.execution.progress_timeout_seconds,
                            describe=lambda: _waiting_on(config.data),
                            before_exit=run_lock.release_locks)
 

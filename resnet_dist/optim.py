@@ -2,6 +2,9 @@
 
 Each is looked up by name in a table: SCHEDULES (--lr_schedule) and
 OPTIMIZERS (--optimizer); another is a function or class here and an entry.
+The first paragraph of each one's docstring is its line in the flag's help.
+An optimizer builds itself from config.OptimConfig (Optimizer.of), so one
+with a setting of its own (LARS's eta) reads it from its own field there.
 
 The optimisers are small on purpose. The replica step all-reduces the
 gradients itself, once; apply() then updates each replica's own copy of each
@@ -40,7 +43,7 @@ def _warmed_up(step, schedule, lr):
 
 
 def piecewise(step, schedule):
-  """x0.1 at each boundary step, after the warmup."""
+  """x0.1 at each of --lr_boundary_epochs, after the warmup."""
   decay = tf.constant(1.0)
   for boundary in schedule.boundaries:
     decay = tf.where(step >= boundary, decay * 0.1, decay)
@@ -48,7 +51,7 @@ def piecewise(step, schedule):
 
 
 def cosine(step, schedule):
-  """From the peak at the end of warmup to 0 at the last step."""
+  """per step, from the peak at the end of warmup to 0 at the last step."""
   span = max(schedule.total_steps - schedule.warmup_steps, 1)
   progress = tf.clip_by_value((step - schedule.warmup_steps) / span, 0.0, 1.0)
   return _warmed_up(step, schedule, schedule.peak * 0.5 * (1.0 + tf.cos(math.pi * progress)))
@@ -64,7 +67,9 @@ def _epoch_warmup(epoch, schedule, decayed):
 
 
 def timm_cosine(step, schedule):
-  """timm's CosineLRScheduler as its train.py runs it (per epoch, no warmup
+  """per epoch as timm's: warmup from --warmup_learning_rate, the cosine over all epochs.
+
+  timm's CosineLRScheduler as its train.py runs it (per epoch, no warmup
   prefix): the rate changes once an epoch; after the warmup, the cosine of e
   over all the run's epochs, warmup included, down to 0 (timm's default --min-lr)."""
   epoch = tf.floor(step / schedule.steps_per_epoch)
@@ -73,7 +78,9 @@ def timm_cosine(step, schedule):
 
 
 def torchvision_cosine(step, schedule):
-  """torchvision's references/classification schedule: LinearLR warmup then
+  """per epoch as torchvision's: the same warmup, the cosine after it.
+
+  torchvision's references/classification schedule: LinearLR warmup then
   CosineAnnealingLR (eta_min 0) in a SequentialLR, stepped once an epoch;
   the cosine runs over the epochs after the warmup, from the peak at its end.
   LinearLR's start_factor f is warmup_learning_rate = f * peak here."""
@@ -137,13 +144,13 @@ class Optimizer(tf.Module):
   kernels). LARS and LAMB also adapt only these; the others (BN parameters,
   biases) get the plain update, as in the MLPerf reference and timm. The
   attribute names (iterations, velocities, second_moments) are checkpoint keys.
+
+  of(options, ...) builds one from a config.OptimConfig: settings(options)
+  picks the keyword arguments of its class, so each reads its own fields.
   """
 
-  def __init__(self, variables, decay_variables, momentum=0.9, nesterov=False,
-               weight_decay=0.0, name="optimizer"):
+  def __init__(self, variables, decay_variables, weight_decay=0.0, name="optimizer"):
     super().__init__(name=name)
-    self.momentum = momentum
-    self.nesterov = nesterov
     self.weight_decay = weight_decay
     self.variables_ = [models.plain_variable(v) for v in variables]
     decay_ids = {id(models.plain_variable(v)) for v in decay_variables}
@@ -151,6 +158,16 @@ class Optimizer(tf.Module):
     self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
     # SGD and LARS: the momentum buffer; LAMB: the first moment.
     self.velocities = self._slots("velocity")
+
+  @classmethod
+  def of(cls, options, variables, decay_variables):
+    """This optimizer over variables, with the settings options (a config.OptimConfig) gives it."""
+    return cls(variables, decay_variables, **cls.settings(options))
+
+  @classmethod
+  def settings(cls, options):
+    """The keyword arguments of this class that options holds."""
+    return {"weight_decay": options.weight_decay}
 
   def _slots(self, what):
     return [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
@@ -173,7 +190,17 @@ class Optimizer(tf.Module):
 
 
 class Momentum(Optimizer):
-  """Momentum SGD, optionally Nesterov (--optimizer=sgd)."""
+  """momentum SGD, optionally Nesterov."""
+
+  def __init__(self, variables, decay_variables, *, momentum, nesterov=False, **options):
+    super().__init__(variables, decay_variables, **options)
+    self.momentum = momentum
+    self.nesterov = nesterov
+
+  @classmethod
+  def settings(cls, options):
+    return {**super().settings(options), "momentum": options.momentum,
+            "nesterov": options.nesterov}
 
   def scaled_lr(self, variable, grad, lr):
     del variable, grad
@@ -198,12 +225,16 @@ class Momentum(Optimizer):
 
 
 class Lars(Momentum):
-  """LARS (You et al. 2017): momentum SGD with a layer-wise trust ratio on the
-  decayed variables, eta * |w| / |g|."""
+  """LARS (You et al. 2017), for large batches: momentum SGD with a layer-wise
+  trust ratio on the decayed variables, --lars_eta * |w| / |g|."""
 
-  def __init__(self, variables, decay_variables, lars_eta=0.001, **options):
+  def __init__(self, variables, decay_variables, *, lars_eta, **options):
     super().__init__(variables, decay_variables, **options)
     self.lars_eta = lars_eta
+
+  @classmethod
+  def settings(cls, options):
+    return {**super().settings(options), "lars_eta": options.lars_eta}
 
   def scaled_lr(self, variable, grad, lr):
     w_norm, g_norm = tf.norm(variable), tf.norm(grad)
@@ -211,10 +242,13 @@ class Lars(Momentum):
 
 
 class Lamb(Optimizer):
-  """LAMB (You et al. 2019) as timm's Lamb, which "ResNet strikes back" trains
-  with: Adam's moments with bias correction, the gradients first clipped to a
-  global norm of 1, and the trust ratio only on the variables that decay.
-  Ignores momentum and nesterov."""
+  """timm's LAMB (You et al. 2019), as "ResNet strikes back" trains: Adam's
+  moments, gradients clipped to norm 1, a trust ratio on decayed kernels;
+  ignores --momentum and --nesterov.
+
+  As timm's Lamb: the moments bias-corrected, the clipping to a global norm
+  before anything else, the decay and the trust ratio on the variables that
+  decay only."""
 
   def __init__(self, variables, decay_variables, **options):
     super().__init__(variables, decay_variables, **options)
@@ -248,16 +282,18 @@ class Lamb(Optimizer):
                     variable.assign_sub(step))
 
 
-# The optimizer table (--optimizer): name -> class(variables, decay_variables,
-# momentum=, nesterov=, weight_decay=).
+# The optimizer table (--optimizer): name -> an Optimizer class, built by
+# its of(config.OptimConfig, variables, decay_variables).
 OPTIMIZERS = {"sgd": Momentum, "lars": Lars, "lamb": Lamb}
 
 
-def create_optimizer(kind, variables, decay_variables, **options):
-  """The OPTIMIZERS entry `kind` over variables; options by keyword."""
-  if kind not in OPTIMIZERS:
-    raise ConfigError(f"unknown --optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")
-  return OPTIMIZERS[kind](variables, decay_variables, **options)
+def create_optimizer(options, variables, decay_variables):
+  """The OPTIMIZERS entry options.optimizer names (options: a
+  config.OptimConfig) over variables, with its own settings from options."""
+  if options.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"unknown --optimizer {options.optimizer!r}; choose from "
+                      f"{', '.join(OPTIMIZERS)}")
+  return OPTIMIZERS[options.optimizer].of(options, variables, decay_variables)
 
 
 class DynamicLossScale(tf.Module):

@@ -96,7 +96,7 @@ class ReplicaStep:
     counter = ((self.optimizer.iterations * self.config.schedule.grad_accum_steps
                 + tf.cast(micro, tf.int64)) * context.num_replicas_in_sync
                + tf.cast(context.replica_id_in_sync_group, tf.int64))
-    return tf.stack([tf.constant(self.config.schedule.seed + salt, tf.int64), counter])
+    return tf.stack([tf.constant(self.config.execution.seed + salt, tf.int64), counter])
 
   def _regularize(self, images, targets, micro):
     """Random erasing, then mixup or CutMix, as the flags ask."""

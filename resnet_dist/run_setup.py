@@ -54,10 +54,10 @@ def input_spec(config):
   d = config.data
   return data.InputSpec(
       global_batch_size=config.schedule.micro_batch_size, image_size=d.image_size,
-      seed=config.schedule.seed, shuffle_buffer=d.shuffle_buffer, strict=d.strict_data,
+      seed=config.execution.seed, shuffle_buffer=d.shuffle_buffer, strict=d.strict_data,
       augment=config.augment if config.augment.policy != "none" else None,
       crop_fraction=d.eval_crop_fraction, data_service=d.data_service,
-      deterministic=config.schedule.deterministic, crop=d.crop, interpolation=d.interpolation,
+      deterministic=config.execution.deterministic, crop=d.crop, interpolation=d.interpolation,
       antialias=d.antialias, repeats=d.repeated_augmentations,
       resize_first=d.eval_resize_size > 0)
 
@@ -77,7 +77,7 @@ def prepare(config, strategy):
   strategy_lib.check_tasks_agree(strategy, config.flag_values())
   service_workers = (service.wait_for_workers(d.data_service, d.data_service_timeout_seconds)
                      if d.data_service else 0)
-  if schedule.deterministic:
+  if config.execution.deterministic:
     tf.config.experimental.enable_op_determinism()
   source = open_source(config, strategy)
   read_splits = [source.train_split] + ([] if schedule.skip_eval else [source.eval_split])

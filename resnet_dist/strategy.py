@@ -18,9 +18,8 @@ import tensorflow as tf
 
 from resnet_dist import cluster as cluster_lib
 from resnet_dist import collectives, tf_patches, tpu as tpu_lib
+from resnet_dist.config import STRATEGIES
 from resnet_dist.errors import ConfigError
-
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 
 
 # --- Choosing and building -----------------------------------------------------
@@ -80,8 +79,8 @@ def choose_kind(kind, cluster, tpu=""):
 # TensorFlow's GPU thread modes: gpu_private gives each GPU threads of its own
 # that launch its kernels, so the input pipeline's threads never delay a
 # step's launches (TensorFlow's GPU performance guide; Model Garden's ResNet
-# sets it); global is TensorFlow's default, one pool for everything.
-GPU_THREAD_MODES = ("gpu_private", "gpu_shared", "global")
+# sets it); global is TensorFlow's default, one pool for everything
+# (config.GPU_THREAD_MODES).
 GPU_THREADS_PER_GPU = 2
 
 

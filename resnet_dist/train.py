@@ -117,7 +117,7 @@ def report_start(setup, trainer, resumed):
                 f"{setup.service_workers} worker{'s' if setup.service_workers > 1 else ''}; "
                 "evaluation reads here", chief)
   else:
-    order = ("in order (--deterministic)" if config.schedule.deterministic else
+    order = ("in order (--deterministic)" if config.execution.deterministic else
              "out of order, each as soon as it is ready")
     monitor.log(f"input      training examples {order}; {data.input_threads()} decoding "
                 "threads, autotuned", chief)

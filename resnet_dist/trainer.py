@@ -34,7 +34,7 @@ def build_models(config, num_classes):
   initial weights' seeds from Python's `random`, which whatever ran since
   start-up has advanced (preparing a dataset does, in whichever worker
   prepares it): seeded here, the weights depend on --seed alone."""
-  keras.utils.set_random_seed(config.schedule.seed)
+  keras.utils.set_random_seed(config.execution.seed)
   model, data_config = config.model, config.data
 
   def build():
@@ -127,16 +127,14 @@ class Trainer:
       self.variables = self.model.trainable_variables
       self.all_reduce = strategy_lib.gradient_all_reduce(config.distribute, strategy)
       self.optimizer = optim.create_optimizer(
-          config.optim.optimizer, self.variables, models.weight_decay_variables(self.model),
-          momentum=config.optim.momentum, nesterov=config.optim.nesterov,
-          weight_decay=config.optim.weight_decay)
+          config.optim, self.variables, models.weight_decay_variables(self.model))
       self.ema = (WeightAverage(self.model, self.ema_model, config.optim,
                                 self.schedule.warmup_steps)
                   if self.ema_model is not None else None)
       # What XLA compiles (strategy.xla_scope): the whole step, or only its
       # forward and backward, the all-reduce and update left outside.
       self.xla_scope = (strategy_lib.xla_scope(strategy, config.model.sync_bn)
-                        if config.schedule.enable_xla else "")
+                        if config.execution.enable_xla else "")
       self.replica = ReplicaStep(config, source, self.model, optimizer=self.optimizer,
                                  schedule=self.schedule, all_reduce=self.all_reduce,
                                  ema=self.ema, xla_scope=self.xla_scope)

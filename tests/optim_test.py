@@ -118,10 +118,27 @@ class OptimizerTest(absltest.TestCase):
                      ["piecewise", "cosine", "timm_cosine", "torchvision_cosine"])
     w = tf.Variable([1.0])
     for kind, cls in optim.OPTIMIZERS.items():
-      self.assertIsInstance(optim.create_optimizer(kind, [w], [w], momentum=0.5), cls)
+      self.assertIsInstance(optim.create_optimizer(OptimConfig(optimizer=kind), [w], [w]), cls)
     with self.assertRaisesRegex(ConfigError, "unknown --optimizer 'adam'; choose from sgd, "
                                              "lars, lamb"):
-      optim.create_optimizer("adam", [w], [w])
+      optim.create_optimizer(OptimConfig(optimizer="adam"), [w], [w])
+
+  def test_each_optimizer_reads_its_own_settings_from_the_config(self):
+    w = tf.Variable([1.0])
+    options = OptimConfig(momentum=0.5, nesterov=True, weight_decay=0.01, lars_eta=0.02)
+    lars = optim.OPTIMIZERS["lars"].of(options, [w], [w])
+    self.assertEqual((lars.momentum, lars.nesterov, lars.weight_decay, lars.lars_eta),
+                     (0.5, True, 0.01, 0.02))
+    sgd = optim.OPTIMIZERS["sgd"].of(options, [w], [w])
+    self.assertEqual((sgd.momentum, sgd.nesterov, sgd.weight_decay), (0.5, True, 0.01))
+    self.assertFalse(hasattr(sgd, "lars_eta"))
+    lamb = optim.OPTIMIZERS["lamb"].of(options, [w], [w])
+    self.assertEqual(lamb.weight_decay, 0.01)
+    self.assertFalse(hasattr(lamb, "momentum"))
+    # The default is the eta LARS had before it was a setting: runs train as they did.
+    self.assertEqual(optim.OPTIMIZERS["lars"].of(OptimConfig(), [w], [w]).lars_eta, 0.001)
+    with self.assertRaisesRegex(ConfigError, r"^--lars_eta=0.0 must be above 0$"):
+      OptimConfig(lars_eta=0.0).validate()
 
   def test_a_skipped_step_changes_nothing(self):
     w = tf.Variable([1.0])

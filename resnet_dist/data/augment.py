@@ -152,18 +152,13 @@ class TrivialAugmentWide(Policy):
 
 
 class RandAugment(Policy):
-  """options.randaugment_num_ops ops, each at bin options.randaugment_magnitude."""
+  """options.randaugment_num_ops ops, each at bin options.randaugment_magnitude
+  (their bounds: the fields' in config.AugmentConfig)."""
 
   def __init__(self, options):
     super().__init__(options)
     self.num_ops = options.randaugment_num_ops
     self.magnitude = options.randaugment_magnitude
-
-  @classmethod
-  def check(cls, options):
-    if not (1 <= options.randaugment_num_ops and 0 <= options.randaugment_magnitude < BINS):
-      raise ValueError(f"--randaugment_num_ops must be >= 1 and --randaugment_magnitude in "
-                       f"0..{BINS - 1}")
 
   def describe(self):
     return f"{self.name} ({self.num_ops} ops at {self.magnitude})"
