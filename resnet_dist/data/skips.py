@@ -3,7 +3,7 @@ and counted on the next example kept.
 
 Bad images: an image found unusable before decoding (empty, cut short, not
 an image, a corrupt record, one that is no Example or lacks a feature) and
-one the decoder rejects are skipped and counted (the skipped count of every
+one the decoder rejects are skipped and counted (the third element of every
 training batch is the number of records skipped just before each example;
 out of order, an image the decoder rejects drops its batch, uncounted:
 decoding.decoded_batches), or, with strict, stop the run naming the record
