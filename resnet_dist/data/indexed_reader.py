@@ -9,7 +9,8 @@ s * global_batch_size.
 
 An element of the stream is a dict: index (the example's in the split) and
 key (its position in the global order, which seeds its augmentation; in
-evaluation the index itself). fetch() reads its example, one file read each.
+evaluation the index itself). fetch() reads its example alone (for an image
+folder, a file read each).
 """
 
 import functools
@@ -37,6 +38,7 @@ def _epoch_indices(num_examples, seed, epoch, repeats, length):
 
 
 def train(source, split, spec, context, start_step=0):
+  """One pipeline's (images, labels, skipped) from start_step on."""
   per_replica, _ = sharding.pipeline_batch(context, spec)
   n = split.num_examples
   length = sharding.repeated_epoch(n, spec.repeats, context.num_replicas_in_sync)
@@ -50,6 +52,7 @@ def train(source, split, spec, context, start_step=0):
 
 
 def evaluation(source, split, spec, context):
+  """One pipeline's (images, labels, weights): its chunks of every global batch."""
   per_replica, pipeline_batch = sharding.pipeline_batch(context, spec)
   n = split.num_examples
   steps = eval_steps(split, spec.global_batch_size)

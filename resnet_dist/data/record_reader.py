@@ -13,10 +13,9 @@ dict of file (its path) and key. A record's key is (epoch * files in the
 split + its file) * _FILE_STRIDE + its index in the file: it seeds the
 record's augmentation, whatever order the files are interleaved in, and
 names the record in errors. Records are parsed a group at a time
-(_parsed_group), in the decoding stage's first pass.
+(_parsed_group), in the decoding stage's first pass (skips.usable).
 """
 
-import contextlib
 import functools
 import math
 
@@ -79,30 +78,22 @@ def _record_seed(spec, epoch, pipeline_id):
   return tf.stack([tf.constant(spec.seed, tf.int64), epoch * 1000003 + pipeline_id])
 
 
-@contextlib.contextmanager
-def _graph_seed(seed):
-  """The graph seed of the function being traced, for the ops made inside.
+def _shuffled(ds, buffer_size, seed):
+  """ds through a shuffle buffer whose order depends on `seed` alone.
 
   shuffle() pairs its op seed with the graph seed, and fails on a tensor op
-  seed when the graph seed is 0 (tf.random.set_seed(0)); the epoch's own
-  graph seed, 1 for its shuffle alone, makes the order depend on the op
-  seed alone, whatever seed the run set. The graph is the traced function's
-  of flat_map, and its seed is put back once the shuffle is made.
+  seed when the graph seed is 0 (tf.random.set_seed(0)). So the graph seed
+  is 1 while the shuffle is made, whatever seed the run set, and put back
+  after: the graph is the one flat_map traces an epoch's function in.
   """
-  graph = tf.compat.v1.get_default_graph()
-  previous = graph.seed
-  graph.seed = seed
-  try:
-    yield
-  finally:
-    graph.seed = previous
-
-
-def _shuffled(ds, buffer_size, seed):
   shuffle_seed = tf.random.stateless_uniform([], seed=seed, minval=None, maxval=None,
                                              dtype=tf.int64)
-  with _graph_seed(1):
+  graph = tf.compat.v1.get_default_graph()
+  previous, graph.seed = graph.seed, 1
+  try:
     return ds.shuffle(buffer_size, seed=shuffle_seed)
+  finally:
+    graph.seed = previous
 
 
 def _epochs(split, spec, context, length):
@@ -128,6 +119,7 @@ def _epochs(split, spec, context, length):
 
 
 def train(source, split, spec, context, start_step=0):
+  """One pipeline's (images, labels, skipped) from start_step on."""
   per_replica, pipeline_batch = sharding.pipeline_batch(context, spec)
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   _, count, _ = sharding.shard_of(split, num_pipelines, p)
@@ -159,6 +151,7 @@ def _repeated_records(ds, repeats):
 
 
 def evaluation(source, split, spec, context):
+  """One pipeline's (images, labels, weights): every record of its shard, in order."""
   per_replica, pipeline_batch = sharding.pipeline_batch(context, spec)
   p, num_pipelines = context.input_pipeline_id, context.num_input_pipelines
   files, _, example_level = sharding.shard_of(split, num_pipelines, p)
