@@ -16,11 +16,11 @@ from absl.testing import absltest
 from resnet_dist import data
 from resnet_dist.config import Config
 from resnet_dist.errors import ConfigError
-from resnet_dist.data import pipeline, records
+from resnet_dist.data import indexed_reader, records
 from tests import launching
 from tests.fixtures import numbered_source
 
-CHUNK = pipeline.service_chunk(512)  # the tests' datasets have 512 examples
+CHUNK = indexed_reader.service_chunk(512)  # the tests' datasets have 512 examples
 
 
 def start_service(num_workers):
@@ -56,7 +56,7 @@ def chunks_of(n, seed, epochs):
   """{(epoch, chunk): its example ids}, as the pipeline cuts each epoch's order."""
   found = {}
   for epoch in range(epochs):
-    order = pipeline._epoch_order(n, seed, tf.constant(epoch, tf.int64)).numpy()  # pylint: disable=protected-access
+    order = indexed_reader.epoch_order(n, seed, tf.constant(epoch, tf.int64)).numpy()
     for chunk in range(-(-n // CHUNK)):
       found[(epoch, chunk)] = set(order[chunk * CHUNK:(chunk + 1) * CHUNK].tolist())
   return found

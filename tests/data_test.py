@@ -9,7 +9,7 @@ import tensorflow as tf
 from absl.testing import absltest, parameterized
 
 from resnet_dist import config as config_lib, data
-from resnet_dist.data import digits, pipeline, preprocess
+from resnet_dist.data import digits, indexed_reader, preprocess
 from resnet_dist.errors import ConfigError
 from tests.fixtures import numbered_source
 
@@ -139,7 +139,7 @@ class PipelineTest(parameterized.TestCase):
       ds = data.train_dataset_fn(numbered_source(n), "train", spec)(context(2, p, replicas))
       for i, labels in enumerate(labels_of(ds, 2 * steps)):
         streams[2 * p + i % 2] += labels
-    order = pipeline._epoch_order(n, 2, 0).numpy()  # pylint: disable=protected-access
+    order = indexed_reader.epoch_order(n, 2, 0).numpy()
     repeated = np.repeat(order, repeats)
     for r in range(replicas):
       self.assertEqual(streams[r], repeated[r::replicas][:length // replicas].tolist(), r)

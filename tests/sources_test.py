@@ -17,7 +17,8 @@ import tensorflow_datasets as tfds
 from absl.testing import absltest, parameterized
 
 from resnet_dist import checkpoints, data
-from resnet_dist.data import pipeline, preprocess, records, sources
+from resnet_dist.data import (indexed_reader, pipeline, preprocess, records, sharding, skips,
+                              sources)
 from resnet_dist.errors import ConfigError, DataError
 
 
@@ -94,7 +95,7 @@ class ImagenetRecordsTest(parameterized.TestCase):
     split = source.split("train")
     seen = []
     for p in range(num_pipelines):
-      _, count, example_level = data.pipeline.shard_of(split, num_pipelines, p)
+      _, count, example_level = sharding.shard_of(split, num_pipelines, p)
       self.assertEqual(example_level, num_pipelines > 2)
       # One replica per pipeline, per-replica batch 1: one epoch is `count` batches.
       # In order: `count` batches are exactly one epoch.
@@ -247,7 +248,7 @@ class BadImagesTest(absltest.TestCase):
     is dropped in its group and counted on the next example kept, also when
     the next one is in a later group; so it is counted however the examples
     then leave the parallel decoding."""
-    n = 2 * pipeline._GROUP + 2  # pylint: disable=protected-access
+    n = 2 * skips.GROUP + 2
     encoded = [jpeg(i) for i in range(n)]
     bad = {0: b"", 63: encoded[63][:100], 64: b"not an image", 100: encoded[100][:-2]}
     for i, image in bad.items():
@@ -255,11 +256,11 @@ class BadImagesTest(absltest.TestCase):
     images = tf.constant(encoded)
     split = sources.IndexedSplit(n, lambda i: (tf.gather(images, i), i, tf.constant("")),
                                  encoded=True)
-    kept = list(pipeline._usable(tf.data.Dataset.range(n), lambda i: (i,) + split.fetch(i),  # pylint: disable=protected-access
-                                 split, data.InputSpec(4, 8, deterministic=False)))
-    self.assertEqual([int(label) for _, _, label, _, _ in kept],
+    elements = tf.data.Dataset.range(n).map(lambda i: {"index": i, "key": i})
+    kept = list(skips.usable(elements, indexed_reader.reading(split), strict=False))
+    self.assertEqual([int(example["label"]) for example in kept],
                      [i for i in range(n) if i not in bad])
-    self.assertEqual({int(label): int(skipped) for _, _, label, _, skipped in kept if skipped},
+    self.assertEqual({int(e["label"]): int(e["skipped"]) for e in kept if e["skipped"]},
                      {1: 1, 65: 2, 101: 1})
 
   def test_strict_data_stops_naming_the_file(self):

@@ -20,7 +20,7 @@ _IMAGENET_FEATURES = {
 
 
 # Stands in for the records of a file after a corrupt one, which cannot be
-# read (pipeline._interleave); it is no Example, so it is skipped and counted.
+# read (record_reader._interleave); it is no Example, so it is skipped and counted.
 CORRUPT = b"resnet_dist: corrupt record"
 BAD_RECORD = "resnet_dist: corrupt TFRecord"
 NOT_AN_EXAMPLE = "resnet_dist: not a tf.train.Example"

@@ -1,6 +1,6 @@
 """A trainer's side of the tf.data service (--data_service=HOST:PORT).
 
-The training dataset pipeline.py builds is sent to the service's dispatcher,
+The training dataset service_reader.py builds is sent to the service's dispatcher,
 which hands its splits (a chunk of examples, or a file) to the workers, each
 split once (ShardingPolicy.DYNAMIC); the workers decode, augment and batch,
 and the trainer receives the batches. This module checks the service before

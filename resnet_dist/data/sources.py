@@ -4,7 +4,7 @@ A split is one of two kinds:
   IndexedSplit  random access by index (in-memory arrays, image folders). Every
                 input pipeline draws its slice of one global order, so N
                 pipelines see exactly the batches one pipeline sees, and
-                resuming at any step is free and exact (pipeline.py).
+                resuming at any step is free and exact (indexed_reader.py).
   RecordSplit   TFRecord files streamed in order (ImageNet, large TFDS
                 datasets), sharded by file, with the record count of each file
                 known up front, so evaluation is exact and resuming skips
