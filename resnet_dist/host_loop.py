@@ -36,6 +36,18 @@ def train_input(setup, step):
                                step * setup.config.schedule.grad_accum_steps), spec
 
 
+def resize_steps(setup):
+  """The steps at which --progressive_resize changes the training size."""
+  if setup.config.data.progressive_resize is None:
+    return []
+  per_epoch = setup.steps_per_epoch
+  _, _, first, last = setup.config.data.progressive_resize
+  ramp = range(max(math.floor(first * per_epoch), 1),
+               min(math.ceil(last * per_epoch), setup.total_steps) + 1)
+  return [s for s in ramp
+          if train_image_size(setup, s) != train_image_size(setup, s - 1)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Action:
   """Something the host loop does between loops of steps.
@@ -110,23 +122,10 @@ class HostLoop:
         Action("evaluate", lambda step, _: at_eval(step) and not schedule.skip_eval
                and step < total, self.evaluate, every(eval_every)),
         Action("resize", lambda step, _: step < total, self.resize_input,
-               at_steps(self._resize_steps())),
+               at_steps(resize_steps(setup))),
         Action("profile", lambda step, _: True, lambda: self.profiler.at(self.step),
                lambda step: min((s for s in self.profiler.stops() if s > step), default=None)),
     ]
-
-  def image_size_at(self, step):
-    return train_image_size(self.setup, step)
-
-  def _resize_steps(self):
-    """The steps at which --progressive_resize changes the training size."""
-    if self.config.data.progressive_resize is None:
-      return []
-    per_epoch = self.setup.steps_per_epoch
-    _, _, first, last = self.config.data.progressive_resize
-    ramp = range(max(math.floor(first * per_epoch), 1),
-                 min(math.ceil(last * per_epoch), self.setup.total_steps) + 1)
-    return [s for s in ramp if self.image_size_at(s) != self.image_size_at(s - 1)]
 
   def next_stop(self):
     """The step at which the next loop returns to Python."""
@@ -227,7 +226,7 @@ class HostLoop:
   def resize_input(self):
     """A new iterator where --progressive_resize changes the size: the loop
     function then traces (and compiles, with XLA or on TPUs) once more."""
-    size = self.image_size_at(self.step)
+    size = train_image_size(self.setup, self.step)
     if size != self.fed_size:
       old = [self.feed.pop()]
       self.feed.append(self.input_from(self.step))
