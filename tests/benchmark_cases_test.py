@@ -6,7 +6,7 @@ from absl.testing import absltest
 
 from launch.benchmarks import cases, in_process, train
 from resnet_dist import models
-from resnet_dist import train as train_lib
+from resnet_dist import run_setup
 from resnet_dist.config import Config
 
 
@@ -66,7 +66,7 @@ class RunTest(absltest.TestCase):
         dataset="imagenet", data_dir="records", num_classes=10, data_service="localhost:5050",
         strategy="one_device", dtype="fp32", enable_xla=False, train_steps=10**6))
     # What a run reads besides: its defaults (a run's shuffle buffer, not one of the benchmark's).
-    self.assertEqual(train_lib.input_spec(config).shuffle_buffer, Config().data.shuffle_buffer)
+    self.assertEqual(run_setup.input_spec(config).shuffle_buffer, Config().data.shuffle_buffer)
     synthetic = in_process.case_config(cases.case("resnet50", 32, "bf16", image_size=224))
     self.assertEqual((synthetic.data.dataset, synthetic.data.num_classes, synthetic.model.dtype),
                      ("synthetic", 1000, "bf16"))

@@ -22,6 +22,7 @@ from resnet_dist import train
 from resnet_dist.trainer import Trainer
 from resnet_dist import strategy as strategy_lib
 from resnet_dist.config import AugmentConfig, Config
+from resnet_dist.config.settings import setting
 from resnet_dist.data import augment, augment_ops, mixing, seeds, timm_augment
 from tests import fixtures, launching
 from resnet_dist.errors import ConfigError
@@ -196,24 +197,21 @@ class PolicyTableTest(absltest.TestCase):
                                     augment_ops.OPS["color"](IMAGE, tf.constant(0.6))))
 
   def test_a_new_policy_is_a_class_and_an_entry_with_settings_of_its_own(self):
-    """Its settings are fields of the config's augment part; the policy reads
-    them, checks them (whichever policy is chosen, as the flags' bounds do)
-    and names itself on the console."""
+    """Its settings are fields of the config's augment part, their bounds
+    beside them (checked whichever policy is chosen, as the flags' bounds
+    are); the policy reads them and names itself on the console."""
 
     @dataclasses.dataclass(frozen=True)
     class Options(AugmentConfig):
-      posterize_bits: int = 4
+      posterize_bits: int = setting(4, "posterize: the bits kept of each channel.",
+                                    at_least=1, at_most=8,
+                                    invalid="--{flag}={value} must be in 1..8")
 
     class Posterize(augment.Policy):
 
       def __init__(self, options):
         super().__init__(options)
         self.bits = options.posterize_bits
-
-      @classmethod
-      def check(cls, options):
-        if not 1 <= options.posterize_bits <= 8:
-          raise ValueError(f"--posterize_bits={options.posterize_bits} must be in 1..8")
 
       def describe(self):
         return f"{self.name} to {self.bits} bits"
