@@ -175,7 +175,7 @@ class HostLoop:
     with data.data_errors(self.setup.source.num_classes):
       steps = self.trainer.train(self.feed[0], stop - self.step)
     previous, self.step = self.step, steps.step
-    lr = self.trainer.schedule.value_at(self.step - 1)
+    lr = self.trainer.learning_rate.value_at(self.step - 1)
     stats = self.reporter.write_loop(steps, previous, lr)
     if not math.isfinite(steps.metrics["loss"]):
       raise FloatingPointError(f"non-finite training loss at step {self.step}; {self.last_good()}")

@@ -57,11 +57,13 @@ class ReplicaStep:
   "step", the whole step; "gradients", only its forward and backward, the
   all-reduce and update left outside; "", nothing."""
 
-  def __init__(self, config, source, model, optimizer, schedule, all_reduce, ema, xla_scope):
+  def __init__(self, config, source, model, *, optimizer, learning_rate, all_reduce, ema,
+               xla_scope):
     self.config, self.source, self.model = config, source, model
     self.variables = model.trainable_variables
     self.num_classes = source.num_classes
-    self.optimizer, self.schedule, self.all_reduce, self.ema = optimizer, schedule, all_reduce, ema
+    self.optimizer, self.learning_rate = optimizer, learning_rate
+    self.all_reduce, self.ema = all_reduce, ema
     self.loss = losses.per_example_loss(config.optim)
     self.loss_scale = optim.DynamicLossScale() if config.model.dtype == "fp16" else None
     self.train_metrics = Metrics("train_metrics")
@@ -144,7 +146,7 @@ class ReplicaStep:
       grads = [g / self.loss_scale.scale for g in grads]
       apply = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
       self.loss_scale.update(apply)
-    lr = self.schedule(self.optimizer.iterations)
+    lr = self.learning_rate(self.optimizer.iterations)
     step = self.optimizer.apply(grads, lr, apply)
     self.grad_norm_sum.assign_add(tf.linalg.global_norm(grads))
     if self.ema is not None:

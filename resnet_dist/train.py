@@ -146,6 +146,6 @@ def report_new_length(setup, trainer, step):
                                  setup.steps_per_epoch, was).value_at(step)
   monitor.log(f"the run was begun for {was} steps, now {setup.total_steps}: its learning-rate "
               f"schedule is recomputed over {setup.total_steps} (at step {step}: "
-              f"{trainer.schedule.value_at(step):.4g}, not {before:.4g})", setup.chief)
+              f"{trainer.learning_rate.value_at(step):.4g}, not {before:.4g})", setup.chief)
   if setup.chief:
     checkpoints.record_total_steps(setup.model_dir, setup.total_steps)

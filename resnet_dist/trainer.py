@@ -120,8 +120,8 @@ class Trainer:
     self.num_classes = source.num_classes
     self.steps_per_epoch = steps_per_epoch
     self.total_steps = total_steps
-    self.schedule = optim.LearningRate.of(config.optim, config.schedule.global_batch_size,
-                                          steps_per_epoch, total_steps)
+    self.learning_rate = optim.LearningRate.of(
+        config.optim, config.schedule.global_batch_size, steps_per_epoch, total_steps)
     with strategy.scope():
       self.model, self.ema_model = build_models(config, self.num_classes)
       self.variables = self.model.trainable_variables
@@ -129,14 +129,14 @@ class Trainer:
       self.optimizer = optim.create_optimizer(
           config.optim, self.variables, models.weight_decay_variables(self.model))
       self.ema = (WeightAverage(self.model, self.ema_model, config.optim,
-                                self.schedule.warmup_steps)
+                                self.learning_rate.warmup_steps)
                   if self.ema_model is not None else None)
       # What XLA compiles (strategy.xla_scope): the whole step, or only its
       # forward and backward, the all-reduce and update left outside.
       self.xla_scope = (strategy_lib.xla_scope(strategy, config.model.sync_bn)
                         if config.execution.enable_xla else "")
       self.replica = ReplicaStep(config, source, self.model, optimizer=self.optimizer,
-                                 schedule=self.schedule, all_reduce=self.all_reduce,
+                                 learning_rate=self.learning_rate, all_reduce=self.all_reduce,
                                  ema=self.ema, xla_scope=self.xla_scope)
     # Host-side: seconds the train loop waited for input (see train_loop).
     self.times_input = (not _op_determinism_enabled()
@@ -234,7 +234,8 @@ class Trainer:
     else:
       for micro in tf.range(self.config.schedule.grad_accum_steps):
         self.strategy.run(self.replica.compiled_accumulate, args=(*self._next(iterator), micro))
-      stops = self.strategy.run(self.replica.compiled_apply, args=(self.stop_requested.read_value(),))
+      stops = self.strategy.run(self.replica.compiled_apply,
+                                args=(self.stop_requested.read_value(),))
     return self.strategy.experimental_local_results(stops)[0]
 
   def _next(self, iterator):

@@ -545,7 +545,7 @@ class RecipeRunTest(absltest.TestCase):
     setup = run_setup.prepare(config, run_setup.create_strategy(config))
     trainer = Trainer(config, setup.strategy, setup.source,
                             steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
-    self.assertEqual(trainer.schedule.warmup_steps, 4)  # 0.1 of 44 steps
+    self.assertEqual(trainer.learning_rate.warmup_steps, 4)  # 0.1 of 44 steps
     trainer.reset_ema()
     loop = host_loop.HostLoop(setup, trainer, train.Resumed(None, 0, None), train.Cost(0, 0, 0.0))
     iterator = loop.input_from(0)
