@@ -57,7 +57,6 @@ class Action:
   next_at(step): the first step after `step` it must run at, where the next
   loop ends; None: it asks for no step of its own.
   """
-  name: str
   due: Callable[[int, bool], bool]
   run: Callable[[], None]
   next_at: Callable[[int], Optional[int]] = lambda step: None
@@ -70,7 +69,8 @@ def every(steps):
 
 def at_steps(steps):
   """next_at for an action at the given steps."""
-  return lambda step: next((s for s in sorted(steps) if s > step), None)
+  steps = sorted(steps)
+  return lambda step: next((s for s in steps if s > step), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,15 +115,14 @@ class HostLoop:
     save_every = self.config.checkpoint.checkpoint_every_steps or setup.steps_per_epoch
     at_eval = lambda step: bool(eval_every) and step % eval_every == 0
     return [
-        Action("save", lambda step, stopped: (at_eval(step) or step % save_every == 0
-                                              or step == total or stopped),
+        Action(lambda step, stopped: (at_eval(step) or step % save_every == 0
+                                      or step == total or stopped),
                self.save, every(save_every)),
-        Action("stop", lambda step, stopped: stopped and step < total, self.stop),
-        Action("evaluate", lambda step, _: at_eval(step) and not schedule.skip_eval
-               and step < total, self.evaluate, every(eval_every)),
-        Action("resize", lambda step, _: step < total, self.resize_input,
-               at_steps(resize_steps(setup))),
-        Action("profile", lambda step, _: True, lambda: self.profiler.at(self.step),
+        Action(lambda step, stopped: stopped and step < total, self.stop),
+        Action(lambda step, _: at_eval(step) and not schedule.skip_eval and step < total,
+               self.evaluate, every(eval_every)),
+        Action(lambda step, _: step < total, self.resize_input, at_steps(resize_steps(setup))),
+        Action(lambda step, _: True, lambda: self.profiler.at(self.step),
                lambda step: min((s for s in self.profiler.stops() if s > step), default=None)),
     ]
 
